@@ -1,0 +1,167 @@
+"""ModelConfig: the one config schema both twins are built from, plus the JSON presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+POS_CHOICES = ("learned", "rope")
+NORM_CHOICES = ("layernorm", "rmsnorm")
+MLP_CHOICES = ("gelu", "swiglu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a (modernised) GPT-2. Defaults are GPT-2 small, classic column.
+
+    Every switch of the seed's table is one field; see DESIGN.md. Validated on construction.
+    """
+
+    vocab_size: int = 50257
+    max_seq_len: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 12
+    d_model: int = 768
+    d_ff: int = 3072
+    pos: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" (tanh form) | "swiglu"
+    bias: bool = True
+    logit_softcap: float | None = None
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be an int")
+            if value < 1:
+                raise ValueError(f"ModelConfig.{name}={value}: must be >= 1")
+        for name, choices in (("pos", POS_CHOICES), ("norm", NORM_CHOICES), ("mlp", MLP_CHOICES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be one of {', '.join(map(repr, choices))}")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: must be a bool")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            _check_positive_float(name, getattr(self, name))
+        if self.logit_softcap is not None:
+            _check_positive_float("logit_softcap", self.logit_softcap)
+        if self.n_kv_head > self.n_head:
+            raise ValueError(
+                f"ModelConfig.n_kv_head={self.n_kv_head}: must be <= n_head={self.n_head} (1 <= n_kv_head <= n_head)"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"ModelConfig.n_kv_head={self.n_kv_head}: n_head={self.n_head} must be divisible by n_kv_head"
+            )
+        if self.d_model % self.n_head:
+            raise ValueError(f"ModelConfig.d_model={self.d_model}: must be divisible by n_head={self.n_head}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.pos='rope' needs an even head_dim, got head_dim=d_model/n_head="
+                f"{self.d_model}/{self.n_head}={self.head_dim}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def is_classic(self) -> bool:
+        """True for the exact GPT-2 column of the table (what Hugging Face GPT-2 computes)."""
+        return (
+            self.pos == "learned"
+            and self.norm == "layernorm"
+            and self.mlp == "gelu"
+            and self.bias
+            and self.n_kv_head == self.n_head
+            and self.logit_softcap is None
+            and self.tie_embeddings
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict; unknown keys are an error (a typo must not silently become a default)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ModelConfig: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Return the JSON text; also write it to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike[str]) -> ModelConfig:
+        """Load from a JSON file path, or from JSON text starting with '{'."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"ModelConfig: invalid JSON ({e})") from None
+        return cls.from_dict(data)
+
+    def num_params(self) -> int:
+        """Parameter count implied by the config (tied embeddings counted once)."""
+        d, hd = self.d_model, self.head_dim
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        attn = d * hd * (2 * self.n_head + 2 * self.n_kv_head)
+        if self.bias:
+            attn += hd * (self.n_head + 2 * self.n_kv_head) + d
+        n_in = 2 if self.mlp == "swiglu" else 1
+        mlp = (n_in + 1) * d * self.d_ff + (self.bias * (n_in * self.d_ff + d))
+        total = self.vocab_size * d + self.n_layer * (2 * norm + attn + mlp) + norm
+        total += self.max_seq_len * d if self.pos == "learned" else 0
+        total += 0 if self.tie_embeddings else self.vocab_size * d
+        return total
+
+
+def _check_positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"ModelConfig.{name}={value!r}: must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"ModelConfig.{name}={value!r}: must be finite and > 0")
+
+
+def _preset_dir() -> Any:
+    # configs/ is installed as the package `gptmod.configs` (see pyproject.toml), so this
+    # works from a source checkout, an editable install and a wheel alike.
+    return resources.files("gptmod.configs")
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> ModelConfig:
+    """Load a preset from configs/ by name, e.g. "gpt2" or "modern-gpt2"."""
+    known = list_presets()
+    if name not in known:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+    return ModelConfig.from_json((_preset_dir() / f"{name}.json").read_text())

@@ -1,0 +1,335 @@
+"""GPT in JAX/Flax NNX: the twin of gptmod_torch/model.py (same classes, names and order).
+
+Every switch of the config is resolved in one place (`make_norm`, `Block.__init__`, `GPT.__init__`),
+so the modern path reads straight through. Shapes are named by suffix: B batch, T query length,
+S key length, D d_model, N query heads, K kv heads, H head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptmod.backends import BackendUnavailableError, check_backend_name, jax_cudnn_unmet
+from gptmod.config import ModelConfig
+from gptmod.weights import check_state
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """Norms, RoPE, softmax and soft-cap run in fp32 (fp64 only if x64 is enabled)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32):
+        self.eps = cfg.norm_eps  # explicit: Flax's own default would be 1e-6
+        self.weight = nnx.Param(jnp.ones((cfg.d_model,), dtype))
+        self.bias = nnx.Param(jnp.zeros((cfg.d_model,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ct = compute_dtype(x.dtype)
+        x32 = x.astype(ct)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(ct) + self.bias[...].astype(ct)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32):
+        self.eps = cfg.norm_eps
+        self.weight = nnx.Param(jnp.ones((cfg.d_model,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ct = compute_dtype(x.dtype)
+        x32 = x.astype(ct)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(ct)).astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dtype: jnp.dtype) -> nnx.Module:
+    return RMSNorm(cfg, dtype=dtype) if cfg.norm == "rmsnorm" else LayerNorm(cfg, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    # float64 on the host: both twins then round the very same frequencies to fp32.
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def rope_cos_sin(positions_BT: jax.Array, cfg: ModelConfig, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotation angles, (B, T, H/2), in the compute dtype (never bf16)."""
+    ct = compute_dtype(dtype)
+    inv_freq = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta), dtype=ct)
+    angles_BTh = positions_BT.astype(ct)[..., None] * inv_freq
+    return jnp.cos(angles_BTh), jnp.sin(angles_BTh)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
+    """Half-split rotation (rotate_half, as HF Llama / GPT-NeoX / Gemma), not interleaved pairs."""
+    x1, x2 = jnp.split(x_BTNH.astype(cos_BTh.dtype), 2, axis=-1)
+    cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTNH.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def reference_attention(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array | None
+) -> jax.Array:
+    """The softmax written out, for reading; scores and softmax in fp32 like the fused kernels."""
+    T, N, H = q_BTNH.shape[1:]
+    S, K = k_BSKH.shape[1:3]
+    # Query head h reads kv head h // (N // K): consecutive groups, i.e. jnp.repeat, never jnp.tile.
+    k_BSNH = jnp.repeat(k_BSKH, N // K, axis=2)
+    v_BSNH = jnp.repeat(v_BSKH, N // K, axis=2)
+    ct = compute_dtype(q_BTNH.dtype)
+    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH.astype(ct), k_BSNH.astype(ct)) / math.sqrt(H)
+    if mask_BTS is None:  # causal, aligned top-left: query i sees keys 0..i
+        mask_BTS = jnp.tril(jnp.ones((T, S), dtype=bool))[None]
+    # A finite fill keeps fully masked (padding) rows finite: they average V.
+    scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(ct).min)
+    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH.astype(ct)).astype(q_BTNH.dtype)
+
+
+def resolve_backend(backend: str, dtype: jnp.dtype, head_dim: int, has_mask: bool) -> str:
+    """"auto" -> "cudnn" where its constraints hold, else "xla". `implementation=None` never picks
+    cuDNN by itself, so "auto" has to ask for it. A named backend that cannot run is an error."""
+    if backend in ("xla", "reference"):
+        return backend
+    device = jax.devices()[0]
+    # Masks are always passed at full (B, N, T, S) size below, so only dtype, shape and GPU matter.
+    unmet = jax_cudnn_unmet(
+        device.platform, jnp.dtype(dtype).name, head_dim, getattr(device, "compute_capability", None), has_mask, True
+    )
+    if backend == "auto":
+        return "xla" if unmet else "cudnn"
+    if unmet:
+        raise BackendUnavailableError(f"jax attention backend 'cudnn' cannot run: {'; '.join(unmet)}")
+    return backend
+
+
+def attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    *,
+    backend: str,
+    mask_BTS: jax.Array | None = None,
+) -> jax.Array:
+    """Causal attention through `jax.nn.dot_product_attention` (or the written-out reference).
+
+    Without `mask_BTS` the mask is `is_causal`, which is aligned top-left: right only when the query
+    block starts at key 0. A KV cache passes an explicit bottom-right `mask_BTS` (True = attend).
+    """
+    B, T, N, H = q_BTNH.shape
+    implementation = resolve_backend(backend, q_BTNH.dtype, H, mask_BTS is not None)
+    if implementation == "reference":
+        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    # K < N heads is native GQA here; no repeat needed. (B, T, N, H) is JAX's layout, unlike SDPA's.
+    mask_BNTS = None if mask_BTS is None else jnp.broadcast_to(mask_BTS[:, None], (B, N, T, k_BSKH.shape[1]))
+    return jax.nn.dot_product_attention(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        mask=mask_BNTS,
+        scale=1.0 / math.sqrt(H),
+        is_causal=mask_BTS is None,
+        implementation=implementation,
+    )
+
+
+def _linear(d_in: int, d_out: int, cfg: ModelConfig, std: float, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    # kernel is (in, out) here; canonical state is torch's (out, in): load_state/export_state transpose.
+    return nnx.Linear(
+        d_in, d_out, use_bias=cfg.bias, kernel_init=nnx.initializers.normal(std), param_dtype=dtype, rngs=rngs
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        self.wq = _linear(cfg.d_model, cfg.n_head * cfg.head_dim, cfg, std, dtype, rngs)
+        self.wk = _linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, cfg, std, dtype, rngs)
+        self.wv = _linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, cfg, std, dtype, rngs)
+        self.wo = _linear(cfg.n_head * cfg.head_dim, cfg.d_model, cfg, resid_std, dtype, rngs)
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        rope: tuple[jax.Array, jax.Array] | None,
+        backend: str,
+        mask_BTS: jax.Array | None = None,
+    ) -> jax.Array:
+        B, T, _ = x_BTD.shape
+        q_BTNH = self.wq(x_BTD).reshape(B, T, self.n_head, self.head_dim)
+        k_BTKH = self.wk(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
+        v_BTKH = self.wv(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
+        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=backend, mask_BTS=mask_BTS)
+        return self.wo(out_BTNH.reshape(B, T, self.n_head * self.head_dim))
+
+
+# ----------------------------------------------------------------------------- mlp
+
+
+class GeluMLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        self.w_up = _linear(cfg.d_model, cfg.d_ff, cfg, std, dtype, rngs)
+        self.w_down = _linear(cfg.d_ff, cfg.d_model, cfg, resid_std, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # GPT-2's GELU is the tanh approximation (jax.nn.gelu's default; spelled out all the same).
+        return self.w_down(jax.nn.gelu(self.w_up(x), approximate=True))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        self.w_gate = _linear(cfg.d_model, cfg.d_ff, cfg, std, dtype, rngs)
+        self.w_up = _linear(cfg.d_model, cfg.d_ff, cfg, std, dtype, rngs)
+        self.w_down = _linear(cfg.d_ff, cfg.d_model, cfg, resid_std, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        MLP = SwiGLU if cfg.mlp == "swiglu" else GeluMLP
+        self.attn_norm = make_norm(cfg, dtype)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.mlp_norm = make_norm(cfg, dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        rope: tuple[jax.Array, jax.Array] | None,
+        backend: str,
+        mask_BTS: jax.Array | None = None,
+    ) -> jax.Array:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, backend, mask_BTS)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class GPT(nnx.Module):
+    """The modernised GPT-2. `attn_backend` is a run-time choice: one of gptmod.backends.JAX_BACKENDS.
+
+    `dtype` is the parameter dtype and so the compute dtype (torch: `model.to(dtype)`)."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_backend: str = "auto", dtype: jnp.dtype = jnp.float32
+    ):
+        self.cfg = cfg
+        self.attn_backend = check_backend_name("jax", attn_backend)
+        emb_init = nnx.initializers.normal(cfg.init_std)
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=emb_init, param_dtype=dtype, rngs=rngs)
+        self.pos_emb = (
+            nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=emb_init, param_dtype=dtype, rngs=rngs)
+            if cfg.pos == "learned"
+            else None
+        )
+        self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layer)])
+        self.norm = make_norm(cfg, dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=emb_init, param_dtype=dtype, rngs=rngs)
+        )
+
+    def check_input(self, idx_BT: jax.Array) -> None:
+        """Token ids and length are checked up front: JAX's gather would clamp or NaN-fill a bad id."""
+        if idx_BT.ndim != 2 or not jnp.issubdtype(idx_BT.dtype, jnp.integer):
+            raise ValueError(f"idx: expected an integer (batch, time) array, got {idx_BT.dtype} {tuple(idx_BT.shape)}")
+        T = idx_BT.shape[1]
+        if not 1 <= T <= self.cfg.max_seq_len:
+            raise ValueError(f"idx: sequence length {T} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        if isinstance(idx_BT, jax.core.Tracer):
+            return  # values unknown under jit: callers validate first; jnp.take NaN-fills, it never clamps
+        lo, hi = int(idx_BT.min()), int(idx_BT.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"idx: token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+
+    def __call__(self, idx_BT: jax.Array, return_hidden: bool = False):
+        """Logits (B, T, V) in fp32; with `return_hidden`, also the residual stream after the
+        embedding and after each block (n_layer + 1 arrays)."""
+        self.check_input(idx_BT)
+        T = idx_BT.shape[1]
+        positions_BT = jnp.broadcast_to(jnp.arange(T)[None], idx_BT.shape)
+        x_BTD = self.tok_emb(idx_BT)
+        rope = None
+        if self.pos_emb is not None:
+            x_BTD = x_BTD + self.pos_emb(positions_BT)
+        else:
+            rope = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
+        hidden = [x_BTD]
+        for block in self.blocks:
+            x_BTD = block(x_BTD, rope, self.attn_backend)
+            hidden.append(x_BTD)
+        logits_BTV = self.logits(self.norm(x_BTD))
+        return (logits_BTV, hidden) if return_hidden else logits_BTV
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            logits_BTV = self.tok_emb.attend(x_BTD)
+        else:
+            logits_BTV = self.lm_head(x_BTD)
+        logits_BTV = logits_BTV.astype(compute_dtype(x_BTD.dtype))
+        cap = self.cfg.logit_softcap
+        return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)
+
+
+# ----------------------------------------------------------------------------- canonical state
+
+# Flax leaf names -> canonical (torch) leaf names; kernels are transposed on the way.
+_LEAF_TO_CANONICAL = {"kernel": "weight", "embedding": "weight", "weight": "weight", "bias": "bias"}
+
+
+def _canonical_params(model: nnx.Module) -> dict[str, tuple[str, nnx.Param]]:
+    out = {}
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *prefix, leaf = (str(p) for p in path)
+        out[".".join([*prefix, _LEAF_TO_CANONICAL[leaf]])] = (leaf, param)
+    return out
+
+
+def export_state(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Canonical state: torch names, (out, in) weights, the model's own dtype."""
+    state = {}
+    for name, (leaf, param) in _canonical_params(model).items():
+        value = np.asarray(param[...])
+        state[name] = np.ascontiguousarray(value.T) if leaf == "kernel" else value
+    return state
+
+
+def load_state(model: nnx.Module, state: Mapping[str, np.ndarray]) -> nnx.Module:
+    """Copy canonical state into `model` (any GPT submodule too), cast to the model's dtype.
+
+    Every missing, unexpected and mis-shaped key is reported in one StateError."""
+    params = _canonical_params(model)
+    expected = {name: tuple(p.shape[::-1] if leaf == "kernel" else p.shape) for name, (leaf, p) in params.items()}
+    check_state(expected, state)
+    for name, (leaf, param) in params.items():
+        value = np.asarray(state[name])
+        param[...] = jnp.asarray(value.T if leaf == "kernel" else value, dtype=param.dtype)
+    return model

@@ -1,0 +1,327 @@
+"""GPT in PyTorch: the twin of gptmod_jax/model.py (same classes, names and order).
+
+Every switch of the config is resolved in one place (`make_norm`, `Block.__init__`, `GPT.__init__`),
+so the modern path reads straight through. Shapes are named by suffix: B batch, T query length,
+S key length, D d_model, N query heads, K kv heads, H head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import nullcontext
+
+import ml_dtypes
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from gptmod.backends import BackendUnavailableError, check_backend_name, torch_pinned_unmet
+from gptmod.config import ModelConfig
+from gptmod.weights import check_state
+
+_PINNED = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms, RoPE, softmax and soft-cap run in fp32, or in fp64 for the float64 reference."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ct = compute_dtype(x.dtype)
+        y = F.layer_norm(x.to(ct), x.shape[-1:], self.weight.to(ct), self.bias.to(ct), eps=self.eps)
+        return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ct = compute_dtype(x.dtype)
+        return F.rms_norm(x.to(ct), x.shape[-1:], self.weight.to(ct), eps=self.eps).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg) if cfg.norm == "rmsnorm" else LayerNorm(cfg)
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    # float64 on the host: both twins then round the very same frequencies to fp32.
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def rope_cos_sin(positions_BT: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (B, T, H/2), in the compute dtype (never bf16)."""
+    ct = compute_dtype(dtype)
+    inv_freq = torch.as_tensor(rope_inv_freq(cfg.head_dim, cfg.rope_theta), dtype=ct, device=positions_BT.device)
+    angles_BTh = positions_BT.to(ct)[..., None] * inv_freq
+    return angles_BTh.cos(), angles_BTh.sin()
+
+
+def apply_rope(x_BTNH: torch.Tensor, cos_BTh: torch.Tensor, sin_BTh: torch.Tensor) -> torch.Tensor:
+    """Half-split rotation (rotate_half, as HF Llama / GPT-NeoX / Gemma), not interleaved pairs."""
+    x1, x2 = x_BTNH.to(cos_BTh.dtype).chunk(2, dim=-1)
+    cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BTNH.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def reference_attention(
+    q_BTNH: torch.Tensor, k_BSKH: torch.Tensor, v_BSKH: torch.Tensor, mask_BTS: torch.Tensor | None
+) -> torch.Tensor:
+    """The softmax written out, for reading; scores and softmax in fp32 like the fused kernels."""
+    T, N, H = q_BTNH.shape[1:]
+    S, K = k_BSKH.shape[1:3]
+    # Query head h reads kv head h // (N // K): consecutive groups, i.e. repeat_interleave, never tile.
+    k_BSNH = k_BSKH.repeat_interleave(N // K, dim=2)
+    v_BSNH = v_BSKH.repeat_interleave(N // K, dim=2)
+    ct = compute_dtype(q_BTNH.dtype)
+    scores_BNTS = torch.einsum("btnh,bsnh->bnts", q_BTNH.to(ct), k_BSNH.to(ct)) / math.sqrt(H)
+    if mask_BTS is None:  # causal, aligned top-left: query i sees keys 0..i
+        mask_BTS = torch.ones(T, S, dtype=torch.bool, device=q_BTNH.device).tril()[None]
+    # A finite fill keeps fully masked (padding) rows finite: they average V, as in JAX.
+    scores_BNTS = scores_BNTS.masked_fill(~mask_BTS[:, None], torch.finfo(ct).min)
+    probs_BNTS = scores_BNTS.softmax(dim=-1)
+    return torch.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH.to(ct)).to(q_BTNH.dtype)
+
+
+def attention(
+    q_BTNH: torch.Tensor,
+    k_BSKH: torch.Tensor,
+    v_BSKH: torch.Tensor,
+    *,
+    backend: str,
+    mask_BTS: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention through SDPA (or the written-out reference).
+
+    Without `mask_BTS` the mask is SDPA's `is_causal`, which is aligned top-left: right only when the
+    query block starts at key 0. A KV cache passes an explicit bottom-right `mask_BTS` (True = attend).
+    """
+    if backend == "reference":
+        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    N, H, K = q_BTNH.shape[2], q_BTNH.shape[3], k_BSKH.shape[2]
+    pinned = _PINNED.get(backend)
+    if pinned is not None:
+        unmet = torch_pinned_unmet(backend, q_BTNH.device.type, str(q_BTNH.dtype)[6:], H, mask_BTS is not None)
+        if unmet:
+            raise BackendUnavailableError(f"torch attention backend {backend!r} cannot run: {'; '.join(unmet)}")
+    # SDPA wants heads before time: (B, N, T, H).
+    q, k, v = (t.transpose(1, 2) for t in (q_BTNH, k_BSKH, v_BSKH))
+    attn_mask = None if mask_BTS is None else mask_BTS[:, None]
+    try:
+        with sdpa_kernel(pinned) if pinned is not None else nullcontext():
+            out_BNTH = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=mask_BTS is None, scale=1.0 / math.sqrt(H), enable_gqa=K != N
+            )
+    except RuntimeError as e:
+        if pinned is None:
+            raise
+        raise BackendUnavailableError(
+            f"torch attention backend {backend!r} cannot run for device={q.device.type}, dtype={q.dtype}, "
+            f"head_dim={H}, heads={N}/{K}, mask={'yes' if mask_BTS is not None else 'causal'}: {str(e).splitlines()[0]}"
+        ) from e
+    return out_BNTH.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        backend: str,
+        mask_BTS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BTNH = self.wq(x_BTD).view(B, T, self.n_head, self.head_dim)
+        k_BTKH = self.wk(x_BTD).view(B, T, self.n_kv_head, self.head_dim)
+        v_BTKH = self.wv(x_BTD).view(B, T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
+        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=backend, mask_BTS=mask_BTS)
+        return self.wo(out_BTNH.reshape(B, T, self.n_head * self.head_dim))
+
+
+# ----------------------------------------------------------------------------- mlp
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2's GELU is the tanh approximation; torch's default is the exact erf form.
+        return self.w_down(F.gelu(self.w_up(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        MLP = SwiGLU if cfg.mlp == "swiglu" else GeluMLP
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        backend: str,
+        mask_BTS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, backend, mask_BTS)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class GPT(nn.Module):
+    """The modernised GPT-2. `attn_backend` is a run-time choice: one of gptmod.backends.TORCH_BACKENDS."""
+
+    def __init__(self, cfg: ModelConfig, attn_backend: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_backend = check_backend_name("torch", attn_backend)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std); residual projections scaled by 1/sqrt(2 n_layer) (GPT-2); norms 1, biases 0."""
+        std, resid_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                nn.init.normal_(p, 0.0, resid_std)
+            elif p.ndim == 2:
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def check_input(self, idx_BT: torch.Tensor) -> None:
+        """Token ids and length are checked up front; a bad id must never reach the gather."""
+        if idx_BT.ndim != 2 or idx_BT.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"idx: expected an int32/int64 (batch, time) tensor, got {idx_BT.dtype} {tuple(idx_BT.shape)}")
+        T = idx_BT.shape[1]
+        if not 1 <= T <= self.cfg.max_seq_len:
+            raise ValueError(f"idx: sequence length {T} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        lo, hi = int(idx_BT.min()), int(idx_BT.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"idx: token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+
+    def forward(self, idx_BT: torch.Tensor, return_hidden: bool = False):
+        """Logits (B, T, V) in fp32 (fp64 for a float64 model); with `return_hidden`, also the
+        residual stream after the embedding and after each block (n_layer + 1 tensors)."""
+        if not torch.compiler.is_compiling():
+            self.check_input(idx_BT)
+        T = idx_BT.shape[1]
+        positions_BT = torch.arange(T, device=idx_BT.device)[None].expand_as(idx_BT)
+        x_BTD = self.tok_emb(idx_BT)
+        rope = None
+        if self.pos_emb is not None:
+            x_BTD = x_BTD + self.pos_emb(positions_BT)
+        else:
+            rope = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
+        hidden = [x_BTD]
+        for block in self.blocks:
+            x_BTD = block(x_BTD, rope, self.attn_backend)
+            hidden.append(x_BTD)
+        logits_BTV = self.logits(self.norm(x_BTD))
+        return (logits_BTV, hidden) if return_hidden else logits_BTV
+
+    def logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits_BTV = F.linear(x_BTD, head).to(compute_dtype(x_BTD.dtype))
+        cap = self.cfg.logit_softcap
+        return logits_BTV if cap is None else cap * torch.tanh(logits_BTV / cap)
+
+
+# ----------------------------------------------------------------------------- canonical state
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bf16; ml_dtypes' is bit-compatible
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:  # e.g. a view of a JAX array; torch.from_numpy wants to own writable memory
+        a = a.copy()
+    if a.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def export_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """Canonical state: `state_dict()` keys as they are, (out, in) weights, the model's own dtype."""
+    return {name: _to_numpy(t) for name, t in model.state_dict().items()}
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> nn.Module:
+    """Copy canonical state into `model` (any GPT submodule too), cast to the model's dtype.
+
+    Every missing, unexpected and mis-shaped key is reported in one StateError."""
+    params = model.state_dict()
+    check_state({name: tuple(t.shape) for name, t in params.items()}, state)
+    for name, t in params.items():
+        t.copy_(_to_torch(np.asarray(state[name])))
+    return model

@@ -1,0 +1,285 @@
+"""Whole-model twin tests: torch vs JAX on every preset (reduced) and on every combination of
+switches, the canonical state round trip, the structural twin check and the input errors."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import itertools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    cast_state,
+    jax_logits,
+    jax_model,
+    reduced,
+    tokens,
+    torch_logits,
+    torch_model,
+    torch_pair_state,
+)
+from flax import nnx
+
+import gptmod_jax
+import gptmod_torch
+from gptmod.backends import BackendUnavailableError
+from gptmod.config import ModelConfig, list_presets
+from gptmod.weights import StateError, canonical_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scaled_state(cfg: ModelConfig, seed: int = 0, scale: float = 4.0) -> dict[str, np.ndarray]:
+    """Random weights with larger matrices than the 0.02 init, so that logits are O(1) and every
+    layer moves them: a parity test on near-zero logits would prove little."""
+    state = torch_pair_state(cfg, seed)
+    return {k: (v * scale if v.ndim == 2 else v) for k, v in state.items()}
+
+
+def _fp32_check(cfg: ModelConfig, state: dict, idx: np.ndarray, backend_t="sdpa", backend_j="auto") -> float:
+    ref = torch_logits(torch_model(cfg, state, "float64", "math"), idx)
+    lt = torch_logits(torch_model(cfg, state, "float32", backend_t), idx)
+    lj = jax_logits(jax_model(cfg, state, "float32", backend_j), idx)
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(ref).max() > 0.1, "logits too small for the comparison to mean anything"
+    assert np.abs(lt - ref).max() <= 2e-5 * scale
+    assert np.abs(lj - ref).max() <= 2e-5 * scale
+    diff = float(np.abs(lt - lj).max())
+    assert diff <= 2e-5 * scale
+    return diff
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_reduced_torch_vs_jax(preset):
+    cfg = reduced(preset)
+    _fp32_check(cfg, _scaled_state(cfg), tokens(cfg, 2, cfg.max_seq_len))
+
+
+SWITCHES = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [True, False],
+                                  [None, 5.0], [True, False]))  # fmt: skip
+
+
+@pytest.mark.parametrize("combo", range(len(SWITCHES)))
+def test_every_switch_combination(combo):
+    """All 2^6 combinations of the table's switches, cycling the GQA ratio (MHA, GQA, MQA)."""
+    pos, norm, mlp, bias, cap, tie = SWITCHES[combo]
+    n_kv_head = (4, 2, 1)[combo % 3]
+    cfg = ModelConfig(vocab_size=101, max_seq_len=24, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, d_ff=48,
+                      pos=pos, norm=norm, mlp=mlp, bias=bias, logit_softcap=cap, tie_embeddings=tie)  # fmt: skip
+    _fp32_check(cfg, _scaled_state(cfg, seed=combo), tokens(cfg, 2, 24, seed=combo))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_randomised_configs(seed):
+    rng = np.random.default_rng(seed)
+    n_head = int(rng.choice([1, 2, 3, 4, 6, 8]))
+    divisors = [k for k in range(1, n_head + 1) if n_head % k == 0]
+    head_dim = int(rng.choice([8, 16, 32]))
+    cfg = ModelConfig(
+        vocab_size=int(rng.integers(50, 300)), max_seq_len=int(rng.integers(8, 48)), n_layer=int(rng.integers(1, 4)),
+        n_head=n_head, n_kv_head=int(rng.choice(divisors)), d_model=n_head * head_dim, d_ff=int(rng.integers(16, 96)),
+        pos=str(rng.choice(["learned", "rope"])), rope_theta=float(rng.choice([500.0, 10000.0, 1e6])),
+        norm=str(rng.choice(["layernorm", "rmsnorm"])), norm_eps=float(rng.choice([1e-5, 1e-6])),
+        mlp=str(rng.choice(["gelu", "swiglu"])), bias=bool(rng.integers(2)),
+        logit_softcap=[None, 10.0, 30.0][int(rng.integers(3))], tie_embeddings=bool(rng.integers(2)),
+    )  # fmt: skip
+    _fp32_check(cfg, _scaled_state(cfg, seed=seed), tokens(cfg, 3, cfg.max_seq_len, seed=seed))
+
+
+@pytest.mark.parametrize(("backend_t", "backend_j"), [("math", "xla"), ("flash", "reference"), ("reference", "xla")])
+def test_backends_agree_whole_model(backend_t, backend_j):
+    cfg = reduced("modern-gpt2")
+    _fp32_check(cfg, _scaled_state(cfg), tokens(cfg, 2, 40), backend_t, backend_j)
+
+
+def test_bf16_whole_model_close_to_exact():
+    cfg = reduced("modern-gpt2")
+    state = cast_state(_scaled_state(cfg), "bfloat16")
+    idx = tokens(cfg, 2, 32)
+    ref = torch_logits(torch_model(cfg, state, "float64", "math"), idx)
+    lt = torch_logits(torch_model(cfg, state, "bfloat16"), idx)
+    lj = jax_logits(jax_model(cfg, state, "bfloat16"), idx)
+    scale = np.abs(ref).max()
+    # A dozen bf16 roundings along the way (2^-8 relative each) bound the error well below 10%.
+    assert np.abs(lt - ref).max() <= 0.1 * scale and np.abs(lj - ref).max() <= 0.1 * scale
+    # The argmax agrees with exact arithmetic nearly everywhere.
+    assert (lt.argmax(-1) == ref.argmax(-1)).mean() >= 0.9 and (lj.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_soft_cap_bounds_logits():
+    cfg = dataclasses.replace(reduced("modern-gpt2"), logit_softcap=2.0)
+    idx = tokens(cfg, 1, 16)
+    state = _scaled_state(cfg, scale=8.0)  # pre-cap logits ~10: deep in the tanh tails
+    lt, lj = torch_logits(torch_model(cfg, state), idx), jax_logits(jax_model(cfg, state), idx)
+    assert np.abs(lt).max() < 2.0 and np.abs(lj).max() < 2.0
+    assert np.abs(lt).max() > 1.9  # it really was capping
+    np.testing.assert_allclose(lt, lj, atol=1e-5)
+
+
+def test_hidden_states_returned_per_layer():
+    cfg = reduced("gpt2")
+    state, idx = _scaled_state(cfg), tokens(cfg, 1, 8)
+    with torch.no_grad():
+        lt, ht = torch_model(cfg, state)(torch.from_numpy(idx), return_hidden=True)
+    lj, hj = jax_model(cfg, state)(jnp.asarray(idx), return_hidden=True)
+    assert len(ht) == len(hj) == cfg.n_layer + 1
+    for a, b in zip(ht, hj, strict=True):
+        np.testing.assert_allclose(a.numpy(), np.asarray(b), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- canonical state
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "modern-gpt2", "tiny"])
+def test_state_names_are_canonical(preset):
+    cfg = reduced(preset, tie_embeddings=preset != "tiny")
+    expected = canonical_shapes(cfg)
+    st = gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+    sj = gptmod_jax.export_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)))
+    assert list(st) == list(expected)  # torch's state_dict order is the canonical order
+    assert {k: v.shape for k, v in st.items()} == expected
+    assert {k: v.shape for k, v in sj.items()} == expected
+    assert sum(v.size for v in st.values()) == cfg.num_params()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_round_trip_torch_jax_torch_bit_exact(dtype):
+    cfg = reduced("modern-gpt2", tie_embeddings=False, bias=True)
+    state0 = cast_state(_scaled_state(cfg), dtype)
+    tm = torch_model(cfg, state0, dtype)
+    s1 = gptmod_torch.export_state(tm)
+    jm = jax_model(cfg, s1, dtype)
+    s2 = gptmod_jax.export_state(jm)
+    tm2 = torch_model(cfg, s2, dtype)
+    s3 = gptmod_torch.export_state(tm2)
+    for k in state0:
+        assert s1[k].dtype == s2[k].dtype == s3[k].dtype == state0[k].dtype
+        assert np.array_equal(state0[k].view(np.uint8), s3[k].view(np.uint8)), k
+        assert np.array_equal(s1[k].view(np.uint8), s2[k].view(np.uint8)), k
+    for (n1, p1), (n2, p2) in zip(tm.state_dict().items(), tm2.state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("load", [gptmod_torch.load_state, gptmod_jax.load_state])
+def test_load_state_reports_every_problem(load):
+    cfg = reduced("gpt2")
+    model = gptmod_torch.GPT(cfg) if load is gptmod_torch.load_state else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    state = torch_pair_state(cfg)
+    del state["blocks.0.attn.wk.weight"], state["norm.bias"]
+    state["blocks.1.attn.wq.weight"] = np.zeros((3, 3), np.float32)
+    state["blocks.0.attn.c_attn.weight"] = np.zeros((3,), np.float32)
+    with pytest.raises(StateError) as info:
+        load(model, state)
+    msg = str(info.value)
+    for key in ("blocks.0.attn.wk.weight", "norm.bias", "blocks.1.attn.wq.weight", "blocks.0.attn.c_attn.weight"):
+        assert key in msg
+    assert "(3, 3)" in msg and "(64, 64)" in msg
+
+
+def test_checkpoint_from_one_framework_loads_in_the_other(tmp_path):
+    from gptmod import weights
+
+    cfg = reduced("modern-gpt2")
+    jm = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(3))
+    weights.save(tmp_path / "j.safetensors", gptmod_jax.export_state(jm), cfg)
+    state, cfg2 = weights.load(tmp_path / "j.safetensors")
+    assert cfg2 == cfg
+    tm = gptmod_torch.load_state(gptmod_torch.GPT(cfg2), state)
+    idx = tokens(cfg, 1, 16)
+    np.testing.assert_allclose(torch_logits(tm, idx), jax_logits(jm, idx), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def _class_layout(path: Path) -> dict[str, list[str]]:
+    """Class name -> `self.<attr> =` assignments in __init__, in order."""
+    layout = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            attrs = []
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
+                    for sub in ast.walk(fn):
+                        targets = sub.targets if isinstance(sub, ast.Assign) else []
+                        for t in targets:
+                            elts = t.elts if isinstance(t, ast.Tuple) else [t]
+                            attrs += [e.attr for e in elts if isinstance(e, ast.Attribute)]
+            layout[node.name] = attrs
+    return layout
+
+
+def _functions(path: Path) -> list[str]:
+    return [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)]
+
+
+def test_twin_files_define_the_same_classes_submodules_and_functions():
+    t = _class_layout(ROOT / "gptmod_torch" / "model.py")
+    j = _class_layout(ROOT / "gptmod_jax" / "model.py")
+    assert list(t) == list(j), "the twins define different classes, or in another order"
+    for name in t:
+        assert t[name] == j[name], f"{name}: torch has {t[name]}, jax has {j[name]}"
+    public = lambda names: [n for n in names if not n.startswith("_")]
+    assert public(_functions(ROOT / "gptmod_torch" / "model.py")) == [
+        n for n in public(_functions(ROOT / "gptmod_jax" / "model.py")) if n != "resolve_backend"
+    ]
+
+
+def test_twin_modules_have_the_same_parameter_names():
+    cfg = reduced("modern-gpt2", bias=True, tie_embeddings=False)
+    tm, jm = gptmod_torch.GPT(cfg), gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    for name in ("blocks.0", "blocks.0.attn", "blocks.1.mlp", "norm"):
+        t_sub = tm.get_submodule(name)
+        j_sub = jm
+        for part in name.split("."):
+            j_sub = j_sub[int(part)] if part.isdigit() else getattr(j_sub, part)
+        assert type(t_sub).__name__ == type(j_sub).__name__
+        assert set(gptmod_torch.export_state(t_sub)) == set(gptmod_jax.export_state(j_sub))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_bad_token_ids_and_lengths(framework):
+    cfg = reduced("tiny")
+    state = torch_pair_state(cfg)
+    model = torch_model(cfg, state) if framework == "torch" else jax_model(cfg, state)
+    run = (lambda x: torch_logits(model, x)) if framework == "torch" else (lambda x: jax_logits(model, x))
+    with pytest.raises(ValueError, match=r"token id 257 is out of range \[0, vocab_size=257\)"):
+        run(np.array([[1, 2, 257]]))
+    with pytest.raises(ValueError, match=r"token id -1 is out of range"):
+        run(np.array([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"sequence length 65 must be in \[1, max_seq_len=64\]"):
+        run(np.zeros((1, 65), np.int64))
+    with pytest.raises(ValueError, match="idx: expected"):
+        run(np.zeros((4,), np.int64))
+
+
+def test_jax_out_of_range_under_jit_is_nan_not_clamped():
+    """Under jit the values can't be checked; the gather then fills NaN instead of clamping silently."""
+    cfg = reduced("tiny")
+    model = jax_model(cfg, torch_pair_state(cfg))
+    out = nnx.jit(lambda m, x: m(x))(model, jnp.array([[1, 2, 3], [1, 2, 300]]))
+    assert np.isfinite(np.asarray(out[0])).all()
+    assert np.isnan(np.asarray(out[1, 2])).all()
+
+
+def test_backend_errors():
+    cfg = reduced("tiny")
+    with pytest.raises(ValueError, match="'nope' is not a torch backend; choose one of sdpa, flash"):
+        gptmod_torch.GPT(cfg, attn_backend="nope")
+    with pytest.raises(ValueError, match="'sdpa' is not a jax backend; choose one of auto, xla, cudnn, reference"):
+        gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), attn_backend="sdpa")
+    state, idx = torch_pair_state(cfg), tokens(cfg, 1, 8)
+    for name in ("efficient", "cudnn"):
+        with pytest.raises(BackendUnavailableError, match=f"torch attention backend '{name}' cannot run: has no CPU"):
+            torch_logits(torch_model(cfg, state, backend=name), idx)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(BackendUnavailableError, match="'cudnn' cannot run: needs an NVIDIA GPU"):
+            jax_logits(jax_model(cfg, state, backend="cudnn"), idx)
