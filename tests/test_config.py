@@ -57,7 +57,12 @@ def test_frozen():
 
 def test_presets_have_the_documented_shapes():
     assert set(list_presets()) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "modern-gpt2", "tiny"}
-    sizes = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    sizes = {
+        "gpt2": (12, 12, 768),
+        "gpt2-medium": (24, 16, 1024),
+        "gpt2-large": (36, 20, 1280),
+        "gpt2-xl": (48, 25, 1600),
+    }
     for name, (n_layer, n_head, d_model) in sizes.items():
         cfg = load_preset(name)
         assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff) == (n_layer, n_head, d_model, 4 * d_model)
@@ -66,7 +71,14 @@ def test_presets_have_the_documented_shapes():
     assert load_preset("gpt2").num_params() == 124_439_808
     m = load_preset("modern-gpt2")
     assert (m.n_layer, m.d_model, m.n_head, m.n_kv_head, m.d_ff) == (12, 768, 12, 4, 2048)
-    assert (m.pos, m.norm, m.mlp, m.bias, m.logit_softcap, m.tie_embeddings) == ("rope", "rmsnorm", "swiglu", False, 30.0, True)
+    assert (m.pos, m.norm, m.mlp, m.bias, m.logit_softcap, m.tie_embeddings) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        False,
+        30.0,
+        True,
+    )
     assert m.rope_theta == 10000.0 and not m.is_classic
     # SwiGLU d_ff 2048 has GELU 3072's MLP parameter count: 3 * 768 * 2048 == 2 * 768 * 3072.
     assert 3 * m.d_model * m.d_ff == 2 * m.d_model * 3072
@@ -95,14 +107,25 @@ def test_json_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="invalid JSON"):
         ModelConfig.from_json(bad)
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.json"):
         ModelConfig.from_json(tmp_path / "nope.json")
 
 
 def test_presets_found_after_non_editable_install(tmp_path):
     """The wheel carries configs/ as gptmod/configs, and load_preset finds it outside the checkout."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
     )
     (wheel,) = tmp_path.glob("gptmod-*.whl")
