@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from gptmod.weights import check_state
 
 from gptmod.backends import BackendUnavailableError, check_backend_name, jax_cudnn_unmet
 from gptmod.config import ModelConfig
-from gptmod.weights import check_state
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -105,7 +105,7 @@ def reference_attention(
 
 
 def resolve_backend(backend: str, dtype: jnp.dtype, head_dim: int, has_mask: bool) -> str:
-    """"auto" -> "cudnn" where its constraints hold, else "xla". `implementation=None` never picks
+    """ "auto" -> "cudnn" where its constraints hold, else "xla". `implementation=None` never picks
     cuDNN by itself, so "auto" has to ask for it. A named backend that cannot run is an error."""
     if backend in ("xla", "reference"):
         return backend
@@ -158,9 +158,30 @@ def _linear(d_in: int, d_out: int, cfg: ModelConfig, std: float, dtype: jnp.dtyp
     )
 
 
+class KVCache(nnx.Module):
+    """Static KV cache of one layer, (B, S, K, H), preallocated; nnx.Cache variables, so that
+    `nnx.split(model, nnx.Param, nnx.Cache)` hands it to a jitted loop as pure state.
+
+    Each row writes at its own positions, so ragged batches need no shifting. Capacity is checked
+    by the caller (GPT.__call__ and generate) before anything is written: a scatter past the end
+    would be dropped without an error."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype: jnp.dtype):
+        shape = (batch, max_len, n_kv_head, head_dim)
+        self.k = nnx.Cache(jnp.zeros(shape, dtype))
+        self.v = nnx.Cache(jnp.zeros(shape, dtype))
+
+    def update(self, pos_BT: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
+        rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
+        self.k[...] = self.k[...].at[rows_B1, pos_BT].set(k_BTKH)
+        self.v[...] = self.v[...].at[rows_B1, pos_BT].set(v_BTKH)
+        return self.k[...], self.v[...]
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.kv_cache: KVCache | None = nnx.data(None)  # data, not static: setup_cache fills it in
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
         self.wq = _linear(cfg.d_model, cfg.n_head * cfg.head_dim, cfg, std, dtype, rngs)
         self.wk = _linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, cfg, std, dtype, rngs)
@@ -172,6 +193,7 @@ class Attention(nnx.Module):
         x_BTD: jax.Array,
         rope: tuple[jax.Array, jax.Array] | None,
         backend: str,
+        pos_BT: jax.Array,
         mask_BTS: jax.Array | None = None,
     ) -> jax.Array:
         B, T, _ = x_BTD.shape
@@ -180,6 +202,8 @@ class Attention(nnx.Module):
         v_BTKH = self.wv(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
+        if self.kv_cache is not None:
+            k_BTKH, v_BTKH = self.kv_cache.update(pos_BT, k_BTKH, v_BTKH)  # now (B, S, K, H)
         out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=backend, mask_BTS=mask_BTS)
         return self.wo(out_BTNH.reshape(B, T, self.n_head * self.head_dim))
 
@@ -225,9 +249,10 @@ class Block(nnx.Module):
         x_BTD: jax.Array,
         rope: tuple[jax.Array, jax.Array] | None,
         backend: str,
+        pos_BT: jax.Array,
         mask_BTS: jax.Array | None = None,
     ) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, backend, mask_BTS)
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, backend, pos_BT, mask_BTS)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
@@ -236,9 +261,7 @@ class GPT(nnx.Module):
 
     `dtype` is the parameter dtype and so the compute dtype (torch: `model.to(dtype)`)."""
 
-    def __init__(
-        self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_backend: str = "auto", dtype: jnp.dtype = jnp.float32
-    ):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_backend: str = "auto", dtype: jnp.dtype = jnp.float32):
         self.cfg = cfg
         self.attn_backend = check_backend_name("jax", attn_backend)
         emb_init = nnx.initializers.normal(cfg.init_std)
@@ -253,29 +276,72 @@ class GPT(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_embeddings
-            else nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=emb_init, param_dtype=dtype, rngs=rngs)
+            else nnx.Linear(
+                cfg.d_model, cfg.vocab_size, use_bias=False, kernel_init=emb_init, param_dtype=dtype, rngs=rngs
+            )
         )
 
-    def check_input(self, idx_BT: jax.Array) -> None:
-        """Token ids and length are checked up front: JAX's gather would clamp or NaN-fill a bad id."""
+    def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+        """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len}: must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        dtype = self.tok_emb.embedding.dtype
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def check_input(self, idx_BT: jax.Array, pos_BT: jax.Array | None) -> None:
+        """Token ids, length and positions are checked up front: JAX's gather would NaN-fill a bad
+        id and a scatter past the cache end would be dropped, both without an error."""
         if idx_BT.ndim != 2 or not jnp.issubdtype(idx_BT.dtype, jnp.integer):
             raise ValueError(f"idx: expected an integer (batch, time) array, got {idx_BT.dtype} {tuple(idx_BT.shape)}")
         T = idx_BT.shape[1]
         if not 1 <= T <= self.cfg.max_seq_len:
             raise ValueError(f"idx: sequence length {T} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
-        if isinstance(idx_BT, jax.core.Tracer):
-            return  # values unknown under jit: callers validate first; jnp.take NaN-fills, it never clamps
+        cache = self.blocks[0].attn.kv_cache
+        if cache is None and pos_BT is not None:
+            raise ValueError("positions: only meaningful with a KV cache (call setup_cache first)")
+        if cache is not None:
+            if pos_BT is None or pos_BT.shape != idx_BT.shape:
+                raise ValueError(
+                    f"positions: with a KV cache, pass (batch, time) positions shaped like idx {tuple(idx_BT.shape)}"
+                )
+            if idx_BT.shape[0] != cache.k.shape[0]:
+                raise ValueError(f"idx: batch {idx_BT.shape[0]} does not match the KV cache batch {cache.k.shape[0]}")
+        if isinstance(idx_BT, jax.core.Tracer) or isinstance(pos_BT, jax.core.Tracer):
+            return  # values unknown under jit: generate validates them before tracing
         lo, hi = int(idx_BT.min()), int(idx_BT.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"idx: token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+        if cache is not None and (int(pos_BT.min()) < 0 or int(pos_BT.max()) >= cache.k.shape[1]):
+            raise ValueError(
+                f"positions: {int(pos_BT.min())}..{int(pos_BT.max())} exceed the KV cache capacity {cache.k.shape[1]}"
+            )
 
-    def __call__(self, idx_BT: jax.Array, return_hidden: bool = False):
+    def __call__(self, idx_BT: jax.Array, positions_BT: jax.Array | None = None, return_hidden: bool = False):
         """Logits (B, T, V) in fp32; with `return_hidden`, also the residual stream after the
-        embedding and after each block (n_layer + 1 arrays)."""
-        self.check_input(idx_BT)
-        T = idx_BT.shape[1]
-        positions_BT = jnp.broadcast_to(jnp.arange(T)[None], idx_BT.shape)
+        embedding and after each block (n_layer + 1 arrays).
+
+        Without a KV cache, positions are 0..T-1. With one (`setup_cache`), `positions_BT` says where
+        each token sits; each row may be at a different offset (ragged batches)."""
+        self.check_input(idx_BT, positions_BT)
+        x_BTD, hidden = self.trunk(idx_BT, positions_BT)
+        logits_BTV = self.head(x_BTD)
+        return (logits_BTV, hidden) if return_hidden else logits_BTV
+
+    def trunk(self, idx_BT: jax.Array, positions_BT: jax.Array | None) -> tuple[jax.Array, list]:
+        """Embedding and blocks: the residual stream before the final norm (and each layer's)."""
+        cache = self.blocks[0].attn.kv_cache
+        mask_BTS = None  # no cache: the top-left is_causal is right, the block starts at key 0
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(idx_BT.shape[1])[None], idx_BT.shape)
+        if cache is not None:  # bottom-right causal over the cache: key s is visible from position p iff s <= p
+            mask_BTS = jnp.arange(cache.k.shape[1]) <= positions_BT[..., None]
         x_BTD = self.tok_emb(idx_BT)
         rope = None
         if self.pos_emb is not None:
@@ -284,16 +350,14 @@ class GPT(nnx.Module):
             rope = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
         hidden = [x_BTD]
         for block in self.blocks:
-            x_BTD = block(x_BTD, rope, self.attn_backend)
+            x_BTD = block(x_BTD, rope, self.attn_backend, positions_BT, mask_BTS)
             hidden.append(x_BTD)
-        logits_BTV = self.logits(self.norm(x_BTD))
-        return (logits_BTV, hidden) if return_hidden else logits_BTV
+        return x_BTD, hidden
 
-    def logits(self, x_BTD: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            logits_BTV = self.tok_emb.attend(x_BTD)
-        else:
-            logits_BTV = self.lm_head(x_BTD)
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm, unembedding (tied or not) and soft-cap, in fp32; any leading shape."""
+        x_BTD = self.norm(x_BTD)
+        logits_BTV = self.tok_emb.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
         logits_BTV = logits_BTV.astype(compute_dtype(x_BTD.dtype))
         cap = self.cfg.logit_softcap
         return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)

@@ -15,12 +15,12 @@ import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gptmod.weights import check_state
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmod.backends import BackendUnavailableError, check_backend_name, torch_pinned_unmet
 from gptmod.config import ModelConfig
-from gptmod.weights import check_state
 
 _PINNED = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -150,10 +150,33 @@ def attention(
     return out_BNTH.transpose(1, 2)
 
 
+class KVCache(nn.Module):
+    """Static KV cache of one layer, (B, S, K, H), preallocated and written in place.
+
+    Each row writes at its own positions, so ragged batches need no shifting. Capacity is checked
+    by the caller (GPT.forward and generate) before anything is written."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, max_len, n_kv_head, head_dim)
+        # persistent=False: the cache is run-time state, never part of the canonical weights.
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, pos_BT: torch.Tensor, k_BTKH: torch.Tensor, v_BTKH: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_B1 = torch.arange(pos_BT.shape[0], device=pos_BT.device)[:, None]
+        self.k[rows_B1, pos_BT] = k_BTKH
+        self.v[rows_B1, pos_BT] = v_BTKH
+        return self.k, self.v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.kv_cache: KVCache | None = None
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
@@ -164,6 +187,7 @@ class Attention(nn.Module):
         x_BTD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         backend: str,
+        pos_BT: torch.Tensor,
         mask_BTS: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -172,6 +196,8 @@ class Attention(nn.Module):
         v_BTKH = self.wv(x_BTD).view(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
+        if self.kv_cache is not None:
+            k_BTKH, v_BTKH = self.kv_cache.update(pos_BT, k_BTKH, v_BTKH)  # now (B, S, K, H)
         out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=backend, mask_BTS=mask_BTS)
         return self.wo(out_BTNH.reshape(B, T, self.n_head * self.head_dim))
 
@@ -218,9 +244,10 @@ class Block(nn.Module):
         x_BTD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         backend: str,
+        pos_BT: torch.Tensor,
         mask_BTS: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, backend, mask_BTS)
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, backend, pos_BT, mask_BTS)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
@@ -252,10 +279,26 @@ class GPT(nn.Module):
             else:
                 nn.init.zeros_(p)
 
-    def check_input(self, idx_BT: torch.Tensor) -> None:
-        """Token ids and length are checked up front; a bad id must never reach the gather."""
+    def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+        """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"cache max_len={max_len}: must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        p = self.tok_emb.weight
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, p.dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def check_input(self, idx_BT: torch.Tensor, pos_BT: torch.Tensor | None) -> None:
+        """Token ids, length and positions are checked up front: a bad id or a write past the cache
+        must never reach the kernels."""
         if idx_BT.ndim != 2 or idx_BT.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"idx: expected an int32/int64 (batch, time) tensor, got {idx_BT.dtype} {tuple(idx_BT.shape)}")
+            raise ValueError(
+                f"idx: expected an int32/int64 (batch, time) tensor, got {idx_BT.dtype} {tuple(idx_BT.shape)}"
+            )
         T = idx_BT.shape[1]
         if not 1 <= T <= self.cfg.max_seq_len:
             raise ValueError(f"idx: sequence length {T} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
@@ -263,14 +306,42 @@ class GPT(nn.Module):
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"idx: token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+        cache = self.blocks[0].attn.kv_cache
+        if cache is None:
+            if pos_BT is not None:
+                raise ValueError("positions: only meaningful with a KV cache (call setup_cache first)")
+            return
+        if pos_BT is None or pos_BT.shape != idx_BT.shape:
+            raise ValueError(
+                f"positions: with a KV cache, pass (batch, time) positions shaped like idx {tuple(idx_BT.shape)}"
+            )
+        if idx_BT.shape[0] != cache.k.shape[0]:
+            raise ValueError(f"idx: batch {idx_BT.shape[0]} does not match the KV cache batch {cache.k.shape[0]}")
+        if int(pos_BT.min()) < 0 or int(pos_BT.max()) >= cache.k.shape[1]:
+            raise ValueError(
+                f"positions: {int(pos_BT.min())}..{int(pos_BT.max())} exceed the KV cache capacity {cache.k.shape[1]}"
+            )
 
-    def forward(self, idx_BT: torch.Tensor, return_hidden: bool = False):
+    def forward(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor | None = None, return_hidden: bool = False):
         """Logits (B, T, V) in fp32 (fp64 for a float64 model); with `return_hidden`, also the
-        residual stream after the embedding and after each block (n_layer + 1 tensors)."""
+        residual stream after the embedding and after each block (n_layer + 1 tensors).
+
+        Without a KV cache, positions are 0..T-1. With one (`setup_cache`), `positions_BT` says where
+        each token sits; each row may be at a different offset (ragged batches)."""
         if not torch.compiler.is_compiling():
-            self.check_input(idx_BT)
-        T = idx_BT.shape[1]
-        positions_BT = torch.arange(T, device=idx_BT.device)[None].expand_as(idx_BT)
+            self.check_input(idx_BT, positions_BT)
+        x_BTD, hidden = self.trunk(idx_BT, positions_BT)
+        logits_BTV = self.head(x_BTD)
+        return (logits_BTV, hidden) if return_hidden else logits_BTV
+
+    def trunk(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+        """Embedding and blocks: the residual stream before the final norm (and each layer's)."""
+        cache = self.blocks[0].attn.kv_cache
+        mask_BTS = None  # no cache: SDPA's top-left is_causal is right, the block starts at key 0
+        if positions_BT is None:
+            positions_BT = torch.arange(idx_BT.shape[1], device=idx_BT.device)[None].expand_as(idx_BT)
+        if cache is not None:  # bottom-right causal over the cache: key s is visible from position p iff s <= p
+            mask_BTS = torch.arange(cache.k.shape[1], device=idx_BT.device) <= positions_BT[..., None]
         x_BTD = self.tok_emb(idx_BT)
         rope = None
         if self.pos_emb is not None:
@@ -279,12 +350,13 @@ class GPT(nn.Module):
             rope = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
         hidden = [x_BTD]
         for block in self.blocks:
-            x_BTD = block(x_BTD, rope, self.attn_backend)
+            x_BTD = block(x_BTD, rope, self.attn_backend, positions_BT, mask_BTS)
             hidden.append(x_BTD)
-        logits_BTV = self.logits(self.norm(x_BTD))
-        return (logits_BTV, hidden) if return_hidden else logits_BTV
+        return x_BTD, hidden
 
-    def logits(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Final norm, unembedding (tied or not) and soft-cap, in fp32; any leading shape."""
+        x_BTD = self.norm(x_BTD)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits_BTV = F.linear(x_BTD, head).to(compute_dtype(x_BTD.dtype))
         cap = self.cfg.logit_softcap

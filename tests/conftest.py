@@ -31,8 +31,9 @@ def reduced(name: str, **overrides) -> ModelConfig:
     n_head, n_kv_head = (4, 4) if ratio == 1 else (2 * ratio, 2)
     d_model = 16 * n_head
     d_ff = 2 * d_model if cfg.mlp == "swiglu" else 4 * d_model
-    small = dict(n_layer=2, d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, d_ff=d_ff, vocab_size=257,
-                 max_seq_len=64)
+    small = dict(
+        n_layer=2, d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, d_ff=d_ff, vocab_size=257, max_seq_len=64
+    )
     return dataclasses.replace(cfg, **{**small, **overrides})
 
 

@@ -24,12 +24,12 @@ from conftest import (
     torch_pair_state,
 )
 from flax import nnx
+from gptmod.weights import StateError, canonical_shapes
 
 import gptmod_jax
 import gptmod_torch
 from gptmod.backends import BackendUnavailableError
 from gptmod.config import ModelConfig, list_presets
-from gptmod.weights import StateError, canonical_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,8 +125,8 @@ def test_hidden_states_returned_per_layer():
     cfg = reduced("gpt2")
     state, idx = _scaled_state(cfg), tokens(cfg, 1, 8)
     with torch.no_grad():
-        lt, ht = torch_model(cfg, state)(torch.from_numpy(idx), return_hidden=True)
-    lj, hj = jax_model(cfg, state)(jnp.asarray(idx), return_hidden=True)
+        _lt, ht = torch_model(cfg, state)(torch.from_numpy(idx), return_hidden=True)
+    _lj, hj = jax_model(cfg, state)(jnp.asarray(idx), return_hidden=True)
     assert len(ht) == len(hj) == cfg.n_layer + 1
     for a, b in zip(ht, hj, strict=True):
         np.testing.assert_allclose(a.numpy(), np.asarray(b), atol=1e-5)
@@ -198,7 +198,7 @@ def test_checkpoint_from_one_framework_loads_in_the_other(tmp_path):
 
 
 def _class_layout(path: Path) -> dict[str, list[str]]:
-    """Class name -> `self.<attr> =` assignments in __init__, in order."""
+    """Class name -> attributes assigned in __init__ (`self.<attr> = ...`), in order."""
     layout = {}
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ClassDef):
@@ -207,9 +207,13 @@ def _class_layout(path: Path) -> dict[str, list[str]]:
                 if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
                     for sub in ast.walk(fn):
                         targets = sub.targets if isinstance(sub, ast.Assign) else []
+                        targets += [sub.target] if isinstance(sub, ast.AnnAssign) else []
                         for t in targets:
                             elts = t.elts if isinstance(t, ast.Tuple) else [t]
                             attrs += [e.attr for e in elts if isinstance(e, ast.Attribute)]
+                        # torch's register_buffer("k", ...) is the twin of `self.k = nnx.Cache(...)`
+                        if isinstance(sub, ast.Call) and getattr(sub.func, "attr", "") == "register_buffer":
+                            attrs.append(sub.args[0].value)
             layout[node.name] = attrs
     return layout
 

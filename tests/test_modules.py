@@ -30,7 +30,9 @@ CPU_BACKENDS = [("sdpa", "auto"), ("math", "xla"), ("flash", "xla"), ("reference
 
 def _cfg(**kw):
     # GQA 4:2 with head_dim 16, RoPE, bias on: every code path of the attention in one config.
-    return dataclasses.replace(reduced("modern-gpt2"), **{"n_head": 4, "n_kv_head": 2, "d_model": 64, "bias": True, **kw})
+    return dataclasses.replace(
+        reduced("modern-gpt2"), **{"n_head": 4, "n_kv_head": 2, "d_model": 64, "bias": True, **kw}
+    )
 
 
 def _pair(torch_cls, jax_cls, cfg, dtype, seed=0):
@@ -119,9 +121,10 @@ def test_attention_twins(backend_t, backend_j, n_kv_head, dtype):
     x, x64, xt = _input((2, 12, cfg.d_model), dtype)
     x64, xt, xj = x64 * 0.3, xt * 0.3, jnp.asarray(x) * 0.3
     pos = np.broadcast_to(np.arange(12), (2, 12)).copy()
-    ref = t64(x64, tm.rope_cos_sin(torch.from_numpy(pos), cfg, torch.float64), "math")
-    out_t = tmod(xt, tm.rope_cos_sin(torch.from_numpy(pos), cfg, TORCH_DTYPES[dtype]), backend_t)
-    out_j = jmod(xj, jm.rope_cos_sin(jnp.asarray(pos), cfg, JAX_DTYPES[dtype]), backend_j)
+    tpos, jpos = torch.from_numpy(pos), jnp.asarray(pos)
+    ref = t64(x64, tm.rope_cos_sin(tpos, cfg, torch.float64), "math", tpos)
+    out_t = tmod(xt, tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype]), backend_t, tpos)
+    out_j = jmod(xj, jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype]), backend_j, jpos)
     _check(ref, out_t, out_j, dtype)
 
 
@@ -196,7 +199,7 @@ def test_block_twins(preset, dtype):
     cfg = reduced(preset)
     t64, tmod, jmod = _pair(tm.Block, jm.Block, cfg, dtype)
     with torch.no_grad():  # realistic projection scale, so the residual branches matter
-        for name, p in t64.named_parameters():
+        for _name, p in t64.named_parameters():
             if p.ndim == 2:
                 p.mul_(0.1)
     state = cast_state(tm.export_state(t64), dtype)
@@ -204,7 +207,8 @@ def test_block_twins(preset, dtype):
     x, x64, xt = _input((2, 10, cfg.d_model), dtype)
     pos = np.broadcast_to(np.arange(10), (2, 10)).copy()
     rope = cfg.pos == "rope"
-    ref = t64(x64, tm.rope_cos_sin(torch.from_numpy(pos), cfg, torch.float64) if rope else None, "math")
-    out_t = tmod(xt, tm.rope_cos_sin(torch.from_numpy(pos), cfg, TORCH_DTYPES[dtype]) if rope else None, "sdpa")
-    out_j = jmod(jnp.asarray(x), jm.rope_cos_sin(jnp.asarray(pos), cfg, JAX_DTYPES[dtype]) if rope else None, "auto")
+    tpos, jpos = torch.from_numpy(pos), jnp.asarray(pos)
+    ref = t64(x64, tm.rope_cos_sin(tpos, cfg, torch.float64) if rope else None, "math", tpos)
+    out_t = tmod(xt, tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype]) if rope else None, "sdpa", tpos)
+    out_j = jmod(jnp.asarray(x), jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype]) if rope else None, "auto", jpos)
     _check(ref, out_t, out_j, dtype)

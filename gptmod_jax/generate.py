@@ -1,0 +1,224 @@
+"""Generation in JAX: the twin of gptmod_torch/generate.py.
+
+`generate` is one jitted function over pure state: `nnx.split` hands it the parameters, it builds
+the static KV cache inside (so there is nothing to copy in), prefills the prompts in one pass, runs a
+`lax.while_loop` of decode steps with sampling, and stops early once every row has emitted eos.
+Prompt and new-token lengths are padded to power-of-two buckets, so a new length recompiles only when
+it crosses into a new bucket. `generate_stream` yields token by token for streaming; its decode step
+is jitted with the cache donated, so each step updates the cache in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptmod.sampling import Plan, SamplingParams, check_request, plan, trim
+from gptmod_jax.model import GPT
+
+
+class Knobs(NamedTuple):
+    """Sampling values as traced scalars: changing them never recompiles."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    eos_id: jax.Array
+
+
+class Flags(NamedTuple):
+    """Which filters are on: static, since they change the program."""
+
+    greedy: bool
+    top_k: bool
+    top_p: bool
+    min_p: bool
+    eos: bool
+
+
+def _split_params(params: SamplingParams) -> tuple[Knobs, Flags]:
+    knobs = Knobs(
+        jnp.float32(params.temperature if not params.greedy else 1.0),
+        jnp.int32(params.top_k or 1),
+        jnp.float32(params.top_p or 1.0),
+        jnp.float32(params.min_p or 0.0),
+        jnp.int32(-1 if params.eos_id is None else params.eos_id),
+    )
+    # top_p = 1 and min_p = 0 filter nothing; skipping them also keeps fp32 cumsum rounding out of it.
+    flags = Flags(
+        greedy=params.greedy,
+        top_k=params.top_k is not None,
+        top_p=params.top_p not in (None, 1.0),
+        min_p=params.min_p not in (None, 0.0),
+        eos=params.eos_id is not None,
+    )
+    return knobs, flags
+
+
+def filter_logits(logits_BV: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:
+    """Temperature, then top-k, top-p and min-p as thresholds (ties kept), in fp32; disallowed -> -inf.
+    The same arithmetic as the torch twin, so both allow the very same tokens."""
+    x_BV = logits_BV.astype(jnp.float32) / knobs.temperature
+    if flags.top_k:
+        sorted_BV = -jnp.sort(-x_BV, axis=-1)
+        kth_B1 = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(knobs.top_k - 1, (x_BV.shape[0], 1)), axis=-1)
+        x_BV = jnp.where(x_BV >= kth_B1, x_BV, -jnp.inf)
+    if flags.top_p:
+        probs_BV = jax.nn.softmax(x_BV, axis=-1)
+        sorted_BV = -jnp.sort(-probs_BV, axis=-1)
+        mass_before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
+        cutoff_B1 = jnp.min(jnp.where(mass_before_BV < knobs.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        x_BV = jnp.where(probs_BV >= cutoff_B1, x_BV, -jnp.inf)
+    if flags.min_p:
+        probs_BV = jax.nn.softmax(x_BV, axis=-1)
+        x_BV = jnp.where(probs_BV >= knobs.min_p * probs_BV.max(-1, keepdims=True), x_BV, -jnp.inf)
+    return x_BV
+
+
+def sample(logits_BV: jax.Array, key: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:
+    if flags.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits_BV, knobs, flags), axis=-1).astype(jnp.int32)
+
+
+def prefill(model: GPT, tokens_BP: jax.Array, lens_B: jax.Array) -> jax.Array:
+    """All prompts in one pass (right-padded); logits of each row's last real token, (B, V)."""
+    positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1])[None], tokens_BP.shape)
+    x_BPD, _ = model.trunk(tokens_BP, positions_BP)
+    return model.head(x_BPD[jnp.arange(tokens_BP.shape[0]), lens_B - 1])
+
+
+def decode_one_token(model: GPT, tok_B: jax.Array, pos_B: jax.Array) -> jax.Array:
+    """One token per row at its own position; the cache supplies the past. Logits (B, V)."""
+    x_B1D, _ = model.trunk(tok_B[:, None], pos_B[:, None])
+    return model.head(x_B1D[:, 0])
+
+
+class _Step(NamedTuple):
+    i: jax.Array  # number of tokens generated so far
+    tok_B: jax.Array
+    done_B: jax.Array
+    out_BN: jax.Array
+    cache: nnx.State
+    key: jax.Array
+
+
+@partial(jax.jit, static_argnames=("graphdef", "plan", "flags"))
+def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *, plan: Plan, flags: Flags):
+    model = nnx.merge(graphdef, params)
+    model.setup_cache(plan.batch, plan.cache_len)  # allocated inside the jit: nothing to transfer or donate
+    key, sub = jax.random.split(key)
+    tok_B = sample(prefill(model, tokens_BP, lens_B), sub, knobs, flags)
+    out_BN = jnp.zeros((plan.batch, plan.new_len), jnp.int32).at[:, 0].set(tok_B)
+    done_B = (tok_B == knobs.eos_id) & flags.eos
+    cache_graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
+
+    def cond(s: _Step) -> jax.Array:
+        return (s.i < max_new) & ~jnp.all(s.done_B)
+
+    def body(s: _Step) -> _Step:
+        m = nnx.merge(cache_graphdef, params, s.cache)
+        key, sub = jax.random.split(s.key)
+        tok_B = sample(decode_one_token(m, s.tok_B, lens_B + s.i - 1), sub, knobs, flags)
+        done_B = s.done_B | ((tok_B == knobs.eos_id) & flags.eos)
+        return _Step(s.i + 1, tok_B, done_B, s.out_BN.at[:, s.i].set(tok_B), nnx.state(m, nnx.Cache), key)
+
+    final = jax.lax.while_loop(cond, body, _Step(jnp.int32(1), tok_B, done_B, out_BN, cache, key))
+    return final.out_BN, final.i
+
+
+def _prepare(model: GPT, prompts, max_new_tokens: int, params: SamplingParams):
+    if model.blocks[0].attn.kv_cache is not None:
+        raise ValueError("generate: the model already holds a KV cache; call model.clear_cache() first")
+    prompts = check_request(prompts, model.cfg, max_new_tokens, params)
+    p = plan(prompts, max_new_tokens, model.cfg)
+    tokens_BP = np.zeros((p.batch, p.prompt_len), np.int32)
+    for b, ids in enumerate(prompts):
+        tokens_BP[b, : len(ids)] = ids
+    lens_B = np.array([len(ids) for ids in prompts], np.int32)
+    return p, jnp.asarray(tokens_BP), jnp.asarray(lens_B)
+
+
+def generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
+
+    Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted."""
+    params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
+    p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
+    knobs, flags = _split_params(params)
+    graphdef, state = nnx.split(model, nnx.Param)
+    out_BN, n = _generate(graphdef, state, tokens_BP, lens_B, jnp.int32(max_new_tokens), knobs,
+                          jax.random.key(seed), plan=p, flags=flags)  # fmt: skip
+    n = int(n)
+    return trim(np.asarray(out_BN), [n] * p.batch, eos_id)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))
+def _prefill_step(graphdef, params, cache, tokens_BP, lens_B, knobs: Knobs, key, *, flags: Flags):
+    model = nnx.merge(graphdef, params, cache)
+    key, sub = jax.random.split(key)
+    tok_B = sample(prefill(model, tokens_BP, lens_B), sub, knobs, flags)
+    return tok_B, nnx.state(model, nnx.Cache), key
+
+
+@partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))
+def _decode_step(graphdef, params, cache, tok_B, pos_B, knobs: Knobs, key, *, flags: Flags):
+    model = nnx.merge(graphdef, params, cache)
+    key, sub = jax.random.split(key)
+    tok_B = sample(decode_one_token(model, tok_B, pos_B), sub, knobs, flags)
+    return tok_B, nnx.state(model, nnx.Cache), key
+
+
+def generate_stream(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int = 0,
+) -> Iterator[list[int | None]]:
+    """Step-wise `generate`: yields one token per row per step (None for rows that have finished).
+
+    The same seed gives the same tokens as `generate`. The cache is donated to each jitted step, so
+    XLA updates it in place instead of copying it every token."""
+    params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
+    p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
+    knobs, flags = _split_params(params)
+    model.setup_cache(p.batch, p.cache_len)
+    try:
+        graphdef, state, cache = nnx.split(model, nnx.Param, nnx.Cache)
+    finally:
+        model.clear_cache()  # the caller's model is left as it was
+    tok_B, cache, key = _prefill_step(graphdef, state, cache, tokens_BP, lens_B, knobs, jax.random.key(seed),
+                                      flags=flags)  # fmt: skip
+    done = np.zeros(p.batch, bool)
+    for i in range(max_new_tokens):
+        if i > 0:
+            tok_B, cache, key = _decode_step(graphdef, state, cache, tok_B, lens_B + i - 1, knobs, key,
+                                             flags=flags)  # fmt: skip
+        toks = np.asarray(tok_B)
+        yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
+        if eos_id is not None:
+            done |= toks == eos_id
+            if done.all():
+                return

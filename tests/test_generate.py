@@ -1,0 +1,298 @@
+"""KV cache and generation in both twins: cached logits equal full-forward logits, greedy tokens
+agree across frameworks, ragged batches equal their rows alone, sampling filters allow the same
+tokens in both, and bad requests are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import jax_model, reduced, torch_model, torch_pair_state
+from flax import nnx
+
+import gptmod_jax
+import gptmod_jax.generate as jg
+import gptmod_torch
+import gptmod_torch.generate as tg
+from gptmod.config import load_preset
+from gptmod.sampling import SamplingParams
+
+
+def _cfg(name: str):
+    # Untied head and 8x weights: random models then produce varied tokens, not one repeated id.
+    cfg = load_preset("tiny") if name == "tiny" else reduced(name, max_seq_len=128)
+    return dataclasses.replace(cfg, tie_embeddings=False)
+
+
+def _state(cfg, seed=0):
+    return {k: v * 8 if v.ndim == 2 else v for k, v in torch_pair_state(cfg, seed).items()}
+
+
+@pytest.fixture(scope="module", params=["tiny", "modern-gpt2", "gpt2"])
+def pair(request):
+    cfg = _cfg(request.param)
+    state = _state(cfg)
+    return cfg, torch_model(cfg, state), jax_model(cfg, state)
+
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [120, 8], [33, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9]]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _torch_cached_steps(model, seq, prefill_chunks):
+    """Prefill `seq[:n]` in chunks, then decode the rest one token at a time; logits at each new token."""
+    model.setup_cache(1, len(seq))
+    out, start = [], 0
+    try:
+        for end in prefill_chunks + list(range(prefill_chunks[-1] + 1, len(seq) + 1)):
+            idx = torch.tensor([seq[start:end]])
+            pos = torch.arange(start, end)[None]
+            with torch.no_grad():
+                out.append(model(idx, pos)[0, -1].double().numpy())
+            start = end
+    finally:
+        model.clear_cache()
+    return np.stack(out)
+
+
+def _jax_cached_steps(model, seq, prefill_chunks):
+    model.setup_cache(1, len(seq))
+    out, start = [], 0
+    try:
+        for end in prefill_chunks + list(range(prefill_chunks[-1] + 1, len(seq) + 1)):
+            idx = jnp.asarray([seq[start:end]])
+            pos = jnp.arange(start, end)[None]
+            out.append(np.asarray(model(idx, pos)[0, -1], np.float64))
+            start = end
+    finally:
+        model.clear_cache()
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("chunks", [[6], [3, 6]], ids=["one-pass-prefill", "chunked-prefill"])
+@pytest.mark.parametrize("name", ["tiny", "modern-gpt2", "gpt2"])
+def test_cached_decode_equals_full_forward(name, chunks):
+    cfg = _cfg(name)
+    state = {k: v * 2 if v.ndim == 2 else v for k, v in torch_pair_state(cfg).items()}  # logits O(1), not O(10)
+    tm, jm = torch_model(cfg, state), jax_model(cfg, state)
+    seq = list(np.random.default_rng(0).integers(0, cfg.vocab_size, 40))
+    ends = chunks + list(range(chunks[-1] + 1, len(seq) + 1))
+    with torch.no_grad():
+        full_t = tm(torch.tensor([seq]))[0].double().numpy()
+    full_j = np.asarray(jm(jnp.asarray([seq]))[0], np.float64)
+    cached_t = _torch_cached_steps(tm, seq, chunks)
+    cached_j = _jax_cached_steps(jm, seq, chunks)
+    rows = [e - 1 for e in ends]
+    assert np.abs(full_t).max() > 1.0
+    assert np.abs(cached_t - full_t[rows]).max() <= 1e-5
+    assert np.abs(cached_j - full_j[rows]).max() <= 1e-5
+
+
+def test_cache_is_not_part_of_the_state():
+    cfg = _cfg("tiny")
+    tm, jm = gptmod_torch.GPT(cfg), gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    keys_t, keys_j = set(gptmod_torch.export_state(tm)), set(gptmod_jax.export_state(jm))
+    tm.setup_cache(2, 32)
+    jm.setup_cache(2, 32)
+    assert set(gptmod_torch.export_state(tm)) == keys_t and set(gptmod_jax.export_state(jm)) == keys_j
+    assert tuple(tm.blocks[1].attn.kv_cache.k.shape) == (2, 32, cfg.n_kv_head, cfg.head_dim)
+    assert tuple(jm.blocks[1].attn.kv_cache.k.shape) == (2, 32, cfg.n_kv_head, cfg.head_dim)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_cache_capacity_is_checked_not_clamped(framework):
+    cfg = _cfg("tiny")
+    model = gptmod_torch.GPT(cfg) if framework == "torch" else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    arr = torch.tensor if framework == "torch" else jnp.asarray
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match=r"positions: 6\.\.8 exceed the KV cache capacity 8"):
+        model(arr([[1, 2, 3]]), arr([[6, 7, 8]]))
+    with pytest.raises(ValueError, match="pass \\(batch, time\\) positions"):
+        model(arr([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="does not match the KV cache batch 1"):
+        model(arr([[1], [2]]), arr([[0], [0]]))
+    model.clear_cache()
+    with pytest.raises(ValueError, match="only meaningful with a KV cache"):
+        model(arr([[1]]), arr([[0]]))
+    with pytest.raises(ValueError, match=r"cache max_len=300: must be in \[1, max_seq_len=256\]"):
+        model.setup_cache(1, 300)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_greedy_tokens_identical_across_frameworks(pair):
+    _, tm, jm = pair
+    out_t = tg.generate(tm, PROMPTS, 64)
+    out_j = jg.generate(jm, PROMPTS, 64)
+    assert [len(r) for r in out_t] == [64, 64, 64]
+    assert out_t == out_j
+    assert min(len(set(r)) for r in out_t) >= 8, "degenerate output proves little"
+    # Greedy means: each token is the argmax of the full forward over everything before it.
+    seq = PROMPTS[1] + out_t[1]
+    with torch.no_grad():
+        pred = tm(torch.tensor([seq]))[0, len(PROMPTS[1]) - 1 : -1].argmax(-1).tolist()
+    assert pred == out_t[1]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_ragged_batch_equals_rows_alone(pair, framework):
+    _, tm, jm = pair
+    gen, model = (tg.generate, tm) if framework == "torch" else (jg.generate, jm)
+    batch = gen(model, PROMPTS, 24)
+    for prompt, row in zip(PROMPTS, batch, strict=True):
+        assert gen(model, [prompt], 24) == [row]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_sampling_reproducible_and_seed_matters(framework):
+    cfg = _cfg("tiny")
+    state = _state(cfg)
+    gen, model = (
+        (tg.generate, torch_model(cfg, state)) if framework == "torch" else (jg.generate, jax_model(cfg, state))
+    )
+    kw = dict(temperature=1.0, top_k=200, top_p=0.95, min_p=0.01)
+    a = gen(model, PROMPTS, 32, seed=7, **kw)
+    assert a == gen(model, PROMPTS, 32, seed=7, **kw)
+    assert a != gen(model, PROMPTS, 32, seed=8, **kw)
+    assert a != gen(model, PROMPTS, 32, temperature=0.0)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_stream_equals_one_shot(framework):
+    cfg = _cfg("tiny")
+    state = _state(cfg)
+    if framework == "torch":
+        model, gen, stream = torch_model(cfg, state), tg.generate, tg.generate_stream
+    else:
+        model, gen, stream = jax_model(cfg, state), jg.generate, jg.generate_stream
+    kw = dict(temperature=0.9, top_k=50, seed=3)
+    steps = list(stream(model, PROMPTS, 20, **kw))
+    assert len(steps) == 20 and all(len(s) == 3 for s in steps)
+    assert [[s[b] for s in steps] for b in range(3)] == gen(model, PROMPTS, 20, **kw)
+    assert model.blocks[0].attn.kv_cache is None  # the caller's model is left without a cache
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_eos_stops_each_row(pair, framework):
+    _, tm, jm = pair
+    gen, stream, model = (tg.generate, tg.generate_stream, tm) if framework == "torch" else (
+        jg.generate, jg.generate_stream, jm)  # fmt: skip
+    free = gen(model, PROMPTS, 16)
+    eos = free[0][3]  # row 0 emits it at step 3; the others may or may not
+    out = gen(model, PROMPTS, 16, eos_id=eos)
+    for free_row, row in zip(free, out, strict=True):
+        cut = free_row.index(eos) + 1 if eos in free_row else len(free_row)
+        assert row == free_row[:cut]
+    assert out[0][-1] == eos and len(out[0]) == free[0].index(eos) + 1
+    steps = list(stream(model, PROMPTS, 16, eos_id=eos))
+    assert all(s[0] is None for s in steps[len(out[0]) :])
+
+
+def test_jax_prompt_buckets_reuse_compilations():
+    cfg = _cfg("tiny")
+    model = jax_model(cfg, _state(cfg))
+    jg.generate(model, [[1, 2, 3]], 8)
+    n0 = jg._generate._cache_size()
+    jg.generate(model, [[4, 5, 6, 7, 8, 9, 10, 11, 12]], 12)  # 9 and 12 tokens: the same 16-buckets
+    assert jg._generate._cache_size() == n0
+    jg.generate(model, [list(range(1, 18))], 8)  # a 17-token prompt: the 32-bucket compiles once
+    assert jg._generate._cache_size() == n0 + 1
+    jg.generate(model, [[1, 2]], 8, temperature=0.5, top_k=3)  # sampling with top-k: another program
+    jg.generate(model, [[1, 2, 3, 4]], 9, temperature=0.8, top_k=7, seed=5)  # new values: the same program
+    assert jg._generate._cache_size() == n0 + 2
+
+
+def test_torch_compiled_decode_matches_eager():
+    cfg = _cfg("tiny")
+    model = torch_model(cfg, _state(cfg))
+    assert tg.generate(model, PROMPTS, 12, compile=True) == tg.generate(model, PROMPTS, 12)
+
+
+# ----------------------------------------------------------------------------- sampling filters
+
+
+FILTERS = [
+    dict(temperature=1.0, top_k=1),
+    dict(temperature=0.7, top_k=40),
+    dict(temperature=1.0, top_p=0.5),
+    dict(temperature=1.3, top_p=0.9),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.8, top_k=100, top_p=0.8, min_p=0.02),
+    dict(temperature=1.0, top_p=1.0),
+]
+
+
+@pytest.mark.parametrize("kw", FILTERS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_filters_allow_the_same_tokens_in_both(kw):
+    logits = np.random.default_rng(0).normal(scale=3.0, size=(6, 1000)).astype(np.float32)
+    params = SamplingParams(**kw)
+    allowed_t = np.isfinite(tg.filter_logits(torch.from_numpy(logits), *tg._split_params(params)).numpy())
+    allowed_j = np.isfinite(np.asarray(jg.filter_logits(jnp.asarray(logits), *jg._split_params(params))))
+    assert np.array_equal(allowed_t, allowed_j)
+    probs = np.exp(logits.astype(np.float64) / kw["temperature"])
+    probs /= probs.sum(-1, keepdims=True)
+    if list(kw) == ["temperature", "top_k"]:
+        assert (allowed_t.sum(-1) == kw["top_k"]).all()
+        assert np.array_equal(allowed_t, logits >= np.sort(logits, -1)[:, -kw["top_k"]][:, None])
+    if kw.get("top_p") == 1.0:
+        assert allowed_t.all()  # p = 1 keeps everything
+    if list(kw) == ["temperature", "top_p"] and kw["top_p"] < 1:
+        for p_row, a_row in zip(probs, allowed_t, strict=True):
+            order = np.sort(p_row)[::-1]
+            n = a_row.sum()
+            assert order[:n].sum() >= kw["top_p"] - 1e-6 and order[: n - 1].sum() < kw["top_p"]
+    if list(kw) == ["temperature", "min_p"]:
+        assert np.array_equal(allowed_t, probs >= kw["min_p"] * probs.max(-1, keepdims=True))
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        (dict(temperature=-0.1), "temperature=-0.1: must be a finite number >= 0"),
+        (dict(top_k=0), "top_k=0: must be an int >= 1"),
+        (dict(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p=1.5: must be in \(0, 1\]"),
+        (dict(min_p=1.5), r"min_p=1.5: must be in \[0, 1\]"),
+        (dict(min_p=-0.1), r"min_p=-0.1: must be in \[0, 1\]"),
+        (dict(top_k=10**6), "top_k=1000000: must be <= vocab_size=50257"),
+        (dict(eos_id=50257), r"eos_id=50257: out of range"),
+    ],
+)
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_bad_sampling_values(framework, kw, msg):
+    cfg = load_preset("tiny")
+    model = gptmod_torch.GPT(cfg) if framework == "torch" else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    gen = tg.generate if framework == "torch" else jg.generate
+    with pytest.raises(ValueError, match=msg):
+        gen(model, [[1, 2]], 4, **kw)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "max_new", "msg"),
+    [
+        ([[1, 2]], 255, r"2 prompt tokens \+ max_new_tokens=255 = 257 exceeds the cache capacity max_seq_len=256"),
+        ([[1, 50257]], 4, r"prompts\[0\]: token id 50257 is out of range"),
+        ([[1], [-3]], 4, r"prompts\[1\]: token id -3 is out of range"),
+        ([[1], []], 4, r"prompts\[1\]: expected a non-empty list"),
+        ([], 4, "prompts: expected a non-empty list"),
+        ("hello", 4, "prompts: expected a non-empty list"),
+        ([[1, 2.5]], 4, r"token 2.5 is not an integer id"),
+        ([[1]], 0, "max_new_tokens=0: must be an int >= 1"),
+    ],
+)
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_bad_requests(framework, prompts, max_new, msg):
+    cfg = load_preset("tiny")
+    model = gptmod_torch.GPT(cfg) if framework == "torch" else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    gen = tg.generate if framework == "torch" else jg.generate
+    with pytest.raises(ValueError, match=msg):
+        gen(model, prompts, max_new)
+    model.setup_cache(1, 16)
+    with pytest.raises(ValueError, match="already holds a KV cache"):
+        gen(model, [[1]], 2)
