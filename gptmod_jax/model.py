@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from gptmod.weights import check_state
 
 from gptmod.backends import BackendUnavailableError, check_backend_name, jax_cudnn_unmet
 from gptmod.config import ModelConfig
+from gptmod.weights import check_state
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:

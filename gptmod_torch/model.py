@@ -15,12 +15,12 @@ import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gptmod.weights import check_state
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmod.backends import BackendUnavailableError, check_backend_name, torch_pinned_unmet
 from gptmod.config import ModelConfig
+from gptmod.weights import check_state
 
 _PINNED = {
     "flash": SDPBackend.FLASH_ATTENTION,

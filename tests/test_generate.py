@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import jax_model, reduced, torch_model, torch_pair_state
 from flax import nnx
 
 import gptmod_jax
@@ -19,6 +18,8 @@ import gptmod_torch
 import gptmod_torch.generate as tg
 from gptmod.config import load_preset
 from gptmod.sampling import SamplingParams
+
+from conftest import jax_model, reduced, torch_model, torch_pair_state
 
 
 def _cfg(name: str):

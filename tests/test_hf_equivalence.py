@@ -8,11 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import jax_logits, jax_model, torch_logits, torch_model
-from gptmod.weights import from_hf_gpt2
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptmod.config import load_preset
+from gptmod.weights import from_hf_gpt2
+
+from conftest import jax_logits, jax_model, torch_logits, torch_model
 
 
 def _hf(n_layer=3, n_embd=96, n_head=6, vocab=1000, n_positions=80, std=0.1, attn="sdpa", seed=0):

@@ -13,6 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
+
+import gptmod_jax
+import gptmod_torch
+from gptmod.backends import BackendUnavailableError
+from gptmod.config import ModelConfig, list_presets
+from gptmod.weights import StateError, canonical_shapes
+
 from conftest import (
     cast_state,
     jax_logits,
@@ -23,13 +31,6 @@ from conftest import (
     torch_model,
     torch_pair_state,
 )
-from flax import nnx
-from gptmod.weights import StateError, canonical_shapes
-
-import gptmod_jax
-import gptmod_torch
-from gptmod.backends import BackendUnavailableError
-from gptmod.config import ModelConfig, list_presets
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import JAX_DTYPES, NP_DTYPES, TORCH_DTYPES, cast_state, reduced
 from flax import nnx
 
 import gptmod_jax.model as jm
 import gptmod_torch.model as tm
+
+from conftest import JAX_DTYPES, NP_DTYPES, TORCH_DTYPES, cast_state, reduced
 
 BF16_EPS = 2.0**-8
 # Per-dtype bound on |module(x) - exact| relative to max|exact|. fp32: a few hundred ulps of

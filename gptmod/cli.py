@@ -1,0 +1,183 @@
+"""The `gptmod` command: generate (streaming), info, parity.
+
+Frameworks are imported only by the subcommand that needs them, so `gptmod --help` is instant.
+Expected failures (bad arguments, missing or corrupt files, offline hub) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS
+from gptmod.config import ModelConfig, list_presets, load_preset
+from gptmod.sampling import SamplingParams, check_request
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def load_weights(spec: str, preset: str | None) -> tuple[ModelConfig, dict | None]:
+    """--weights: "random" (the preset, seeded init), a gptmod .safetensors checkpoint, or GPT-2 from
+    Hugging Face (a hub name such as "gpt2", or a local folder) mapped into the preset."""
+    from gptmod import weights
+
+    path = Path(spec)
+    if spec == "random":
+        return load_preset(preset or "gpt2"), None
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            state, cfg = weights.load(path)
+        except ValueError as e:
+            if "not a gptmod checkpoint" not in str(e):
+                raise
+            state, _ = weights.from_hf_gpt2(path, load_preset(preset or "gpt2"))  # an HF model.safetensors
+            return load_preset(preset or "gpt2"), state
+        if preset is not None and load_preset(preset) != cfg:
+            raise CLIError(f"--preset {preset} does not match the config stored in {path}; leave --preset out")
+        return cfg, state
+    cfg = load_preset(preset or "gpt2")
+    state, _ = weights.from_hf_gpt2(spec, cfg)
+    return cfg, state
+
+
+def build_model(framework: str, cfg: ModelConfig, state: dict | None, backend: str, seed: int):
+    if framework == "torch":
+        import torch
+
+        import gptmod_torch
+
+        torch.manual_seed(seed)
+        model = gptmod_torch.GPT(cfg, attn_backend=backend).eval()
+        return gptmod_torch.load_state(model, state) if state is not None else model
+    from flax import nnx
+
+    import gptmod_jax
+
+    model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(seed), attn_backend=backend)
+    return gptmod_jax.load_state(model, state) if state is not None else model
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gptmod import tokenizer
+
+    backend = args.backend or DEFAULT_BACKEND[args.framework]
+    known = TORCH_BACKENDS if args.framework == "torch" else JAX_BACKENDS
+    if backend not in known:
+        raise CLIError(f"--backend {backend!r} is not a {args.framework} backend; choose one of {', '.join(known)}")
+    if args.compile and args.framework != "torch":
+        raise CLIError("--compile is for --framework torch (JAX generation is always jitted)")
+    if (args.prompt is None) == (args.batch_file is None):
+        raise CLIError("give exactly one of --prompt TEXT or --batch-file FILE")
+    if args.batch_file is not None:
+        if not args.batch_file.is_file():
+            raise CLIError(f"--batch-file {args.batch_file}: no such file")
+        texts = [line for line in args.batch_file.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise CLIError(f"--batch-file {args.batch_file}: no prompts in it (one per line)")
+    else:
+        texts = [args.prompt]
+    cfg, state = load_weights(args.weights, args.preset)
+    if cfg.vocab_size < tokenizer.EOT_ID + 1:
+        raise CLIError(f"the model's vocab_size={cfg.vocab_size} is smaller than GPT-2's tokenizer (50257)")
+    prompts = [tokenizer.encode(t) for t in texts]
+    if any(len(p) == 0 for p in prompts):
+        raise CLIError("empty prompt: give at least one character")
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              eos_id=None if args.no_eos else tokenizer.EOT_ID, seed=args.seed)  # fmt: skip
+    check_request(prompts, cfg, args.max_new_tokens, SamplingParams(**kw))  # before any output or model build
+    model = build_model(args.framework, cfg, state, backend, args.seed)
+    gen = __import__(f"gptmod_{args.framework}.generate", fromlist=["generate"])
+    if args.framework == "torch":
+        kw["compile"] = args.compile
+    start = time.perf_counter()
+    if len(prompts) == 1:
+        decoder = tokenizer.StreamDecoder()
+        sys.stdout.write(texts[0])
+        out: list[int] = []
+        for step in gen.generate_stream(model, prompts, args.max_new_tokens, **kw):
+            if step[0] is None:  # the row ended at <|endoftext|>
+                break
+            out.append(step[0])
+            if step[0] == kw["eos_id"]:  # counted, not printed
+                break
+            sys.stdout.write(decoder.push(step[0]))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+        n = len(out)
+    else:
+        outs = gen.generate(model, prompts, args.max_new_tokens, **kw)
+        n = sum(len(o) for o in outs)
+        for i, (text, out) in enumerate(zip(texts, outs, strict=True)):
+            print(f"--- [{i}] {text}{tokenizer.decode(out)}")
+    elapsed = time.perf_counter() - start
+    print(f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {args.framework}, first call includes "
+          "compilation]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from gptmod import weights
+
+    state, cfg = weights.load(args.file)
+    dtypes = sorted({str(v.dtype) for v in state.values()})
+    n = sum(v.size for v in state.values())
+    print(f"{args.file}\n  parameters: {n:,}\n  dtype: {', '.join(dtypes)}\n  config:")
+    for k, v in cfg.to_dict().items():
+        print(f"    {k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptmod", description="A modernised GPT-2 as twins in PyTorch and JAX/Flax NNX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streamed to the terminal",
+                       description="Generate text from a prompt, streaming it as it is produced, then report "
+                       "tokens/s. Stops at <|endoftext|> unless --no-eos.")  # fmt: skip
+    g.add_argument("--framework", choices=("jax", "torch"), default="jax")
+    g.add_argument("--preset", choices=list_presets(), help="model preset (default gpt2; taken from the file "
+                   "for a gptmod checkpoint)")  # fmt: skip
+    g.add_argument("--weights", default="random", help="random (seeded init), gpt2 (or another HF hub name; needs "
+                   "network), an HF GPT-2 folder, or a gptmod .safetensors checkpoint")  # fmt: skip
+    g.add_argument("--prompt", help="the prompt text")
+    g.add_argument("--batch-file", type=Path, help="a file of prompts, one per line, generated as one ragged batch")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--seed", type=int, default=0, help="seed of sampling and of random weights")
+    g.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    g.add_argument("--backend", help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)")
+    g.add_argument("--compile", action="store_true", help="torch only: torch.compile the decode step")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="config, parameter count and dtype of a checkpoint")
+    i.add_argument("file", type=Path, help="a gptmod .safetensors checkpoint")
+    i.set_defaults(func=cmd_info)
+
+    sub.add_parser("parity", help="run the parity suite (same options as python -m parity)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["parity"]:
+        from parity.__main__ import main as parity_main
+
+        return parity_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as e:
+        msg = " ".join(str(e).split())  # one line, whatever the exception carried
+        print(f"gptmod {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
