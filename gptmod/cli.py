@@ -7,6 +7,7 @@ Expected failures (bad arguments, missing or corrupt files, offline hub) print o
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               eos_id=None if args.no_eos else tokenizer.EOT_ID, seed=args.seed)  # fmt: skip
     check_request(prompts, cfg, args.max_new_tokens, SamplingParams(**kw))  # before any output or model build
     model = build_model(args.framework, cfg, state, backend, args.seed)
-    gen = __import__(f"gptmod_{args.framework}.generate", fromlist=["generate"])
+    gen = importlib.import_module(f"gptmod_{args.framework}.generate")
     if args.framework == "torch":
         kw["compile"] = args.compile
     start = time.perf_counter()

@@ -5,6 +5,7 @@ tokens in both, and bad requests are refused."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +14,15 @@ import torch
 from flax import nnx
 
 import gptmod_jax
-import gptmod_jax.generate as jg
 import gptmod_torch
-import gptmod_torch.generate as tg
 from gptmod.config import load_preset
 from gptmod.sampling import SamplingParams
 
 from conftest import jax_model, reduced, torch_model, torch_pair_state
+
+# The packages export the generate *function* under the same name, so fetch the modules explicitly.
+jg = importlib.import_module("gptmod_jax.generate")
+tg = importlib.import_module("gptmod_torch.generate")
 
 
 def _cfg(name: str):
