@@ -1,101 +1,132 @@
-"""`python -m parity`: side-by-side logits of the torch and JAX twins against a float64 reference."""
+"""`python -m parity` (also `gptmod parity`): the whole parity ladder, torch vs JAX, against float64."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS, BackendUnavailableError
+from gptmod.backends import JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
-from parity.compare import DTYPES, compare_logits, format_rows, rows_as_dicts, strict_precision
+from parity.runner import CHECKS, Options, format_markdown, format_table, run_suite, summary, write_json
+from parity.suite import versions
+
+DEFAULT_PRESETS = ("tiny", "gpt2", "modern-gpt2")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m parity",
-        description="Compare the torch and JAX twins on the same seeded random weights and tokens. Each framework's "
-        "logits are measured against a float64 torch reference (e_torch, e_jax), next to their difference |Δ|.",
+        description="Run the parity ladder (per-module, logits, per-layer hidden states, cached decode, greedy "
+        "tokens, top-k/KL, conversion round trips, HF GPT-2 oracle) on the torch and JAX twins. Each framework is "
+        "measured against a float64 torch reference of the same weights; see the README for the budgets.",
     )
-    p.add_argument(
-        "--preset",
-        action="append",
-        choices=list_presets(),
-        help="preset(s) to run (repeatable); default: tiny, gpt2, modern-gpt2",
-    )
+    p.add_argument("--preset", action="append", choices=list_presets(),
+                   help=f"preset(s), repeatable; default {', '.join(DEFAULT_PRESETS)} (full size)")  # fmt: skip
     p.add_argument("--config", type=Path, action="append", default=[], help="a ModelConfig JSON file (repeatable)")
-    p.add_argument("--dtype", action="append", choices=DTYPES, help="dtype(s) to run; default: float32, bfloat16")
-    p.add_argument("--backend-torch", default=DEFAULT_BACKEND["torch"], choices=TORCH_BACKENDS)
-    p.add_argument("--backend-jax", default=DEFAULT_BACKEND["jax"], choices=JAX_BACKENDS)
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (default 128)")
+    p.add_argument("--dtype", action="append", choices=("float32", "bfloat16", "float16"),
+                   help="default: float32 and bfloat16 (plus float16 on GPU)")  # fmt: skip
+    p.add_argument("--weights", default="random",
+                   help="random (seeded, offline); random-outliers (random plus injected outlier channels, see "
+                   "README); gpt2 or another HF GPT-2 name/folder (classic presets); or a gptmod .safetensors "
+                   "file")  # fmt: skip
+    p.add_argument("--check", action="append", choices=CHECKS, help="run only these checks (repeatable)")
+    p.add_argument("--backend-torch", action="append", choices=TORCH_BACKENDS, help="default: all")
+    p.add_argument("--backend-jax", action="append", choices=JAX_BACKENDS, help="default: all")
+    p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
-    p.add_argument(
-        "--device",
-        choices=("cpu", "gpu"),
-        default="cpu",
-        help="gpu runs torch on CUDA; JAX uses its default device (install jax[cuda] for GPU)",
-    )
-    p.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy-steps", type=int, default=32)
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: torch on CUDA (all SDPA backends), JAX on its GPU (cuDNN attention), "
+                   "float16 added")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="tiny and reduced-depth presets (2 layers), 64 tokens")
+    p.add_argument("--inject-fault", metavar="NAME=EPS",
+                   help="self-test: scale one canonical tensor by (1+EPS) in the JAX twin only; the report "
+                   "must fail")  # fmt: skip
+    p.add_argument("--json", type=Path, help="write the rows and versions as JSON")
+    p.add_argument("--markdown", type=Path, help="write the report as a Markdown table")
     return p
+
+
+def _runs(args) -> list[tuple[str, ModelConfig, dict | None]]:
+    import dataclasses
+
+    from gptmod import weights
+
+    names = args.preset or ([] if args.config else list(DEFAULT_PRESETS))
+    runs = [(n, load_preset(n), None) for n in names]
+    runs += [(path.stem, ModelConfig.from_json(path), None) for path in args.config]
+    if args.quick:
+        runs = [(f"{n}/2L" if c.n_layer > 2 else n, dataclasses.replace(c, n_layer=min(2, c.n_layer)), s)
+                for n, c, s in runs]  # fmt: skip
+    if args.weights in ("random", "random-outliers"):
+        return runs
+    path = Path(args.weights)
+    if path.suffix == ".safetensors" and path.is_file():
+        state, cfg = weights.load(path)
+        return [(path.stem, cfg, state)]
+    out = []
+    for name, cfg, _ in runs:
+        if not cfg.is_classic:
+            raise ValueError(f"--weights {args.weights}: GPT-2 weights load exactly only into classic presets, "
+                             f"not {name}; pass --preset gpt2 (or gpt2-medium, ...)")  # fmt: skip
+        state, _ = weights.from_hf_gpt2(args.weights, cfg)
+        out.append((name, cfg, state))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    strict_precision()
-    if args.device == "gpu":
-        import jax
-        import torch
+    import jax
+    import torch
 
-        if not torch.cuda.is_available() or jax.default_backend() != "gpu":
-            print(
-                f"error: --device gpu needs CUDA in torch (available: {torch.cuda.is_available()}) and a JAX GPU "
-                f"backend (JAX backend: {jax.default_backend()})",
-                file=sys.stderr,
-            )
-            return 2
-    runs: list[tuple[str, ModelConfig]] = [(name, load_preset(name)) for name in (args.preset or [])]
-    for path in args.config:
+    from gptmod.weights import HubUnavailableError
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32
+    torch.backends.cudnn.allow_tf32 = False
+    jax.config.update("jax_default_matmul_precision", "highest")
+    if args.device == "gpu" and (not torch.cuda.is_available() or jax.default_backend() != "gpu"):
+        print(f"parity: error: --device gpu needs CUDA in torch (available: {torch.cuda.is_available()}) and JAX on "
+              f"a GPU (JAX backend: {jax.default_backend()}; install jax[cuda12])", file=sys.stderr)  # fmt: skip
+        return 2
+    fault = None
+    if args.inject_fault:
+        name, _, eps = args.inject_fault.partition("=")
         try:
-            runs.append((path.stem, ModelConfig.from_json(path)))
-        except (OSError, ValueError) as e:
-            print(f"error: --config {path}: {e}", file=sys.stderr)
+            fault = (name, float(eps))
+        except ValueError:
+            print(f"parity: error: --inject-fault {args.inject_fault!r}: expected NAME=EPS", file=sys.stderr)
             return 2
-    if not runs:
-        runs = [(name, load_preset(name)) for name in ("tiny", "gpt2", "modern-gpt2")]
-    dtypes = args.dtype or ["float32", "bfloat16"]
-    rows = []
+    try:
+        runs = _runs(args)
+    except (ValueError, OSError, HubUnavailableError, NotImplementedError) as e:
+        print(f"parity: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if fault is not None and any(fault[0] not in __import__("gptmod.weights").weights.canonical_shapes(c)
+                                 for _, c, _ in runs):  # fmt: skip
+        print(f"parity: error: --inject-fault: no tensor {fault[0]!r} in every preset", file=sys.stderr)
+        return 2
+    gpu = args.device == "gpu"
+    opts = Options(
+        dtypes=tuple(args.dtype or (("float32", "bfloat16", "float16") if gpu else ("float32", "bfloat16"))),
+        device="cuda" if gpu else "cpu", weights=args.weights, seq_len=64 if args.quick else args.seq_len,
+        batch=args.batch, seed=args.seed, greedy_steps=16 if args.quick else args.greedy_steps,
+        checks=tuple(args.check or CHECKS), fault=fault, backends_torch=tuple(args.backend_torch or ()),
+        backends_jax=tuple(args.backend_jax or ()),
+    )  # fmt: skip
     start = time.perf_counter()
-    for name, cfg in runs:
-        for dtype in dtypes:
-            print(f"running {name} {dtype} ...", file=sys.stderr, flush=True)
-            try:
-                rows.append(
-                    compare_logits(
-                        cfg,
-                        preset=name,
-                        dtype=dtype,
-                        backend_torch=args.backend_torch,
-                        backend_jax=args.backend_jax,
-                        seq_len=args.seq_len,
-                        batch=args.batch,
-                        seed=args.seed,
-                        device="cuda" if args.device == "gpu" else "cpu",
-                    )
-                )
-            except (ValueError, BackendUnavailableError) as e:
-                print(f"error: {name} {dtype}: {e}", file=sys.stderr)
-                return 2
-    print(format_rows(rows))
-    ok = all(r.passed for r in rows)
-    print(
-        f"\n{sum(r.passed for r in rows)} passed, {sum(not r.passed for r in rows)} failed "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    rows = run_suite(runs, opts, progress=sys.stderr.isatty())
+    ok, counts = summary(rows)
+    device = torch.cuda.get_device_name() if gpu else "cpu"
+    header = {"device": device, "versions": versions(), "passed": ok, "weights": args.weights}
+    print(format_table(rows))
+    print(f"\n{counts} in {time.perf_counter() - start:.0f} s on {device} (weights: {args.weights})")
     if args.json:
-        args.json.write_text(json.dumps({"passed": ok, "rows": rows_as_dicts(rows)}, indent=2) + "\n")
+        write_json(args.json, rows, header)
+    if args.markdown:
+        args.markdown.write_text(format_markdown(rows, header))
     return 0 if ok else 1
 
 

@@ -1,0 +1,422 @@
+"""The parity ladder: where, and by how much, the torch and JAX twins differ.
+
+Every numeric row runs the same (dtype-rounded) weights and tokens through torch, JAX and a float64
+torch reference, and reports e_torch and e_jax (each framework's max error against float64), |Δ|
+(torch vs JAX) and the budget. A row passes when
+  1. |Δ| <= budget = max(abs_floor, K * max(e_torch, e_jax)),                    (DESIGN.md's rule)
+  2. e_torch and e_jax are each <= REL[dtype] * scale, scale = max|float64 value|, (what the dtype explains)
+  3. fp32 logits also keep |Δ| <= 1e-4 (the hard ceiling).
+Rule 1 alone cannot catch a broken twin: its own large error raises the budget with it. Rule 2 is
+what does, and (3) is the absolute promise for fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptmod.backends import BackendUnavailableError, jax_cudnn_unmet, torch_pinned_unmet
+from gptmod.config import ModelConfig
+
+K = 2.0
+ABS_FLOOR = {"float32": 1e-6, "bfloat16": 1e-3, "float16": 1e-4}
+REL = {"float32": 2e-5, "bfloat16": 5e-2, "float16": 1e-2}
+FP32_LOGIT_CEILING = 1e-4
+TOP_K = 5
+
+
+@dataclass
+class Row:
+    check: str
+    preset: str
+    dtype: str
+    backend_torch: str
+    backend_jax: str
+    e_torch: float | None
+    e_jax: float | None
+    diff: float | None
+    budget: float | None
+    passed: bool | None  # None: skipped (see note)
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        return "skip" if self.passed is None else ("pass" if self.passed else "FAIL")
+
+
+@dataclass
+class Case:
+    """One preset at one dtype: its weights (rounded to the dtype) and tokens."""
+
+    name: str
+    cfg: ModelConfig
+    dtype: str
+    state: dict[str, np.ndarray]
+    idx: np.ndarray
+    device: str = "cpu"
+
+
+def numeric_row(check, case, bt, bj, e_t, e_j, diff, scale, note="", ceiling=None) -> Row:
+    budget = max(ABS_FLOOR[case.dtype], K * max(e_t, e_j))
+    if ceiling is not None:
+        budget = min(budget, ceiling)
+    e_max = REL[case.dtype] * scale
+    values = (e_t, e_j, diff)
+    ok = all(math.isfinite(v) for v in values) and diff <= budget and e_t <= e_max and e_j <= e_max
+    if not ok and all(math.isfinite(v) for v in values):
+        worst = "torch" if e_t > e_max else "jax" if e_j > e_max else None
+        note = (f"{worst} error > {REL[case.dtype]:g}*scale={e_max:.2e}; " if worst else "") + note
+    return Row(check, case.name, case.dtype, bt, bj, e_t, e_j, diff, budget, ok, note)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def random_state(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    import torch
+
+    import gptmod_torch
+
+    torch.manual_seed(seed)
+    return gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+
+
+def inject_outliers(state: dict[str, np.ndarray], cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """Trained LLMs carry a few hidden channels with activations ~100x the rest ("outlier features",
+    Dettmers et al. 2022; "massive activations", Sun et al. 2024), which is what stresses bf16. We
+    reproduce that: 2 channels (chosen by `seed`) get 20x token-embedding columns (outliers in the
+    residual stream) and 10x norm gains (outliers in every matmul input)."""
+    out = dict(state)
+    channels = np.random.default_rng(seed).choice(cfg.d_model, size=2, replace=False)
+    emb = out["tok_emb.weight"].copy()
+    emb[:, channels] *= 20.0
+    out["tok_emb.weight"] = emb
+    for name in out:
+        if name.endswith("norm.weight"):
+            w = out[name].copy()
+            w[channels] *= 10.0
+            out[name] = w
+    return out
+
+
+def cast_state(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    import ml_dtypes
+
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    return {k: np.asarray(v).astype(np_dtype) for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def torch_model(case: Case, dtype: str, backend: str, device: str | None = None):
+    import torch
+
+    import gptmod_torch
+
+    m = gptmod_torch.GPT(case.cfg, attn_backend=backend).to(device=device or case.device, dtype=getattr(torch, dtype))
+    return gptmod_torch.load_state(m.eval(), case.state)
+
+
+def jax_model(case: Case, backend: str, fault: tuple[str, float] | None = None):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import gptmod_jax
+
+    state = case.state
+    if fault is not None:  # a deliberately broken twin, to show that the suite catches it
+        name, eps = fault
+        state = dict(state)
+        state[name] = (state[name].astype(np.float64) * (1.0 + eps)).astype(state[name].dtype)
+    m = gptmod_jax.GPT(case.cfg, rngs=nnx.Rngs(0), attn_backend=backend, dtype=getattr(jnp, case.dtype))
+    return gptmod_jax.load_state(m, state)
+
+
+def torch_run(model, idx: np.ndarray, **kw):
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(idx).to(model.tok_emb.weight.device), **kw)
+    if isinstance(out, tuple):
+        return out[0].double().cpu().numpy(), [h.double().cpu().numpy() for h in out[1]]
+    return out.double().cpu().numpy()
+
+
+def jax_run(model, idx: np.ndarray, **kw):
+    import jax.numpy as jnp
+
+    out = model(jnp.asarray(idx), **kw)
+    if isinstance(out, tuple):
+        return np.asarray(out[0], np.float64), [np.asarray(h, np.float64) for h in out[1]]
+    return np.asarray(out, np.float64)
+
+
+def unmet(framework: str, backend: str, case: Case) -> list[str]:
+    """Why a backend cannot run for this case (empty if it can)."""
+    H = case.cfg.head_dim
+    if framework == "torch":
+        return (
+            torch_pinned_unmet(backend, case.device, case.dtype, H, False)
+            if backend not in ("sdpa", "reference")
+            else []
+        )
+    if backend == "cudnn":
+        import jax
+
+        d = jax.devices()[0]
+        return jax_cudnn_unmet(d.platform, case.dtype, H, getattr(d, "compute_capability", None), False, True)
+    return []
+
+
+# ----------------------------------------------------------------------------- the ladder
+
+
+def check_modules(case: Case, fault=None) -> Iterator[Row]:
+    """Layer 0's norm, rope, attention, MLP and the whole block, on unit-scale random inputs."""
+    import jax.numpy as jnp
+    import torch
+
+    import gptmod_jax.model as jm
+    import gptmod_torch.model as tm
+
+    ref_m, t_m = torch_model(case, "float64", "math", "cpu"), torch_model(case, case.dtype, "sdpa")
+    j_m = jax_model(case, "auto", fault)
+    rng = np.random.default_rng(0)
+    B, T, D = 2, min(32, case.cfg.max_seq_len), case.cfg.d_model
+    x = rng.normal(size=(B, T, D))
+    pos = np.broadcast_to(np.arange(T), (B, T)).copy()
+    tdt = getattr(torch, case.dtype)
+    x_ref, x_t = torch.from_numpy(x), torch.from_numpy(x).to(tdt).to(case.device)
+    x_j = jnp.asarray(x, getattr(jnp, case.dtype))
+    x_ref = x_t.double().cpu()  # the reference sees the very inputs the dtype can hold
+    p_ref, p_t, p_j = torch.from_numpy(pos), torch.from_numpy(pos).to(case.device), jnp.asarray(pos)
+    rope = case.cfg.pos == "rope"
+    rope_ref = tm.rope_cos_sin(p_ref, case.cfg, torch.float64) if rope else None
+    rope_t = tm.rope_cos_sin(p_t, case.cfg, tdt) if rope else None
+    rope_j = jm.rope_cos_sin(p_j, case.cfg, getattr(jnp, case.dtype)) if rope else None
+    b_ref, b_t, b_j = ref_m.blocks[0], t_m.blocks[0], j_m.blocks[0]
+    probes: list[tuple[str, Callable, Callable, Callable]] = [
+        ("norm", lambda: b_ref.attn_norm(x_ref), lambda: b_t.attn_norm(x_t), lambda: b_j.attn_norm(x_j)),
+        ("attention", lambda: b_ref.attn(x_ref, rope_ref, "math", p_ref), lambda: b_t.attn(x_t, rope_t, "sdpa", p_t),
+         lambda: b_j.attn(x_j, rope_j, "auto", p_j)),
+        ("mlp", lambda: b_ref.mlp(x_ref), lambda: b_t.mlp(x_t), lambda: b_j.mlp(x_j)),
+        ("block", lambda: b_ref(x_ref, rope_ref, "math", p_ref), lambda: b_t(x_t, rope_t, "sdpa", p_t),
+         lambda: b_j(x_j, rope_j, "auto", p_j)),
+    ]  # fmt: skip
+    if rope:
+        q = rng.normal(size=(B, T, case.cfg.n_head, case.cfg.head_dim))
+        q_t = torch.from_numpy(q).to(tdt).to(case.device)
+        q_ref, q_j = q_t.double().cpu(), jnp.asarray(q, getattr(jnp, case.dtype))
+        probes.insert(1, ("rope", lambda: tm.apply_rope(q_ref, *rope_ref), lambda: tm.apply_rope(q_t, *rope_t),
+                          lambda: jm.apply_rope(q_j, *rope_j)))  # fmt: skip
+    with torch.no_grad():
+        for name, f_ref, f_t, f_j in probes:
+            ref = f_ref().double().numpy()
+            ot, oj = f_t().double().cpu().numpy(), np.asarray(f_j(), np.float64)
+            e_t, e_j, diff = (float(np.abs(a - b).max()) for a, b in ((ot, ref), (oj, ref), (ot, oj)))
+            yield numeric_row(f"module:{name}", case, "sdpa", "auto", e_t, e_j, diff, float(np.abs(ref).max()))
+
+
+def check_logits_and_hidden(case: Case, backends_t, backends_j, fault=None) -> Iterator[Row]:
+    """Whole-model logits for every backend pair, per-layer hidden states, top-k agreement and KL."""
+    ref_logits, ref_hidden = torch_run(torch_model(case, "float64", "math", "cpu"), case.idx, return_hidden=True)
+    scale = float(np.abs(ref_logits).max())
+    ceiling = FP32_LOGIT_CEILING if case.dtype == "float32" else None
+    out_t, out_j = {}, {}
+    for b in backends_t:
+        reasons = unmet("torch", b, case)
+        if reasons:
+            yield Row("logits", case.name, case.dtype, b, "-", None, None, None, None, None, "; ".join(reasons))
+            continue
+        try:
+            out_t[b] = torch_run(torch_model(case, case.dtype, b), case.idx, return_hidden=True)
+        except BackendUnavailableError as e:
+            yield Row("logits", case.name, case.dtype, b, "-", None, None, None, None, None, str(e))
+    for b in backends_j:
+        reasons = unmet("jax", b, case)
+        if reasons:
+            yield Row("logits", case.name, case.dtype, "-", b, None, None, None, None, None, "; ".join(reasons))
+            continue
+        out_j[b] = jax_run(jax_model(case, b, fault), case.idx, return_hidden=True)
+    if not out_t or not out_j:
+        return
+    bt0, bj0 = next(iter(out_t)), next(iter(out_j))
+    pairs = [(b, bj0) for b in out_t] + [(bt0, b) for b in out_j if b != bj0]
+    for bt, bj in pairs:
+        lt, lj = out_t[bt][0], out_j[bj][0]
+        e_t, e_j = float(np.abs(lt - ref_logits).max()), float(np.abs(lj - ref_logits).max())
+        yield numeric_row("logits", case, bt, bj, e_t, e_j, float(np.abs(lt - lj).max()), scale,
+                          f"max|logit|={scale:.3g}", ceiling)  # fmt: skip
+    # Per-layer hidden states (default backends): name the first layer whose difference leaves its budget.
+    (lt, ht), (lj, hj) = out_t[bt0], out_j[bj0]
+    first_bad, worst = None, (0.0, 0.0, 0.0, 1.0)
+    for layer, (r, a, b) in enumerate(zip(ref_hidden, ht, hj, strict=True)):
+        e_t, e_j, diff, sc = (
+            float(np.abs(a - r).max()),
+            float(np.abs(b - r).max()),
+            float(np.abs(a - b).max()),
+            float(np.abs(r).max()),
+        )
+        if first_bad is None and not numeric_row("hidden", case, bt0, bj0, e_t, e_j, diff, sc).passed:
+            first_bad = layer
+        if diff / sc > worst[2] / worst[3]:
+            worst = (e_t, e_j, diff, sc)
+    where = "embedding" if first_bad == 0 else f"block {first_bad - 1}" if first_bad is not None else None
+    row = numeric_row("hidden", case, bt0, bj0, *worst, note="worst layer (relative)")
+    if where is not None:
+        row.passed, row.note = False, f"first layer out of budget: {where} (hidden[{first_bad}])"
+    yield row
+    # Next-token distributions: top-k agreement (near-ties excused) and KL.
+    yield _topk_kl_row(case, bt0, bj0, ref_logits, lt, lj, scale)
+
+
+def _topk_kl_row(case, bt, bj, ref, lt, lj, scale) -> Row:
+    V = ref.shape[-1]
+    ref2, lt2, lj2 = ref.reshape(-1, V), lt.reshape(-1, V), lj.reshape(-1, V)
+    top_t = np.argsort(-lt2, axis=-1)[:, :TOP_K]
+    top_j = np.argsort(-lj2, axis=-1)[:, :TOP_K]
+    agree = np.array([set(a) == set(b) for a, b in zip(top_t, top_j, strict=True)])
+    e_max = REL[case.dtype] * scale
+    sorted_ref = -np.sort(-ref2, axis=-1)
+    gap = sorted_ref[:, TOP_K - 1] - sorted_ref[:, TOP_K]  # how close the k-th and (k+1)-th are, exactly
+    unexplained = (~agree) & (gap > 2 * e_max)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp_t, lp_j = log_softmax(lt2), log_softmax(lj2)
+    kl = float((np.exp(lp_t) * (lp_t - lp_j)).sum(-1).mean())
+    kl_max = max(2 * e_max**2, 1e-12)  # what a logit error of e_max can produce, at most ~ e^2/2 per position
+    ok = not unexplained.any() and kl <= kl_max and math.isfinite(kl)
+    note = (f"top-{TOP_K} agree at {agree.mean():.1%} of {len(agree)} positions "
+            f"({(~agree).sum() - unexplained.sum()} near-ties); KL(torch||jax)={kl:.2e} <= {kl_max:.1e}")  # fmt: skip
+    return Row(f"top{TOP_K}+kl", case.name, case.dtype, bt, bj, None, None, kl, kl_max, ok, note)
+
+
+def check_cached_decode(case: Case, steps: int, fault=None) -> Iterator[Row]:
+    """Prefill then `steps` cached decode steps, against the full forward, in each framework."""
+    import jax.numpy as jnp
+    import torch
+
+    seq = case.idx[:1]
+    T = seq.shape[1]
+    start = T - steps
+    t_m, j_m = torch_model(case, case.dtype, "sdpa"), jax_model(case, "auto", fault)
+    full_t, full_j = torch_run(t_m, seq)[0], jax_run(j_m, seq)[0]
+    ref = torch_run(torch_model(case, "float64", "math", "cpu"), seq)[0]
+    cached = {}
+    for name, model, arr in (("torch", t_m, lambda a: torch.from_numpy(a).to(case.device)), ("jax", j_m, jnp.asarray)):
+        model.setup_cache(1, T)
+        try:
+            rows = []
+            for s, e in [(0, start)] + [(i, i + 1) for i in range(start, T)]:
+                pos = np.arange(s, e)[None]
+                out = torch_run(model, seq[:, s:e], positions_BT=arr(pos)) if name == "torch" else jax_run(
+                    model, seq[:, s:e], positions_BT=arr(pos))  # fmt: skip
+                rows.append(out[0, -1])
+        finally:
+            model.clear_cache()
+        cached[name] = np.stack(rows)
+    at = [start - 1, *range(start, T)]
+    # e: cached logits against float64 (like every row); and each framework's cached vs its own full forward.
+    e_t, e_j = (float(np.abs(cached[n] - ref[at]).max()) for n in ("torch", "jax"))
+    self_t, self_j = float(np.abs(cached["torch"] - full_t[at]).max()), float(np.abs(cached["jax"] - full_j[at]).max())
+    diff = float(np.abs(cached["torch"] - cached["jax"]).max())
+    scale = float(np.abs(ref[at]).max())
+    row = numeric_row("cached-decode", case, "sdpa", "auto", e_t, e_j, diff, scale,
+                      f"{steps} steps after a {start}-token prefill; cached vs full forward: torch {self_t:.1e}, "
+                      f"jax {self_j:.1e}")  # fmt: skip
+    if max(self_t, self_j) > REL[case.dtype] * scale:
+        row.passed = False
+    yield row
+
+
+def check_greedy(case: Case, steps: int, fault=None) -> Iterator[Row]:
+    """Cross-framework greedy tokens; a divergence at a near-tie is reported with its position and margin."""
+    import gptmod_jax
+    import gptmod_torch
+
+    prompt = case.idx[0, : min(16, case.idx.shape[1])].tolist()
+    steps = min(steps, case.cfg.max_seq_len - len(prompt))
+    out_t = gptmod_torch.generate(torch_model(case, case.dtype, "sdpa"), [prompt], steps)[0]
+    out_j = gptmod_jax.generate(jax_model(case, "auto", fault), [prompt], steps)[0]
+    same = next((i for i, (a, b) in enumerate(zip(out_t, out_j, strict=True)) if a != b), None)
+    if same is None:
+        return iter([Row("greedy", case.name, case.dtype, "sdpa", "auto", None, None, 0.0, 0.0, True,
+                         f"{steps} tokens identical")])  # fmt: skip
+    ref = torch_run(torch_model(case, "float64", "math", "cpu"), np.array([prompt + out_t[:same]]))[0, -1]
+    margin = float(abs(ref[out_t[same]] - ref[out_j[same]]))
+    e_max = REL[case.dtype] * float(np.abs(ref).max())
+    tie = margin <= 2 * e_max
+    note = (f"diverge at step {same}: torch {out_t[same]} vs jax {out_j[same]}, float64 margin {margin:.2e} "
+            f"{'<=' if tie else '>'} {2 * e_max:.2e} ({'near-tie' if tie else 'not a tie'})")  # fmt: skip
+    return iter([Row("greedy", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie, note)])
+
+
+def check_round_trips(case: Case) -> Iterator[Row]:
+    """torch -> state -> jax -> state -> torch and back, bit for bit, through a safetensors file too."""
+    import tempfile
+    from pathlib import Path
+
+    import gptmod_jax
+    import gptmod_torch
+    from gptmod import weights
+
+    s1 = gptmod_torch.export_state(torch_model(case, case.dtype, "sdpa", "cpu"))
+    s2 = gptmod_jax.export_state(gptmod_jax.load_state(jax_model(case, "auto"), s1))
+    with tempfile.TemporaryDirectory() as d:
+        weights.save(Path(d) / "rt.safetensors", s2, case.cfg)
+        s3, _ = weights.load(Path(d) / "rt.safetensors")
+    s4 = gptmod_torch.export_state(gptmod_torch.load_state(torch_model(case, case.dtype, "sdpa", "cpu"), s3))
+    for name, a, b in (("torch->jax", s1, s2), ("jax->file->torch", s2, s4)):
+        bad = [k for k in case.state if a[k].tobytes() != b[k].tobytes() or a[k].dtype != b[k].dtype]
+        yield Row(f"round-trip {name}", case.name, case.dtype, "-", "-", None, None, float(len(bad)), 0.0, not bad,
+                  "bit-exact" if not bad else f"{len(bad)} tensors differ, e.g. {bad[0]}")  # fmt: skip
+
+
+def check_hf(case: Case, seed: int) -> Iterator[Row]:
+    """Classic presets against transformers' own GPT2LMHeadModel: an outside oracle."""
+    if not case.cfg.is_classic:
+        yield Row(
+            "hf-gpt2", case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, "not a classic preset"
+        )
+        return
+    if case.dtype != "float32":
+        yield Row(
+            "hf-gpt2", case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, "HF oracle runs in fp32"
+        )
+        return
+    import torch
+
+    from gptmod.bench import hf_model
+    from gptmod.weights import from_hf_gpt2
+
+    torch.manual_seed(seed)
+    hf = hf_model(case.cfg)
+    state, _ = from_hf_gpt2(hf, case.cfg)
+    hf_case = dataclasses.replace(case, state=state)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(case.idx)).logits.double().numpy()
+    lt = torch_run(torch_model(hf_case, "float32", "sdpa", "cpu"), case.idx)
+    lj = jax_run(jax_model(hf_case, "auto"), case.idx)
+    e_t, e_j = float(np.abs(lt - ref).max()), float(np.abs(lj - ref).max())
+    ok = e_t <= FP32_LOGIT_CEILING and e_j <= FP32_LOGIT_CEILING
+    yield Row("hf-gpt2", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()),
+              FP32_LOGIT_CEILING, ok, "e = vs HF GPT2LMHeadModel logits (random init)")  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import jax
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "jax": jax.__version__,
+            "flax": flax.__version__, "transformers": transformers.__version__, "numpy": np.__version__}  # fmt: skip

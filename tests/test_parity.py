@@ -1,0 +1,119 @@
+"""The parity suite on reduced sizes: the CPU ladder passes, a deliberately broken twin is caught and
+localised, and the report's files and exit codes are what users and CI rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gptmod.config import load_preset
+from parity import suite
+from parity.__main__ import main
+from parity.runner import CHECKS, Options, run_suite, summary
+
+from conftest import reduced
+
+
+def _opts(**kw) -> Options:
+    base = dict(seq_len=32, decode_steps=8, greedy_steps=12, backends_torch=("sdpa", "math", "efficient"),
+                backends_jax=("xla", "reference", "cudnn"))  # fmt: skip
+    return Options(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def cpu_rows():
+    # tiny covers the modern column (RoPE, RMSNorm, GQA 4:2, SwiGLU, no bias, soft-cap); gpt2-small the classic one.
+    runs = [("tiny", load_preset("tiny"), None), ("gpt2-small", reduced("gpt2"), None)]
+    return run_suite(runs, _opts(), progress=False)
+
+
+def test_cpu_ladder_passes(cpu_rows):
+    ok, _ = summary(cpu_rows)
+    failed = [(r.check, r.preset, r.dtype, r.note) for r in cpu_rows if r.passed is False]
+    assert ok, failed
+    checks = {r.check for r in cpu_rows}
+    for c in (
+        "module:norm",
+        "module:rope",
+        "module:attention",
+        "module:mlp",
+        "module:block",
+        "logits",
+        "hidden",
+        "top5+kl",
+        "cached-decode",
+        "greedy",
+        "round-trip torch->jax",
+        "round-trip jax->file->torch",
+        "hf-gpt2",
+    ):
+        assert c in checks, c  # fmt: skip
+    # Every numeric row carries the three numbers and the budget; fp32 logits stay under the hard ceiling.
+    for r in cpu_rows:
+        if r.check == "logits" and r.passed is not None:
+            assert None not in (r.e_torch, r.e_jax, r.diff, r.budget)
+            if r.dtype == "float32":
+                assert r.diff <= 1e-4
+    hf = [r for r in cpu_rows if r.check == "hf-gpt2" and r.passed is not None]
+    assert [r.preset for r in hf] == ["gpt2-small"] and hf[0].e_torch <= 1e-4 and hf[0].e_jax <= 1e-4
+
+
+def test_unavailable_backends_are_skipped_rows_with_reasons(cpu_rows):
+    skipped = {(r.backend_torch, r.backend_jax): r.note for r in cpu_rows if r.passed is None and r.check == "logits"}
+    assert "has no CPU kernel" in skipped[("efficient", "-")]
+    assert "needs an NVIDIA GPU" in skipped[("-", "cudnn")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_broken_twin_is_caught_and_the_layer_named(dtype):
+    cfg = reduced("modern-gpt2", n_layer=3)
+    # fp32 sees a 0.1% weight error; bf16's own rounding hides that much, so there the fault is a sign bug.
+    fault = ("blocks.1.mlp.w_down.weight", -2.0 if dtype == "bfloat16" else 1e-3)
+    rows = run_suite([("modern", cfg, None)], _opts(dtypes=(dtype,), checks=("logits",), fault=fault), progress=False)
+    logits = [r for r in rows if r.check == "logits" and r.passed is not None]
+    hidden = next(r for r in rows if r.check == "hidden")
+    assert not summary(rows)[0]
+    assert any(r.passed is False for r in logits)
+    assert hidden.passed is False and "first layer out of budget: block 1 (hidden[2])" in hidden.note
+    clean = run_suite([("modern", cfg, None)], _opts(dtypes=(dtype,), checks=("logits",)), progress=False)
+    assert summary(clean)[0]  # the same run without the fault passes: the fault is what failed it
+
+
+def test_outlier_weights():
+    cfg = reduced("gpt2")
+    state = suite.random_state(cfg, 0)
+    out = suite.inject_outliers(state, cfg, 0)
+    ratio = np.abs(out["tok_emb.weight"]).max(0) / np.abs(state["tok_emb.weight"]).max(0)
+    assert sorted(np.round(ratio, 3))[-2:] == [20.0, 20.0] and (np.sort(ratio)[:-2] == 1).all()
+    assert (out["blocks.0.attn_norm.weight"] == 10.0).sum() == 2
+    rows = run_suite([("gpt2", cfg, None)], _opts(weights="random-outliers", checks=("logits",)), progress=False)
+    assert summary(rows)[0], [(r.check, r.dtype, r.note) for r in rows if r.passed is False]
+
+
+def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
+    args = ["--preset", "tiny", "--quick", "--check", "roundtrip", "--check", "cached", "--dtype", "float32"]
+    assert main([*args, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passed"] is True and data["device"] == "cpu" and {"torch", "jax", "flax"} <= set(data["versions"])
+    for row in data["rows"]:
+        assert {"check", "preset", "dtype", "backend_torch", "backend_jax", "e_torch", "e_jax", "diff", "budget",
+                "passed", "note"} <= set(row)  # fmt: skip
+    assert "| cached-decode | tiny | float32 |" in (tmp_path / "r.md").read_text()
+    assert main([*args, "--inject-fault", "blocks.0.attn.wq.weight=0.01"]) == 1
+    assert main([*args, "--inject-fault", "no.such.weight=0.1"]) == 2
+    assert set(CHECKS) == {"modules", "logits", "cached", "greedy", "roundtrip", "hf"}
+
+
+def test_cli_weight_errors():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "parity", "--preset", "gpt2", "--weights", "gpt2"], capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "offline" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "parity", "--preset", "tiny", "--weights", "gpt2"], capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "only into classic presets, not tiny" in r.stderr
