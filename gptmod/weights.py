@@ -1,18 +1,22 @@
-"""Canonical weights: names and shapes, checks, safetensors I/O, and the Hugging Face GPT-2 mapper.
+"""Canonical weights: names and shapes, state checks, safetensors I/O, and the Hugging Face GPT-2 mapper.
 
 Framework-free when loaded: torch, transformers and huggingface_hub are imported only inside the
 functions that need them. Canonical state is `dict[str, numpy.ndarray]` with torch's names and
-(out, in) linear weights; see docs/DESIGN.md.
+(out, in) linear weights; see DESIGN.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
+import math
 import os
 import re
-import tempfile
-from collections.abc import Mapping
+import secrets
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +28,16 @@ from safetensors.numpy import save_file
 from gptmod.config import ModelConfig
 
 FORMAT = "gptmod-canonical-v1"
+_RESERVED_METADATA = ("format", "gptmod_config")
+
+PathLike = str | os.PathLike[str]
 
 
 # ----------------------------------------------------------------------------- names and checks
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor name and its shape, in model order."""
+    """Every canonical tensor name and its shape, in model order (DESIGN.md's table)."""
     d, hd, ln = cfg.d_model, cfg.head_dim, cfg.norm == "layernorm"
     shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg.vocab_size, d)}
     if cfg.pos == "learned":
@@ -69,7 +76,10 @@ class StateError(ValueError):
 
 
 def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], *, what: str = "state") -> None:
-    """Raise StateError naming every problem of `state` against `expected` names and shapes."""
+    """Raise StateError naming every problem of `state` against `expected` names and shapes.
+
+    Generic on purpose: both twins call it with their own parameter shapes, and any array type with
+    `.shape` and `.dtype` (numpy, torch, jax) counts as an array."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     problems = []
@@ -87,7 +97,7 @@ def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any
     if missing:
         lines.append(f" {len(missing)} missing: " + ", ".join(missing))
     if unexpected:
-        lines.append(f" {len(unexpected)} unexpected: " + ", ".join(unexpected))
+        lines.append(f" {len(unexpected)} unexpected: " + ", ".join(map(str, unexpected)))
     if problems:
         lines.append(f" {len(problems)} mis-shaped or invalid:")
         lines += problems
@@ -97,65 +107,104 @@ def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any
 # ----------------------------------------------------------------------------- safetensors I/O
 
 
-def save(
-    path: str | os.PathLike[str], state: Mapping[str, np.ndarray], cfg: ModelConfig, *, metadata: dict | None = None
-) -> None:
-    """Write canonical state as safetensors, the config in its metadata. Atomic: a crash leaves
-    either the old file or the new one, never half a file."""
+def save(path: PathLike, state: Mapping[str, Any], cfg: ModelConfig, *, metadata: dict[str, str] | None = None) -> None:
+    """Write canonical state as safetensors with the config in its metadata.
+
+    Atomic: the file is written beside `path` under a temporary name, fsynced, then renamed over
+    `path`, so a crash leaves either the old file or the new one, never half a file."""
     check_state(canonical_shapes(cfg), state, what=f"state to save to {path}")
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.update({"format": FORMAT, "gptmod_config": json.dumps(cfg.to_dict())})
-    arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"save: metadata must map str to str, got {k!r}: {type(v).__name__}")
+        if k in _RESERVED_METADATA:
+            raise ValueError(f"save: metadata key {k!r} is reserved (gptmod writes it itself)")
+    meta.update({"format": FORMAT, "gptmod_config": cfg.to_json()})
+    arrays = {}
+    for k, v in state.items():
+        try:  # np.asarray also takes jax arrays; safetensors needs C order
+            arrays[k] = np.ascontiguousarray(np.asarray(v))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"save: {k} is not convertible to a numpy array ({type(v).__name__}: {e})") from None
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # Created with 0o666 so the umask applies, as for any new file; its mode is what the checkpoint should get.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        save_file(arrays, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
+        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)  # keep an existing file's mode
+        save_file(arrays, str(tmp), metadata=meta)
+        os.chmod(tmp, mode)  # safetensors writes through its own 0o600 temp file and renames it onto tmp
+        with open(tmp, "r+b") as f:  # save_file closes its own handle: fsync before the rename makes it durable
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def load(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], ModelConfig]:
-    """Read a checkpoint written by `save`: (canonical state, its config). Never unpickles."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; ValueError naming the path if it is not one."""
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open has no __iter__)
+    except (FileNotFoundError, PermissionError):
+        raise  # an access problem, not a format problem: keep the OS's own error
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """Read a checkpoint written by `save`: (canonical state in model order, its config). Never unpickles."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected a gptmod .safetensors checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state, meta = _read_safetensors(path)
     if "gptmod_config" not in meta:
         raise ValueError(
-            f"{path}: no gptmod config in its metadata, so it is not a gptmod checkpoint "
+            f"{path}: no 'gptmod_config' in its metadata, so it is not a gptmod checkpoint "
             "(Hugging Face GPT-2 files go through gptmod.weights.from_hf_gpt2)"
         )
-    try:
+    if meta.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"{path}: format {meta['format']!r} is not supported (this gptmod reads {FORMAT!r})")
+    try:  # not ModelConfig.from_json: it would take non-JSON text for a file name
         cfg = ModelConfig.from_dict(json.loads(meta["gptmod_config"]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid config in metadata: not JSON ({e})") from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: invalid config in metadata: {e}") from None
     expected = canonical_shapes(cfg)
     check_state(expected, state, what=f"checkpoint {path}")
-    return {k: state[k] for k in expected}, cfg  # canonical order (safetensors stores keys sorted)
+    return {k: state[k] for k in expected}, cfg  # safetensors stores keys sorted; give them back in model order
 
 
-# ----------------------------------------------------------------------------- Hugging Face GPT-2
-
-
-class HubUnavailableError(RuntimeError):
-    """The Hugging Face hub could not be reached (offline machine, HF_HUB_OFFLINE, no network)."""
+# ----------------------------------------------------------------------------- transfer report
 
 
 @dataclass
 class TransferRow:
+    """One target tensor: where its values came from."""
+
     target: str
-    action: str  # "copied" | "transformed" | "new"
-    source: str
+    action: str  # "copied" (values exact, incl. transposes and splits) | "transformed" | "new"
+    source: str  # source tensor name(s); "" for new
     how: str
 
 
@@ -167,193 +216,400 @@ class TransferReport:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (source name, reason)
 
     def counts(self) -> dict[str, int]:
+        """Number of target tensors per action."""
         out: dict[str, int] = {}
         for r in self.rows:
             out[r.action] = out.get(r.action, 0) + 1
         return out
 
     def fraction_copied(self) -> float:
-        """Share of target tensors (by count) whose values are GPT-2's exactly."""
+        """Share of target tensors (counted as tensors, not parameters) whose values are the source's exactly."""
         return self.counts().get("copied", 0) / max(1, len(self.rows))
 
     def to_text(self) -> str:
-        width = max([len(r.target) for r in self.rows] + [6])
-        lines = [f"{'target':<{width}}  {'action':<11}  {'source':<28}  how"]
-        lines += [f"{r.target:<{width}}  {r.action:<11}  {r.source:<28}  {r.how}" for r in self.rows]
+        """A readable aligned table, then the dropped source tensors and a summary line."""
+        header = TransferRow("target", "action", "source", "how")
+        rows = [header, *self.rows]
+        w_t, w_a, w_s = (max(len(getattr(r, f)) for r in rows) for f in ("target", "action", "source"))
+        lines = [f"{r.target:<{w_t}}  {r.action:<{w_a}}  {r.source:<{w_s}}  {r.how}".rstrip() for r in rows]
         if self.dropped:
             lines.append("")
-            lines += [f"dropped {name}: {reason}" for name, reason in self.dropped]
-        counts = ", ".join(f"{n} {a}" for a, n in sorted(self.counts().items()))
-        lines.append(f"\n{len(self.rows)} target tensors: {counts}; {len(self.dropped)} source tensors dropped")
+            w_d = max(len(name) for name, _ in self.dropped)
+            lines += [f"dropped {name:<{w_d}}  {reason}" for name, reason in self.dropped]
+        counts = ", ".join(f"{n} {a}" for a, n in sorted(self.counts().items())) or "none"
+        lines.append(
+            f"\n{len(self.rows)} target tensors: {counts}; {self.fraction_copied():.0%} copied exactly; "
+            f"{len(self.dropped)} source tensor(s) dropped"
+        )
         return "\n".join(lines)
 
     __str__ = to_text
 
     def to_json(self) -> str:
         return json.dumps(
-            {"rows": [dataclasses.asdict(r) for r in self.rows], "dropped": self.dropped, "counts": self.counts()},
+            {
+                "rows": [dataclasses.asdict(r) for r in self.rows],
+                "dropped": [list(d) for d in self.dropped],
+                "counts": self.counts(),
+                "fraction_copied": self.fraction_copied(),
+            },
             indent=2,
         )
 
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: PathLike) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
 
-# Old GPT-2 checkpoints carry the causal mask as buffers; they are not weights.
-_MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+# ----------------------------------------------------------------------------- reading GPT-2 sources
 
 
-def _is_repo_id(s: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", s)) and not s.startswith(".")
+class HubUnavailableError(RuntimeError):
+    """The Hugging Face hub could not be reached (offline machine, HF_HUB_OFFLINE, no network)."""
 
 
-def _read_folder(folder: Path) -> dict[str, Any]:
-    """A local Hugging Face folder: model.safetensors (single or sharded) or pytorch_model.bin."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    binary = folder / "pytorch_model.bin"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / s for s in shards]
-    elif binary.is_file():
-        import torch
-
-        # weights_only: a plain tensor dict; no arbitrary object is ever unpickled.
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-    out: dict[str, Any] = {}
-    for f in files:
-        out.update(_read_safetensors(f))
-    return out
+# Old GPT-2 checkpoints carry the causal mask as buffers named like parameters. Only these exact
+# names are buffers; h.{i}.attn.c_attn.bias and friends are real weights.
+_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# "gpt2" or "org/name": at most one slash, never starting with "." or "/" (those are local paths).
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+@dataclass
+class _Source:
+    """GPT-2 tensors in the hub layout (no `transformer.` prefix), as torch tensors or numpy arrays,
+    plus the Hugging Face config when the source has one (a model, or a folder with config.json)."""
+
+    tensors: dict[str, Any]
+    hf_config: dict[str, Any] | None
+
+
+def _torch_load(path: Path) -> Mapping[str, Any]:
+    import torch
+
+    # weights_only: tensors and plain containers only; no arbitrary object is ever unpickled.
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+def _read_file(path: Path) -> Mapping[str, Any]:
+    if path.suffix == ".bin":
+        return _torch_load(path)
+    return _read_safetensors(path)[0]
+
+
+def _read_folder(folder: Path) -> _Source:
+    """A local Hugging Face folder. Safetensors are preferred, so pickles are read only when nothing else is there."""
+    hf_config = None
+    if (folder / "config.json").is_file():
+        try:
+            hf_config = json.loads((folder / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{folder / 'config.json'}: invalid JSON ({e})") from None
+    for name in _HF_WEIGHTS:
+        if not (folder / name).is_file():
+            continue
+        if name.endswith(".index.json"):  # sharded: the index maps each tensor to its shard
+            try:
+                shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{folder / name}: not a valid shard index ({type(e).__name__}: {e})") from None
+            files = [folder / s for s in shards]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{folder / name} names shard(s) that are not there: {', '.join(absent)}")
+        else:
+            files = [folder / name]
+        tensors: dict[str, Any] = {}
+        for f in files:
+            tensors.update(_read_file(f))
+        return _Source(tensors, hf_config)
+    raise FileNotFoundError(f"{folder}: none of {', '.join(_HF_WEIGHTS)} is there")
+
+
+def _hub_connection_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # snapshot_download turns "offline and not cached" into LocalEntryNotFoundError; transport errors
+    # can still escape during the file downloads. OfflineModeIsEnabled is a ConnectionError.
+    errors: list[type[BaseException]] = [LocalEntryNotFoundError, ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client; the module name differs between releases
+        with contextlib.suppress(ImportError, AttributeError):
+            errors.append(importlib.import_module(module).TransportError)
+    return tuple(errors)
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
+    """Fetch only what the import needs (config and safetensors weights) into the hub cache."""
     try:
-        patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # the hub library raises many kinds: connection, offline mode, missing repo
+        from huggingface_hub import constants, snapshot_download
+    except ImportError as e:
+        raise ImportError(f"reading {repo_id!r} from the hub needs huggingface_hub; or pass a local folder") from e
+    patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except _hub_connection_errors() as e:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
         raise HubUnavailableError(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "This machine appears to be offline, or the hub is unreachable. Download the model on a machine with "
-            f"internet (for example `hf download {repo_id} --local-dir {repo_id.split('/')[-1]}`), copy the folder "
-            "here and pass its path instead."
+            f"could not download {repo_id!r} from the Hugging Face hub and it is not in the local cache: this machine "
+            f"appears to be offline ({why}). Download the model on a machine with internet, for example "
+            f"`hf download {repo_id} --local-dir {repo_id.split('/')[-1]}`, copy the folder here and pass its path "
+            "instead of the repo id."
         ) from e
+    if not any((folder / n).is_file() for n in patterns[1:3]):
+        raise FileNotFoundError(
+            f"hub repo {repo_id!r} has no model.safetensors; download its pytorch_model.bin yourself "
+            "and pass the folder"
+        )
+    return folder
 
 
-def _source_tensors(source: Any) -> dict[str, np.ndarray]:
-    """Any accepted source -> {hub-layout name (no `transformer.` prefix): float32 numpy array}."""
+def _read_source(source: Any) -> _Source:
+    """Any accepted source -> _Source in the hub layout, without converting values yet."""
+    hf_config = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
-            raw = _read_folder(path)
+            src = _read_folder(path)
+            raw, hf_config = src.tensors, src.hf_config
         elif path.is_file():
-            raw = _read_safetensors(path)
-        elif isinstance(source, str) and _is_repo_id(source):
-            raw = _read_folder(_download(source))
+            raw = _read_file(path)
+        elif isinstance(source, str) and _REPO_ID.fullmatch(source):
+            src = _read_folder(_download(source))
+            raw, hf_config = src.tensors, src.hf_config
         else:
             raise FileNotFoundError(f"no such file or folder: {source}")
-    elif hasattr(source, "state_dict"):
+    elif hasattr(source, "state_dict"):  # a transformers GPT2LMHeadModel / GPT2Model
         raw = source.state_dict()
+        config = getattr(source, "config", None)
+        hf_config = config.to_dict() if hasattr(config, "to_dict") else None
     elif isinstance(source, Mapping):
         raw = source
     else:
-        raise TypeError(f"from_hf_gpt2: cannot read {type(source).__name__}; pass a model, a state dict or a path")
-    out = {}
+        raise TypeError(
+            f"from_hf_gpt2: cannot read a {type(source).__name__}; pass a model, a state dict, a path or a hub id"
+        )
+    tensors = {}
     for name, value in raw.items():
-        name = name.removeprefix("transformer.")
-        if hasattr(value, "detach"):  # a torch tensor: upcast bf16/fp16 before numpy
-            value = value.detach().cpu().float().numpy()
-        out[name] = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
-    return out
+        tensors[str(name).removeprefix("transformer.")] = value
+    return _Source(tensors, hf_config)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A view where possible (the one copy is made when the target is written)."""
+    if hasattr(value, "detach"):  # torch: numpy has no bf16, so upcast non-fp32 floats on the torch side
+        t = value.detach().cpu()
+        if t.is_floating_point() and t.dtype.itemsize != 4:
+            t = t.float()
+        return t.numpy()
+    return np.asarray(value)
+
+
+# ----------------------------------------------------------------------------- GPT-2 -> canonical
+
+
+@dataclass(frozen=True)
+class _Step:
+    """How one target tensor is made from one source tensor. A partial-transfer plan for modern configs
+    will add steps with action "transformed" (e.g. LayerNorm -> RMSNorm) and "new" (source "")."""
+
+    target: str
+    source: str  # hub-layout HF name
+    source_shape: tuple[int, ...]
+    how: str
+    get: Callable[[np.ndarray], np.ndarray]
+    action: str = "copied"
+
+
+def _same(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def _exact_plan(cfg: ModelConfig) -> list[_Step]:
+    """Classic config: every canonical tensor is a GPT-2 tensor, at most transposed or split (values exact)."""
+    d, f = cfg.d_model, cfg.d_ff
+    steps = [
+        _Step("tok_emb.weight", "wte.weight", (cfg.vocab_size, d), "as is", _same),
+        _Step("pos_emb.weight", "wpe.weight", (cfg.max_seq_len, d), "as is", _same),
+    ]
+
+    def norm(ours: str, theirs: str) -> None:
+        steps.extend(_Step(f"{ours}.{p}", f"{theirs}.{p}", (d,), "as is", _same) for p in ("weight", "bias"))
+
+    def conv1d(ours: str, theirs: str, d_in: int, d_out: int) -> None:
+        # HF's Conv1D stores its weight (in, out); canonical linear weights are (out, in).
+        how = "Conv1D (in,out) transposed"
+        steps.append(_Step(f"{ours}.weight", f"{theirs}.weight", (d_in, d_out), how, _transpose))
+        steps.append(_Step(f"{ours}.bias", f"{theirs}.bias", (d_out,), "as is", _same))
+
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}", f"blocks.{i}"
+        norm(f"{b}.attn_norm", f"{h}.ln_1")
+        for j, name in enumerate(("wq", "wk", "wv")):  # c_attn's output dim is [q | k | v]
+            lo, hi = j * d, (j + 1) * d
+            steps.append(_Step(f"{b}.attn.{name}.weight", f"{h}.attn.c_attn.weight", (d, 3 * d),
+                               f"split from c_attn [{lo}:{hi}], Conv1D (in,out) transposed",
+                               lambda w, lo=lo, hi=hi: w[:, lo:hi].T))  # fmt: skip
+            steps.append(_Step(f"{b}.attn.{name}.bias", f"{h}.attn.c_attn.bias", (3 * d,),
+                               f"split from c_attn [{lo}:{hi}]", lambda v, lo=lo, hi=hi: v[lo:hi]))  # fmt: skip
+        conv1d(f"{b}.attn.wo", f"{h}.attn.c_proj", d, d)
+        norm(f"{b}.mlp_norm", f"{h}.ln_2")
+        conv1d(f"{b}.mlp.w_up", f"{h}.mlp.c_fc", d, f)
+        conv1d(f"{b}.mlp.w_down", f"{h}.mlp.c_proj", f, d)
+    norm("norm", "ln_f")
+    return steps
+
+
+_CLASSIC_FIELDS = ("pos", "norm", "mlp", "bias", "logit_softcap", "tie_embeddings")
+
+
+def _plan(cfg: ModelConfig) -> list[_Step]:
+    """The transfer plan for `cfg`; made before any source is read, so unsupported configs fail fast."""
+    if cfg.is_classic:
+        return _exact_plan(cfg)
+    classic = ModelConfig()
+    diff = [f"{f}={getattr(cfg, f)!r}" for f in _CLASSIC_FIELDS if getattr(cfg, f) != getattr(classic, f)]
+    if cfg.n_kv_head != cfg.n_head:
+        diff.append(f"n_kv_head={cfg.n_kv_head} (< n_head={cfg.n_head})")
+    # The partial path (copy what fits, transform norms, initialise the rest as "new") plugs in here.
+    raise NotImplementedError(
+        f"from_hf_gpt2: an exact import needs a classic GPT-2 config, but this one has {', '.join(diff)}. "
+        "Partial transfer of GPT-2 weights into modern configs is tracked separately and not implemented yet."
+    )
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(n) for n in value.shape)
+
+
+def _source_dims(tensors: Mapping[str, Any], hf_config: Mapping[str, Any] | None) -> dict[str, int]:
+    """The config fields a GPT-2 source pins down: from its shapes, and n_head from its HF config."""
+    dims: dict[str, int] = {}
+    if "wte.weight" in tensors and len(_shape(tensors["wte.weight"])) == 2:
+        dims["vocab_size"], dims["d_model"] = _shape(tensors["wte.weight"])
+    if "wpe.weight" in tensors and len(_shape(tensors["wpe.weight"])) == 2:
+        dims["max_seq_len"] = _shape(tensors["wpe.weight"])[0]
+    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}
+    if layers:
+        dims["n_layer"] = max(layers) + 1
+    if "h.0.mlp.c_fc.weight" in tensors and len(_shape(tensors["h.0.mlp.c_fc.weight"])) == 2:
+        dims["d_ff"] = _shape(tensors["h.0.mlp.c_fc.weight"])[1]
+    if hf_config and isinstance(hf_config.get("n_head"), int):
+        dims["n_head"] = hf_config["n_head"]
+    return dims
+
+
+# Config field -> (the HF tensor that shows it, the canonical tensor it sizes).
+_DIM_KEYS = {
+    "vocab_size": ("wte.weight", "tok_emb.weight"),
+    "d_model": ("wte.weight", "tok_emb.weight"),
+    "max_seq_len": ("wpe.weight", "pos_emb.weight"),
+    "n_layer": ("h.{i}.*", ""),
+    "d_ff": ("h.0.mlp.c_fc.weight", "blocks.0.mlp.w_up.weight"),
+    "n_head": ("its config's n_head", ""),
+}
+
+
+def _check_dims(cfg: ModelConfig, dims: dict[str, int], tensors: Mapping[str, Any]) -> None:
+    """One error for every config field the source contradicts, with the preset (or recipe) that fits."""
+    wrong = {k: v for k, v in dims.items() if getattr(cfg, k) != v}
+    if not wrong:
+        return
+    expected = canonical_shapes(cfg)
+    lines = ["from_hf_gpt2: the GPT-2 source does not fit the config (it is never truncated or padded):"]
+    for k, v in wrong.items():
+        theirs, ours = _DIM_KEYS[k]
+        where = f"from {theirs}"
+        if ours:
+            where = f"{theirs} has shape {_shape(tensors[theirs])}, {ours} expects {expected[ours]}"
+        lines.append(f"  {k}: cfg has {getattr(cfg, k)}, the source has {v} ({where})")
+    from gptmod.config import list_presets, load_preset
+
+    presets = {p: load_preset(p) for p in list_presets()}
+    fits = [p for p, c in presets.items() if c.is_classic and all(getattr(c, k) == v for k, v in dims.items())]
+    if fits:
+        lines.append(f"hint: the source matches preset {fits[0]!r}: use load_preset({fits[0]!r})")
+    else:
+        args = ", ".join(f"{k}={v}" for k, v in dims.items())
+        extra = "" if "n_head" in dims else " (and the source's n_head, which its shapes do not show)"
+        lines.append(f"hint: no preset matches; use dataclasses.replace(load_preset('gpt2'), {args}){extra}")
+    raise StateError("\n".join(lines))
+
+
+# HF GPT-2 switches whose non-default values compute something our classic model does not.
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def _check_hf_config(cfg: ModelConfig, hf: Mapping[str, Any]) -> None:
+    problems = []
+    if hf.get("model_type", "gpt2") != "gpt2":
+        problems.append(f"model_type={hf['model_type']!r} (expected 'gpt2')")
+    eps = hf.get("layer_norm_epsilon")
+    if isinstance(eps, (int, float)) and not math.isclose(eps, cfg.norm_eps, rel_tol=1e-6):
+        problems.append(f"layer_norm_epsilon={eps} but cfg.norm_eps={cfg.norm_eps}")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _TANH_GELUS:
+        problems.append(f"activation_function={act!r} (gptmod's GPT-2 MLP is the tanh GELU, {_TANH_GELUS[0]!r})")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):  # fmt: skip
+        if key in hf and hf[key] != want:
+            problems.append(f"{key}={hf[key]!r} (only {want} is supported)")
+    if problems:
+        raise ValueError("from_hf_gpt2: the source's Hugging Face config computes a different model: "
+                         + "; ".join(problems))  # fmt: skip
 
 
 def from_hf_gpt2(source: Any, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], TransferReport]:
     """Map Hugging Face GPT-2 weights into canonical state for `cfg`, with a report of what was done.
 
-    `source`: a transformers GPT2LMHeadModel / GPT2Model, a state dict (with or without the
-    `transformer.` prefix), a local folder or .safetensors file, or a hub name such as "gpt2".
-    Classic configs import exactly (every tensor copied)."""
-    if not cfg.is_classic:
-        classic = ModelConfig()
-        diff = [f"{f}={getattr(cfg, f)!r}" for f in ("pos", "norm", "mlp", "bias", "logit_softcap", "tie_embeddings")
-                if getattr(cfg, f) != getattr(classic, f)]  # fmt: skip
-        if cfg.n_kv_head != cfg.n_head:
-            diff.append(f"n_kv_head={cfg.n_kv_head} (< n_head={cfg.n_head})")
-        raise NotImplementedError(
-            f"from_hf_gpt2: exact import needs a classic GPT-2 config, got {', '.join(diff)}; "
-            "partial transfer into modern configs is not implemented yet"
-        )
-    src = _source_tensors(source)
-    d = cfg.d_model
-    state: dict[str, np.ndarray] = {}
+    `source`: a transformers GPT2LMHeadModel / GPT2Model; a state dict of torch tensors or numpy arrays,
+    with or without the `transformer.` prefix; a local folder (model.safetensors, sharded safetensors or
+    pytorch_model.bin, the latter read with weights_only=True); a .safetensors file; or a hub repo id
+    such as "gpt2" or "openai-community/gpt2-medium". Classic configs import exactly: every tensor is
+    copied, and the output is float32, C-contiguous and owns its memory (it never aliases the source)."""
+    plan = _plan(cfg)
+    src = _read_source(source)
+    tensors = src.tensors
+    _check_dims(cfg, _source_dims(tensors, src.hf_config), tensors)
+    if src.hf_config is not None:
+        _check_hf_config(cfg, src.hf_config)
+
+    needed = dict.fromkeys(s.source for s in plan if s.source)
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        raise ValueError(f"from_hf_gpt2: the source lacks {len(missing)} GPT-2 tensor(s): {', '.join(missing)}")
+    bad = [f"  {s.target} (from {s.source}): source shape {_shape(tensors[s.source])}, expected {s.source_shape}"
+           for s in plan if s.source and _shape(tensors[s.source]) != s.source_shape]  # fmt: skip
+    if bad:
+        raise StateError("from_hf_gpt2: source tensors with the wrong shape:\n" + "\n".join(dict.fromkeys(bad)))
+
     report = TransferReport()
-    used: set[str] = set()
-
-    def take(name: str) -> np.ndarray:
-        if name not in src:
-            raise ValueError(f"from_hf_gpt2: the source has no {name!r} (is it a GPT-2 checkpoint?)")
-        used.add(name)
-        return src[name]
-
-    def put(target: str, value: np.ndarray, source: str, how: str) -> None:
-        state[target] = np.ascontiguousarray(value, dtype=np.float32)
-        report.rows.append(TransferRow(target, "copied", source, how))
-
-    put("tok_emb.weight", take("wte.weight"), "wte.weight", "as is")
-    put("pos_emb.weight", take("wpe.weight"), "wpe.weight", "as is")
-    for i in range(cfg.n_layer):
-        h, b = f"h.{i}", f"blocks.{i}"
-        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            for p in ("weight", "bias"):
-                put(f"{b}.{ours}.{p}", take(f"{h}.{theirs}.{p}"), f"{h}.{theirs}.{p}", "as is")
-        w_qkv, b_qkv = take(f"{h}.attn.c_attn.weight"), take(f"{h}.attn.c_attn.bias")
-        if w_qkv.shape != (d, 3 * d):
-            raise ValueError(f"from_hf_gpt2: {h}.attn.c_attn.weight has shape {w_qkv.shape}, expected {(d, 3 * d)}")
-        for j, name in enumerate(("wq", "wk", "wv")):
-            cols = f"[{j * d}:{(j + 1) * d}]"
-            # Conv1D stores (in, out); canonical is (out, in).
-            put(f"{b}.attn.{name}.weight", w_qkv[:, j * d : (j + 1) * d].T, f"{h}.attn.c_attn.weight",
-                f"Conv1D (in,out) columns {cols}, transposed")  # fmt: skip
-            put(f"{b}.attn.{name}.bias", b_qkv[j * d : (j + 1) * d], f"{h}.attn.c_attn.bias", f"slice {cols}")
-        for ours, theirs in (("attn.wo", "attn.c_proj"), ("mlp.w_up", "mlp.c_fc"), ("mlp.w_down", "mlp.c_proj")):
-            put(f"{b}.{ours}.weight", take(f"{h}.{theirs}.weight").T, f"{h}.{theirs}.weight",
-                "Conv1D (in,out) transposed")  # fmt: skip
-            put(f"{b}.{ours}.bias", take(f"{h}.{theirs}.bias"), f"{h}.{theirs}.bias", "as is")
-    for p in ("weight", "bias"):
-        put(f"norm.{p}", take(f"ln_f.{p}"), f"ln_f.{p}", "as is")
-
-    for name in src:
-        if name in used:
-            continue
-        if _MASK_BUFFER.match(name):
-            report.dropped.append((name, "causal-mask buffer of old checkpoints, not a weight"))
-        elif name == "lm_head.weight":
-            if src[name].shape != src["wte.weight"].shape or not np.array_equal(src[name], src["wte.weight"]):
-                raise ValueError(
-                    "from_hf_gpt2: lm_head.weight differs from wte.weight, but GPT-2 ties them "
-                    "(tie_embeddings=True); refusing to drop an untied head silently"
-                )
-            report.dropped.append((name, "tied to wte.weight (tok_emb.weight)"))
+    leftover = [k for k in tensors if k not in needed]
+    unexpected = [k for k in leftover if not _MASK_BUFFER.fullmatch(k) and k != "lm_head.weight"]
+    if unexpected:
+        raise ValueError(f"from_hf_gpt2: unexpected source tensor(s), not part of GPT-2: {', '.join(unexpected)}")
+    values = {k: _to_numpy(tensors[k]) for k in needed}
+    for k in leftover:
+        if k == "lm_head.weight":
+            lm_head = _to_numpy(tensors[k])
+            # GPT-2 ties the head to wte; dropping a head that differs would silently change the model.
+            if lm_head.shape != values["wte.weight"].shape or not np.array_equal(lm_head, values["wte.weight"]):
+                raise ValueError("from_hf_gpt2: lm_head.weight differs from wte.weight, but GPT-2 ties them "
+                                 "(tie_embeddings=True); refusing to drop an untied head silently")  # fmt: skip
+            report.dropped.append((k, "tied to wte.weight (tok_emb.weight)"))
         else:
-            raise ValueError(f"from_hf_gpt2: unexpected source tensor {name!r} for a GPT-2 checkpoint")
-    expected = canonical_shapes(cfg)
-    try:
-        check_state(expected, state, what="GPT-2 weights")
-    except StateError as e:
-        hint = ("hint: the presets gpt2, gpt2-medium, gpt2-large and gpt2-xl have GPT-2's exact shapes; "
-                f"the source has vocab {src['wte.weight'].shape[0]}, {src['wpe.weight'].shape[0]} positions, "
-                f"width {src['wte.weight'].shape[1]}")  # fmt: skip
-        raise StateError(f"{e}\n{hint}") from None
+            report.dropped.append((k, "causal-mask buffer of old checkpoints, not a weight"))
+
+    state: dict[str, np.ndarray] = {}
+    for s in plan:
+        # np.array copies: the state owns its memory, and bf16/fp16 sources become float32.
+        state[s.target] = np.array(s.get(values[s.source]), dtype=np.float32, order="C")
+        report.rows.append(TransferRow(s.target, s.action, s.source, s.how))
+    check_state(canonical_shapes(cfg), state, what="GPT-2 weights")
     return state, report

@@ -56,37 +56,29 @@ def run_suite(runs: Iterable[tuple[str, ModelConfig, dict | None]], opts: Option
     runs = list(runs)
     bt, bj = default_backends(opts.device)
     bt, bj = opts.backends_torch or bt, opts.backends_jax or bj
-    steps: list[tuple[str, Callable]] = []
+    plan = []
     for name, cfg, state in runs:
         for dtype in opts.dtypes:
-            holder: dict[str, Case] = {}
-
-            def case(name=name, cfg=cfg, dtype=dtype, state=state, holder=holder) -> Case:
-                if "case" not in holder:
-                    holder["case"] = make_case(name, cfg, dtype, opts, state)
-                return holder["case"]
-
-            label = f"{name} {dtype}"
-            if "modules" in opts.checks:
-                steps.append((f"{label} modules", lambda c=case: suite.check_modules(c(), opts.fault)))
-            if "logits" in opts.checks:
-                steps.append((f"{label} logits", lambda c=case: suite.check_logits_and_hidden(c(), bt, bj, opts.fault)))
-            if "cached" in opts.checks:
-                cached = lambda c=case: suite.check_cached_decode(c(), opts.decode_steps, opts.fault)
-                steps.append((f"{label} cached decode", cached))
-            if "greedy" in opts.checks:
-                # bf16/fp16 matmuls are ~20x slower than fp32 on XLA's CPU backend: fewer steps there.
-                n = opts.greedy_steps if dtype == "float32" or opts.device == "cuda" else max(4, opts.greedy_steps // 4)
-                steps.append((f"{label} greedy", lambda c=case, n=n: suite.check_greedy(c(), n, opts.fault)))
-            if "roundtrip" in opts.checks:
-                steps.append((f"{label} round trips", lambda c=case: suite.check_round_trips(c())))
-            if "hf" in opts.checks:
-                steps.append((f"{label} hf oracle", lambda c=case: suite.check_hf(c(), opts.seed)))
+            # bf16/fp16 matmuls are ~20x slower than fp32 on XLA's CPU backend: fewer greedy steps there.
+            n = opts.greedy_steps if dtype == "float32" or opts.device == "cuda" else max(4, opts.greedy_steps // 4)
+            checks: list[tuple[str, Callable[[Case], Iterable[Row]]]] = [
+                ("modules", lambda c: suite.check_modules(c, opts.fault)),
+                ("logits", lambda c: suite.check_logits_and_hidden(c, bt, bj, opts.fault)),
+                ("cached", lambda c: suite.check_cached_decode(c, opts.decode_steps, opts.fault)),
+                ("greedy", lambda c, n=n: suite.check_greedy(c, n, opts.fault)),
+                ("roundtrip", suite.check_round_trips),
+                ("hf", lambda c: suite.check_hf(c, opts.seed)),
+            ]
+            plan.append((name, cfg, state, dtype, [(k, f) for k, f in checks if k in opts.checks]))
     rows: list[Row] = []
-    bar = tqdm(steps, desc="parity", unit="check", disable=not progress, leave=False)
-    for label, step in bar:
-        bar.set_postfix_str(label)
-        rows.extend(step())
+    bar = tqdm(total=sum(len(p[-1]) for p in plan), desc="parity", unit="check", disable=not progress, leave=False)
+    for name, cfg, state, dtype, checks in plan:
+        case = make_case(name, cfg, dtype, opts, state)  # its models are built once, freed after its checks
+        for key, check in checks:
+            bar.set_postfix_str(f"{name} {dtype} {key}")
+            rows.extend(check(case))
+            bar.update()
+    bar.close()
     return rows
 
 

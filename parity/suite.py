@@ -59,6 +59,7 @@ class Case:
     state: dict[str, np.ndarray]
     idx: np.ndarray
     device: str = "cpu"
+    models: dict = dataclasses.field(default_factory=dict, repr=False)  # built once per case, see torch_model
 
 
 def numeric_row(check, case, bt, bj, e_t, e_j, diff, scale, note="", ceiling=None) -> Row:
@@ -114,28 +115,47 @@ def cast_state(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray
 # ----------------------------------------------------------------------------- models
 
 
-def torch_model(case: Case, dtype: str, backend: str, device: str | None = None):
+def torch_model(case: Case, dtype: str, backend: str, device: str | None = None, fresh: bool = False):
+    """The case's weights in torch at `dtype`; built once per case and dtype (the backend is a run-time switch)."""
     import torch
 
     import gptmod_torch
 
-    m = gptmod_torch.GPT(case.cfg, attn_backend=backend).to(device=device or case.device, dtype=getattr(torch, dtype))
-    return gptmod_torch.load_state(m.eval(), case.state)
+    device = device or case.device
+    key = ("torch", dtype, device)
+    if fresh or key not in case.models:
+        m = gptmod_torch.GPT(case.cfg).to(device=device, dtype=getattr(torch, dtype))
+        m = gptmod_torch.load_state(m.eval(), case.state)
+        if fresh:
+            m.attn_backend = backend
+            return m
+        case.models[key] = m
+    case.models[key].attn_backend = backend
+    return case.models[key]
 
 
-def jax_model(case: Case, backend: str, fault: tuple[str, float] | None = None):
+def jax_model(case: Case, backend: str, fault: tuple[str, float] | None = None, fresh: bool = False):
+    """The case's weights in JAX; `fault` perturbs one tensor (a deliberately broken twin)."""
     import jax.numpy as jnp
     from flax import nnx
 
     import gptmod_jax
 
-    state = case.state
-    if fault is not None:  # a deliberately broken twin, to show that the suite catches it
-        name, eps = fault
-        state = dict(state)
-        state[name] = (state[name].astype(np.float64) * (1.0 + eps)).astype(state[name].dtype)
-    m = gptmod_jax.GPT(case.cfg, rngs=nnx.Rngs(0), attn_backend=backend, dtype=getattr(jnp, case.dtype))
-    return gptmod_jax.load_state(m, state)
+    key = ("jax", fault)
+    if fresh or key not in case.models:
+        state = case.state
+        if fault is not None:
+            name, eps = fault
+            state = dict(state)
+            state[name] = (state[name].astype(np.float64) * (1.0 + eps)).astype(state[name].dtype)
+        m = gptmod_jax.GPT(case.cfg, rngs=nnx.Rngs(0), dtype=getattr(jnp, case.dtype))
+        m = gptmod_jax.load_state(m, state)
+        if fresh:
+            m.attn_backend = backend
+            return m
+        case.models[key] = m
+    case.models[key].attn_backend = backend
+    return case.models[key]
 
 
 def torch_run(model, idx: np.ndarray, **kw):
@@ -370,11 +390,13 @@ def check_round_trips(case: Case) -> Iterator[Row]:
     from gptmod import weights
 
     s1 = gptmod_torch.export_state(torch_model(case, case.dtype, "sdpa", "cpu"))
-    s2 = gptmod_jax.export_state(gptmod_jax.load_state(jax_model(case, "auto"), s1))
+    s2 = gptmod_jax.export_state(gptmod_jax.load_state(jax_model(case, "auto", fresh=True), s1))
     with tempfile.TemporaryDirectory() as d:
         weights.save(Path(d) / "rt.safetensors", s2, case.cfg)
         s3, _ = weights.load(Path(d) / "rt.safetensors")
-    s4 = gptmod_torch.export_state(gptmod_torch.load_state(torch_model(case, case.dtype, "sdpa", "cpu"), s3))
+    s4 = gptmod_torch.export_state(
+        gptmod_torch.load_state(torch_model(case, case.dtype, "sdpa", "cpu", fresh=True), s3)
+    )
     for name, a, b in (("torch->jax", s1, s2), ("jax->file->torch", s2, s4)):
         bad = [k for k in case.state if a[k].tobytes() != b[k].tobytes() or a[k].dtype != b[k].dtype]
         yield Row(f"round-trip {name}", case.name, case.dtype, "-", "-", None, None, float(len(bad)), 0.0, not bad,
@@ -401,7 +423,7 @@ def check_hf(case: Case, seed: int) -> Iterator[Row]:
     torch.manual_seed(seed)
     hf = hf_model(case.cfg)
     state, _ = from_hf_gpt2(hf, case.cfg)
-    hf_case = dataclasses.replace(case, state=state)
+    hf_case = dataclasses.replace(case, state=state, models={})
     with torch.no_grad():
         ref = hf(torch.from_numpy(case.idx)).logits.double().numpy()
     lt = torch_run(torch_model(hf_case, "float32", "sdpa", "cpu"), case.idx)
