@@ -109,6 +109,7 @@ def resolve_backend(backend: str, dtype: jnp.dtype, head_dim: int, has_mask: boo
     cuDNN by itself, so "auto" has to ask for it. A named backend that cannot run is an error."""
     if backend in ("xla", "reference"):
         return backend
+    check_backend_name("jax", backend)  # e.g. a name set on model.attn_backend after construction
     device = jax.devices()[0]
     # Masks are always passed at full (B, N, T, S) size below, so only dtype, shape and GPU matter.
     unmet = jax_cudnn_unmet(

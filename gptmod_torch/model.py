@@ -128,6 +128,8 @@ def attention(
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     N, H, K = q_BTNH.shape[2], q_BTNH.shape[3], k_BSKH.shape[2]
     pinned = _PINNED.get(backend)
+    if pinned is None and backend != "sdpa":  # e.g. a name set on model.attn_backend after construction
+        check_backend_name("torch", backend)
     if pinned is not None:
         unmet = torch_pinned_unmet(backend, q_BTNH.device.type, str(q_BTNH.dtype)[6:], H, mask_BTS is not None)
         if unmet:

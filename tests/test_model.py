@@ -282,6 +282,12 @@ def test_backend_errors():
     with pytest.raises(ValueError, match="'sdpa' is not a jax backend; choose one of auto, xla, cudnn, reference"):
         gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), attn_backend="sdpa")
     state, idx = torch_pair_state(cfg), tokens(cfg, 1, 8)
+    tm, jm = torch_model(cfg, state), jax_model(cfg, state)
+    tm.attn_backend, jm.attn_backend = "xla", "sdpa"  # swapped names, set after construction: refused, not ignored
+    with pytest.raises(ValueError, match="'xla' is not a torch backend"):
+        torch_logits(tm, idx)
+    with pytest.raises(ValueError, match="'sdpa' is not a jax backend"):
+        jax_logits(jm, idx)
     for name in ("efficient", "cudnn"):
         with pytest.raises(BackendUnavailableError, match=f"torch attention backend '{name}' cannot run: has no CPU"):
             torch_logits(torch_model(cfg, state, backend=name), idx)
