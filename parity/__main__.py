@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
 
-    from gptmod.weights import HubUnavailableError
+    from gptmod.weights import HubUnavailableError, canonical_shapes
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, HubUnavailableError, NotImplementedError) as e:
         print(f"parity: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    if fault is not None and any(fault[0] not in __import__("gptmod.weights").weights.canonical_shapes(c)
-                                 for _, c, _ in runs):  # fmt: skip
+    if fault is not None and any(fault[0] not in canonical_shapes(c) for _, c, _ in runs):
         print(f"parity: error: --inject-fault: no tensor {fault[0]!r} in every preset", file=sys.stderr)
         return 2
     gpu = args.device == "gpu"

@@ -22,7 +22,7 @@ CHECKS = ("modules", "logits", "cached", "greedy", "roundtrip", "hf")
 class Options:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     device: str = "cpu"  # "cpu" | "cuda"
-    weights: str = "random"  # "random" | "random-outliers" | a loader's name, see load_state
+    weights: str = "random"  # "random" | "random-outliers"; real weights arrive as states in run_suite's runs
     seq_len: int = 128
     batch: int = 1
     seed: int = 0

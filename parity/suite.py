@@ -369,15 +369,17 @@ def check_greedy(case: Case, steps: int, fault=None) -> Iterator[Row]:
     out_j = gptmod_jax.generate(jax_model(case, "auto", fault), [prompt], steps)[0]
     same = next((i for i, (a, b) in enumerate(zip(out_t, out_j, strict=True)) if a != b), None)
     if same is None:
-        return iter([Row("greedy", case.name, case.dtype, "sdpa", "auto", None, None, 0.0, 0.0, True,
-                         f"{steps} tokens identical")])  # fmt: skip
+        yield Row(
+            "greedy", case.name, case.dtype, "sdpa", "auto", None, None, 0.0, 0.0, True, f"{steps} tokens identical"
+        )
+        return
     ref = torch_run(torch_model(case, "float64", "math", "cpu"), np.array([prompt + out_t[:same]]))[0, -1]
     margin = float(abs(ref[out_t[same]] - ref[out_j[same]]))
     e_max = REL[case.dtype] * float(np.abs(ref).max())
     tie = margin <= 2 * e_max
     note = (f"diverge at step {same}: torch {out_t[same]} vs jax {out_j[same]}, float64 margin {margin:.2e} "
             f"{'<=' if tie else '>'} {2 * e_max:.2e} ({'near-tie' if tie else 'not a tie'})")  # fmt: skip
-    return iter([Row("greedy", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie, note)])
+    yield Row("greedy", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie, note)
 
 
 def check_round_trips(case: Case) -> Iterator[Row]:
