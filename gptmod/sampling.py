@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gptmod.config import ModelConfig
 
@@ -48,6 +49,36 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def flags(self) -> Flags:
+        # top_p = 1 and min_p = 0 filter nothing; skipping them also keeps fp32 cumsum rounding out of it.
+        return Flags(
+            greedy=self.greedy,
+            top_k=self.top_k is not None,
+            top_p=self.top_p not in (None, 1.0),
+            min_p=self.min_p not in (None, 0.0),
+            eos=self.eos_id is not None,
+        )
+
+    def knob_values(self) -> tuple[float, int, float, float, int]:
+        """(temperature, top_k, top_p, min_p, eos_id) with neutral values for the options that are off."""
+        return (
+            1.0 if self.greedy else float(self.temperature),
+            self.top_k or 1,
+            float(self.top_p or 1.0),
+            float(self.min_p or 0.0),
+            -1 if self.eos_id is None else self.eos_id,
+        )
+
+
+class Flags(NamedTuple):
+    """Which sampling filters are on (static in JAX: they change the program)."""
+
+    greedy: bool
+    top_k: bool
+    top_p: bool
+    min_p: bool
+    eos: bool
 
 
 def _is_number(x: object) -> bool:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptmod.sampling import Plan, SamplingParams, check_request, plan, trim
+from gptmod.sampling import Flags, Plan, SamplingParams, check_request, plan, trim
 from gptmod_jax.model import GPT
 
 
@@ -33,33 +33,9 @@ class Knobs(NamedTuple):
     eos_id: jax.Array
 
 
-class Flags(NamedTuple):
-    """Which filters are on: static, since they change the program."""
-
-    greedy: bool
-    top_k: bool
-    top_p: bool
-    min_p: bool
-    eos: bool
-
-
 def _split_params(params: SamplingParams) -> tuple[Knobs, Flags]:
-    knobs = Knobs(
-        jnp.float32(params.temperature if not params.greedy else 1.0),
-        jnp.int32(params.top_k or 1),
-        jnp.float32(params.top_p or 1.0),
-        jnp.float32(params.min_p or 0.0),
-        jnp.int32(-1 if params.eos_id is None else params.eos_id),
-    )
-    # top_p = 1 and min_p = 0 filter nothing; skipping them also keeps fp32 cumsum rounding out of it.
-    flags = Flags(
-        greedy=params.greedy,
-        top_k=params.top_k is not None,
-        top_p=params.top_p not in (None, 1.0),
-        min_p=params.min_p not in (None, 0.0),
-        eos=params.eos_id is not None,
-    )
-    return knobs, flags
+    t, k, p, m, eos = params.knob_values()
+    return Knobs(jnp.float32(t), jnp.int32(k), jnp.float32(p), jnp.float32(m), jnp.int32(eos)), params.flags()
 
 
 def filter_logits(logits_BV: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:

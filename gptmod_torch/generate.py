@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from gptmod.sampling import SamplingParams, check_request, plan, trim
+from gptmod.sampling import Flags, SamplingParams, check_request, plan, trim
 from gptmod_torch.model import GPT
 
 
@@ -29,33 +29,8 @@ class Knobs(NamedTuple):
     eos_id: int
 
 
-class Flags(NamedTuple):
-    """Which filters are on."""
-
-    greedy: bool
-    top_k: bool
-    top_p: bool
-    min_p: bool
-    eos: bool
-
-
 def _split_params(params: SamplingParams) -> tuple[Knobs, Flags]:
-    knobs = Knobs(
-        float(params.temperature if not params.greedy else 1.0),
-        int(params.top_k or 1),
-        float(params.top_p or 1.0),
-        float(params.min_p or 0.0),
-        -1 if params.eos_id is None else params.eos_id,
-    )
-    # top_p = 1 and min_p = 0 filter nothing; skipping them also keeps fp32 cumsum rounding out of it.
-    flags = Flags(
-        greedy=params.greedy,
-        top_k=params.top_k is not None,
-        top_p=params.top_p not in (None, 1.0),
-        min_p=params.min_p not in (None, 0.0),
-        eos=params.eos_id is not None,
-    )
-    return knobs, flags
+    return Knobs(*params.knob_values()), params.flags()
 
 
 def filter_logits(logits_BV: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.Tensor:
