@@ -122,16 +122,12 @@ def torch_model(case: Case, dtype: str, backend: str, device: str | None = None,
     import gptmod_torch
 
     device = device or case.device
-    key = ("torch", dtype, device)
-    if fresh or key not in case.models:
+
+    def build():
         m = gptmod_torch.GPT(case.cfg).to(device=device, dtype=getattr(torch, dtype))
-        m = gptmod_torch.load_state(m.eval(), case.state)
-        if fresh:
-            m.attn_backend = backend
-            return m
-        case.models[key] = m
-    case.models[key].attn_backend = backend
-    return case.models[key]
+        return gptmod_torch.load_state(m.eval(), case.state)
+
+    return _model(case, ("torch", dtype, device), build, backend, fresh)
 
 
 def jax_model(case: Case, backend: str, fault: tuple[str, float] | None = None, fresh: bool = False):
@@ -141,21 +137,25 @@ def jax_model(case: Case, backend: str, fault: tuple[str, float] | None = None, 
 
     import gptmod_jax
 
-    key = ("jax", fault)
-    if fresh or key not in case.models:
+    def build():
         state = case.state
         if fault is not None:
             name, eps = fault
             state = dict(state)
             state[name] = (state[name].astype(np.float64) * (1.0 + eps)).astype(state[name].dtype)
         m = gptmod_jax.GPT(case.cfg, rngs=nnx.Rngs(0), dtype=getattr(jnp, case.dtype))
-        m = gptmod_jax.load_state(m, state)
-        if fresh:
-            m.attn_backend = backend
-            return m
-        case.models[key] = m
-    case.models[key].attn_backend = backend
-    return case.models[key]
+        return gptmod_jax.load_state(m, state)
+
+    return _model(case, ("jax", fault), build, backend, fresh)
+
+
+def _model(case: Case, key: tuple, build: Callable, backend: str, fresh: bool):
+    """Built once per case and key (or afresh, uncached); the attention backend is a run-time switch."""
+    m = build() if fresh else case.models.get(key)
+    if m is None:
+        m = case.models[key] = build()
+    m.attn_backend = backend
+    return m
 
 
 def torch_run(model, idx: np.ndarray, **kw):
