@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from gptmod import transfer
 from gptmod.config import ModelConfig
 
 FORMAT = "gptmod-canonical-v1"
@@ -204,16 +205,22 @@ class TransferRow:
 
     target: str
     action: str  # "copied" (values exact, incl. transposes and splits) | "transformed" | "new"
-    source: str  # source tensor name(s); "" for new
+    source: str  # source tensor name(s), comma-separated
     how: str
+    size: int = 0  # number of parameters
+
+
+_ACTIONS = ("copied", "transformed", "new")
 
 
 @dataclass
 class TransferReport:
-    """What a weight import did: every target tensor, and every source tensor left behind."""
+    """What a weight import did: every target tensor, every source tensor left unused, and the changes of
+    function that involve no tensor (e.g. soft-capping)."""
 
     rows: list[TransferRow] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (source name, reason)
+    notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Number of target tensors per action."""
@@ -222,12 +229,27 @@ class TransferReport:
             out[r.action] = out.get(r.action, 0) + 1
         return out
 
+    def param_counts(self) -> dict[str, int]:
+        """Number of target parameters per action."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.action] = out.get(r.action, 0) + r.size
+        return out
+
     def fraction_copied(self) -> float:
         """Share of target tensors (counted as tensors, not parameters) whose values are the source's exactly."""
         return self.counts().get("copied", 0) / max(1, len(self.rows))
 
+    def summary(self) -> str:
+        """One line: tensors and parameters per action, and how many source tensors were dropped."""
+        counts, params = self.counts(), self.param_counts()
+        total = max(1, sum(params.values()))
+        per = ", ".join(f"{counts[a]} {a} ({params[a] / total:.1%} of parameters)" for a in _ACTIONS if a in counts)
+        return (f"{len(self.rows)} target tensors, {sum(params.values()):,} parameters: {per or 'none'}; "
+                f"{len(self.dropped)} source tensor(s) dropped")  # fmt: skip
+
     def to_text(self) -> str:
-        """A readable aligned table, then the dropped source tensors and a summary line."""
+        """A readable aligned table, then the dropped source tensors, the notes and the summary line."""
         header = TransferRow("target", "action", "source", "how")
         rows = [header, *self.rows]
         w_t, w_a, w_s = (max(len(getattr(r, f)) for r in rows) for f in ("target", "action", "source"))
@@ -236,11 +258,9 @@ class TransferReport:
             lines.append("")
             w_d = max(len(name) for name, _ in self.dropped)
             lines += [f"dropped {name:<{w_d}}  {reason}" for name, reason in self.dropped]
-        counts = ", ".join(f"{n} {a}" for a, n in sorted(self.counts().items())) or "none"
-        lines.append(
-            f"\n{len(self.rows)} target tensors: {counts}; {self.fraction_copied():.0%} copied exactly; "
-            f"{len(self.dropped)} source tensor(s) dropped"
-        )
+        if self.notes:
+            lines += ["", *(f"note: {n}" for n in self.notes)]
+        lines += ["", self.summary()]
         return "\n".join(lines)
 
     __str__ = to_text
@@ -250,14 +270,33 @@ class TransferReport:
             {
                 "rows": [dataclasses.asdict(r) for r in self.rows],
                 "dropped": [list(d) for d in self.dropped],
+                "notes": self.notes,
                 "counts": self.counts(),
+                "param_counts": self.param_counts(),
                 "fraction_copied": self.fraction_copied(),
             },
             indent=2,
         )
 
     def save(self, path: PathLike) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the JSON atomically."""
+        atomic_write_text(path, self.to_json() + "\n")
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------- reading GPT-2 sources
@@ -410,80 +449,6 @@ def _to_numpy(value: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- GPT-2 -> canonical
 
 
-@dataclass(frozen=True)
-class _Step:
-    """How one target tensor is made from one source tensor. A partial-transfer plan for modern configs
-    will add steps with action "transformed" (e.g. LayerNorm -> RMSNorm) and "new" (source "")."""
-
-    target: str
-    source: str  # hub-layout HF name
-    source_shape: tuple[int, ...]
-    how: str
-    get: Callable[[np.ndarray], np.ndarray]
-    action: str = "copied"
-
-
-def _same(x: np.ndarray) -> np.ndarray:
-    return x
-
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
-def _exact_plan(cfg: ModelConfig) -> list[_Step]:
-    """Classic config: every canonical tensor is a GPT-2 tensor, at most transposed or split (values exact)."""
-    d, f = cfg.d_model, cfg.d_ff
-    steps = [
-        _Step("tok_emb.weight", "wte.weight", (cfg.vocab_size, d), "as is", _same),
-        _Step("pos_emb.weight", "wpe.weight", (cfg.max_seq_len, d), "as is", _same),
-    ]
-
-    def norm(ours: str, theirs: str) -> None:
-        steps.extend(_Step(f"{ours}.{p}", f"{theirs}.{p}", (d,), "as is", _same) for p in ("weight", "bias"))
-
-    def conv1d(ours: str, theirs: str, d_in: int, d_out: int) -> None:
-        # HF's Conv1D stores its weight (in, out); canonical linear weights are (out, in).
-        how = "Conv1D (in,out) transposed"
-        steps.append(_Step(f"{ours}.weight", f"{theirs}.weight", (d_in, d_out), how, _transpose))
-        steps.append(_Step(f"{ours}.bias", f"{theirs}.bias", (d_out,), "as is", _same))
-
-    for i in range(cfg.n_layer):
-        h, b = f"h.{i}", f"blocks.{i}"
-        norm(f"{b}.attn_norm", f"{h}.ln_1")
-        for j, name in enumerate(("wq", "wk", "wv")):  # c_attn's output dim is [q | k | v]
-            lo, hi = j * d, (j + 1) * d
-            steps.append(_Step(f"{b}.attn.{name}.weight", f"{h}.attn.c_attn.weight", (d, 3 * d),
-                               f"split from c_attn [{lo}:{hi}], Conv1D (in,out) transposed",
-                               lambda w, lo=lo, hi=hi: w[:, lo:hi].T))  # fmt: skip
-            steps.append(_Step(f"{b}.attn.{name}.bias", f"{h}.attn.c_attn.bias", (3 * d,),
-                               f"split from c_attn [{lo}:{hi}]", lambda v, lo=lo, hi=hi: v[lo:hi]))  # fmt: skip
-        conv1d(f"{b}.attn.wo", f"{h}.attn.c_proj", d, d)
-        norm(f"{b}.mlp_norm", f"{h}.ln_2")
-        conv1d(f"{b}.mlp.w_up", f"{h}.mlp.c_fc", d, f)
-        conv1d(f"{b}.mlp.w_down", f"{h}.mlp.c_proj", f, d)
-    norm("norm", "ln_f")
-    return steps
-
-
-_CLASSIC_FIELDS = ("pos", "norm", "mlp", "bias", "logit_softcap", "tie_embeddings")
-
-
-def _plan(cfg: ModelConfig) -> list[_Step]:
-    """The transfer plan for `cfg`; made before any source is read, so unsupported configs fail fast."""
-    if cfg.is_classic:
-        return _exact_plan(cfg)
-    classic = ModelConfig()
-    diff = [f"{f}={getattr(cfg, f)!r}" for f in _CLASSIC_FIELDS if getattr(cfg, f) != getattr(classic, f)]
-    if cfg.n_kv_head != cfg.n_head:
-        diff.append(f"n_kv_head={cfg.n_kv_head} (< n_head={cfg.n_head})")
-    # The partial path (copy what fits, transform norms, initialise the rest as "new") plugs in here.
-    raise NotImplementedError(
-        f"from_hf_gpt2: an exact import needs a classic GPT-2 config, but this one has {', '.join(diff)}. "
-        "Partial transfer of GPT-2 weights into modern configs is tracked separately and not implemented yet."
-    )
-
-
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in value.shape)
 
@@ -517,8 +482,11 @@ _DIM_KEYS = {
 
 
 def _check_dims(cfg: ModelConfig, dims: dict[str, int], tensors: Mapping[str, Any]) -> None:
-    """One error for every config field the source contradicts, with the preset (or recipe) that fits."""
-    wrong = {k: v for k, v in dims.items() if getattr(cfg, k) != v}
+    """One error for every config field the source contradicts, with the preset (or recipe) that fits.
+
+    A partial transfer resizes d_ff (hidden units kept or added) and, with RoPE, has no max_seq_len to match."""
+    free = set() if cfg.is_classic else {"d_ff"} | ({"max_seq_len"} if cfg.pos == "rope" else set())
+    wrong = {k: v for k, v in dims.items() if k not in free and getattr(cfg, k) != v}
     if not wrong:
         return
     expected = canonical_shapes(cfg)
@@ -533,7 +501,10 @@ def _check_dims(cfg: ModelConfig, dims: dict[str, int], tensors: Mapping[str, An
 
     presets = {p: load_preset(p) for p in list_presets()}
     fits = [p for p, c in presets.items() if c.is_classic and all(getattr(c, k) == v for k, v in dims.items())]
-    if fits:
+    if not cfg.is_classic:
+        args = ", ".join(f"{k}={v}" for k, v in wrong.items())
+        lines.append(f"hint: keep the modern switches and take the source's sizes: dataclasses.replace(cfg, {args})")
+    elif fits:
         lines.append(f"hint: the source matches preset {fits[0]!r}: use load_preset({fits[0]!r})")
     else:
         args = ", ".join(f"{k}={v}" for k, v in dims.items())
@@ -565,33 +536,40 @@ def _check_hf_config(cfg: ModelConfig, hf: Mapping[str, Any]) -> None:
                          + "; ".join(problems))  # fmt: skip
 
 
-def from_hf_gpt2(source: Any, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], TransferReport]:
+def from_hf_gpt2(source: Any, cfg: ModelConfig, *, seed: int = 0) -> tuple[dict[str, np.ndarray], TransferReport]:
     """Map Hugging Face GPT-2 weights into canonical state for `cfg`, with a report of what was done.
 
     `source`: a transformers GPT2LMHeadModel / GPT2Model; a state dict of torch tensors or numpy arrays,
     with or without the `transformer.` prefix; a local folder (model.safetensors, sharded safetensors or
     pytorch_model.bin, the latter read with weights_only=True); a .safetensors file; or a hub repo id
     such as "gpt2" or "openai-community/gpt2-medium". Classic configs import exactly: every tensor is
-    copied, and the output is float32, C-contiguous and owns its memory (it never aliases the source)."""
-    plan = _plan(cfg)
+    copied. Modern and mixed configs get a partial transfer (`gptmod.transfer`): the report lists each
+    target tensor as copied, transformed or new, and each source tensor left unused. `seed` draws the
+    few tensors that are random (hidden units beyond GPT-2's d_ff). The output is float32, C-contiguous
+    and owns its memory (it never aliases the source)."""
     src = _read_source(source)
     tensors = src.tensors
-    _check_dims(cfg, _source_dims(tensors, src.hf_config), tensors)
+    dims = _source_dims(tensors, src.hf_config)
+    _check_dims(cfg, dims, tensors)
     if src.hf_config is not None:
         _check_hf_config(cfg, src.hf_config)
+    source_cfg = transfer.source_config(cfg, dims.get("d_ff", cfg.d_ff), dims.get("max_seq_len", cfg.max_seq_len))
+    plan = transfer.plan(cfg, source_cfg, seed=seed)
+    shapes = transfer.gpt2_shapes(source_cfg)
 
-    needed = dict.fromkeys(s.source for s in plan if s.source)
+    needed = dict.fromkeys(n for s in plan.steps for n in s.sources)
     missing = [k for k in needed if k not in tensors]
     if missing:
         raise ValueError(f"from_hf_gpt2: the source lacks {len(missing)} GPT-2 tensor(s): {', '.join(missing)}")
-    bad = [f"  {s.target} (from {s.source}): source shape {_shape(tensors[s.source])}, expected {s.source_shape}"
-           for s in plan if s.source and _shape(tensors[s.source]) != s.source_shape]  # fmt: skip
+    bad = [f"  {s.target} (from {n}): source shape {_shape(tensors[n])}, expected {shapes[n]}"
+           for s in plan.steps for n in s.sources if _shape(tensors[n]) != shapes[n]]  # fmt: skip
     if bad:
         raise StateError("from_hf_gpt2: source tensors with the wrong shape:\n" + "\n".join(dict.fromkeys(bad)))
 
-    report = TransferReport()
+    report = TransferReport(notes=list(plan.notes))
     leftover = [k for k in tensors if k not in needed]
-    unexpected = [k for k in leftover if not _MASK_BUFFER.fullmatch(k) and k != "lm_head.weight"]
+    unexpected = [k for k in leftover if k not in plan.dropped and not _MASK_BUFFER.fullmatch(k)
+                  and k != "lm_head.weight"]  # fmt: skip
     if unexpected:
         raise ValueError(f"from_hf_gpt2: unexpected source tensor(s), not part of GPT-2: {', '.join(unexpected)}")
     values = {k: _to_numpy(tensors[k]) for k in needed}
@@ -603,13 +581,18 @@ def from_hf_gpt2(source: Any, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], 
                 raise ValueError("from_hf_gpt2: lm_head.weight differs from wte.weight, but GPT-2 ties them "
                                  "(tie_embeddings=True); refusing to drop an untied head silently")  # fmt: skip
             report.dropped.append((k, "tied to wte.weight (tok_emb.weight)"))
+        elif k in plan.dropped:
+            report.dropped.append((k, plan.dropped[k]))
         else:
             report.dropped.append((k, "causal-mask buffer of old checkpoints, not a weight"))
 
+    # Computed in float32 (bf16/fp16 sources are upcast first); np.array copies, so the state owns its memory.
+    values = {k: v.astype(np.float32, copy=False) for k, v in values.items()}
+    made = {s.target: s for s in plan.steps}
     state: dict[str, np.ndarray] = {}
-    for s in plan:
-        # np.array copies: the state owns its memory, and bf16/fp16 sources become float32.
-        state[s.target] = np.array(s.get(values[s.source]), dtype=np.float32, order="C")
-        report.rows.append(TransferRow(s.target, s.action, s.source, s.how))
+    for name in canonical_shapes(cfg):  # model order, whatever order the plan made them in
+        s = made[name]
+        state[name] = np.array(s.get(values), dtype=np.float32, order="C")
+        report.rows.append(TransferRow(s.target, s.action, ", ".join(s.sources), s.how, state[name].size))
     check_state(canonical_shapes(cfg), state, what="GPT-2 weights")
     return state, report

@@ -357,14 +357,17 @@ def test_report_text_and_json(tmp_path, hf):
     col = lines[0].index("action")
     assert all(line[col : col + 6] == "copied" for line in lines[1 : 1 + len(report.rows)])
     assert "dropped h.0.attn.masked_bias" in text
-    assert lines[-1] == f"{len(report.rows)} target tensors: {len(report.rows)} copied; 100% copied exactly; " \
-                        "4 source tensor(s) dropped"  # fmt: skip
+    n_params = _n(canonical_shapes(_cfg()))
+    assert lines[-1] == f"{len(report.rows)} target tensors, {n_params:,} parameters: {len(report.rows)} copied " \
+                        "(100.0% of parameters); 4 source tensor(s) dropped"  # fmt: skip
     report.save(tmp_path / "report.json")
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["counts"] == {"copied": len(report.rows)} and data["fraction_copied"] == 1.0
     assert data["rows"][4] == {"target": "blocks.0.attn.wq.weight", "action": "copied",
                                "source": "h.0.attn.c_attn.weight",
-                               "how": "split from c_attn [0:64], Conv1D (in,out) transposed"}  # fmt: skip
+                               "how": "split from c_attn [0:64], Conv1D (in,out) transposed",
+                               "size": D * D}  # fmt: skip
+    assert data["param_counts"] == {"copied": n_params} and data["notes"] == []
     assert ["h.1.attn.bias", "causal-mask buffer of old checkpoints, not a weight"] in data["dropped"]
     mixed = TransferReport(rows=[dataclasses.replace(report.rows[0], action="new", source=""), *report.rows[1:4]])
     assert mixed.counts() == {"new": 1, "copied": 3} and mixed.fraction_copied() == 0.75
@@ -429,12 +432,15 @@ def test_import_refuses_an_untied_head(hf):
         from_hf_gpt2(sd, _cfg())
 
 
-def test_import_into_a_modern_config_is_not_exact(tmp_path):
-    # Raised before the source is touched: this path does not exist and would otherwise be an error.
-    with pytest.raises(NotImplementedError, match=r"pos='rope'.*n_kv_head=2 \(< n_head=4\).*tracked separately"):
-        from_hf_gpt2(tmp_path / "nope", _cfg(pos="rope", n_kv_head=2))
-    with pytest.raises(NotImplementedError, match=r"norm='rmsnorm', mlp='swiglu', bias=False, logit_softcap=30"):
-        from_hf_gpt2(tmp_path / "nope", load_preset("modern-gpt2"))
+def test_import_into_a_modern_config_checks_its_sizes(hf):
+    # d_ff and (with RoPE) max_seq_len are free in a partial transfer; the other sizes must still match.
+    with pytest.raises(StateError) as info:
+        from_hf_gpt2(hf, _cfg(pos="rope", norm="rmsnorm", n_layer=3, d_ff=96, max_seq_len=999))
+    msg = str(info.value)
+    assert "n_layer: cfg has 3, the source has 2" in msg and "d_ff" not in msg and "max_seq_len" not in msg
+    assert "hint: keep the modern switches and take the source's sizes: dataclasses.replace(cfg, n_layer=2)" in msg
+    with pytest.raises(StateError, match=r"max_seq_len: cfg has 64, the source has 32"):  # learned positions: exact
+        from_hf_gpt2(hf, _cfg(norm="rmsnorm", max_seq_len=64))
 
 
 def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
