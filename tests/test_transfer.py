@@ -8,10 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from scipy.optimize import minimize
 from scipy.special import expit, ndtr
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import gptmod_jax
 import gptmod_torch
 from gptmod import transfer
 from gptmod.config import load_preset
@@ -224,9 +226,6 @@ def test_modern_report_accounts_for_every_tensor(hf):
     assert "note: pos='rope'" in text and "dropped wpe.weight" in text
     assert text.splitlines()[-1].startswith(f"{len(report.rows)} target tensors, ")
     # The transferred model runs, and torch and JAX agree on it.
-    import gptmod_jax
-    from flax import nnx
-
     idx = np.random.default_rng(0).integers(0, 50257, (2, 10))
     with torch.no_grad():
         t = gptmod_torch.load_state(gptmod_torch.GPT(cfg), state)(torch.from_numpy(idx)).numpy()
