@@ -1,4 +1,4 @@
-"""The `gptmod` command: generate (streaming), info, parity.
+"""The `gptmod` command: generate (streaming), convert, info, transfer-report, side-by-side, parity.
 
 Frameworks are imported only by the subcommand that needs them, so `gptmod --help` is instant.
 Expected failures (bad arguments, missing or corrupt files, offline hub) print one line and exit 2.
@@ -129,6 +129,80 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{args.file}\n  parameters: {n:,}\n  dtype: {', '.join(dtypes)}\n  config:")
     for k, v in cfg.to_dict().items():
         print(f"    {k}: {v}")
+    transfer = weights.read_metadata(args.file).get("transfer")
+    if transfer:
+        print(f"  transfer: {transfer}")
+    return 0
+
+
+def _target_config(preset: str | None, config: Path | None, default: str) -> ModelConfig:
+    if preset is not None and config is not None:
+        raise CLIError("give --preset or --config, not both")
+    if config is not None:
+        return ModelConfig.from_json(config)
+    return load_preset(preset or default)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from gptmod import weights
+
+    cfg = _target_config(args.preset, args.config, "gpt2")
+    if args.out.suffix != ".safetensors":
+        raise CLIError(f"--out {args.out}: the file name must end in .safetensors")
+    if not args.out.parent.is_dir():
+        raise CLIError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    n = len(weights.canonical_shapes(cfg))
+    state, report = weights.from_hf_gpt2(
+        args.source, cfg, seed=args.seed, progress=lambda it: tqdm(it, total=n, desc="transfer", unit="tensor")
+    )
+    print(report.to_text())
+    if args.dtype == "bfloat16":
+        import ml_dtypes
+
+        state = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
+    report_path = args.out.with_name(args.out.name.removesuffix(".safetensors") + ".transfer.json")
+    meta = {"source": str(args.source), "transfer": report.summary()}
+    weights.save(args.out, state, cfg, metadata=meta)
+    report.save(report_path)
+    size = sum(int(np.prod(v.shape)) for v in state.values())
+    print(f"\nwrote {args.out} ({size:,} parameters, {args.dtype}) and its transfer report {report_path}",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_transfer_report(args: argparse.Namespace) -> int:
+    from gptmod import corpus, transfer_report, weights
+
+    target = _target_config(args.preset, args.config, "modern-gpt2")
+    text = args.text.read_text(encoding="utf-8") if args.text else corpus.bundled_text("hamlet")
+    result = transfer_report.run(args.weights, target, text=text, tokens=args.tokens, seq_len=args.seq_len,
+                                 framework=args.framework, batch=args.batch, seed=args.seed)  # fmt: skip
+    if args.full:
+        print(weights.TransferReport(**_report_fields(result["transfer_report"])).to_text() + "\n")
+    print(transfer_report.format_table(result))
+    if args.json:
+        weights.atomic_write_text(args.json, transfer_report.to_json(result) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _report_fields(data: dict) -> dict:
+    from gptmod.weights import TransferRow
+
+    return dict(rows=[TransferRow(**r) for r in data["rows"]], dropped=[tuple(d) for d in data["dropped"]],
+                notes=data["notes"])  # fmt: skip
+
+
+def cmd_side_by_side(args: argparse.Namespace) -> int:
+    from gptmod import side_by_side
+
+    if args.out.parent and not args.out.parent.is_dir():
+        raise CLIError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    side_by_side.render(args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -139,27 +213,68 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text, streamed to the terminal",
                        description="Generate text from a prompt, streaming it as it is produced, then report "
                        "tokens/s. Stops at <|endoftext|> unless --no-eos.")  # fmt: skip
-    g.add_argument("--framework", choices=("jax", "torch"), default="jax")
+    g.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which twin runs (default jax)")
     g.add_argument("--preset", choices=list_presets(), help="model preset (default gpt2; taken from the file "
                    "for a gptmod checkpoint)")  # fmt: skip
     g.add_argument("--weights", default="random", help="random (seeded init), gpt2 (or another HF hub name; needs "
                    "network), an HF GPT-2 folder, or a gptmod .safetensors checkpoint")  # fmt: skip
     g.add_argument("--prompt", help="the prompt text")
     g.add_argument("--batch-file", type=Path, help="a file of prompts, one per line, generated as one ragged batch")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
+    g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p times the top token's probability")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling and of random weights")
     g.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
     g.add_argument("--backend", help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)")
     g.add_argument("--compile", action="store_true", help="torch only: torch.compile the decode step")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="config, parameter count and dtype of a checkpoint")
+    i = sub.add_parser("info", help="config, parameter count and dtype of a checkpoint",
+                       description="Print a gptmod checkpoint's parameter count, dtype and config, and the summary "
+                       "of its transfer report when it was made by `gptmod convert`.")  # fmt: skip
     i.add_argument("file", type=Path, help="a gptmod .safetensors checkpoint")
     i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="convert GPT-2 weights into a preset (exact or partial transfer)",
+                       description="Map Hugging Face GPT-2 weights into a gptmod config and write a canonical "
+                       "safetensors checkpoint. Classic presets import exactly; modern ones get a partial transfer. "
+                       "Prints the transfer report and saves it as JSON next to the checkpoint "
+                       "(FILE.transfer.json).")  # fmt: skip
+    c.add_argument("--from", dest="source", required=True, help="gpt2 (or another hub name; needs network), "
+                   "an HF GPT-2 folder (config.json + model.safetensors), or a .safetensors/.bin file")  # fmt: skip
+    c.add_argument("--preset", choices=list_presets(), help="target preset (default gpt2)")
+    c.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
+    c.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.safetensors; atomic)")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored dtype")
+    c.add_argument("--seed", type=int, default=0, help="seed of the few random tensors (units beyond GPT-2's d_ff)")
+    c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("transfer-report", help="how much of GPT-2 survives each modern switch (loss on Shakespeare)",
+                       description="Next-token loss on bundled Shakespeare (Hamlet) of GPT-2, the full transfer into "
+                       "the target config, GPT-2 with each modern switch alone, and a random init of the target; "
+                       "plus how closely the transferred SwiGLU MLP reproduces GPT-2's, layer by layer. Needs real "
+                       "GPT-2 weights to mean anything: --weights gpt2 online, or a downloaded folder.")  # fmt: skip
+    t.add_argument("--weights", required=True, help="gpt2 (hub name; needs network) or an HF GPT-2 folder")
+    t.add_argument("--preset", choices=list_presets(), help="target preset (default modern-gpt2)")
+    t.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
+    t.add_argument("--text", type=Path, help="evaluate on this UTF-8 text file instead of the bundled Hamlet")
+    t.add_argument("--tokens", type=int, default=8192, help="tokens to score (default 8192: 8 windows of 1024)")
+    t.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
+    t.add_argument("--batch", type=int, default=2, help="windows per forward pass (default 2)")
+    t.add_argument("--framework", choices=("torch", "jax"), default="torch", help="which twin scores (default torch)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random-init row and of new tensors")
+    t.add_argument("--full", action="store_true", help="also print the tensor-by-tensor transfer report")
+    t.add_argument("--json", type=Path, help="also write the figures as JSON")
+    t.set_defaults(func=cmd_transfer_report)
+
+    s = sub.add_parser("side-by-side", help="render the torch and JAX models side by side as HTML",
+                       description="Render gptmod_torch/model.py and gptmod_jax/model.py as two aligned columns, "
+                       "definition by definition, with notes on each framework difference. Generated from the "
+                       "installed code, so it never drifts.")  # fmt: skip
+    s.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    s.set_defaults(func=cmd_side_by_side)
 
     sub.add_parser("parity", help="run the parity suite (same options as python -m parity)", add_help=False)
     return p

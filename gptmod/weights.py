@@ -16,11 +16,12 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 checkpoints read in any process)
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -194,6 +195,15 @@ def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
     expected = canonical_shapes(cfg)
     check_state(expected, state, what=f"checkpoint {path}")
     return {k: state[k] for k in expected}, cfg  # safetensors stores keys sorted; give them back in model order
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (gptmod's config, format, and anything `save` was given)."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
 
 
 # ----------------------------------------------------------------------------- transfer report
@@ -536,7 +546,9 @@ def _check_hf_config(cfg: ModelConfig, hf: Mapping[str, Any]) -> None:
                          + "; ".join(problems))  # fmt: skip
 
 
-def from_hf_gpt2(source: Any, cfg: ModelConfig, *, seed: int = 0) -> tuple[dict[str, np.ndarray], TransferReport]:
+def from_hf_gpt2(source: Any, cfg: ModelConfig, *, seed: int = 0,
+                 progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+                 ) -> tuple[dict[str, np.ndarray], TransferReport]:  # fmt: skip
     """Map Hugging Face GPT-2 weights into canonical state for `cfg`, with a report of what was done.
 
     `source`: a transformers GPT2LMHeadModel / GPT2Model; a state dict of torch tensors or numpy arrays,
@@ -545,8 +557,9 @@ def from_hf_gpt2(source: Any, cfg: ModelConfig, *, seed: int = 0) -> tuple[dict[
     such as "gpt2" or "openai-community/gpt2-medium". Classic configs import exactly: every tensor is
     copied. Modern and mixed configs get a partial transfer (`gptmod.transfer`): the report lists each
     target tensor as copied, transformed or new, and each source tensor left unused. `seed` draws the
-    few tensors that are random (hidden units beyond GPT-2's d_ff). The output is float32, C-contiguous
-    and owns its memory (it never aliases the source)."""
+    few tensors that are random (hidden units beyond GPT-2's d_ff); `progress` wraps the loop over target
+    tensor names (e.g. a tqdm). The output is float32, C-contiguous and owns its memory (it never aliases
+    the source)."""
     src = _read_source(source)
     tensors = src.tensors
     dims = _source_dims(tensors, src.hf_config)
@@ -590,9 +603,27 @@ def from_hf_gpt2(source: Any, cfg: ModelConfig, *, seed: int = 0) -> tuple[dict[
     values = {k: v.astype(np.float32, copy=False) for k, v in values.items()}
     made = {s.target: s for s in plan.steps}
     state: dict[str, np.ndarray] = {}
-    for name in canonical_shapes(cfg):  # model order, whatever order the plan made them in
+    names: Iterable[str] = list(canonical_shapes(cfg))  # model order, whatever order the plan made them in
+    for name in progress(names) if progress else names:
         s = made[name]
         state[name] = np.array(s.get(values), dtype=np.float32, order="C")
         report.rows.append(TransferRow(s.target, s.action, ", ".join(s.sources), s.how, state[name].size))
     check_state(canonical_shapes(cfg), state, what="GPT-2 weights")
     return state, report
+
+
+def read_hf_gpt2(source: Any) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """Read a GPT-2 source once (any `from_hf_gpt2` source but a bare state dict): its tensors in hub
+    layout as float32 numpy arrays, and the classic config it implies. Passing the tensors to
+    `from_hf_gpt2` for several configs then reads the source only once."""
+    src = _read_source(source)
+    dims = _source_dims(src.tensors, src.hf_config)
+    if "n_head" not in dims:
+        raise ValueError("read_hf_gpt2: the source has no Hugging Face config (config.json), so its n_head is "
+                         "unknown; pass a model or a folder with config.json")  # fmt: skip
+    hf = src.hf_config or {}
+    cfg = dataclasses.replace(ModelConfig(), **dims, n_kv_head=dims["n_head"],
+                              norm_eps=float(hf.get("layer_norm_epsilon", ModelConfig().norm_eps)))  # fmt: skip
+    _check_hf_config(cfg, hf)
+    tensors = {k: _to_numpy(v).astype(np.float32) for k, v in src.tensors.items() if not _MASK_BUFFER.fullmatch(k)}
+    return tensors, cfg

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import subprocess
 import sys
 
@@ -9,7 +12,7 @@ import numpy as np
 import pytest
 
 from gptmod import weights
-from gptmod.config import load_preset
+from gptmod.config import ModelConfig, load_preset
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -82,3 +85,126 @@ def test_help_is_complete():
                  "--temperature", "--top-k", "--top-p", "--min-p", "--seed", "--compile"):  # fmt: skip
         assert flag in r.stdout
     assert run("--help").returncode == 0
+
+
+def test_help_is_complete_for_every_command():
+    from gptmod.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"generate", "convert", "info", "transfer-report", "side-by-side", "parity"}
+    for name, p in sub.choices.items():
+        if name == "parity":  # its own parser: python -m parity --help
+            continue
+        r = run(name, "--help")
+        assert r.returncode == 0 and p.description, name
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            assert (action.option_strings or [action.dest])[0] in r.stdout, (name, action.dest)
+    r = run("parity", "--help")
+    assert r.returncode == 0 and "--inject-fault" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A random-weight Hugging Face GPT-2 folder (config.json + model.safetensors), and a modern config that fits."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128)).save_pretrained(root / "gpt2-tiny")
+    modern = dataclasses.replace(load_preset("modern-gpt2"), n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=160,
+                                 max_seq_len=256)  # fmt: skip
+    modern.to_json(root / "modern-tiny.json")
+    return root
+
+
+def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path):
+    out = tmp_path / "modern.safetensors"
+    r = run("convert", "--from", str(gpt2_folder / "gpt2-tiny"), "--config", str(gpt2_folder / "modern-tiny.json"),
+            "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "blocks.1.mlp.w_gate.weight" in r.stdout and "dropped wpe.weight" in r.stdout
+    assert "transfer: 100%" in r.stderr  # the progress bar ran to the end
+    report = json.loads((tmp_path / "modern.transfer.json").read_text())
+    state, cfg = weights.load(out)
+    assert cfg == ModelConfig.from_json(gpt2_folder / "modern-tiny.json")
+    assert [row["target"] for row in report["rows"]] == list(state)
+    assert set(report["counts"]) == {"copied", "transformed", "new"}
+    n = sum(v.size for v in state.values())
+    assert r.stdout.rstrip().splitlines()[-1].startswith(f"{len(state)} target tensors, {n:,} parameters: ")
+    info = run("info", str(out))
+    assert info.returncode == 0 and "mlp: swiglu" in info.stdout and f"parameters: {cfg.num_params():,}" in info.stdout
+    assert f"transfer: {len(state)} target tensors" in info.stdout
+    gen = run("generate", "--weights", str(out), "--prompt", "To be", "--max-new-tokens", "3", "--no-eos")
+    assert gen.returncode == 0 and gen.stdout.startswith("To be"), gen.stderr
+    classic = tmp_path / "classic.safetensors"
+    cfg_classic = dataclasses.replace(load_preset("gpt2"), n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=256,
+                                      max_seq_len=128)  # fmt: skip
+    cfg_classic.to_json(tmp_path / "classic.json")
+    r = run("convert", "--from", str(gpt2_folder / "gpt2-tiny"), "--config", str(tmp_path / "classic.json"),
+            "--out", str(classic), "--dtype", "bfloat16")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "36 copied (100.0% of parameters); 0 source tensor(s) dropped" in r.stdout  # save_pretrained omits lm_head
+    assert "bfloat16" in run("info", str(classic)).stdout
+
+
+def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path):
+    """Random weights: the figures mean nothing, so check the mechanics, and that the GPT-2 row is HF's loss."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from gptmod import corpus, tokenizer
+
+    r = run("transfer-report", "--weights", str(gpt2_folder / "gpt2-tiny"), "--config",
+            str(gpt2_folder / "modern-tiny.json"), "--tokens", "256", "--seq-len", "64", "--json",
+            str(tmp_path / "r.json"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    names = [row["variant"] for row in data["rows"]]
+    assert names == ["GPT-2", "pos=rope", "norm=rmsnorm", "n_kv_head=2", "mlp=swiglu", "mlp=swiglu, zero gate",
+                     "mlp=swiglu, d_ff=160", "bias=False", "logit_softcap=30.0", "modern (all switches)",
+                     "random init (modern)"]  # fmt: skip
+    for name in names:
+        assert f"\n{name} | " in r.stdout
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert rows["GPT-2"]["recovered"] == 1.0 and rows["random init (modern)"]["recovered"] == 0.0
+    assert rows["GPT-2"]["params"]["copied"] == 1.0 and rows["random init (modern)"]["params"]["new"] == 1.0
+    assert data["tokens"] == 256 and len(data["gate_rel_error"]) == 2
+    # The GPT-2 row is Hugging Face's own loss on the same four windows of Hamlet.
+    ids = torch.tensor(tokenizer.encode(corpus.bundled_text("hamlet"))[: 4 * 65]).view(4, 65)
+    hf = GPT2LMHeadModel.from_pretrained(gpt2_folder / "gpt2-tiny").eval()
+    with torch.no_grad():
+        logits = hf(ids[:, :-1]).logits
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert abs(rows["GPT-2"]["loss"] - float(want)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["convert", "--from", "no/such/dir", "--preset", "gpt2", "--out", "x.safetensors"], "no such file or folder"),
+        (["convert", "--from", "gpt2", "--out", "x.bin"], "the file name must end in .safetensors"),
+        (["convert", "--from", "gpt2", "--out", "no/such/dir/x.safetensors"], "folder no/such/dir does not exist"),
+        (["convert", "--from", "gpt2", "--preset", "gpt2", "--config", "c.json", "--out", "x.safetensors"],
+         "give --preset or --config, not both"),
+        (["transfer-report", "--weights", "no/such/folder"], "no such file or folder"),
+        (["side-by-side", "--out", "no/such/dir/x.html"], "folder no/such/dir does not exist"),
+    ],
+)
+def test_more_errors_are_one_line(args, msg):
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_convert_size_mismatch_is_one_line(gpt2_folder, tmp_path):
+    r = run("convert", "--from", str(gpt2_folder / "gpt2-tiny"), "--preset", "gpt2", "--out",
+            str(tmp_path / "x.safetensors"))  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(err) == 1 and "d_model: cfg has 768, the source has 64" in err[0]
+    assert not (tmp_path / "x.safetensors").exists()
