@@ -1,7 +1,7 @@
 """GPT-2's byte-level BPE through tiktoken, fully offline.
 
 `tiktoken.get_encoding("gpt2")` downloads its files on first use; here the ranks ship with the
-package (gptmod/data/gpt2.tiktoken, byte-identical to tiktoken's r50k_base) and their sha256 is
+package (gptmod/assets/gpt2.tiktoken, byte-identical to tiktoken's r50k_base) and their sha256 is
 checked on load, so a damaged or substituted file is refused instead of tokenising wrongly.
 """
 
@@ -25,7 +25,7 @@ EOT_ID = 50256
 @lru_cache(maxsize=1)
 def gpt2_encoding() -> tiktoken.Encoding:
     """The GPT-2 encoding (50257 tokens, <|endoftext|> = 50256), built from the bundled ranks."""
-    ranks_file = resources.files("gptmod") / "data" / "gpt2.tiktoken"
+    ranks_file = resources.files("gptmod") / "assets" / "gpt2.tiktoken"
     data = ranks_file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:

@@ -132,10 +132,13 @@ def test_presets_found_after_non_editable_install(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert {f"gptmod/configs/{p}.json" for p in list_presets()} <= names
+        assert {"gptmod/assets/gpt2.tiktoken", "gptmod/assets/shakespeare/hamlet.txt"} <= names
         zf.extractall(tmp_path / "site")
-    code = "import gptmod.config as c; print(c.__file__); print(c.load_preset('modern-gpt2').n_kv_head)"
+    code = ("import gptmod.config as c, gptmod.tokenizer as t, gptmod.corpus as s; print(c.__file__); "
+            "print(c.load_preset('modern-gpt2').n_kv_head); print(t.encode('Hello world') == [15496, 995]); "
+            "print(len(s.bundled_files()))")  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
-    assert out[0].startswith(str(tmp_path / "site")) and out[1] == "4"
+    assert out[0].startswith(str(tmp_path / "site")) and out[1:] == ["4", "True", "8"]

@@ -32,7 +32,7 @@ def test_stream_decoder_emits_whole_characters():
 
 
 def test_corrupt_ranks_are_refused(monkeypatch, tmp_path):
-    bad = tmp_path / "gptmod" / "data"
+    bad = tmp_path / "gptmod" / "assets"
     bad.mkdir(parents=True)
     (bad / "gpt2.tiktoken").write_bytes(b"SGVsbG8= 0\n")
     monkeypatch.setattr(tokenizer.resources, "files", lambda pkg: tmp_path / "gptmod")
