@@ -239,7 +239,7 @@ class _Planner:
         self.bias(f"{b}.mlp.w_up.bias", fc_b, up_b, units.lstrip(", ") or "as is", resized, ln_b, up_w)
         if swiglu:
             std = f"gate std {GATE_STD_BIAS}, bias +{GATE_BIAS}" if cfg.bias else f"gate std {GATE_STD}"
-            how = f"new: c_fc scaled per unit so that silu(gate)*up approximates GELU ({std})"
+            how = f"c_fc scaled per unit so that silu(gate)*up approximates GELU ({std})"
             sources = tuple(dict.fromkeys((fc_w, *scored, ln_w, *((fc_b, ln_b) if cfg.bias else ()),
                                            *((ln_b,) if cfg.norm == "layernorm" else ()))))  # fmt: skip
             self.add(f"{b}.mlp.w_gate.weight", sources, how, lambda v: gate(v)[0], "new")

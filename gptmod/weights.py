@@ -599,6 +599,8 @@ def from_hf_gpt2(source: Any, cfg: ModelConfig, *, seed: int = 0,
         else:
             report.dropped.append((k, "causal-mask buffer of old checkpoints, not a weight"))
 
+    order = {k: i for i, k in enumerate(shapes)}  # GPT-2's own order, not the file's (often alphabetical)
+    report.dropped.sort(key=lambda d: (order.get(d[0], len(order)), d[0]))
     # Computed in float32 (bf16/fp16 sources are upcast first); np.array copies, so the state owns its memory.
     values = {k: v.astype(np.float32, copy=False) for k, v in values.items()}
     made = {s.target: s for s in plan.steps}
