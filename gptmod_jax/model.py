@@ -379,10 +379,10 @@ def _canonical_params(model: nnx.Module) -> dict[str, tuple[str, nnx.Param]]:
 
 
 def export_state(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Canonical state: torch names, (out, in) weights, the model's own dtype."""
+    """Canonical state: torch names, (out, in) weights, the model's own dtype; a copy."""
     state = {}
     for name, (leaf, param) in _canonical_params(model).items():
-        value = np.asarray(param[...])
+        value = np.array(param[...])  # a copy: a view of a buffer that jit may later donate is unsafe
         state[name] = np.ascontiguousarray(value.T) if leaf == "kernel" else value
     return state
 
@@ -396,5 +396,6 @@ def load_state(model: nnx.Module, state: Mapping[str, np.ndarray]) -> nnx.Module
     check_state(expected, state)
     for name, (leaf, param) in params.items():
         value = np.asarray(state[name])
-        param[...] = jnp.asarray(value.T if leaf == "kernel" else value, dtype=param.dtype)
+        # A copy: on CPU jnp.asarray may alias the numpy buffer, which the caller can still mutate.
+        param[...] = jnp.array(value.T if leaf == "kernel" else value, dtype=param.dtype, copy=True)
     return model

@@ -371,8 +371,8 @@ class GPT(nn.Module):
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bf16; ml_dtypes' is bit-compatible
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()  # a snapshot: a view would change under the optimizer's in-place updates
 
 
 def _to_torch(a: np.ndarray) -> torch.Tensor:
@@ -385,7 +385,7 @@ def _to_torch(a: np.ndarray) -> torch.Tensor:
 
 
 def export_state(model: nn.Module) -> dict[str, np.ndarray]:
-    """Canonical state: `state_dict()` keys as they are, (out, in) weights, the model's own dtype."""
+    """Canonical state: `state_dict()` keys as they are, (out, in) weights, the model's own dtype; a copy."""
     return {name: _to_numpy(t) for name, t in model.state_dict().items()}
 
 

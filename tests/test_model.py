@@ -166,6 +166,27 @@ def test_round_trip_torch_jax_torch_bit_exact(dtype):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_state_is_a_snapshot_in_both_directions(dtype):
+    """export_state copies (torch's optimizer updates parameters in place), and load_state copies (on CPU,
+    jnp.asarray may alias a numpy buffer that the caller can still change): no state shares memory."""
+    cfg = reduced("modern-gpt2")
+    tm = torch_model(cfg, cast_state(torch_pair_state(cfg), dtype), dtype)
+    st = gptmod_torch.export_state(tm)
+    before = {k: v.copy() for k, v in st.items()}
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(1.0)
+    assert all(np.array_equal(st[k].view(np.uint8), before[k].view(np.uint8)) for k in st)
+    jm = jax_model(cfg, st, dtype)
+    for v in st.values():
+        v[...] = 0  # the caller reuses its buffers
+    sj = gptmod_jax.export_state(jm)
+    assert all(np.array_equal(sj[k].view(np.uint8), before[k].view(np.uint8)) for k in sj)
+    sj["norm.weight"][...] = 5  # writable, and not the model's memory
+    assert not np.array_equal(gptmod_jax.export_state(jm)["norm.weight"], sj["norm.weight"])
+
+
 @pytest.mark.parametrize("load", [gptmod_torch.load_state, gptmod_jax.load_state])
 def test_load_state_reports_every_problem(load):
     cfg = reduced("gpt2")
