@@ -7,6 +7,7 @@ Expected failures (bad arguments, missing or corrupt files, offline hub) print o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
 import time
@@ -15,34 +16,37 @@ from pathlib import Path
 from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
 from gptmod.sampling import SamplingParams, check_request
+from gptmod.training import TrainConfig
 
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def load_weights(spec: str, preset: str | None) -> tuple[ModelConfig, dict | None]:
-    """--weights: "random" (the preset, seeded init), a gptmod .safetensors checkpoint, or GPT-2 from
-    Hugging Face (a hub name such as "gpt2", or a local folder) mapped into the preset."""
+def load_weights(spec: str, cfg: ModelConfig | None) -> tuple[ModelConfig, dict | None]:
+    """--weights/--init: "random" (seeded init), a gptmod .safetensors checkpoint, or GPT-2 from Hugging Face
+    (a hub name such as "gpt2", a local folder, or an HF model.safetensors) transferred into `cfg`.
+    `cfg` None means: the checkpoint's own config, or the gpt2 preset."""
     from gptmod import weights
 
     path = Path(spec)
     if spec == "random":
-        return load_preset(preset or "gpt2"), None
+        return cfg or load_preset("gpt2"), None
     if path.is_file() and path.suffix == ".safetensors":
         try:
-            state, cfg = weights.load(path)
+            state, stored = weights.load(path)
         except ValueError as e:
             if "not a gptmod checkpoint" not in str(e):
                 raise
-            state, _ = weights.from_hf_gpt2(path, load_preset(preset or "gpt2"))  # an HF model.safetensors
-            return load_preset(preset or "gpt2"), state
-        if preset is not None and load_preset(preset) != cfg:
-            raise CLIError(f"--preset {preset} does not match the config stored in {path}; leave --preset out")
-        return cfg, state
-    cfg = load_preset(preset or "gpt2")
-    state, _ = weights.from_hf_gpt2(spec, cfg)
-    return cfg, state
+            cfg = cfg or load_preset("gpt2")
+            return cfg, weights.from_hf_gpt2(path, cfg)[0]  # an HF model.safetensors
+        if cfg is not None and cfg != stored:
+            diff = ", ".join(f"{k}={v!r} (file: {getattr(stored, k)!r})" for k, v in cfg.to_dict().items()
+                             if getattr(stored, k) != v)  # fmt: skip
+            raise CLIError(f"the config asked for differs from the one stored in {path}: {diff}")
+        return stored, state
+    cfg = cfg or load_preset("gpt2")
+    return cfg, weights.from_hf_gpt2(spec, cfg)[0]
 
 
 def build_model(framework: str, cfg: ModelConfig, state: dict | None, backend: str, seed: int):
@@ -81,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CLIError(f"--batch-file {args.batch_file}: no prompts in it (one per line)")
     else:
         texts = [args.prompt]
-    cfg, state = load_weights(args.weights, args.preset)
+    cfg, state = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
     if cfg.vocab_size < tokenizer.EOT_ID + 1:
         raise CLIError(f"the model's vocab_size={cfg.vocab_size} is smaller than GPT-2's tokenizer (50257)")
     prompts = [tokenizer.encode(t) for t in texts]
@@ -206,6 +210,73 @@ def cmd_side_by_side(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gptmod import data
+
+    inputs = [str(p) for p in args.input]
+    manifest = data.prepare(inputs if len(inputs) > 1 else inputs[0], args.out, val_fraction=args.val_fraction,
+                            overwrite=args.overwrite)  # fmt: skip
+    splits = manifest["splits"]
+    parts = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items())
+    print(f"wrote {args.out}: {len(manifest['documents'])} document(s); {parts}")
+    return 0
+
+
+# TrainConfig field -> help text; every field is a flag (a test checks none is missing).
+TRAIN_HELP = {
+    "steps": "optimizer updates in all", "batch_size": "windows per micro-batch (per process)",
+    "grad_accum": "micro-batches per update", "block_size": "tokens per window (<= the model's max_seq_len)",
+    "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
+    "warmup_steps": "linear warmup updates", "weight_decay": "AdamW decoupled decay on 2-D linear weights",
+    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
+    "grad_clip": "max global gradient norm (0 = off)", "dtype": "float32, or bfloat16 compute (fp32 master weights)",
+    "seed": "seed of the data order and of a fresh init", "log_every": "log every N updates",
+    "eval_every": "validation loss every N updates (0 = at the end only)",
+    "eval_batches": "validation batches per evaluation", "ckpt_every": "checkpoint every N updates (0 = at the end)",
+}  # fmt: skip
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from gptmod import training, weights
+
+    cfg = _target_config(args.preset, args.config, "shakespeare-small")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)
+             if getattr(args, f.name) is not None}  # fmt: skip
+    tc = training.TrainConfig(**given)
+    if tc.block_size > cfg.max_seq_len:
+        raise CLIError(f"--block-size {tc.block_size} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if not (args.data / "manifest.json").is_file():
+        raise CLIError(f"--data {args.data}: no manifest.json there; make one with `gptmod prepare`")
+    resuming = not args.no_resume and training.latest_checkpoint(args.out) is not None
+    state = None
+    if args.init and not resuming:
+        _, state = load_weights(str(args.init), cfg)
+    model = build_model(args.framework, cfg, state, DEFAULT_BACKEND[args.framework], tc.seed)
+    train_mod = importlib.import_module(f"gptmod_{args.framework}.train")
+    kw = {"compile": not args.no_compile} if args.framework == "torch" else {}
+    trainer = train_mod.Trainer(model, tc, **kw)
+    if resuming:
+        print(f"resuming from {training.latest_checkpoint(args.out)}", file=sys.stderr)
+    rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
+                          resume=not args.no_resume)  # fmt: skip
+    last = rows[-1] if rows else {}
+    val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
+    print(f"done: {tc.steps} steps, train loss {last.get('loss', float('nan')):.4f}{val}; model in "
+          f"{args.out / 'model.safetensors'}, log in {args.out / 'log.jsonl'}")  # fmt: skip
+    weights.read_metadata(args.out / "model.safetensors")  # the final file is there and readable
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gptmod import plots
+
+    gap = plots.plot_logs(args.logs, args.out, title=args.title)
+    print(f"wrote {args.out}" + (f"; max |train loss gap| between the first two logs: {gap:.3g}" if gap else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptmod", description="A modernised GPT-2 as twins in PyTorch and JAX/Flax NNX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -275,6 +346,46 @@ def build_parser() -> argparse.ArgumentParser:
                        "installed code, so it never drifts.")  # fmt: skip
     s.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     s.set_defaults(func=cmd_side_by_side)
+
+    pr = sub.add_parser("prepare", help="tokenize text into uint16 shards for training",
+                        description="Tokenize text with the bundled GPT-2 tokenizer into uint16 .npy shards "
+                        "plus manifest.json. Each document's last --val-fraction of tokens goes to the val "
+                        "split.")  # fmt: skip
+    pr.add_argument("--input", nargs="+", type=Path, default=[Path("bundled")], help="text file(s) or folder(s) of "
+                    ".txt files; 'bundled' = the eight bundled plays (default)")  # fmt: skip
+    pr.add_argument("--out", type=Path, required=True, help="the shard folder to write (atomically)")
+    pr.add_argument("--val-fraction", type=float, default=0.1, help="share of each document for validation "
+                    "(default 0.1; 0 = no val split)")  # fmt: skip
+    pr.add_argument("--overwrite", action="store_true", help="replace a previous shard folder at --out")
+    pr.set_defaults(func=cmd_prepare)
+
+    tr = sub.add_parser("train", help="train a model (or resume a run) in either framework",
+                        description="Train on shards from `gptmod prepare` with AdamW, warmup + cosine, clipping and "
+                        "accumulation; log to RUN/log.jsonl, checkpoint to RUN/step_N/ (canonical safetensors plus "
+                        "optimizer state, atomic) and write RUN/model.safetensors at the end. Rerunning the same "
+                        "command resumes from the latest checkpoint.")  # fmt: skip
+    tr.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which twin trains (default jax)")
+    tr.add_argument("--preset", choices=list_presets(), help="model preset (default shakespeare-small)")
+    tr.add_argument("--config", type=Path, help="model config as a JSON file (instead of --preset)")
+    tr.add_argument("--data", type=Path, required=True, help="a shard folder made by `gptmod prepare`")
+    tr.add_argument("--out", type=Path, required=True, help="the run folder (log, checkpoints, final model)")
+    tr.add_argument("--init", help="start from these weights instead of a random init: a gptmod checkpoint, or "
+                    "GPT-2 (gpt2 / an HF folder), transferred into the preset (uptraining)")  # fmt: skip
+    tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
+    tr.add_argument("--no-compile", action="store_true", help="torch: run eagerly instead of torch.compile")
+    for f in dataclasses.fields(TrainConfig):
+        tr.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                        help=f"{TRAIN_HELP[f.name]} (default {f.default})")  # fmt: skip
+    tr.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plot", help="draw loss curves from training logs (PNG)",
+                        description="Plot train (and val) loss against step for one or more RUN/log.jsonl files "
+                        "(or run folders) on one figure; with two logs, also report their largest train-loss "
+                        "gap.")  # fmt: skip
+    pl.add_argument("logs", nargs="+", type=Path, help="log.jsonl files or run folders")
+    pl.add_argument("--out", type=Path, default=Path("loss.png"), help="the PNG to write (default loss.png)")
+    pl.add_argument("--title", default="training loss", help="figure title")
+    pl.set_defaults(func=cmd_plot)
 
     sub.add_parser("parity", help="run the parity suite (same options as python -m parity)", add_help=False)
     return p

@@ -1,0 +1,168 @@
+"""Training in JAX: the twin of gptmod_torch/train.py.
+
+optax's AdamW (decoupled weight decay on 2-D linear weights only, `training.decays`) on the
+warmup-cosine schedule of `training.lr_at`, clipping by global norm, gradient accumulation as a
+`lax.scan` over micro-batches inside one jitted step whose parameters and optimizer state are donated,
+and bf16 compute from fp32 master weights. The loop, the checkpoints and the log are shared
+(gptmod/training.py).
+
+The trainable state is a flat dict keyed by canonical names (flax layout: kernels are (in, out)), so
+the optimizer's moments map onto canonical names without a table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gptmod.training import TrainConfig, decays, lr_at
+from gptmod.weights import check_state
+from gptmod_jax.model import _LEAF_TO_CANONICAL, GPT
+
+
+def loss_fn(model: GPT, x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy of the model's (soft-capped, fp32) logits."""
+    logits_BTV = model(x_BT)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT).mean()
+
+
+def make_optimizer(tc: TrainConfig, names: list[str]) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW with weight decay masked to `decays` names."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr)
+    adamw = optax.adamw(lambda count: schedule(count + 1), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                        weight_decay=tc.weight_decay, mask={n: decays(n) for n in names})  # fmt: skip
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
+
+
+class Trainer:
+    """One model, its optimizer and the step count; the methods the shared loop calls."""
+
+    def __init__(self, model: GPT, tc: TrainConfig) -> None:
+        self.tc = tc
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
+        self.names: list[str] = []
+        self.kernels: set[str] = set()  # names stored (in, out): transposed to and from canonical
+        for path, _ in leaves:
+            *prefix, leaf = (str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+            name = ".".join([*prefix, _LEAF_TO_CANONICAL[leaf]])
+            self.names.append(name)
+            if leaf == "kernel":
+                self.kernels.add(name)
+        # Copies: the step donates its parameters, which must not delete the caller's model's arrays.
+        self.params = {n: jnp.array(v, jnp.float32, copy=True) for n, (_, v) in zip(self.names, leaves, strict=True)}
+        self.tx = make_optimizer(tc, self.names)
+        self.opt_state = self.tx.init(self.params)
+        self.count = 0  # updates applied so far
+
+    def _model(self, params: Mapping[str, jax.Array]) -> GPT:
+        if self.tc.dtype == "bfloat16":  # bf16 compute; gradients flow back to the fp32 masters
+            params = {n: p.astype(jnp.bfloat16) for n, p in params.items()}
+        state = jax.tree_util.tree_unflatten(self.treedef, [params[n] for n in self.names])
+        return nnx.merge(self.graphdef, state, self.rest)
+
+    def _loss(self, params: Mapping[str, jax.Array], x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
+        return loss_fn(self._model(params), x_BT, y_BT)
+
+    @partial(jax.jit, static_argnums=0)
+    def _grads(self, params: dict[str, jax.Array], x_ABT: jax.Array, y_ABT: jax.Array) -> tuple[jax.Array, dict]:
+        """Mean loss over the micro-batches and the gradient of that mean, one micro-batch at a time."""
+
+        def micro(acc: tuple, xy: tuple) -> tuple[tuple, None]:
+            loss, g = jax.value_and_grad(self._loss)(params, *xy)
+            return jax.tree.map(jnp.add, acc, (loss, g)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, g), _ = jax.lax.scan(micro, zeros, (x_ABT, y_ABT))
+        n = x_ABT.shape[0]
+        return loss / n, jax.tree.map(lambda a: a / n, g)
+
+    @partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+    def _step(self, params: dict, opt_state: Any, x_ABT: jax.Array, y_ABT: jax.Array) -> tuple:
+        loss, g = self._grads(params, x_ABT, y_ABT)
+        updates, opt_state = self.tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(g)
+
+    def grads(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean loss and its gradient (not clipped), under canonical names and layout."""
+        loss, g = self._grads(self.params, jnp.asarray(x_ABT), jnp.asarray(y_ABT))
+        return float(loss), self._canonical(g)
+
+    def step(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> dict[str, Any]:
+        """One optimizer update from a (grad_accum, batch, time) batch; loss and grad_norm stay on device
+        (the loop reads them only when it logs, so steps are not synchronised one by one)."""
+        lr = lr_at(self.tc, self.count)
+        self.params, self.opt_state, loss, grad_norm = self._step(
+            self.params, self.opt_state, jnp.asarray(x_ABT), jnp.asarray(y_ABT)
+        )
+        self.count += 1
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    @partial(jax.jit, static_argnums=0)
+    def _eval(self, params: dict, x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
+        return self._loss(params, x_BT, y_BT)
+
+    def eval_loss(self, x_BT: np.ndarray, y_BT: np.ndarray) -> float:
+        return float(self._eval(self.params, jnp.asarray(x_BT), jnp.asarray(y_BT)))
+
+    @property
+    def model(self) -> GPT:
+        """The trained model (fp32), e.g. for generation."""
+        state = jax.tree_util.tree_unflatten(self.treedef, [self.params[n] for n in self.names])
+        return nnx.merge(self.graphdef, state, self.rest)
+
+    def _canonical(self, tree: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+        out = {}
+        for n in self.names:
+            a = np.array(tree[n], dtype=np.float32)  # a copy, never a view of a buffer the step will donate
+            out[n] = np.ascontiguousarray(a.T) if n in self.kernels else a
+        return out
+
+    def _from_canonical(self, state: Mapping[str, np.ndarray], what: str) -> dict[str, jax.Array]:
+        shapes = {n: tuple(self.params[n].shape[::-1] if n in self.kernels else self.params[n].shape)
+                  for n in self.names}  # fmt: skip
+        check_state(shapes, state, what=what)
+        return {n: jnp.array(np.asarray(state[n]).T if n in self.kernels else state[n], jnp.float32, copy=True)
+                for n in self.names}  # fmt: skip
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        return self._canonical(self.params)
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.params = self._from_canonical(state, "state")
+
+    def export_optimizer(self) -> dict[str, Any]:
+        """AdamW's moments under canonical names and layout, and the count."""
+        adam = _adam_state(self.opt_state)
+        return {"count": self.count, "m": self._canonical(adam.mu), "v": self._canonical(adam.nu)}
+
+    def load_optimizer(self, optimizer: Mapping[str, Any]) -> None:
+        count = jnp.asarray(int(optimizer["count"]), jnp.int32)
+        mu = self._from_canonical(optimizer["m"], "optimizer first moments")
+        nu = self._from_canonical(optimizer["v"], "optimizer second moments")
+        # Every count in the chain (Adam's bias correction, the schedule) is the number of updates so far.
+        state = optax.tree_utils.tree_set(self.opt_state, mu=mu, nu=nu, count=count)
+        self.opt_state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # one buffer per leaf: donated
+        self.count = int(optimizer["count"])
+
+    def all_reduce_mean(self, value: float) -> float:
+        """Mean of a python float over JAX processes (itself in a single-process run)."""
+        if jax.process_count() == 1:
+            return value
+        from jax.experimental import multihost_utils
+
+        return float(np.mean(multihost_utils.process_allgather(np.float64(value))))
+
+
+def _adam_state(opt_state: Any) -> optax.ScaleByAdamState:
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+             if isinstance(s, optax.ScaleByAdamState)]  # fmt: skip
+    (adam,) = found
+    return adam
