@@ -12,10 +12,10 @@ import numpy as np
 from tqdm import tqdm
 
 from gptmod.config import ModelConfig
-from parity import suite
+from parity import suite, training
 from parity.suite import Case, Row
 
-CHECKS = ("modules", "logits", "cached", "greedy", "roundtrip", "hf")
+CHECKS = ("modules", "logits", "cached", "greedy", "roundtrip", "hf", "train")
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Options:
     seed: int = 0
     decode_steps: int = 16
     greedy_steps: int = 32
+    train_steps: int = 200
     checks: tuple[str, ...] = CHECKS
     fault: tuple[str, float] | None = None  # (canonical name, relative perturbation) in the JAX twin only
     backends_torch: tuple[str, ...] = field(default_factory=tuple)
@@ -68,6 +69,7 @@ def run_suite(runs: Iterable[tuple[str, ModelConfig, dict | None]], opts: Option
                 ("greedy", lambda c, n=n: suite.check_greedy(c, n, opts.fault)),
                 ("roundtrip", suite.check_round_trips),
                 ("hf", lambda c: suite.check_hf(c, opts.seed)),
+                ("train", lambda c: training.check_training(c, opts.train_steps, opts.seed)),
             ]
             plan.append((name, cfg, state, dtype, [(k, f) for k, f in checks if k in opts.checks]))
     rows: list[Row] = []

@@ -92,7 +92,8 @@ def test_help_is_complete_for_every_command():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"generate", "convert", "info", "transfer-report", "side-by-side", "parity"}
+    assert set(sub.choices) == {"generate", "convert", "info", "transfer-report", "side-by-side", "prepare", "train",
+                                "plot", "parity"}
     for name, p in sub.choices.items():
         if name == "parity":  # its own parser: python -m parity --help
             continue
@@ -208,3 +209,66 @@ def test_convert_size_mismatch_is_one_line(gpt2_folder, tmp_path):
     err = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(err) == 1 and "d_model: cfg has 768, the source has 64" in err[0]
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_prepare_train_resume_plot_generate(tmp_path):
+    """The training path as a user drives it: shards, a short run, a rerun that resumes, a plot, generation."""
+    text = tmp_path / "play.txt"
+    text.write_text("".join(f"KING. My lord, line {i} of the play.\nQUEEN. Aye, my lord.\n" for i in range(300)))
+    r = run("prepare", "--input", str(text), "--out", str(tmp_path / "data"), "--val-fraction", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert "1 document(s); train:" in r.stdout and (tmp_path / "data" / "manifest.json").is_file()
+    args = ["train", "--framework", "torch", "--no-compile", "--config", str(tmp_path / "cfg.json"), "--data",
+            str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "6", "--warmup-steps", "1",
+            "--batch-size", "2", "--block-size", "32", "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
+            "--ckpt-every", "3"]  # fmt: skip
+    dataclasses.replace(load_preset("tiny"), max_seq_len=64).to_json(tmp_path / "cfg.json")
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert "done: 6 steps" in r.stdout and "val loss" in r.stdout
+    assert "6/6" in r.stderr  # the progress bar reached the end
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 6]
+    # The same command again resumes from the last checkpoint and has nothing left to do.
+    r = run(*args)
+    assert r.returncode == 0 and "resuming from" in r.stderr and "step_0000006" in r.stderr, r.stderr
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 6
+    r = run("plot", str(tmp_path / "run"), str(tmp_path / "run" / "log.jsonl"), "--out", str(tmp_path / "l.png"))
+    assert r.returncode == 0 and "max |train loss gap| between the first two logs: 0" in r.stdout, r.stdout
+    assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gen = run("generate", "--weights", str(tmp_path / "run" / "model.safetensors"), "--prompt", "KING.",
+              "--max-new-tokens", "4", "--no-eos")  # fmt: skip
+    assert gen.returncode == 0 and gen.stdout.startswith("KING."), gen.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["train", "--data", "nowhere", "--out", "r"], "--data nowhere: no manifest.json there"),
+        (["train", "--data", ".", "--out", "r", "--block-size", "4096"], "exceeds the model's max_seq_len=256"),
+        (["train", "--data", ".", "--out", "r", "--lr", "-1"], "TrainConfig.lr=-1.0: must be a finite number >= 0"),
+        (["prepare", "--input", "missing.txt", "--out", "d"], "missing.txt"),
+        (["plot", "nolog.jsonl"], "no training log at nolog.jsonl"),
+    ],
+)
+def test_training_errors_are_one_line(args, msg):
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_uptraining_starts_from_transferred_gpt2(gpt2_folder, tmp_path):
+    """--init with GPT-2 weights: the partial transfer is the starting point (its first loss is the transfer's)."""
+    from gptmod import data, weights
+
+    data.prepare("bundled", tmp_path / "data", progress=False)
+    cfg_file = gpt2_folder / "modern-tiny.json"
+    r = run("train", "--framework", "jax", "--config", str(cfg_file), "--data", str(tmp_path / "data"),
+            "--out", str(tmp_path / "run"), "--init", str(gpt2_folder / "gpt2-tiny"), "--steps", "2",
+            "--warmup-steps", "1", "--batch-size", "2", "--block-size", "32", "--log-every", "1")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    trained, cfg = weights.load(tmp_path / "run" / "model.safetensors")
+    transferred, _ = weights.from_hf_gpt2(gpt2_folder / "gpt2-tiny", cfg)
+    # Two small AdamW steps from the transfer: close to it, and far from a fresh random init.
+    moved = max(float(np.abs(trained[k] - transferred[k]).max()) for k in trained)
+    assert 0 < moved < 0.01

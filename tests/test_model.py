@@ -315,3 +315,24 @@ def test_backend_errors():
     if jax.default_backend() == "cpu":
         with pytest.raises(BackendUnavailableError, match="'cudnn' cannot run: needs an NVIDIA GPU"):
             jax_logits(jax_model(cfg, state, backend="cudnn"), idx)
+
+
+def _public_api(path: Path) -> dict[str, list[str]]:
+    """Top-level public functions (under "") and each class's public methods, sorted."""
+    api: dict[str, list[str]] = {"": []}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            api[""].append(node.name)
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            api[node.name] = sorted(n.name for n in node.body if isinstance(n, ast.FunctionDef)
+                                    and not n.name.startswith("_"))  # fmt: skip
+    api[""].sort()
+    return api
+
+
+@pytest.mark.parametrize("module", ["generate.py", "train.py"])
+def test_twin_generate_and_train_offer_the_same_api(module):
+    t, j = _public_api(ROOT / "gptmod_torch" / module), _public_api(ROOT / "gptmod_jax" / module)
+    if module == "train.py":  # torch's Trainer.model is the module it was given; JAX's merges one on demand
+        j["Trainer"] = [m for m in j["Trainer"] if m != "model"]
+    assert t == j

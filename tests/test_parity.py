@@ -106,7 +106,7 @@ def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
     assert "| cached-decode | tiny | float32 |" in (tmp_path / "r.md").read_text()
     assert main([*args, "--inject-fault", "blocks.0.attn.wq.weight=0.01"]) == 1
     assert main([*args, "--inject-fault", "no.such.weight=0.1"]) == 2
-    assert set(CHECKS) == {"modules", "logits", "cached", "greedy", "roundtrip", "hf"}
+    assert set(CHECKS) == {"modules", "logits", "cached", "greedy", "roundtrip", "hf", "train"}
 
 
 def test_cli_weight_errors():
@@ -117,3 +117,19 @@ def test_cli_weight_errors():
     r = subprocess.run([sys.executable, "-m", "parity", "--preset", "tiny", "--weights", "gpt2"], capture_output=True,
                        text=True, env=env, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "only into classic presets, not tiny" in r.stderr
+
+
+def test_training_rows():
+    """The suite's training rows on a short curve: four rows, all within budget, bf16 skipped with a reason."""
+    from gptmod.config import load_preset
+    from parity.runner import Options, make_case
+    from parity.training import check_training
+
+    case = make_case("modern-gpt2", load_preset("modern-gpt2"), "float32", Options(), None)
+    rows = list(check_training(case, steps=12))
+    assert [r.check for r in rows] == ["train loss", "train grads (20)", "train params @10 AdamW",
+                                       "train curve 12 steps"]  # fmt: skip
+    assert all(r.passed for r in rows), [(r.check, r.note) for r in rows]
+    assert "max |loss gap|" in rows[-1].note and rows[-1].diff <= rows[-1].budget
+    bf16 = list(check_training(make_case("tiny", load_preset("tiny"), "bfloat16", Options(), None)))
+    assert len(bf16) == 1 and bf16[0].passed is None and "fp32" in bf16[0].note

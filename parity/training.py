@@ -1,0 +1,143 @@
+"""Training parity: gradients, AdamW steps and a loss curve, torch against JAX against a float64 torch reference.
+
+These rows run on a reduced copy of the case's config (2 layers, d_model 128, every switch kept) in fp32 with
+real tokens (bundled Shakespeare), so that 200 optimizer steps in three trainers take a minute or two.
+Budgets (each framework's error e against float64, and |torch - JAX| <= K * max(e_torch, e_jax) as everywhere):
+- loss and gradients: e <= 2e-5 * scale, scale = max|float64 gradient|, floored at 1e-3 of the largest gradient
+  anywhere (gradients that are zero in exact arithmetic, such as the key bias, are only rounding noise);
+- parameters after 10 AdamW steps: |p - p_float64| <= 1e-3 * |p_float64 - p_start| per tensor (Frobenius): a
+  share of the update. Not elementwise: Adam normalises each element's step, so an element whose gradient is
+  rounding noise (near eps) moves by up to lr in a random direction in every precision;
+- the 200-step loss curve: e <= 5% of the loss. Training is chaotic, so fp32 and float64 trajectories drift
+  apart; the real test is that torch and JAX drift no further apart than each drifts from float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from gptmod.config import ModelConfig
+from gptmod.training import TrainConfig, lr_at
+from parity.suite import ABS_FLOOR, Case, K, Row
+
+TC = TrainConfig(steps=200, warmup_steps=20, batch_size=2, grad_accum=2, block_size=32, lr=1e-3, min_lr=1e-4,
+                 log_every=1)  # fmt: skip
+GRAD_REL, ADAM_REL, CURVE_REL = 2e-5, 1e-3, 5e-2
+
+
+def small(cfg: ModelConfig) -> ModelConfig:
+    """The case's switches at training-parity size."""
+    n_kv = 4 if cfg.n_kv_head == cfg.n_head else max(1, 4 * cfg.n_kv_head // cfg.n_head)
+    d_ff = 256 if cfg.mlp == "swiglu" else 512
+    return dataclasses.replace(cfg, n_layer=2, d_model=128, n_head=4, n_kv_head=n_kv, d_ff=d_ff, max_seq_len=128)
+
+
+def _trainers(cfg: ModelConfig, tc: TrainConfig, seed: int) -> tuple:
+    import torch
+    from flax import nnx
+
+    import gptmod_jax
+    import gptmod_torch
+    from gptmod_jax.train import Trainer as JaxTrainer
+    from gptmod_torch.train import Trainer as TorchTrainer
+
+    torch.manual_seed(seed)
+    state = gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+    t = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc)
+    j = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc)
+    r = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg).double(), state), tc)
+    return t, j, r
+
+
+def _row(check: str, case: Case, t: dict, j: dict, r: dict, rel: float, floor: float = 0.0,
+         scale: float | None = None, note: str = "") -> Row:  # fmt: skip
+    """One row for a family of tensors: the worst tensor's errors, judged as in parity.suite.numeric_row."""
+    results = []
+    for name in r:
+        s = max(float(np.abs(r[name]).max()), floor) if scale is None else scale
+        e_t, e_j = float(np.abs(t[name] - r[name]).max()), float(np.abs(j[name] - r[name]).max())
+        d = float(np.abs(t[name].astype(np.float64) - j[name]).max())
+        budget = max(ABS_FLOOR["float32"] * s, K * max(e_t, e_j))
+        failed = not (d <= budget and max(e_t, e_j) <= rel * s)
+        results.append((failed, max(e_t, e_j) / (rel * s) if s > 0 else 0.0, name, (e_t, e_j, d, budget)))
+    failed, ratio, worst, (e_t, e_j, d, budget) = max(results)  # a failing tensor first, then the nearest miss
+    note = f"worst: {worst} at {ratio:.2f} of its budget; {note}".rstrip("; ")
+    return Row(check, case.name, case.dtype, "sdpa", "auto", e_t, e_j, d, budget, not failed, note)
+
+
+def update_errors(t: dict, j: dict, r: dict, start: dict, travel: float) -> dict[str, tuple[float, float, float]]:
+    """Per tensor: (e_torch, e_jax, |torch - JAX|) after optimizer steps, as shares of the float64 update
+    |p_float64 - p_start| (Frobenius). A tensor that float64 leaves still (its gradient is zero in exact
+    arithmetic, e.g. the key bias) is measured against `travel` * sqrt(size) instead: the furthest Adam can
+    move it, which fp32 rounding noise does move it towards."""
+    out = {}
+    for name in r:
+        step = float(np.linalg.norm(r[name] - start[name]))
+        step = max(step, travel * np.sqrt(r[name].size) if step < 1e-6 * travel * np.sqrt(r[name].size) else 0.0)
+        e_t, e_j = (float(np.linalg.norm(p[name] - r[name])) / step for p in (t, j))
+        out[name] = (e_t, e_j, float(np.linalg.norm(t[name].astype(np.float64) - j[name])) / step)
+    return out
+
+
+def _update_row(check: str, case: Case, errors: dict[str, tuple[float, float, float]], rel: float) -> Row:
+    """The worst tensor's update errors, judged as in parity.suite.numeric_row."""
+    results = []
+    for name, (e_t, e_j, d) in errors.items():
+        budget = max(ABS_FLOOR["float32"], K * max(e_t, e_j))
+        results.append((not (d <= budget and max(e_t, e_j) <= rel), max(e_t, e_j) / rel, name, (e_t, e_j, d, budget)))
+    failed, ratio, worst, (e_t, e_j, d, budget) = max(results)
+    return Row(check, case.name, case.dtype, "sdpa", "auto", e_t, e_j, d, budget, not failed,
+               f"share of the update |p - p_float64| / |p_float64 - p_start|; worst: {worst} at {ratio:.2f} of "
+               f"its budget")  # fmt: skip
+
+
+def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: Path | None = None) -> Iterator[Row]:
+    """Gradients, 10 AdamW steps, and a `steps`-step loss curve on bundled Shakespeare."""
+    if case.dtype != "float32":
+        yield Row("train", case.name, case.dtype, "-", "-", None, None, None, None, None, "training parity is fp32")
+        return
+    if case.device != "cpu":
+        yield Row("train", case.name, case.dtype, "-", "-", None, None, None, None, None, "CPU only")
+        return
+    cfg = dataclasses.replace(small(case.cfg), vocab_size=max(case.cfg.vocab_size, 50257))
+    tc = dataclasses.replace(TC, steps=steps, warmup_steps=min(TC.warmup_steps, steps // 10))
+    size = f"2 layers, d_model 128 ({cfg.num_params():,} params)"
+    with tempfile.TemporaryDirectory() as tmp:
+        from gptmod.data import TokenLoader, prepare
+
+        if data_dir is None:
+            data_dir = Path(tmp) / "shk"
+            prepare("bundled", data_dir, val_fraction=0.0, progress=False)
+        loader = TokenLoader(data_dir, "train", block_size=tc.block_size, batch_size=tc.batch_size * tc.grad_accum,
+                             seed=seed)  # fmt: skip
+        shape = (tc.grad_accum, tc.batch_size, tc.block_size)
+        t, j, r = _trainers(cfg, tc, seed)
+        start = r.export_state()
+        x, y = (a.reshape(shape) for a in loader.batch(0))
+        (lt, gt), (lj, gj), (lr, gr) = t.grads(x, y), j.grads(x, y), r.grads(x, y)
+        yield _row("train loss", case, {"loss": np.array(lt)}, {"loss": np.array(lj)}, {"loss": np.array(lr)},
+                   GRAD_REL, note=size)  # fmt: skip
+        floor = 1e-3 * max(float(np.abs(g).max()) for g in gr.values())
+        yield _row(f"train grads ({len(gr)})", case, gt, gj, gr, GRAD_REL, floor=floor)
+        losses: dict[str, list[float]] = {"t": [], "j": [], "r": []}
+        for step in range(tc.steps):
+            x, y = (a.reshape(shape) for a in loader.batch(step))
+            for key, trainer in (("t", t), ("j", j), ("r", r)):
+                losses[key].append(float(trainer.step(x, y)["loss"]))
+            if step + 1 == 10:
+                travel = sum(lr_at(tc, s) for s in range(10))
+                errors = update_errors(t.export_state(), j.export_state(), r.export_state(), start, travel)
+                yield _update_row("train params @10 AdamW", case, errors, ADAM_REL)
+    curve = {k: np.array(v) for k, v in losses.items()}
+    gap = float(np.abs(curve["t"] - curve["j"]).max())
+    e_t, e_j = float(np.abs(curve["t"] - curve["r"]).max()), float(np.abs(curve["j"] - curve["r"]).max())
+    scale = float(curve["r"].min())
+    ok = max(e_t, e_j) <= CURVE_REL * scale and gap <= max(K * max(e_t, e_j), ABS_FLOOR["float32"])
+    yield Row(f"train curve {tc.steps} steps", case.name, case.dtype, "sdpa", "auto", e_t, e_j, gap,
+              max(K * max(e_t, e_j), ABS_FLOOR["float32"]), ok,
+              f"max |loss gap| {gap:.2e}; loss {curve['r'][0]:.3f} -> {curve['r'][-1]:.3f}")  # fmt: skip
