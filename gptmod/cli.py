@@ -273,7 +273,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from gptmod import plots
 
     gap = plots.plot_logs(args.logs, args.out, title=args.title)
-    print(f"wrote {args.out}" + (f"; max |train loss gap| between the first two logs: {gap:.3g}" if gap is not None else ""))
+    both = f"; max |train loss gap| between the first two logs: {gap:.3g}" if gap is not None else ""
+    print(f"wrote {args.out}{both}")
     return 0
 
 

@@ -33,23 +33,16 @@ class Variant:
 def variants(tensors: dict[str, np.ndarray], classic: ModelConfig, target: ModelConfig, seed: int) -> list[Variant]:
     """GPT-2, each switch in which `target` differs from GPT-2 alone, the full transfer, and random init."""
     switches: list[tuple[str, dict[str, Any]]] = []
-    if target.pos != classic.pos:
-        switches.append((f"pos={target.pos}", dict(pos=target.pos, rope_theta=target.rope_theta)))
-    if target.norm != classic.norm:
-        switches.append((f"norm={target.norm}", dict(norm=target.norm)))
-    if target.n_kv_head != classic.n_kv_head:
-        switches.append((f"n_kv_head={target.n_kv_head}", dict(n_kv_head=target.n_kv_head)))
-    if target.mlp != classic.mlp:
-        switches.append((f"mlp={target.mlp}", dict(mlp=target.mlp)))
-        switches.append((f"mlp={target.mlp}, zero gate", dict(mlp=target.mlp)))
-        if target.d_ff != classic.d_ff:
-            switches.append((f"mlp={target.mlp}, d_ff={target.d_ff}", dict(mlp=target.mlp, d_ff=target.d_ff)))
-    if target.bias != classic.bias:
-        switches.append((f"bias={target.bias}", dict(bias=target.bias)))
-    if target.logit_softcap != classic.logit_softcap:
-        switches.append((f"logit_softcap={target.logit_softcap}", dict(logit_softcap=target.logit_softcap)))
-    if target.tie_embeddings != classic.tie_embeddings:
-        switches.append((f"tie_embeddings={target.tie_embeddings}", dict(tie_embeddings=target.tie_embeddings)))
+    for f in ("pos", "norm", "n_kv_head", "mlp", "bias", "logit_softcap", "tie_embeddings"):
+        new = getattr(target, f)
+        if new == getattr(classic, f):
+            continue
+        change = {f: new, **({"rope_theta": target.rope_theta} if f == "pos" else {})}
+        switches.append((f"{f}={new}", change))
+        if f == "mlp":  # also: the usual zero gate, and the target's own d_ff (units pruned or added)
+            switches.append((f"mlp={new}, zero gate", change))
+            if target.d_ff != classic.d_ff:
+                switches.append((f"mlp={new}, d_ff={target.d_ff}", {**change, "d_ff": target.d_ff}))
 
     out = [Variant("GPT-2", classic, *weights.from_hf_gpt2(tensors, classic, seed=seed))]
     for name, change in switches:
