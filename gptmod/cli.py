@@ -261,9 +261,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"resuming from {training.latest_checkpoint(args.out)}", file=sys.stderr)
     rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
                           resume=not args.no_resume)  # fmt: skip
-    last = rows[-1] if rows else {}
+    if not rows:
+        print(f"nothing to do: {args.out} is already at step {tc.steps}; model in {args.out / 'model.safetensors'}")
+        return 0
+    last = rows[-1]
     val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
-    print(f"done: {tc.steps} steps, train loss {last.get('loss', float('nan')):.4f}{val}; model in "
+    print(f"done: {tc.steps} steps, train loss {last['loss']:.4f}{val}; model in "
           f"{args.out / 'model.safetensors'}, log in {args.out / 'log.jsonl'}")  # fmt: skip
     weights.read_metadata(args.out / "model.safetensors")  # the final file is there and readable
     return 0

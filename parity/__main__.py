@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: torch on CUDA (all SDPA backends), JAX on its GPU (cuDNN attention), "
                    "float16 added")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="tiny and reduced-depth presets (2 layers), 64 tokens")
+    p.add_argument("--quick", action="store_true", help="tiny and reduced-depth presets (2 layers), 64 tokens, "
+                   "a 50-step training curve")  # fmt: skip
     p.add_argument("--inject-fault", metavar="NAME=EPS",
                    help="self-test: scale one canonical tensor by (1+EPS) in the JAX twin only; the report "
                    "must fail")  # fmt: skip
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes=tuple(args.dtype or (("float32", "bfloat16", "float16") if gpu else ("float32", "bfloat16"))),
         device="cuda" if gpu else "cpu", weights=args.weights, seq_len=64 if args.quick else args.seq_len,
         batch=args.batch, seed=args.seed, greedy_steps=16 if args.quick else args.greedy_steps,
+        train_steps=50 if args.quick else 200,
         checks=tuple(args.check or CHECKS), fault=fault, backends_torch=tuple(args.backend_torch or ()),
         backends_jax=tuple(args.backend_jax or ()),
     )  # fmt: skip

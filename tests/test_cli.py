@@ -232,6 +232,7 @@ def test_prepare_train_resume_plot_generate(tmp_path):
     # The same command again resumes from the last checkpoint and has nothing left to do.
     r = run(*args)
     assert r.returncode == 0 and "resuming from" in r.stderr and "step_0000006" in r.stderr, r.stderr
+    assert "nothing to do" in r.stdout and "already at step 6" in r.stdout
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 6
     r = run("plot", str(tmp_path / "run"), str(tmp_path / "run" / "log.jsonl"), "--out", str(tmp_path / "l.png"))
     assert r.returncode == 0 and "max |train loss gap| between the first two logs: 0" in r.stdout, r.stdout
