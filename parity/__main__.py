@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float32 and bfloat16 (plus float16 on GPU)")  # fmt: skip
     p.add_argument("--weights", default="random",
                    help="random (seeded, offline); random-outliers (random plus injected outlier channels, see "
-                   "README); gpt2 or another HF GPT-2 name/folder (classic presets); or a gptmod .safetensors "
+                   "README); gpt2 or another HF GPT-2 name/folder (exact into classic presets, partially transferred "
+                   "into the others); or a gptmod .safetensors "
                    "file")  # fmt: skip
     p.add_argument("--check", action="append", choices=CHECKS, help="run only these checks (repeatable)")
     p.add_argument("--backend-torch", action="append", choices=TORCH_BACKENDS, help="default: all")
@@ -69,12 +70,10 @@ def _runs(args) -> list[tuple[str, ModelConfig, dict | None]]:
         state, cfg = weights.load(path)
         return [(path.stem, cfg, state)]
     out = []
+    tensors, _ = weights.read_hf_gpt2(args.weights)  # read once; exact into classic presets, partial otherwise
     for name, cfg, _ in runs:
-        if not cfg.is_classic:
-            raise ValueError(f"--weights {args.weights}: GPT-2 weights load exactly only into classic presets, "
-                             f"not {name}; pass --preset gpt2 (or gpt2-medium, ...)")  # fmt: skip
-        state, _ = weights.from_hf_gpt2(args.weights, cfg)
-        out.append((name, cfg, state))
+        state, _ = weights.from_hf_gpt2(tensors, cfg)
+        out.append((name if cfg.is_classic else f"{name} (GPT-2 transferred)", cfg, state))
     return out
 
 

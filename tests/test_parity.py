@@ -114,9 +114,22 @@ def test_cli_weight_errors():
     r = subprocess.run([sys.executable, "-m", "parity", "--preset", "gpt2", "--weights", "gpt2"], capture_output=True,
                        text=True, env=env, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "offline" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "parity", "--preset", "tiny", "--weights", "gpt2"], capture_output=True,
-                       text=True, env=env, timeout=300)  # fmt: skip
-    assert r.returncode == 2 and "only into classic presets, not tiny" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "parity", "--preset", "tiny", "--weights", "no/such/dir"],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "no such file or folder: no/such/dir" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpt2_weights_run_in_modern_presets_through_the_partial_transfer(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64)).save_pretrained(tmp_path / "hf")
+    args = ["--preset", "tiny", "--weights", str(tmp_path / "hf"), "--check", "logits", "--dtype", "float32",
+            "--backend-torch", "sdpa", "--backend-jax", "xla", "--seq-len", "32", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert rows and all(r["preset"] == "tiny (GPT-2 transferred)" and r["passed"] for r in rows)
 
 
 def test_training_rows():
