@@ -237,9 +237,7 @@ TRAIN_HELP = {
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from gptmod import training, weights
+    from gptmod import training
 
     cfg = _target_config(args.preset, args.config, "shakespeare-small")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)
@@ -249,16 +247,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--block-size {tc.block_size} exceeds the model's max_seq_len={cfg.max_seq_len}")
     if not (args.data / "manifest.json").is_file():
         raise CLIError(f"--data {args.data}: no manifest.json there; make one with `gptmod prepare`")
-    resuming = not args.no_resume and training.latest_checkpoint(args.out) is not None
+    resuming = None if args.no_resume else training.latest_checkpoint(args.out)
     state = None
-    if args.init and not resuming:
+    if args.init and resuming is None:
         _, state = load_weights(str(args.init), cfg)
     model = build_model(args.framework, cfg, state, DEFAULT_BACKEND[args.framework], tc.seed)
     train_mod = importlib.import_module(f"gptmod_{args.framework}.train")
     kw = {"compile": not args.no_compile} if args.framework == "torch" else {}
     trainer = train_mod.Trainer(model, tc, **kw)
-    if resuming:
-        print(f"resuming from {training.latest_checkpoint(args.out)}", file=sys.stderr)
+    if resuming is not None:
+        print(f"resuming from {resuming}", file=sys.stderr)
     rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
                           resume=not args.no_resume)  # fmt: skip
     if not rows:
@@ -268,7 +266,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
     print(f"done: {tc.steps} steps, train loss {last['loss']:.4f}{val}; model in "
           f"{args.out / 'model.safetensors'}, log in {args.out / 'log.jsonl'}")  # fmt: skip
-    weights.read_metadata(args.out / "model.safetensors")  # the final file is there and readable
     return 0
 
 

@@ -245,7 +245,10 @@ def train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, r
     if train_data.manifest["vocab_size"] > cfg.vocab_size:
         raise ValueError(f"the model's vocab_size={cfg.vocab_size} is smaller than the data's vocabulary "
                          f"({train_data.manifest['vocab_size']}, {data_dir})")  # fmt: skip
-    val_data = _val_loader(data_dir, tc, rank, world_size)
+    val_data = None  # the manifest the train loader checked says whether there is a val split
+    if train_data.manifest["splits"].get("val", {}).get("tokens"):
+        val_data = TokenLoader(data_dir, "val", block_size=tc.block_size, batch_size=micro, seed=tc.seed,
+                               rank=rank, world_size=world_size)  # fmt: skip
     start = 0
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -289,16 +292,6 @@ def train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, r
     if main:
         weights.save(run_dir / "model.safetensors", trainer.export_state(), cfg, metadata={"step": str(tc.steps)})
     return rows
-
-
-def _val_loader(data_dir: Path, tc: TrainConfig, rank: int, world_size: int) -> Any:
-    from gptmod.data import TokenLoader
-
-    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-    if not manifest.get("splits", {}).get("val", {}).get("tokens"):
-        return None
-    return TokenLoader(data_dir, "val", block_size=tc.block_size, batch_size=tc.batch_size, seed=tc.seed,
-                       rank=rank, world_size=world_size)  # fmt: skip
 
 
 def _eval(trainer: Trainer, val_data: Any, n: int, world_size: int) -> float:
