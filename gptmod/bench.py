@@ -1,35 +1,207 @@
-"""Decode speed of both twins beside Hugging Face `generate`, in one process run.
+"""Speed and scaling of both twins beside Hugging Face `generate` and the machine's memory-bandwidth
+roofline, all in one process run so the ratios hold on a noisy machine.
 
-    python -m gptmod.bench [--preset modern-gpt2] [--batch 1 --batch 8] [--prompt-len 32] [--new-tokens 256]
+    python -m gptmod.bench [--quick] [--preset modern-gpt2] [--json FILE] [--plot DIR]
 
-Random weights. Each figure is the median of `--repeats` timed runs after a warm-up (which also pays
-any compilation). Decode tokens/s = batch * (new_tokens - 1) / (t(new_tokens) - t(1)): the
-difference of two generate calls removes prefill and the first token from the decode figure, the
-same way for every framework. HF runs the equivalent Llama config for modern presets (GPT2 for
-classic ones) with its default dynamic cache; it has no logit soft-cap, which costs nothing.
+Random (seeded) weights: the torch model's canonical state, loaded into the JAX twin; HF runs the
+equivalent Llama config for modern presets (GPT2 for classic ones) with its default dynamic cache (it
+has no logit soft-cap, which costs nothing). Every time is the median of `--repeats` calls after one
+warm-up call of the same shape, which also pays any compilation.
+
+- ttft_s: generate(..., 1 new token), i.e. prefill plus the first sampled token.
+- prefill_tok_s = batch * prompt_len / ttft_s.
+- decode_tok_s = batch * (new_tokens - 1) / (t(new_tokens) - t(1)): the difference of two medians
+  removes prefill the same way for every framework.
+- compile_s (jax jit, torch compile): the warm-up call of new_tokens minus the median timed call: what
+  the first call of that shape paid to trace and compile (about 0 when an earlier cell compiled the
+  same shapes). None for eager torch and HF.
+- peak_mem_mb: how far the first timed call of new_tokens grew memory beyond what was resident just
+  before it. CPU: peak RSS (sampled every 2 ms) minus RSS before, so memory the allocator kept from the
+  warm-up is not counted again. GPU: the allocator's peak (torch/HF); JAX's lifetime peak_bytes_in_use.
+- Roofline: every decode step reads all weights once, so (all-core read bandwidth) / weight_bytes is
+  the batch-1 decode ceiling; batch-1 rows report decode_tok_s as a fraction of it.
+- Scaling: per-token decode time at context c with the KV cache and without it (use_cache=False, the
+  whole padded context recomputed every step), as (t(prompt c-n, n new) - t(prompt c-n, 1 new)) / (n-1).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
+import os
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gptmod.config import ModelConfig, list_presets, load_preset
 
+# --frameworks name -> (framework, mode) as written in rows
+FRAMEWORKS = {"jax": ("jax", "jit"), "torch-eager": ("torch", "eager"), "torch-compile": ("torch", "compile"),
+              "hf": ("hf", "generate")}  # fmt: skip
+SCALING = ("jax", "torch-eager", "torch-compile")  # HF has no no-cache path of ours to compare
+FULL = dict(batch=[1, 8, 32], prompt_len=[32, 512], new_tokens=256, repeats=3, contexts=[64, 256, 1024],
+            frameworks=list(FRAMEWORKS), scaling=SCALING)  # fmt: skip
+# torch.compile costs ~10 s per shape here, so --quick keeps it in the grid but not in scaling (4 more shapes).
+QUICK = dict(batch=[1, 8], prompt_len=[32], new_tokens=32, repeats=1, contexts=[64, 256],
+             frameworks=list(FRAMEWORKS), scaling=("jax", "torch-eager"))  # fmt: skip
+BANDWIDTH_BYTES = 1 << 30
+TARGET_PROMPT = 32
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: compilation, allocator, caches
+
+@dataclass
+class Row:
+    framework: str
+    mode: str
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float | None  # None when t(new_tokens) <= t(1): too noisy to say
+    ttft_s: float
+    compile_s: float | None
+    peak_mem_mb: float | None
+    roofline_fraction: float | None  # batch 1 only
+
+
+@dataclass
+class ScalingRow:
+    framework: str
+    mode: str
+    context: int
+    cache: bool
+    per_token_s: float | None
+
+
+@dataclass
+class Target:
+    name: str
+    value: float
+    threshold: float
+    met: bool
+    unit: str = field(default="x", repr=False)  # for printing only: "x", "%" or "s"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "value": self.value, "threshold": self.threshold, "met": self.met}
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Peak:
+    mb: float | None = None  # set when the block exits; None where it cannot be measured
+
+
+@contextmanager
+def rss_peak(interval_s: float = 0.002) -> Iterator[Peak]:
+    """Growth of resident memory (MB) while the block runs: a thread samples /proc/self/statm every
+    `interval_s` (None where there is no /proc)."""
+    peak = Peak()
+    if not os.path.exists("/proc/self/statm"):
+        yield peak
+        return
+    fd, page = os.open("/proc/self/statm", os.O_RDONLY), os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(os.pread(fd, 128, 0).split()[1]) * page
+    before = top = rss()
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal top
+        while not stop.wait(interval_s):
+            top = max(top, rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+        peak.mb = (max(top, rss()) - before) / 1e6
+        os.close(fd)
+
+
+@contextmanager
+def cuda_peak() -> Iterator[Peak]:
+    """torch's CUDA allocator peak (MB) above what was allocated before the block."""
+    import torch
+
+    peak = Peak()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    yield peak
+    torch.cuda.synchronize()
+    peak.mb = (torch.cuda.max_memory_allocated() - before) / 1e6
+
+
+@contextmanager
+def jax_device_peak(device: Any) -> Iterator[Peak]:
+    """JAX's peak_bytes_in_use above bytes_in_use before (MB), where the backend reports them. JAX cannot
+    reset its peak, so this is an upper bound once an earlier call peaked higher."""
+    peak = Peak()
+    before = (device.memory_stats() or {}).get("bytes_in_use")
+    yield peak
+    top = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    peak.mb = None if top is None or before is None else (top - before) / 1e6
+
+
+@dataclass
+class Timing:
+    warmup_s: float
+    median_s: float
+    peak_mem_mb: float | None = None
+
+
+def time_call(fn: Callable[[], object], repeats: int,
+              memory: Callable[[], AbstractContextManager[Peak]] | None = None) -> Timing:  # fmt: skip
+    """One warm-up call, then the median of `repeats` calls; `memory` wraps the first timed call."""
+    t0 = time.perf_counter()
+    fn()
+    warmup = time.perf_counter() - t0
+    times, peak = [], None
+    for i in range(repeats):
+        with memory() if memory is not None and i == 0 else nullcontext() as mem:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peak = mem.mb if mem is not None else peak
+    return Timing(warmup, statistics.median(times), peak)
+
+
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, device: str = "cpu", passes: int = 5) -> float:
+    """Read bandwidth in GB/s (1e9 bytes): torch's multi-threaded sum over an `nbytes` fp32 tensor,
+    one warm-up pass, then the median of `passes`."""
+    import torch
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)  # written, so every page is really resident
     times = []
-    for _ in range(repeats):
+    for _ in range(passes + 1):
+        sync()
         t0 = time.perf_counter()
-        fn()
+        x.sum()
+        sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return x.nbytes / statistics.median(times[1:]) / 1e9
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of parameters one decode step reads: `parameters()` yields a tied embedding once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- models and calls
 
 
 def hf_model(cfg: ModelConfig):
@@ -51,35 +223,6 @@ def hf_model(cfg: ModelConfig):
     return LlamaForCausalLM(hf_cfg).eval()
 
 
-def bench_decode(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    import torch
-    from flax import nnx
-
-    import gptmod_jax
-    import gptmod_torch
-    from gptmod_jax.generate import generate as jax_generate
-    from gptmod_torch.generate import generate as torch_generate
-
-    torch.manual_seed(0)
-    tm = gptmod_torch.GPT(cfg).eval()
-    jm = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), gptmod_torch.export_state(tm))
-    hf = hf_model(cfg)
-    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len))
-    ids = torch.from_numpy(prompts)
-    runs: dict[str, Callable[[int], object]] = {
-        "jax": lambda n: jax_generate(jm, prompts.tolist(), n),
-        "torch": lambda n: torch_generate(tm, prompts.tolist(), n),
-        "torch.compile": lambda n: torch_generate(tm, prompts.tolist(), n, compile=True),
-        "hf": lambda n: _hf_generate(hf, ids, n),
-    }
-    out = {}
-    for name, run in runs.items():
-        t_full = _median_time(lambda run=run: run(new_tokens), repeats)
-        t_one = _median_time(lambda run=run: run(1), repeats)
-        out[name] = batch * (new_tokens - 1) / (t_full - t_one)
-    return out
-
-
 def _hf_generate(model, ids, n: int):
     import torch
 
@@ -89,34 +232,441 @@ def _hf_generate(model, ids, n: int):
                               do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
 
 
+@dataclass
+class Models:
+    cfg: ModelConfig
+    device: str  # "cpu" or "gpu"
+    torch_model: Any
+    jax_model: Any = None
+    jax_device: Any = None
+    hf: Any = None
+
+
+def build_models(cfg: ModelConfig, frameworks: Sequence[str], device: str = "cpu", dtype: str = "float32") -> Models:
+    """The torch model (seed 0) always; the JAX twin on its state and the HF model only when asked for."""
+    import torch
+
+    import gptmod_torch
+
+    tdev, tdtype = ("cuda" if device == "gpu" else "cpu"), getattr(torch, dtype)
+    torch.manual_seed(0)
+    tm = gptmod_torch.GPT(cfg).eval()
+    state = gptmod_torch.export_state(tm)
+    models = Models(cfg, device, tm.to(device=tdev, dtype=tdtype))
+    if "torch-compile" in frameworks:
+        # Each batch, cache length and step function is its own static-shape graph; dynamo's default limit
+        # of 8 would quietly send the later cells back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if "jax" in frameworks:
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        import gptmod_jax
+
+        models.jax_device = jax.devices("gpu" if device == "gpu" else "cpu")[0]
+        with jax.default_device(models.jax_device):
+            jm = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), dtype=getattr(jnp, dtype))
+            models.jax_model = gptmod_jax.load_state(jm, state)
+    if "hf" in frameworks:
+        models.hf = hf_model(cfg).to(device=tdev, dtype=tdtype)
+    return models
+
+
+def runner(models: Models, name: str, prompts_BP: np.ndarray, use_cache: bool = True) -> Callable[[int], object]:
+    """generate(prompts, n) of one framework/mode as a function of n; returns only when the tokens exist."""
+    ids = prompts_BP.tolist()
+    kw = {} if use_cache else {"use_cache": False}
+    if name == "jax":
+        import jax
+
+        from gptmod_jax.generate import generate as jax_generate
+
+        def run_jax(n: int) -> object:
+            with jax.default_device(models.jax_device):
+                return jax_generate(models.jax_model, ids, n, **kw)  # host lists: already synchronised
+
+        return run_jax
+    import torch
+
+    if name in ("torch-eager", "torch-compile"):
+        from gptmod_torch.generate import generate as torch_generate
+
+        compile = name == "torch-compile"
+        return lambda n: torch_generate(models.torch_model, ids, n, compile=compile, **kw)
+    ids_BP = torch.from_numpy(prompts_BP).to(next(models.hf.parameters()).device)
+
+    def run_hf(n: int) -> object:
+        out = _hf_generate(models.hf, ids_BP, n)
+        if models.device == "gpu":
+            torch.cuda.synchronize()
+        return out
+
+    return run_hf
+
+
+def memory_meter(models: Models, name: str) -> Callable[[], AbstractContextManager[Peak]]:
+    if models.device == "cpu":
+        return rss_peak
+    return (lambda: jax_device_peak(models.jax_device)) if name == "jax" else cuda_peak
+
+
+def prompts(cfg: ModelConfig, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, prompt_len))
+
+
+def measure_cell(run: Callable[[int], object], name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                 roofline_tok_s: float | None = None,
+                 memory: Callable[[], AbstractContextManager[Peak]] | None = None) -> Row:  # fmt: skip
+    """One grid row from a generate-like `run(n)` (see the module docstring for the definitions)."""
+    framework, mode = FRAMEWORKS[name]
+    full = time_call(lambda: run(new_tokens), repeats, memory)
+    first = time_call(lambda: run(1), repeats)
+    span = full.median_s - first.median_s
+    decode = batch * (new_tokens - 1) / span if span > 0 else None
+    # Noise can make it a hair negative when nothing was left to compile.
+    compile_s = max(0.0, full.warmup_s - full.median_s) if mode in ("jit", "compile") else None
+    fraction = decode / roofline_tok_s if batch == 1 and decode is not None and roofline_tok_s else None
+    return Row(framework, mode, batch, prompt_len, new_tokens, batch * prompt_len / first.median_s, decode,
+               first.median_s, compile_s, full.peak_mem_mb, fraction)  # fmt: skip
+
+
+def run_grid(models: Models, frameworks: Sequence[str], batches: Sequence[int], prompt_lens: Sequence[int],
+             new_tokens: int, repeats: int, roofline_tok_s: float | None = None,
+             bar: Any = None) -> list[Row]:  # fmt: skip
+    """One row per (framework, batch, prompt_len); the frameworks take turns cell by cell."""
+    rows = []
+    for prompt_len in prompt_lens:
+        for batch in batches:
+            ids = prompts(models.cfg, batch, prompt_len)
+            for name in frameworks:
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} batch {batch} prompt {prompt_len} +{new_tokens}")
+                run = runner(models, name, ids)
+                rows.append(measure_cell(run, name, batch, prompt_len, new_tokens, repeats, roofline_tok_s,
+                                         memory_meter(models, name)))  # fmt: skip
+                if bar is not None:
+                    bar.update()
+    return rows
+
+
+def run_scaling(models: Models, frameworks: Sequence[str], contexts: Sequence[int], new_tokens: int, repeats: int,
+                bar: Any = None) -> list[ScalingRow]:  # fmt: skip
+    """Per-token decode time at batch 1 for each context, with the KV cache and recomputing without it."""
+    out = []
+    for context in contexts:
+        ids = prompts(models.cfg, 1, context - new_tokens)
+        for name in frameworks:
+            for cache in (True, False):
+                if bar is not None:
+                    bar.set_postfix_str(f"scaling {name} context {context} {'cache' if cache else 'recompute'}")
+                run = runner(models, name, ids, use_cache=cache)
+                t_n = time_call(lambda run=run: run(new_tokens), repeats).median_s
+                t_1 = time_call(lambda run=run: run(1), repeats).median_s
+                per_token = (t_n - t_1) / (new_tokens - 1) if t_n > t_1 else None
+                out.append(ScalingRow(*FRAMEWORKS[name], context, cache, per_token))
+                if bar is not None:
+                    bar.update()
+    return out
+
+
+# ----------------------------------------------------------------------------- targets and report
+
+
+def targets(rows: Sequence[Row]) -> list[Target]:
+    """The goals, judged on the prompt-32 rows; a goal whose rows were not measured is left out."""
+
+    def find(framework: str, mode: str, batch: int) -> Row | None:
+        return next((r for r in rows if (r.framework, r.mode, r.batch, r.prompt_len) == (framework, mode, batch,
+                     TARGET_PROMPT) and r.decode_tok_s is not None), None)  # fmt: skip
+
+    out = []
+    jax1, hf1 = find("jax", "jit", 1), find("hf", "generate", 1)
+    if jax1 and hf1:
+        ratio = jax1.decode_tok_s / hf1.decode_tok_s
+        out.append(Target("jax decode >= 2x hf (batch 1)", ratio, 2.0, ratio >= 2.0))
+    if jax1 and jax1.roofline_fraction is not None:
+        f = jax1.roofline_fraction
+        out.append(Target("jax decode >= 40% of roofline (batch 1)", f, 0.4, f >= 0.4, "%"))
+    torch1 = [r for r in (find("torch", "eager", 1), find("torch", "compile", 1)) if r]
+    if torch1 and hf1:
+        best = max(torch1, key=lambda r: r.decode_tok_s)
+        ratio = best.decode_tok_s / hf1.decode_tok_s
+        out.append(Target(f"torch decode >= 1.3x hf (batch 1, torch {best.mode})", ratio, 1.3, ratio >= 1.3))
+    for framework, mode in dict.fromkeys((r.framework, r.mode) for r in rows):
+        one, eight = find(framework, mode, 1), find(framework, mode, 8)
+        if one and eight:
+            ratio = eight.decode_tok_s / one.decode_tok_s
+            out.append(Target(f"{framework} {mode}: batch 8 decode >= 5x batch 1", ratio, 5.0, ratio >= 5.0))
+    if jax1 and jax1.compile_s is not None:
+        out.append(Target("jax generate compile <= 10 s", jax1.compile_s, 10.0, jax1.compile_s <= 10.0, "s"))
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 2) -> str:
+    """Columns aligned: the first `left` to the left, the rest (numbers) to the right."""
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header, *body]]  # fmt: skip
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def format_report(result: dict, goals: Sequence[Target] = ()) -> str:
+    """The header, the grid table, the targets (`goals`) and the scaling table."""
+    r = result
+    out = [f"device {r['device']} | {r['preset']} | {r['dtype']} | bandwidth {r['bandwidth_gb_s']:.1f} GB/s | "
+           f"weights {r['weight_bytes'] / 1e6:.1f} MB | batch-1 roofline {r['roofline_tok_s']:.1f} tok/s",
+           ""]  # fmt: skip
+    hf = {(x["batch"], x["prompt_len"]): x["decode_tok_s"] for x in r["rows"] if x["framework"] == "hf"}
+    body = []
+    for x in r["rows"]:
+        ref = hf.get((x["batch"], x["prompt_len"]))
+        vs_hf = x["decode_tok_s"] / ref if x["decode_tok_s"] and ref else None
+        frac = None if x["roofline_fraction"] is None else 100 * x["roofline_fraction"]
+        body.append([x["framework"], x["mode"], str(x["batch"]), str(x["prompt_len"]), str(x["new_tokens"]),
+                     _fmt(x["prefill_tok_s"], ".0f"), _fmt(x["decode_tok_s"], ".1f"), _fmt(x["ttft_s"], ".3f"),
+                     _fmt(x["compile_s"], ".1f"), _fmt(x["peak_mem_mb"], ".0f"), _fmt(frac, ".1f"),
+                     _fmt(vs_hf, ".2f")])  # fmt: skip
+    out.append(_table(["framework", "mode", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "TTFT s",
+                       "compile s", "peak MB", "% roofline", "x HF"], body))  # fmt: skip
+    if goals:
+        shown = {"x": lambda v: f"{v:.2f}x", "%": lambda v: f"{100 * v:.1f}%", "s": lambda v: f"{v:.1f} s"}
+        body = [[t.name, shown[t.unit](t.value), "met" if t.met else "MISSED"] for t in goals]
+        out += ["", _table(["target", "measured", ""], body, left=1)]
+    elif r["dtype"] != "float32":
+        out += ["", "(the targets are judged on float32 runs only)"]
+    if r["scaling"]:
+        cells: dict[tuple, dict] = {}
+        for s in r["scaling"]:
+            cells.setdefault((s["framework"], s["mode"], s["context"]), {})[s["cache"]] = s["per_token_s"]
+        body = []
+        for (framework, mode, context), c in cells.items():
+            ms = [None if c.get(k) is None else 1e3 * c[k] for k in (True, False)]
+            ratio = ms[1] / ms[0] if None not in ms else None
+            body.append([framework, mode, str(context), _fmt(ms[0], ".2f"), _fmt(ms[1], ".2f"), _fmt(ratio, ".1f")])
+        out += ["", _table(["framework", "mode", "context", "ms/token cache", "ms/token recompute", "recompute/cache"],
+                           body)]  # fmt: skip
+    return "\n".join(out)
+
+
+def write_json(path: Path, result: dict) -> None:
+    from gptmod.weights import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    """decode_vs_batch.png, ttft.png and (when scaling was run) scaling_context.png in `out_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display is needed or wanted
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, written = result["rows"], []
+    series = list(dict.fromkeys((x["framework"], x["mode"]) for x in rows))
+    prompt_lens = sorted({x["prompt_len"] for x in rows})
+    batches = sorted({x["batch"] for x in rows})
+    for key, ylabel, fname in (("decode_tok_s", "decode tokens/s", "decode_vs_batch.png"),
+                               ("ttft_s", "time to first token (s)", "ttft.png")):  # fmt: skip
+        fig, axes = plt.subplots(1, len(prompt_lens), figsize=(5.5 * len(prompt_lens), 4.5), dpi=120, squeeze=False)
+        for ax, prompt_len in zip(axes[0], prompt_lens, strict=True):
+            for i, (framework, mode) in enumerate(series):
+                pts = sorted((x["batch"], x[key]) for x in rows if (x["framework"], x["mode"], x["prompt_len"]) ==
+                             (framework, mode, prompt_len) and x[key] is not None)  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}", label=f"{framework} {mode}")
+            if key == "decode_tok_s":
+                ax.axhline(result["roofline_tok_s"], color="k", ls=":",
+                           label=f"batch-1 roofline {result['roofline_tok_s']:.0f} tok/s")  # fmt: skip
+            ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel=ylabel,
+                   title=f"prompt {prompt_len}" + (f", {rows[0]['new_tokens']} new tokens" if key == "decode_tok_s"
+                                                    else ""))  # fmt: skip
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured batch sizes
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{result['preset']}, {result['dtype']}, {result['device']}", fontsize=9)
+        _save(fig, out_dir / fname)
+        written.append(out_dir / fname)
+    if result["scaling"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        for i, (framework, mode) in enumerate(dict.fromkeys((s["framework"], s["mode"]) for s in result["scaling"])):
+            for cache, ls in ((True, "-"), (False, "--")):
+                pts = [(s["context"], s["per_token_s"]) for s in result["scaling"] if (s["framework"], s["mode"],
+                       s["cache"]) == (framework, mode, cache) and s["per_token_s"] is not None]  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*sorted(pts), strict=True), ls=ls, marker="o", color=f"C{i}",
+                            label=f"{framework} {mode}, {'KV cache' if cache else 'recompute (no cache)'}")  # fmt: skip
+        contexts = sorted({s["context"] for s in result["scaling"]})
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode time per token (s)",
+               title=f"per-token decode time vs context, batch 1 ({result['preset']}, {result['dtype']})")  # fmt: skip
+        ax.set_xticks(contexts, [str(c) for c in contexts])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        _save(fig, out_dir / "scaling_context.png")
+        written.append(out_dir / "scaling_context.png")
+    return written
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _frameworks(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in FRAMEWORKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose a comma-separated subset of {', '.join(FRAMEWORKS)}")
+    return list(dict.fromkeys(names))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptmod bench", description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                epilog="Figures and their definitions: see `pydoc gptmod.bench`.")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a short run (well under 2 minutes on 2 CPU cores): batch 1 "
+                   "and 8, prompt 32, 32 new tokens, 1 repeat, all frameworks; scaling at contexts 64 and 256 for jax "
+                   "and torch-eager only (torch.compile would add ~10 s per shape). Flags given explicitly still "
+                   "win")  # fmt: skip
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=list_presets(), help="model preset (default modern-gpt2)")
+    src.add_argument("--config", type=Path, help="model config as a JSON file (instead of --preset)")
+    p.add_argument("--batch", type=int, action="append", help="batch size; repeat for several (default 1, 8, 32)")
+    p.add_argument("--prompt-len", type=int, action="append", help="prompt length; repeat for several "
+                   "(default 32, 512)")  # fmt: skip
+    p.add_argument("--new-tokens", type=int, help="tokens generated per timed call (default 256)")
+    p.add_argument("--repeats", type=int, help="timed calls per figure, after one warm-up (default 3)")
+    p.add_argument("--frameworks", type=_frameworks, help=f"comma-separated subset of {','.join(FRAMEWORKS)} "
+                   "(default all)")  # fmt: skip
+    p.add_argument("--contexts", type=int, nargs="+", help="scaling contexts (default 64 256 1024)")
+    p.add_argument("--scaling-new-tokens", type=int, default=4, help="tokens per scaling call (default 4)")
+    p.add_argument("--no-scaling", action="store_true", help="skip the cache-vs-recompute scaling table")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where all models run (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute dtype")
+    p.add_argument("--json", type=Path, help="also write every figure to this JSON file (atomic)")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="also draw PNG figures into DIR (created if missing)")
+    return p
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace, cfg: ModelConfig) -> None:
+    """Every rule as one argparse error naming the flag, the value and the rule (exit 2)."""
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens {args.new_tokens}: must be >= 2 (decode speed is t(new_tokens) - t(1))")
+    if args.repeats < 1:
+        p.error(f"--repeats {args.repeats}: must be >= 1")
+    for b in args.batch:
+        if b < 1:
+            p.error(f"--batch {b}: must be >= 1")
+    for n in args.prompt_len:
+        if n < 1 or n + args.new_tokens > cfg.max_seq_len:
+            p.error(f"--prompt-len {n}: must be >= 1 with prompt_len + new_tokens ({n} + {args.new_tokens}) <= "
+                    f"max_seq_len={cfg.max_seq_len}")  # fmt: skip
+    if args.scaling_new_tokens < 2:
+        p.error(f"--scaling-new-tokens {args.scaling_new_tokens}: must be >= 2")
+    for c in args.contexts:
+        if not args.scaling_new_tokens < c <= cfg.max_seq_len:
+            p.error(f"--contexts {c}: must be in (scaling new tokens={args.scaling_new_tokens}, "
+                    f"max_seq_len={cfg.max_seq_len}]")  # fmt: skip
+    # Checked now, not after a long run.
+    if args.json is not None and not args.json.resolve().parent.is_dir():
+        p.error(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
+        p.error(f"--plot {args.plot}: exists and is not a folder")
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "gpu":
+        return torch.cuda.get_device_name(0)
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def _gpu_missing(frameworks: Sequence[str]) -> str | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "--device gpu: no CUDA device visible to torch"
+    if "jax" in frameworks:
+        import jax
+
+        try:
+            jax.devices("gpu")
+        except RuntimeError:
+            return "--device gpu: no GPU visible to JAX"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gptmod.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="modern-gpt2", choices=list_presets())
-    p.add_argument("--batch", type=int, action="append", help="batch size(s); default 1 and 8")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p = build_parser()
     args = p.parse_args(argv)
-    cfg = load_preset(args.preset)
-    if args.new_tokens < 2 or args.prompt_len < 1 or args.prompt_len + args.new_tokens > cfg.max_seq_len:
-        p.error(f"need new_tokens >= 2, prompt_len >= 1 and prompt_len + new_tokens <= max_seq_len={cfg.max_seq_len}")
-    print(
-        f"{args.preset}, fp32, random weights, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-        f"median of {args.repeats}",
-        flush=True,
-    )
-    print(
-        f"{'batch':>5}  {'jax tok/s':>10}  {'torch tok/s':>11}  {'compiled':>9}  {'hf tok/s':>9}  {'jax/hf':>7}  "
-        f"{'torch/hf':>8}  {'compiled/hf':>11}"
-    )
-    for batch in args.batch or [1, 8]:
-        r = bench_decode(cfg, batch, args.prompt_len, args.new_tokens, args.repeats)
-        c, hf = r["torch.compile"], r["hf"]
-        print(
-            f"{batch:>5}  {r['jax']:>10.1f}  {r['torch']:>11.1f}  {c:>9.1f}  {hf:>9.1f}  {r['jax'] / hf:>6.2f}x  "
-            f"{r['torch'] / hf:>7.2f}x  {c / hf:>10.2f}x",
-            flush=True,
-        )
+    defaults = QUICK if args.quick else FULL
+    for key in ("batch", "prompt_len", "new_tokens", "repeats", "contexts", "frameworks"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    if args.config is not None and not args.config.is_file():
+        p.error(f"--config {args.config}: no such file")
+    try:
+        cfg = ModelConfig.from_json(args.config) if args.config else load_preset(args.preset or "modern-gpt2")
+    except ValueError as e:
+        p.error(f"--config {args.config}: {e}")
+    preset = str(args.config) if args.config else args.preset or "modern-gpt2"
+    _check(p, args, cfg)
+    if args.device == "gpu" and (missing := _gpu_missing(args.frameworks)):
+        print(f"gptmod bench: error: {missing}", file=sys.stderr)
+        return 2
+    import torch
+    from tqdm import tqdm
+
+    scaling = [] if args.no_scaling else [n for n in args.frameworks if n in defaults["scaling"]]
+    print(f"measuring read bandwidth ({torch.get_num_threads()} torch threads)...", file=sys.stderr)
+    bandwidth = measure_bandwidth(BANDWIDTH_BYTES, args.device)
+    print(f"building {preset} ({', '.join(args.frameworks)}, {args.dtype}, {args.device})...", file=sys.stderr)
+    models = build_models(cfg, args.frameworks, args.device, args.dtype)
+    wbytes = weight_bytes(models.torch_model)
+    roofline = bandwidth * 1e9 / wbytes
+    cells = len(args.frameworks) * len(args.batch) * len(args.prompt_len) + 2 * len(scaling) * len(args.contexts)
+    with tqdm(total=cells, desc="bench", unit="cell", file=sys.stderr) as bar:
+        rows = run_grid(models, args.frameworks, args.batch, args.prompt_len, args.new_tokens, args.repeats,
+                        roofline, bar)  # fmt: skip
+        scale = run_scaling(models, scaling, args.contexts, args.scaling_new_tokens, args.repeats, bar)
+    goals = targets(rows) if args.dtype == "float32" else []  # the goals are set for fp32
+    result = {
+        "device": _device_name(args.device), "preset": preset, "dtype": args.dtype, "bandwidth_gb_s": bandwidth,
+        "weight_bytes": wbytes, "roofline_tok_s": roofline,
+        "versions": {k: importlib.metadata.version(k) for k in ("torch", "jax", "flax", "transformers")},
+        "rows": [asdict(r) for r in rows], "scaling": [asdict(s) for s in scale],
+        "targets": [t.to_json() for t in goals],
+    }  # fmt: skip
+    print(format_report(result, goals))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        for path in plot(result, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

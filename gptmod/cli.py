@@ -389,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     sub.add_parser("parity", help="run the parity suite (same options as python -m parity)", add_help=False)
+    sub.add_parser("bench", help="speed and scaling of both twins vs HF and the memory-bandwidth roofline "
+                   "(same options as python -m gptmod.bench)", add_help=False)  # fmt: skip
     return p
 
 
@@ -398,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         from parity.__main__ import main as parity_main
 
         return parity_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from gptmod.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -72,14 +72,24 @@ NOTES: dict[str, str] = {
     "dtype (`param_dtype`) and `rngs`, all fixed at construction. Its `kernel` is (in, out), the transpose of "
     "torch's (out, in) `weight`, so `export_state` and `load_state` transpose. torch builds `nn.Linear` directly "
     "and re-initialises it in `GPT.reset_parameters`.",
-    "KVCache": "torch keeps the cache in buffers registered with `persistent=False`: they move with the module "
+    "KVCache": "Both caches are heads-major, (B, K, S, H), the layout both attention paths read without a copy. "
+    "torch keeps the cache in buffers registered with `persistent=False`: they move with the module "
     "but stay out of `state_dict()`, hence out of `export_state`. NNX makes them `nnx.Cache` variables, a Variable "
     "type apart from `nnx.Param`, so `nnx.state(model, nnx.Param)` skips them and "
     "`nnx.split(model, nnx.Param, nnx.Cache)` can hand them to a jitted loop. torch writes in place "
-    "(`self.k[rows_B1, pos_BT] = k_BTKH`, a `torch.Tensor.index_put_`); JAX arrays are immutable, so "
-    "`.at[rows_B1, pos_BT].set(k_BTKH)` builds a new array that is stored back with `self.k[...] = ...`.",
-    "Attention": "torch's `nn.Linear` stores `weight` as (out, in) and computes x @ weight.T; `nnx.Linear` stores "
-    "`kernel` as (in, out) and computes x @ kernel, and `export_state`/`load_state` transpose between the two. "
+    "(`self.k[rows_B1, :, pos_BT] = k_BTKH`, a `torch.Tensor.index_put_`); JAX arrays are immutable, so "
+    "`.at[rows_B1, :, pos_BT].set(k_BTKH)` builds a new array that is stored back with `self.k[...] = ...` (inside "
+    "a jitted step with the cache donated, XLA turns that into an in-place update).",
+    "cached_attention": "The same attention over the heads-major cache, reached differently. For torch, (B, K, S, H) "
+    "is SDPA's own layout, so `attention` gets a transposed view and SDPA reads it without a copy. "
+    "`jax.nn.dot_product_attention` reads keys as (B, S, K, H) and would make XLA transpose the whole cache every "
+    "step, so on XLA the JAX twin writes the two products out with `jnp.einsum`, grouping the query heads per kv "
+    "head (consecutive groups, as `jnp.repeat` does) so that the batch axes (B, K) lead; cuDNN and the reference "
+    "still go through `attention`.",
+    "Attention": "torch's `Linear` (an `nn.Linear` that `gptmod_torch.kernels` computes with oneDNN for fp32 CPU "
+    "inference, where PyTorch's MKL path streams weights at half the speed) stores `weight` as (out, in) and computes "
+    "x @ weight.T; `nnx.Linear` stores `kernel` as (in, out) and computes x @ kernel, and "
+    "`export_state`/`load_state` transpose between the two. "
     "The JAX layers get their initialiser at construction through `_linear` (`wo` with the residual std), "
     "while torch's start from PyTorch defaults that `GPT.reset_parameters` overwrites. `kv_cache` starts as "
     "`nnx.data(None)` because NNX treats a None attribute as static and would refuse the `KVCache` that "
@@ -97,7 +107,7 @@ NOTES: dict[str, str] = {
     "its init key from it, while torch draws from the global RNG (`torch.manual_seed`) and re-initialises "
     "GPT-2 style in `reset_parameters`, which JAX needs not. Layers live in `nn.ModuleList` vs `nnx.List` (NNX "
     "refuses a plain list of modules), and the weight dtype is `dtype` at construction in JAX vs "
-    "`model.to(dtype)` afterwards in torch. The tied unembedding is `F.linear(x, tok_emb.weight)` vs "
+    "`model.to(dtype)` afterwards in torch. The tied unembedding is `linear(x, tok_emb.weight)` vs "
     "`tok_emb.attend(x)`. `check_input` is skipped under `torch.compile`; JAX checks shapes while tracing and "
     "skips only the value checks on a `jax.core.Tracer`.",
     "_to_numpy": "A bfloat16 torch tensor has no `.numpy()` (NumPy has no bfloat16), so its bits are viewed as "

@@ -5,7 +5,9 @@ the static KV cache inside (so there is nothing to copy in), prefills the prompt
 `lax.while_loop` of decode steps with sampling, and stops early once every row has emitted eos.
 Prompt and new-token lengths are padded to power-of-two buckets, so a new length recompiles only when
 it crosses into a new bucket. `generate_stream` yields token by token for streaming; its decode step
-is jitted with the cache donated, so each step updates the cache in place.
+is jitted with the cache donated, so each step updates the cache in place. `use_cache=False` is the
+classic path without a cache, `recompute_logits` over the whole context every step, kept for
+measuring what the cache saves.
 """
 
 from __future__ import annotations
@@ -77,36 +79,55 @@ def decode_one_token(model: GPT, tok_B: jax.Array, pos_B: jax.Array) -> jax.Arra
     return model.head(x_B1D[:, 0])
 
 
+def recompute_logits(model: GPT, tokens_BL: jax.Array, last_B: jax.Array) -> jax.Array:
+    """The classic path without a KV cache: the whole context again, every step. Logits (B, V) at
+    each row's last token; the causal mask keeps the padding after it out."""
+    x_BLD, _ = model.trunk(tokens_BL, None)
+    return model.head(x_BLD[jnp.arange(tokens_BL.shape[0]), last_B])
+
+
 class _Step(NamedTuple):
     i: jax.Array  # number of tokens generated so far
     tok_B: jax.Array
     done_B: jax.Array
     out_BN: jax.Array
-    cache: nnx.State
+    context: nnx.State | jax.Array  # the KV cache, or (use_cache=False) the (B, cache_len) token buffer
     key: jax.Array
 
 
-@partial(jax.jit, static_argnames=("graphdef", "plan", "flags"))
-def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *, plan: Plan, flags: Flags):
+@partial(jax.jit, static_argnames=("graphdef", "plan", "flags", "use_cache"))
+def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *, plan: Plan, flags: Flags,
+              use_cache: bool = True):  # fmt: skip
     model = nnx.merge(graphdef, params)
-    model.setup_cache(plan.batch, plan.cache_len)  # allocated inside the jit: nothing to transfer or donate
     key, sub = jax.random.split(key)
-    tok_B = sample(prefill(model, tokens_BP, lens_B), sub, knobs, flags)
+    rows_B = jnp.arange(plan.batch)
+    if use_cache:
+        model.setup_cache(plan.batch, plan.cache_len)  # allocated inside the jit: nothing to transfer or donate
+        tok_B = sample(prefill(model, tokens_BP, lens_B), sub, knobs, flags)
+        cache_graphdef, params, context = nnx.split(model, nnx.Param, nnx.Cache)
+    else:
+        context = jnp.zeros((plan.batch, plan.cache_len), jnp.int32).at[:, : plan.prompt_len].set(tokens_BP)
+        tok_B = sample(recompute_logits(model, context, lens_B - 1), sub, knobs, flags)
     out_BN = jnp.zeros((plan.batch, plan.new_len), jnp.int32).at[:, 0].set(tok_B)
     done_B = (tok_B == knobs.eos_id) & flags.eos
-    cache_graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
 
     def cond(s: _Step) -> jax.Array:
         return (s.i < max_new) & ~jnp.all(s.done_B)
 
     def body(s: _Step) -> _Step:
-        m = nnx.merge(cache_graphdef, params, s.cache)
         key, sub = jax.random.split(s.key)
-        tok_B = sample(decode_one_token(m, s.tok_B, lens_B + s.i - 1), sub, knobs, flags)
+        pos_B = lens_B + s.i - 1  # where the last generated token sits
+        if use_cache:
+            m = nnx.merge(cache_graphdef, params, s.context)
+            tok_B = sample(decode_one_token(m, s.tok_B, pos_B), sub, knobs, flags)
+            context = nnx.state(m, nnx.Cache)
+        else:
+            context = s.context.at[rows_B, pos_B].set(s.tok_B)
+            tok_B = sample(recompute_logits(model, context, pos_B), sub, knobs, flags)
         done_B = s.done_B | ((tok_B == knobs.eos_id) & flags.eos)
-        return _Step(s.i + 1, tok_B, done_B, s.out_BN.at[:, s.i].set(tok_B), nnx.state(m, nnx.Cache), key)
+        return _Step(s.i + 1, tok_B, done_B, s.out_BN.at[:, s.i].set(tok_B), context, key)
 
-    final = jax.lax.while_loop(cond, body, _Step(jnp.int32(1), tok_B, done_B, out_BN, cache, key))
+    final = jax.lax.while_loop(cond, body, _Step(jnp.int32(1), tok_B, done_B, out_BN, context, key))
     return final.out_BN, final.i
 
 
@@ -132,16 +153,19 @@ def generate(
     min_p: float | None = None,
     eos_id: int | None = None,
     seed: int = 0,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
-    Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted."""
+    Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted.
+    `use_cache=False` recomputes the whole (padded) context every step instead of reading the KV
+    cache: the same tokens, at O(T^2) cost, for measuring what the cache saves."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
     graphdef, state = nnx.split(model, nnx.Param)
     out_BN, n = _generate(graphdef, state, tokens_BP, lens_B, jnp.int32(max_new_tokens), knobs,
-                          jax.random.key(seed), plan=p, flags=flags)  # fmt: skip
+                          jax.random.key(seed), plan=p, flags=flags, use_cache=bool(use_cache))  # fmt: skip
     n = int(n)
     return trim(np.asarray(out_BN), [n] * p.batch, eos_id)
 
@@ -152,6 +176,12 @@ def _prefill_step(graphdef, params, cache, tokens_BP, lens_B, knobs: Knobs, key,
     key, sub = jax.random.split(key)
     tok_B = sample(prefill(model, tokens_BP, lens_B), sub, knobs, flags)
     return tok_B, nnx.state(model, nnx.Cache), key
+
+
+@partial(jax.jit, static_argnames=("graphdef", "flags"))
+def _recompute_step(graphdef, params, tokens_BL, last_B, knobs: Knobs, key, *, flags: Flags):
+    key, sub = jax.random.split(key)
+    return sample(recompute_logits(nnx.merge(graphdef, params), tokens_BL, last_B), sub, knobs, flags), key
 
 
 @partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))
@@ -172,14 +202,19 @@ def generate_stream(
     min_p: float | None = None,
     eos_id: int | None = None,
     seed: int = 0,
+    use_cache: bool = True,
 ) -> Iterator[list[int | None]]:
     """Step-wise `generate`: yields one token per row per step (None for rows that have finished).
 
     The same seed gives the same tokens as `generate`. The cache is donated to each jitted step, so
-    XLA updates it in place instead of copying it every token."""
+    XLA updates it in place instead of copying it every token. `use_cache=False` recomputes the
+    whole (padded) context every step instead."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
+    if not use_cache:
+        yield from _recompute_stream(model, p, tokens_BP, lens_B, max_new_tokens, knobs, flags, eos_id, seed)
+        return
     model.setup_cache(p.batch, p.cache_len)
     try:
         graphdef, state, cache = nnx.split(model, nnx.Param, nnx.Cache)
@@ -192,6 +227,25 @@ def generate_stream(
         if i > 0:
             tok_B, cache, key = _decode_step(graphdef, state, cache, tok_B, lens_B + i - 1, knobs, key,
                                              flags=flags)  # fmt: skip
+        toks = np.asarray(tok_B)
+        yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
+        if eos_id is not None:
+            done |= toks == eos_id
+            if done.all():
+                return
+
+
+def _recompute_stream(model: GPT, p: Plan, tokens_BP, lens_B, max_new_tokens: int, knobs: Knobs, flags: Flags,
+                      eos_id: int | None, seed: int) -> Iterator[list[int | None]]:  # fmt: skip
+    graphdef, state = nnx.split(model, nnx.Param)
+    tokens_BL = jnp.zeros((p.batch, p.cache_len), jnp.int32).at[:, : p.prompt_len].set(tokens_BP)
+    rows_B = jnp.arange(p.batch)
+    tok_B, key = _recompute_step(graphdef, state, tokens_BL, lens_B - 1, knobs, jax.random.key(seed), flags=flags)
+    done = np.zeros(p.batch, bool)
+    for i in range(max_new_tokens):
+        if i > 0:
+            tokens_BL = tokens_BL.at[rows_B, lens_B + i - 1].set(tok_B)
+            tok_B, key = _recompute_step(graphdef, state, tokens_BL, lens_B + i - 1, knobs, key, flags=flags)
         toks = np.asarray(tok_B)
         yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
         if eos_id is not None:

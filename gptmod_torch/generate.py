@@ -3,8 +3,9 @@
 The same static KV cache (preallocated per layer, written in place), one prefill pass over the
 right-padded prompts, then one `decode_one_token` per step. `compile=True` runs that step through
 `torch.compile` (the static cache keeps its shapes fixed, so it compiles once per batch and cache
-size); without it, generation runs eagerly. `generate_stream` yields token by token; `generate`
-collects it.
+size); without it, generation runs eagerly. `use_cache=False` is the classic path without a cache,
+`recompute_logits` over the whole context every step, kept for measuring what the cache saves.
+`generate_stream` yields token by token; `generate` collects it.
 """
 
 from __future__ import annotations
@@ -73,17 +74,23 @@ def decode_one_token(model: GPT, tok_B: torch.Tensor, pos_B: torch.Tensor) -> to
     return model.head(x_B1D[:, 0])
 
 
-_compiled_decode: Callable | None = None
+def recompute_logits(model: GPT, tokens_BL: torch.Tensor, last_B: torch.Tensor) -> torch.Tensor:
+    """The classic path without a KV cache: the whole context again, every step. Logits (B, V) at
+    each row's last token; the causal mask keeps the padding after it out."""
+    x_BLD, _ = model.trunk(tokens_BL, None)
+    return model.head(x_BLD[torch.arange(tokens_BL.shape[0], device=tokens_BL.device), last_B])
 
 
-def _decode_fn(compile: bool) -> Callable:
-    global _compiled_decode
+_compiled: dict[Callable, Callable] = {}
+
+
+def _step_fn(step: Callable, compile: bool) -> Callable:
     if not compile:
-        return decode_one_token
-    if _compiled_decode is None:
+        return step
+    if step not in _compiled:
         # fullgraph: a graph break inside the step would quietly cost the speed compile is for.
-        _compiled_decode = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
-    return _compiled_decode
+        _compiled[step] = torch.compile(step, fullgraph=True, dynamic=False)
+    return _compiled[step]
 
 
 @torch.no_grad()
@@ -98,10 +105,12 @@ def generate_stream(
     eos_id: int | None = None,
     seed: int = 0,
     compile: bool = False,
+    use_cache: bool = True,
 ) -> Iterator[list[int | None]]:
     """Step-wise `generate`: yields one token per row per step (None for rows that have finished).
 
-    `compile=True` compiles `decode_one_token` with torch.compile (first call pays the compile)."""
+    `compile=True` compiles the step with torch.compile (first call pays the compile). `use_cache=False`
+    recomputes the whole (padded) context every step instead of reading the KV cache."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     if model.blocks[0].attn.kv_cache is not None:
         raise ValueError("generate: the model already holds a KV cache; call model.clear_cache() first")
@@ -114,14 +123,26 @@ def generate_stream(
     lens_B = torch.tensor([len(ids) for ids in prompts], device=device)
     knobs, flags = _split_params(params)
     generator = torch.Generator(device=device).manual_seed(seed)
-    decode = _decode_fn(compile)
-    model.setup_cache(p.batch, p.cache_len)
+    if use_cache:
+        decode = _step_fn(decode_one_token, compile)
+        model.setup_cache(p.batch, p.cache_len)
+    else:
+        recompute = _step_fn(recompute_logits, compile)
+        tokens_BL = torch.zeros((p.batch, p.cache_len), dtype=torch.long, device=device)
+        tokens_BL[:, : p.prompt_len] = tokens_BP
+        rows_B = torch.arange(p.batch, device=device)
     try:
-        tok_B = sample(prefill(model, tokens_BP, lens_B), generator, knobs, flags)
+        if use_cache:
+            tok_B = sample(prefill(model, tokens_BP, lens_B), generator, knobs, flags)
+        else:
+            tok_B = sample(recompute(model, tokens_BL, lens_B - 1), generator, knobs, flags)
         done = np.zeros(p.batch, bool)
         for i in range(max_new_tokens):
-            if i > 0:
+            if i > 0 and use_cache:
                 tok_B = sample(decode(model, tok_B, lens_B + i - 1), generator, knobs, flags)
+            elif i > 0:
+                tokens_BL[rows_B, lens_B + i - 1] = tok_B
+                tok_B = sample(recompute(model, tokens_BL, lens_B + i - 1), generator, knobs, flags)
             toks = tok_B.cpu().numpy()
             yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
             if eos_id is not None:
@@ -143,11 +164,14 @@ def generate(
     eos_id: int | None = None,
     seed: int = 0,
     compile: bool = False,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
-    Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted."""
+    Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted.
+    `use_cache=False` recomputes the whole (padded) context every step instead of reading the KV
+    cache: the same tokens, at O(T^2) cost, for measuring what the cache saves."""
     steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, eos_id, seed,
-                                 compile))  # fmt: skip
+                                 compile, use_cache))  # fmt: skip
     rows = [[s[b] for s in steps if s[b] is not None] for b in range(len(steps[0]))]
     return trim(rows, [len(r) for r in rows], eos_id)

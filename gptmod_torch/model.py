@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gptmod.backends import BackendUnavailableError, check_backend_name, torch_pinned_unmet
 from gptmod.config import ModelConfig
 from gptmod.weights import check_state
+from gptmod_torch.kernels import Linear, linear  # nn.Linear / F.linear, on oneDNN for CPU fp32 inference
 
 _PINNED = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -152,25 +153,38 @@ def attention(
     return out_BNTH.transpose(1, 2)
 
 
+def cached_attention(
+    q_BTNH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor, *, backend: str, mask_BTS: torch.Tensor
+) -> torch.Tensor:
+    """Attention over the heads-major KV cache, (B, K, S, H): SDPA's own (B, heads, S, H) layout, so
+    the (B, S, K, H) view handed to `attention` turns back into it without a copy."""
+    return attention(q_BTNH, k_BKSH.transpose(1, 2), v_BKSH.transpose(1, 2), backend=backend, mask_BTS=mask_BTS)
+
+
 class KVCache(nn.Module):
-    """Static KV cache of one layer, (B, S, K, H), preallocated and written in place.
+    """Static KV cache of one layer, heads-major (B, K, S, H), preallocated and written in place.
 
     Each row writes at its own positions, so ragged batches need no shifting. Capacity is checked
     by the caller (GPT.forward and generate) before anything is written."""
 
     def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype: torch.dtype, device=None):
         super().__init__()
-        shape = (batch, max_len, n_kv_head, head_dim)
+        shape = (batch, n_kv_head, max_len, head_dim)
         # persistent=False: the cache is run-time state, never part of the canonical weights.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
 
     def update(
         self, pos_BT: torch.Tensor, k_BTKH: torch.Tensor, v_BTKH: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows_B1 = torch.arange(pos_BT.shape[0], device=pos_BT.device)[:, None]
-        self.k[rows_B1, pos_BT] = k_BTKH
-        self.v[rows_B1, pos_BT] = v_BTKH
+        # Index tensors split by a slice put their (B, T) axes first: the target is (B, T, K, H), as given.
+        self.k[rows_B1, :, pos_BT] = k_BTKH
+        self.v[rows_B1, :, pos_BT] = v_BTKH
         return self.k, self.v
 
 
@@ -179,10 +193,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.kv_cache: KVCache | None = None
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.wq = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.wk = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wv = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
 
     def forward(
         self,
@@ -198,9 +212,11 @@ class Attention(nn.Module):
         v_BTKH = self.wv(x_BTD).view(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
             q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
-        if self.kv_cache is not None:
-            k_BTKH, v_BTKH = self.kv_cache.update(pos_BT, k_BTKH, v_BTKH)  # now (B, S, K, H)
-        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=backend, mask_BTS=mask_BTS)
+        if self.kv_cache is None:
+            out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=backend, mask_BTS=mask_BTS)
+        else:
+            k_BKSH, v_BKSH = self.kv_cache.update(pos_BT, k_BTKH, v_BTKH)
+            out_BTNH = cached_attention(q_BTNH, k_BKSH, v_BKSH, backend=backend, mask_BTS=mask_BTS)
         return self.wo(out_BTNH.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -210,8 +226,8 @@ class Attention(nn.Module):
 class GeluMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2's GELU is the tanh approximation; torch's default is the exact erf form.
@@ -221,9 +237,9 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.w_gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
@@ -264,7 +280,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -319,9 +335,9 @@ class GPT(nn.Module):
             )
         if idx_BT.shape[0] != cache.k.shape[0]:
             raise ValueError(f"idx: batch {idx_BT.shape[0]} does not match the KV cache batch {cache.k.shape[0]}")
-        if int(pos_BT.min()) < 0 or int(pos_BT.max()) >= cache.k.shape[1]:
+        if int(pos_BT.min()) < 0 or int(pos_BT.max()) >= cache.capacity:
             raise ValueError(
-                f"positions: {int(pos_BT.min())}..{int(pos_BT.max())} exceed the KV cache capacity {cache.k.shape[1]}"
+                f"positions: {int(pos_BT.min())}..{int(pos_BT.max())} exceed the KV cache capacity {cache.capacity}"
             )
 
     def forward(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor | None = None, return_hidden: bool = False):
@@ -343,7 +359,7 @@ class GPT(nn.Module):
         if positions_BT is None:
             positions_BT = torch.arange(idx_BT.shape[1], device=idx_BT.device)[None].expand_as(idx_BT)
         if cache is not None:  # bottom-right causal over the cache: key s is visible from position p iff s <= p
-            mask_BTS = torch.arange(cache.k.shape[1], device=idx_BT.device) <= positions_BT[..., None]
+            mask_BTS = torch.arange(cache.capacity, device=idx_BT.device) <= positions_BT[..., None]
         x_BTD = self.tok_emb(idx_BT)
         rope = None
         if self.pos_emb is not None:
@@ -360,7 +376,7 @@ class GPT(nn.Module):
         """Final norm, unembedding (tied or not) and soft-cap, in fp32; any leading shape."""
         x_BTD = self.norm(x_BTD)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits_BTV = F.linear(x_BTD, head).to(compute_dtype(x_BTD.dtype))
+        logits_BTV = linear(x_BTD, head).to(compute_dtype(x_BTD.dtype))
         cap = self.cfg.logit_softcap
         return logits_BTV if cap is None else cap * torch.tanh(logits_BTV / cap)
 

@@ -93,9 +93,9 @@ def test_help_is_complete_for_every_command():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == {"generate", "convert", "info", "transfer-report", "side-by-side", "prepare", "train",
-                                "plot", "parity"}
+                                "plot", "parity", "bench"}
     for name, p in sub.choices.items():
-        if name == "parity":  # its own parser: python -m parity --help
+        if name in ("parity", "bench"):  # their own parsers: python -m parity --help, python -m gptmod.bench --help
             continue
         r = run(name, "--help")
         assert r.returncode == 0 and p.description, name

@@ -104,8 +104,8 @@ def test_cache_is_not_part_of_the_state():
     tm.setup_cache(2, 32)
     jm.setup_cache(2, 32)
     assert set(gptmod_torch.export_state(tm)) == keys_t and set(gptmod_jax.export_state(jm)) == keys_j
-    assert tuple(tm.blocks[1].attn.kv_cache.k.shape) == (2, 32, cfg.n_kv_head, cfg.head_dim)
-    assert tuple(jm.blocks[1].attn.kv_cache.k.shape) == (2, 32, cfg.n_kv_head, cfg.head_dim)
+    assert tuple(tm.blocks[1].attn.kv_cache.k.shape) == (2, cfg.n_kv_head, 32, cfg.head_dim)
+    assert tuple(jm.blocks[1].attn.kv_cache.k.shape) == (2, cfg.n_kv_head, 32, cfg.head_dim)
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
@@ -196,6 +196,23 @@ def test_eos_stops_each_row(pair, framework):
     assert out[0][-1] == eos and len(out[0]) == free[0].index(eos) + 1
     steps = list(stream(model, PROMPTS, 16, eos_id=eos))
     assert all(s[0] is None for s in steps[len(out[0]) :])
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_recompute_without_cache_gives_the_cached_tokens(pair, framework):
+    # use_cache=False is the O(T^2) path the benchmark compares against: same model, same tokens.
+    _, tm, jm = pair
+    gen, stream, model = (tg.generate, tg.generate_stream, tm) if framework == "torch" else (
+        jg.generate, jg.generate_stream, jm)  # fmt: skip
+    cached = gen(model, PROMPTS, 20)
+    assert gen(model, PROMPTS, 20, use_cache=False) == cached
+    kw = dict(temperature=0.9, top_k=50, seed=3)
+    sampled = gen(model, PROMPTS, 12, **kw)
+    steps = list(stream(model, PROMPTS, 12, use_cache=False, **kw))
+    assert [[s[b] for s in steps] for b in range(3)] == sampled
+    eos = cached[0][3]
+    assert gen(model, PROMPTS, 20, eos_id=eos, use_cache=False) == gen(model, PROMPTS, 20, eos_id=eos)
+    assert model.blocks[0].attn.kv_cache is None
 
 
 def test_jax_prompt_buckets_reuse_compilations():

@@ -1,0 +1,53 @@
+"""The linear layer of the torch twin, routed to oneDNN for fp32 inference on the CPU.
+
+PyTorch's CPU build computes fp32 `F.linear` with MKL, whose matrix-vector path runs on one thread
+and streams weights at about half of what oneDNN (also inside PyTorch) reaches on the AMD EPYC this
+project is measured on. Decoding at small batch is exactly that matrix-vector product, so the torch
+twin calls oneDNN's matmul there: the tied 50257x768 unembedding at batch 1 takes 13.0 ms with MKL
+and 5.8 ms with oneDNN on 2 cores (`python -m gptmod.bench` shows the effect on whole steps).
+Training (grad enabled), other dtypes and other devices keep `F.linear`.
+
+The JAX twin needs no counterpart: XLA's CPU dot already reads weights at the machine's bandwidth.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# oneDNN's fused linear (`mkldnn::_linear_pointwise`, what inductor emits for frozen CPU graphs), where
+# this build of PyTorch has it; None elsewhere, and `linear` is then `F.linear`.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+@torch.library.custom_op("gptmod::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def uses_onednn(x: torch.Tensor) -> bool:
+    """Whether `linear` takes the oneDNN path for this input (fp32 on the CPU, no autograd)."""
+    return _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32 and (
+        not torch.is_grad_enabled())  # fmt: skip
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`: the same result, computed by oneDNN where `uses_onednn(x)`."""
+    if not uses_onednn(x):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():  # as a custom op: inductor would lower a plain linear to MKL again
+        return _onednn_linear(x, weight, bias)
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (the same parameters, init and state names) computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
