@@ -1,27 +1,35 @@
 """Speed and scaling of both twins beside Hugging Face `generate` and the machine's memory-bandwidth
 roofline, all in one process run so the ratios hold on a noisy machine.
 
-    python -m gptmod.bench [--quick] [--preset modern-gpt2] [--json FILE] [--plot DIR]
+    gptmod bench [--quick] [--preset modern-gpt2] [--json FILE] [--plot DIR]   (or python -m gptmod.bench)
 
 Random (seeded) weights: the torch model's canonical state, loaded into the JAX twin; HF runs the
 equivalent Llama config for modern presets (GPT2 for classic ones) with its default dynamic cache (it
-has no logit soft-cap, which costs nothing). Every time is the median of `--repeats` calls after one
-warm-up call of the same shape, which also pays any compilation.
+has no logit soft-cap, which costs nothing). Greedy decoding, no eos: every call generates exactly the
+tokens asked for. Every time is the median of `--repeats` calls after one warm-up call of the same
+shape, which also pays any compilation.
 
+- Modes: jax `jit` (generate as one jitted program, layers unrolled), jax `jit-scan` (the same with
+  `scan_layers=True`), torch `eager` and `compile` (torch.compile of the decode step), hf `generate`.
 - ttft_s: generate(..., 1 new token), i.e. prefill plus the first sampled token.
 - prefill_tok_s = batch * prompt_len / ttft_s.
 - decode_tok_s = batch * (new_tokens - 1) / (t(new_tokens) - t(1)): the difference of two medians
-  removes prefill the same way for every framework.
-- compile_s (jax jit, torch compile): the warm-up call of new_tokens minus the median timed call: what
+  removes prefill the same way for every framework (None if noise makes it <= 0).
+- compile_s (jit, jit-scan, compile): the warm-up call of new_tokens minus the median timed call: what
   the first call of that shape paid to trace and compile (about 0 when an earlier cell compiled the
   same shapes). None for eager torch and HF.
-- peak_mem_mb: how far the first timed call of new_tokens grew memory beyond what was resident just
-  before it. CPU: peak RSS (sampled every 2 ms) minus RSS before, so memory the allocator kept from the
-  warm-up is not counted again. GPU: the allocator's peak (torch/HF); JAX's lifetime peak_bytes_in_use.
+- peak_mem_mb: how much memory one more call of new_tokens needs beyond what is resident before it:
+  KV cache, activations, logits (not the weights, which every framework holds throughout). CPU: peak
+  RSS (sampled every 2 ms) minus RSS before; glibc is told to return every block of 128 KiB or more to
+  the system when freed (mallopt), so a block freed by an earlier call is allocated, and counted, anew.
+  GPU: the allocator's peak (torch/HF), JAX's peak_bytes_in_use (an upper bound: it cannot be reset).
 - Roofline: every decode step reads all weights once, so (all-core read bandwidth) / weight_bytes is
-  the batch-1 decode ceiling; batch-1 rows report decode_tok_s as a fraction of it.
+  the batch-1 decode ceiling; batch-1 rows report decode_tok_s as a fraction of it. Bandwidth is torch's
+  multi-threaded sum over 1 GiB, measured before and after the grid; the higher median is the ceiling.
 - Scaling: per-token decode time at context c with the KV cache and without it (use_cache=False, the
   whole padded context recomputed every step), as (t(prompt c-n, n new) - t(prompt c-n, 1 new)) / (n-1).
+- Compile: JAX generate traced and compiled ahead of time on abstract weights (no memory needed) at the
+  preset's depth and deeper, layers unrolled and scanned: the scan lever for compile time.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +53,17 @@ import numpy as np
 from gptmod.config import ModelConfig, list_presets, load_preset
 
 # --frameworks name -> (framework, mode) as written in rows
-FRAMEWORKS = {"jax": ("jax", "jit"), "torch-eager": ("torch", "eager"), "torch-compile": ("torch", "compile"),
-              "hf": ("hf", "generate")}  # fmt: skip
+FRAMEWORKS = {"jax": ("jax", "jit"), "jax-scan": ("jax", "jit-scan"), "torch-eager": ("torch", "eager"),
+              "torch-compile": ("torch", "compile"), "hf": ("hf", "generate")}  # fmt: skip
+COMPILED = ("jit", "jit-scan", "compile")
 SCALING = ("jax", "torch-eager", "torch-compile")  # HF has no no-cache path of ours to compare
 FULL = dict(batch=[1, 8, 32], prompt_len=[32, 512], new_tokens=256, repeats=3, contexts=[64, 256, 1024],
-            frameworks=list(FRAMEWORKS), scaling=SCALING)  # fmt: skip
-# torch.compile costs ~10 s per shape here, so --quick keeps it in the grid but not in scaling (4 more shapes).
+            frameworks=list(FRAMEWORKS), scaling=SCALING, depths=(1, 2, 4))  # fmt: skip
+# torch.compile costs ~10 s per shape here, so --quick keeps it in the grid but not in scaling (4 more shapes);
+# jax-scan's point is its compile time, which the compile table shows.
 QUICK = dict(batch=[1, 8], prompt_len=[32], new_tokens=32, repeats=1, contexts=[64, 256],
-             frameworks=list(FRAMEWORKS), scaling=("jax", "torch-eager"))  # fmt: skip
+             frameworks=[n for n in FRAMEWORKS if n != "jax-scan"], scaling=("jax", "torch-eager"),
+             depths=(1, 4))  # fmt: skip
 BANDWIDTH_BYTES = 1 << 30
 TARGET_PROMPT = 32
 
@@ -155,27 +166,66 @@ def jax_device_peak(device: Any) -> Iterator[Peak]:
     peak.mb = None if top is None or before is None else (top - before) / 1e6
 
 
+# glibc's mallopt parameters (malloc.h) and the values restored after a memory measurement: large blocks
+# served from the heap, as they are once glibc's dynamic threshold has grown (its maximum, 32 MiB on 64-bit).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_HEAP_MMAP_THRESHOLD, _HEAP_TRIM_THRESHOLD = 32 << 20, 64 << 20
+
+
+def _glibc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def fresh_allocations(threshold: int = 128 << 10) -> Iterator[None]:
+    """While the block runs, glibc serves every allocation of `threshold` bytes or more with its own
+    mapping and returns it to the system when freed, so resident memory follows what is live: a block an
+    earlier call freed is not silently reused, uncounted. A no-op where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(_M_TRIM_THRESHOLD, threshold)
+    libc.malloc_trim(0)  # hand back what earlier calls left on the heap, so it cannot be reused uncounted
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM_THRESHOLD)
+
+
 @dataclass
 class Timing:
     warmup_s: float
     median_s: float
-    peak_mem_mb: float | None = None
 
 
-def time_call(fn: Callable[[], object], repeats: int,
-              memory: Callable[[], AbstractContextManager[Peak]] | None = None) -> Timing:  # fmt: skip
-    """One warm-up call, then the median of `repeats` calls; `memory` wraps the first timed call."""
+def time_call(fn: Callable[[], object], repeats: int) -> Timing:
+    """One warm-up call, then the median of `repeats` calls."""
     t0 = time.perf_counter()
     fn()
     warmup = time.perf_counter() - t0
-    times, peak = [], None
-    for i in range(repeats):
-        with memory() if memory is not None and i == 0 else nullcontext() as mem:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        peak = mem.mb if mem is not None else peak
-    return Timing(warmup, statistics.median(times), peak)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(warmup, statistics.median(times))
+
+
+def peak_memory(fn: Callable[[], object], meter: Callable[[], AbstractContextManager[Peak]]) -> float | None:
+    """MB that one more call of `fn` needs beyond what is resident before it (see the module docstring)."""
+    with fresh_allocations(), meter() as peak:
+        fn()
+    return peak.mb
 
 
 def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, device: str = "cpu", passes: int = 5) -> float:
@@ -257,7 +307,7 @@ def build_models(cfg: ModelConfig, frameworks: Sequence[str], device: str = "cpu
         # Each batch, cache length and step function is its own static-shape graph; dynamo's default limit
         # of 8 would quietly send the later cells back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if "jax" in frameworks:
+    if any(n.startswith("jax") for n in frameworks):
         import jax
         import jax.numpy as jnp
         from flax import nnx
@@ -277,10 +327,13 @@ def runner(models: Models, name: str, prompts_BP: np.ndarray, use_cache: bool = 
     """generate(prompts, n) of one framework/mode as a function of n; returns only when the tokens exist."""
     ids = prompts_BP.tolist()
     kw = {} if use_cache else {"use_cache": False}
-    if name == "jax":
+    if name in ("jax", "jax-scan"):
         import jax
 
         from gptmod_jax.generate import generate as jax_generate
+
+        if name == "jax-scan":
+            kw["scan_layers"] = True
 
         def run_jax(n: int) -> object:
             with jax.default_device(models.jax_device):
@@ -308,7 +361,7 @@ def runner(models: Models, name: str, prompts_BP: np.ndarray, use_cache: bool = 
 def memory_meter(models: Models, name: str) -> Callable[[], AbstractContextManager[Peak]]:
     if models.device == "cpu":
         return rss_peak
-    return (lambda: jax_device_peak(models.jax_device)) if name == "jax" else cuda_peak
+    return (lambda: jax_device_peak(models.jax_device)) if name.startswith("jax") else cuda_peak
 
 
 def prompts(cfg: ModelConfig, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:
@@ -320,15 +373,16 @@ def measure_cell(run: Callable[[int], object], name: str, batch: int, prompt_len
                  memory: Callable[[], AbstractContextManager[Peak]] | None = None) -> Row:  # fmt: skip
     """One grid row from a generate-like `run(n)` (see the module docstring for the definitions)."""
     framework, mode = FRAMEWORKS[name]
-    full = time_call(lambda: run(new_tokens), repeats, memory)
+    full = time_call(lambda: run(new_tokens), repeats)
     first = time_call(lambda: run(1), repeats)
+    peak_mb = None if memory is None else peak_memory(lambda: run(new_tokens), memory)
     span = full.median_s - first.median_s
     decode = batch * (new_tokens - 1) / span if span > 0 else None
     # Noise can make it a hair negative when nothing was left to compile.
-    compile_s = max(0.0, full.warmup_s - full.median_s) if mode in ("jit", "compile") else None
+    compile_s = max(0.0, full.warmup_s - full.median_s) if mode in COMPILED else None
     fraction = decode / roofline_tok_s if batch == 1 and decode is not None and roofline_tok_s else None
     return Row(framework, mode, batch, prompt_len, new_tokens, batch * prompt_len / first.median_s, decode,
-               first.median_s, compile_s, full.peak_mem_mb, fraction)  # fmt: skip
+               first.median_s, compile_s, peak_mb, fraction)  # fmt: skip
 
 
 def run_grid(models: Models, frameworks: Sequence[str], batches: Sequence[int], prompt_lens: Sequence[int],
@@ -365,6 +419,56 @@ def run_scaling(models: Models, frameworks: Sequence[str], contexts: Sequence[in
                 t_1 = time_call(lambda run=run: run(1), repeats).median_s
                 per_token = (t_n - t_1) / (new_tokens - 1) if t_n > t_1 else None
                 out.append(ScalingRow(*FRAMEWORKS[name], context, cache, per_token))
+                if bar is not None:
+                    bar.update()
+    return out
+
+
+@dataclass
+class CompileRow:
+    n_layer: int
+    scan_layers: bool
+    trace_s: float  # tracing and lowering to StableHLO
+    compile_s: float  # XLA's compilation of the lowered program
+
+
+def run_compile(cfg: ModelConfig, depths: Sequence[int], new_tokens: int, dtype: str = "float32",
+                device: Any = None, bar: Any = None) -> list[CompileRow]:  # fmt: skip
+    """JAX generate (batch 1, greedy, the target prompt) traced and compiled ahead of time on abstract
+    weights at each depth, layers unrolled and scanned. JAX's caches are cleared first, so nothing an
+    earlier cell compiled is reused."""
+    import importlib
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import gptmod_jax
+    from gptmod.sampling import SamplingParams, plan
+
+    gen = importlib.import_module("gptmod_jax.generate")  # the package exports the function under that name
+    jax.clear_caches()
+    knobs, flags = gen._split_params(SamplingParams())
+    out = []
+    with jax.default_device(device) if device is not None else nullcontext():
+        for n_layer in depths:
+            c = replace(cfg, n_layer=n_layer)
+            graphdef, params = nnx.split(nnx.eval_shape(lambda c=c: gptmod_jax.GPT(c, rngs=nnx.Rngs(0),
+                                                                                    dtype=getattr(jnp, dtype))),
+                                         nnx.Param)  # fmt: skip
+            prompt_len = min(TARGET_PROMPT, c.max_seq_len - new_tokens)
+            p = plan([[0] * prompt_len], new_tokens, c)
+            ids = jax.ShapeDtypeStruct((1, p.prompt_len), jnp.int32)
+            lens = jax.ShapeDtypeStruct((1,), jnp.int32)
+            for scan in (False, True):
+                if bar is not None:
+                    bar.set_postfix_str(f"compile jax {n_layer} layers {'scanned' if scan else 'unrolled'}")
+                t0 = time.perf_counter()
+                lowered = gen._generate.lower(graphdef, params, ids, lens, jnp.int32(new_tokens), knobs,
+                                              jax.random.key(0), plan=p, flags=flags, scan_layers=scan)  # fmt: skip
+                t1 = time.perf_counter()
+                lowered.compile()
+                out.append(CompileRow(n_layer, scan, t1 - t0, time.perf_counter() - t1))
                 if bar is not None:
                     bar.update()
     return out
@@ -416,9 +520,10 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]], left: int = 2) 
 
 
 def format_report(result: dict, goals: Sequence[Target] = ()) -> str:
-    """The header, the grid table, the targets (`goals`) and the scaling table."""
+    """The header, the grid table, the targets (`goals`), the scaling table and the compile table."""
     r = result
-    out = [f"device {r['device']} | {r['preset']} | {r['dtype']} | bandwidth {r['bandwidth_gb_s']:.1f} GB/s | "
+    samples = "/".join(f"{b:.1f}" for b in r.get("bandwidth_samples_gb_s", [r["bandwidth_gb_s"]]))
+    out = [f"device {r['device']} | {r['preset']} | {r['dtype']} | bandwidth {samples} GB/s (start/end) | "
            f"weights {r['weight_bytes'] / 1e6:.1f} MB | batch-1 roofline {r['roofline_tok_s']:.1f} tok/s",
            ""]  # fmt: skip
     hf = {(x["batch"], x["prompt_len"]): x["decode_tok_s"] for x in r["rows"] if x["framework"] == "hf"}
@@ -450,6 +555,20 @@ def format_report(result: dict, goals: Sequence[Target] = ()) -> str:
             body.append([framework, mode, str(context), _fmt(ms[0], ".2f"), _fmt(ms[1], ".2f"), _fmt(ratio, ".1f")])
         out += ["", _table(["framework", "mode", "context", "ms/token cache", "ms/token recompute", "recompute/cache"],
                            body)]  # fmt: skip
+    if r.get("compile"):
+        cells = {}
+        for c in r["compile"]:
+            cells.setdefault(c["n_layer"], {})[c["scan_layers"]] = c
+        body = []
+        for n_layer, c in cells.items():
+            row = [str(n_layer)]
+            for scan in (False, True):
+                x = c.get(scan)
+                row += ["-", "-"] if x is None else [f"{x['trace_s']:.1f}", f"{x['trace_s'] + x['compile_s']:.1f}"]
+            body.append(row)
+        out += ["", "jax generate, ahead-of-time compile (batch 1): seconds to trace, and in all",
+                _table(["n_layer", "unrolled trace", "unrolled total", "scanned trace", "scanned total"], body,
+                       left=1)]  # fmt: skip
     return "\n".join(out)
 
 
@@ -542,10 +661,10 @@ def _frameworks(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptmod bench", description=__doc__.split("\n\n")[0].replace("\n", " "),
                                 epilog="Figures and their definitions: see `pydoc gptmod.bench`.")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a short run (well under 2 minutes on 2 CPU cores): batch 1 "
-                   "and 8, prompt 32, 32 new tokens, 1 repeat, all frameworks; scaling at contexts 64 and 256 for jax "
-                   "and torch-eager only (torch.compile would add ~10 s per shape). Flags given explicitly still "
-                   "win")  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on 2 CPU cores): batch 1 "
+                   "and 8, prompt 32, 32 new tokens, 1 repeat, every framework but jax-scan; scaling at contexts 64 "
+                   "and 256 for jax and torch-eager only (torch.compile would add ~10 s per shape); the compile "
+                   "table at 1x and 4x the preset's depth. Flags given explicitly still win")  # fmt: skip
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=list_presets(), help="model preset (default modern-gpt2)")
     src.add_argument("--config", type=Path, help="model config as a JSON file (instead of --preset)")
@@ -559,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=int, nargs="+", help="scaling contexts (default 64 256 1024)")
     p.add_argument("--scaling-new-tokens", type=int, default=4, help="tokens per scaling call (default 4)")
     p.add_argument("--no-scaling", action="store_true", help="skip the cache-vs-recompute scaling table")
+    p.add_argument("--compile-depths", type=int, nargs="+", metavar="N_LAYER", help="depths of the JAX compile "
+                   "table, unrolled vs scanned layers (default: the preset's n_layer, 2x and 4x; --quick: 1x and 4x)")
+    p.add_argument("--no-compile-table", action="store_true", help="skip the JAX compile-time table")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where all models run (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute dtype")
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file (atomic)")
@@ -585,6 +707,9 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, cfg: ModelConfi
         if not args.scaling_new_tokens < c <= cfg.max_seq_len:
             p.error(f"--contexts {c}: must be in (scaling new tokens={args.scaling_new_tokens}, "
                     f"max_seq_len={cfg.max_seq_len}]")  # fmt: skip
+    for n in args.compile_depths:
+        if n < 1:
+            p.error(f"--compile-depths {n}: must be >= 1")
     # Checked now, not after a long run.
     if args.json is not None and not args.json.resolve().parent.is_dir():
         p.error(f"--json {args.json}: folder {args.json.parent} does not exist")
@@ -609,7 +734,7 @@ def _gpu_missing(frameworks: Sequence[str]) -> str | None:
 
     if not torch.cuda.is_available():
         return "--device gpu: no CUDA device visible to torch"
-    if "jax" in frameworks:
+    if any(n.startswith("jax") for n in frameworks):
         import jax
 
         try:
@@ -626,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("batch", "prompt_len", "new_tokens", "repeats", "contexts", "frameworks"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
+    depths_given = args.compile_depths is not None
+    args.compile_depths = args.compile_depths or []
     if args.config is not None and not args.config.is_file():
         p.error(f"--config {args.config}: no such file")
     try:
@@ -633,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(f"--config {args.config}: {e}")
     preset = str(args.config) if args.config else args.preset or "modern-gpt2"
+    if not depths_given:
+        args.compile_depths = [k * cfg.n_layer for k in defaults["depths"]]
     _check(p, args, cfg)
     if args.device == "gpu" and (missing := _gpu_missing(args.frameworks)):
         print(f"gptmod bench: error: {missing}", file=sys.stderr)
@@ -641,24 +770,31 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     scaling = [] if args.no_scaling else [n for n in args.frameworks if n in defaults["scaling"]]
+    depths = [] if args.no_compile_table or args.device != "cpu" else args.compile_depths
     print(f"measuring read bandwidth ({torch.get_num_threads()} torch threads)...", file=sys.stderr)
-    bandwidth = measure_bandwidth(BANDWIDTH_BYTES, args.device)
+    bandwidth = [measure_bandwidth(BANDWIDTH_BYTES, args.device)]
     print(f"building {preset} ({', '.join(args.frameworks)}, {args.dtype}, {args.device})...", file=sys.stderr)
     models = build_models(cfg, args.frameworks, args.device, args.dtype)
     wbytes = weight_bytes(models.torch_model)
-    roofline = bandwidth * 1e9 / wbytes
-    cells = len(args.frameworks) * len(args.batch) * len(args.prompt_len) + 2 * len(scaling) * len(args.contexts)
+    cells = (len(args.frameworks) * len(args.batch) * len(args.prompt_len) + 2 * len(scaling) * len(args.contexts)
+             + 2 * len(depths))  # fmt: skip
     with tqdm(total=cells, desc="bench", unit="cell", file=sys.stderr) as bar:
-        rows = run_grid(models, args.frameworks, args.batch, args.prompt_len, args.new_tokens, args.repeats,
-                        roofline, bar)  # fmt: skip
+        rows = run_grid(models, args.frameworks, args.batch, args.prompt_len, args.new_tokens, args.repeats, None,
+                        bar)  # fmt: skip
         scale = run_scaling(models, scaling, args.contexts, args.scaling_new_tokens, args.repeats, bar)
+        compiled = run_compile(cfg, depths, args.new_tokens, args.dtype, models.jax_device, bar)
+    # Measured again at the end: this machine's bandwidth drifts with its neighbours; the ceiling is the higher.
+    bandwidth.append(measure_bandwidth(BANDWIDTH_BYTES, args.device))
+    roofline = max(bandwidth) * 1e9 / wbytes
+    rows = [replace(r, roofline_fraction=r.decode_tok_s / roofline) if r.batch == 1 and r.decode_tok_s else r
+            for r in rows]  # fmt: skip
     goals = targets(rows) if args.dtype == "float32" else []  # the goals are set for fp32
     result = {
-        "device": _device_name(args.device), "preset": preset, "dtype": args.dtype, "bandwidth_gb_s": bandwidth,
-        "weight_bytes": wbytes, "roofline_tok_s": roofline,
+        "device": _device_name(args.device), "preset": preset, "dtype": args.dtype, "bandwidth_gb_s": max(bandwidth),
+        "bandwidth_samples_gb_s": bandwidth, "weight_bytes": wbytes, "roofline_tok_s": roofline,
         "versions": {k: importlib.metadata.version(k) for k in ("torch", "jax", "flax", "transformers")},
         "rows": [asdict(r) for r in rows], "scaling": [asdict(s) for s in scale],
-        "targets": [t.to_json() for t in goals],
+        "compile": [asdict(c) for c in compiled], "targets": [t.to_json() for t in goals],
     }  # fmt: skip
     print(format_report(result, goals))
     if args.json:

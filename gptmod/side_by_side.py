@@ -68,47 +68,44 @@ NOTES: dict[str, str] = {
     "a mask, else a boolean mask (True = attend): torch passes it as (B, 1, T, S) for SDPA to broadcast over heads, "
     "JAX broadcasts it to the full (B, N, T, S) that cuDNN requires. Grouped-query attention is `enable_gqa` in "
     "torch and native in JAX (fewer kv heads are accepted as they are).",
-    "_linear": "One place for the JAX linear layers: `nnx.Linear` with its initialiser (`kernel_init`), parameter "
-    "dtype (`param_dtype`) and `rngs`, all fixed at construction. Its `kernel` is (in, out), the transpose of "
-    "torch's (out, in) `weight`, so `export_state` and `load_state` transpose. torch builds `nn.Linear` directly "
-    "and re-initialises it in `GPT.reset_parameters`.",
-    "KVCache": "Both caches are heads-major, (B, K, S, H), the layout both attention paths read without a copy. "
-    "torch keeps the cache in buffers registered with `persistent=False`: they move with the module "
+    "KVCache": "torch keeps the cache in buffers registered with `persistent=False`: they move with the module "
     "but stay out of `state_dict()`, hence out of `export_state`. NNX makes them `nnx.Cache` variables, a Variable "
     "type apart from `nnx.Param`, so `nnx.state(model, nnx.Param)` skips them and "
-    "`nnx.split(model, nnx.Param, nnx.Cache)` can hand them to a jitted loop. torch writes in place "
+    "`nnx.split(model, nnx.Param, nnx.Cache)` can hand them to a jitted loop. Values are (B, K, S, H) in both; "
+    "keys are (B, K, S, H) in torch, SDPA's own layout, and (B, K, H, S) in JAX, the layout XLA's CPU dot "
+    "multiplies without a copy (see `cached_attention`). torch writes in place "
     "(`self.k[rows_B1, :, pos_BT] = k_BTKH`, a `torch.Tensor.index_put_`); JAX arrays are immutable, so "
-    "`.at[rows_B1, :, pos_BT].set(k_BTKH)` builds a new array that is stored back with `self.k[...] = ...` (inside "
-    "a jitted step with the cache donated, XLA turns that into an in-place update).",
-    "cached_attention": "The same attention over the heads-major cache, reached differently. For torch, (B, K, S, H) "
-    "is SDPA's own layout, so `attention` gets a transposed view and SDPA reads it without a copy. "
+    "`.at[rows_B1, :, :, pos_BT].set(k_BTKH)` builds a new array that is stored back with `self.k[...] = ...` "
+    "(inside a jitted step with the cache donated, XLA turns that into an in-place update).",
+    "cached_attention": "The same attention over the cache, reached differently. For torch, (B, K, S, H) is SDPA's "
+    "own layout, so `attention` gets a transposed view and SDPA reads it without a copy. "
     "`jax.nn.dot_product_attention` reads keys as (B, S, K, H) and would make XLA transpose the whole cache every "
     "step, so on XLA the JAX twin writes the two products out with `jnp.einsum`, grouping the query heads per kv "
-    "head (consecutive groups, as `jnp.repeat` does) so that the batch axes (B, K) lead; cuDNN and the reference "
-    "still go through `attention`.",
-    "Attention": "torch's `Linear` (an `nn.Linear` that `gptmod_torch.kernels` computes with oneDNN for fp32 CPU "
-    "inference, where PyTorch's MKL path streams weights at half the speed) stores `weight` as (out, in) and computes "
-    "x @ weight.T; `nnx.Linear` stores `kernel` as (in, out) and computes x @ kernel, and "
-    "`export_state`/`load_state` transpose between the two. "
-    "The JAX layers get their initialiser at construction through `_linear` (`wo` with the residual std), "
-    "while torch's start from PyTorch defaults that `GPT.reset_parameters` overwrites. `kv_cache` starts as "
-    "`nnx.data(None)` because NNX treats a None attribute as static and would refuse the `KVCache` that "
-    "`setup_cache` assigns later.",
+    "head (consecutive groups, as `jnp.repeat` does) so that the batch axes (B, K) lead and each product is a "
+    "plain matmul over the cache's layout; cuDNN and the reference still go through `attention`.",
+    "Attention": "Both build their projections from a `Linear` of their own `kernels` module with torch's names "
+    "and layout, `weight` (out, in), so canonical state needs no transposes: torch's is an `nn.Linear` that runs "
+    "oneDNN for fp32 CPU inference (PyTorch's MKL path streams weights at half the speed), and JAX's replaces "
+    "`nnx.Linear` and its (in, out) kernel because a decode step's few rows multiply fastest on XLA's CPU with the "
+    "weights as the left operand, which wants them (out, in). The JAX layers get their initialiser, `dtype` and "
+    "`rngs` at construction (`wo` with the residual std), while torch's start from PyTorch defaults that "
+    "`GPT.reset_parameters` overwrites. `kv_cache` starts as `nnx.data(None)` because NNX treats a None attribute "
+    "as static and would refuse the `KVCache` that `setup_cache` assigns later.",
     "GeluMLP": 'GPT-2\'s tanh-approximated GELU is `approximate="tanh"` in torch, whose default is the exact erf '
     "form, and `approximate=True` in JAX, where it already is the default. The linear layers follow `Attention`: "
-    "(out, in) `weight` in torch, (in, out) `kernel` from `_linear` in JAX, with the residual std for `w_down`.",
-    "SwiGLU": "`F.silu` and `jax.nn.silu` are the same function; the difference is again in the linear layers: "
-    "(out, in) `weight` in torch, (in, out) `kernel` from `_linear` in JAX, initialised at construction "
-    "(`w_down` with the residual std) instead of by `GPT.reset_parameters`.",
+    "the same `Linear`, initialised at construction in JAX (`w_down` with the residual std).",
+    "SwiGLU": "`F.silu` and `jax.nn.silu` are the same function; the linear layers follow `Attention`, initialised "
+    "at construction in JAX (`w_down` with the residual std) instead of by `GPT.reset_parameters`.",
     "Block": "The same pre-norm residual block. The JAX constructor threads `dtype` and `rngs` into every child "
     "because NNX creates and initialises parameters at construction; torch modules take neither. NNX calls a "
     "module through `__call__`, torch through `forward` (run by `nn.Module.__call__`, which also runs hooks).",
-    "GPT": "Randomness is explicit in JAX: the caller passes `nnx.Rngs` and every `nnx.Linear`/`nnx.Embed` draws "
+    "GPT": "Randomness is explicit in JAX: the caller passes `nnx.Rngs` and every `Linear`/`nnx.Embed` draws "
     "its init key from it, while torch draws from the global RNG (`torch.manual_seed`) and re-initialises "
     "GPT-2 style in `reset_parameters`, which JAX needs not. Layers live in `nn.ModuleList` vs `nnx.List` (NNX "
     "refuses a plain list of modules), and the weight dtype is `dtype` at construction in JAX vs "
-    "`model.to(dtype)` afterwards in torch. The tied unembedding is `linear(x, tok_emb.weight)` vs "
-    "`tok_emb.attend(x)`. `check_input` is skipped under `torch.compile`; JAX checks shapes while tracing and "
+    "`model.to(dtype)` afterwards in torch. The tied unembedding is the same `linear(x, head)` over the "
+    "embedding table in both (`nnx.Embed` calls it `embedding`). `check_input` is skipped under `torch.compile`; "
+    "JAX checks shapes while tracing and "
     "skips only the value checks on a `jax.core.Tracer`.",
     "_to_numpy": "A bfloat16 torch tensor has no `.numpy()` (NumPy has no bfloat16), so its bits are viewed as "
     "int16 and reinterpreted as `ml_dtypes.bfloat16`. JAX needs no helper: its bfloat16 is the `ml_dtypes` dtype, "
@@ -116,16 +113,14 @@ NOTES: dict[str, str] = {
     "_to_torch": "The way back: `torch.from_numpy` shares memory and warns on read-only arrays (such as NumPy "
     "views of JAX arrays), so those are copied first; bfloat16 goes through an int16 view again.",
     "_canonical_params": "torch gets canonical names for free from `state_dict()`. The JAX twin flattens "
-    "`nnx.state(model, nnx.Param)` with `nnx.to_flat_state`, joins each path with dots and renames Flax's leaves "
-    "(`kernel`, `embedding`) to torch's `weight` via `_LEAF_TO_CANONICAL`, remembering the leaf so kernels can "
-    "be transposed.",
+    "`nnx.state(model, nnx.Param)` with `nnx.to_flat_state`, joins each path with dots and renames the one leaf "
+    "NNX names differently (`embedding`) to torch's `weight` via `_LEAF_TO_CANONICAL`.",
     "export_state": "Both return the canonical state: torch's names and (out, in) layout, in the model's dtype. "
     "torch's `state_dict()` is already canonical (the KV cache is not persistent), so it only converts to NumPy; "
-    "JAX transposes every `kernel` with `.T` (embeddings are (vocab, d_model) in both).",
+    "so is the JAX state, whose `Linear` weights share torch's layout, so it only copies each array out.",
     "load_state": "torch copies in place with `copy_` under `torch.no_grad`, which also casts to the parameter's "
-    "dtype. JAX arrays are immutable, so each `nnx.Param` is given a new array, `param[...] = jnp.asarray(...)`, "
-    "with kernels transposed back to (in, out); the shapes passed to `check_state` are reversed for kernels to "
-    "match the canonical layout.",
+    "dtype. JAX arrays are immutable, so each `nnx.Param` is given a new array, `param[...] = jnp.array(...)`, a "
+    "copy cast to the parameter's dtype.",
 }
 NO_NOTE: frozenset[str] = frozenset({"rope_inv_freq"})  # identical in both files: nothing to explain
 

@@ -12,7 +12,8 @@ measuring what the cache saves.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -60,9 +61,18 @@ def filter_logits(logits_BV: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array
     return x_BV
 
 
+def argmax(logits_BV: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the vocabulary (first maximum; a NaN counts as the maximum, as there), as two plain
+    reductions: XLA's CPU argmax is a paired (value, index) reduction, 3x slower (1.0 against 0.34 ms a
+    decode step at batch 8)."""
+    max_B1 = logits_BV.max(axis=-1, keepdims=True)  # NaN if the row has one
+    hit_BV = (logits_BV == max_B1) | jnp.isnan(logits_BV)
+    return jnp.min(jnp.where(hit_BV, jnp.arange(logits_BV.shape[-1], dtype=jnp.int32), logits_BV.shape[-1]), axis=-1)
+
+
 def sample(logits_BV: jax.Array, key: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:
     if flags.greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return argmax(logits_BV)
     return jax.random.categorical(key, filter_logits(logits_BV, knobs, flags), axis=-1).astype(jnp.int32)
 
 
@@ -86,6 +96,48 @@ def recompute_logits(model: GPT, tokens_BL: jax.Array, last_B: jax.Array) -> jax
     return model.head(x_BLD[jnp.arange(tokens_BL.shape[0]), last_B])
 
 
+class ScannedLayers:
+    """`model` with its blocks stacked into one state (leading axis: layer) that `lax.scan` runs through:
+    XLA then compiles one block instead of n_layer copies, so compile time stops growing with depth
+    (`python -m gptmod.bench` measures both). The price is the stacking, a copy of the block weights once
+    per `generate` call, and with a cache, scan writing the stacked cache out anew every step. Stands in
+    for the model in `prefill`, `decode_one_token` and `recompute_logits`: it has their `trunk` and `head`."""
+
+    def __init__(self, model: GPT):
+        splits = [nnx.split(block, nnx.Param, nnx.Cache) for block in model.blocks]  # the same graph each
+        stack = lambda *xs: jnp.stack(xs)
+        self.model, self.block_graphdef = model, splits[0][0]
+        self.params_L = jax.tree.map(stack, *[params for _, params, _ in splits])
+        self.cache_L = jax.tree.map(stack, *[cache for _, _, cache in splits])
+
+    def with_cache(self, cache_L: nnx.State) -> ScannedLayers:
+        new = copy.copy(self)
+        new.cache_L = cache_L
+        return new
+
+    def trunk(self, idx_BT: jax.Array, positions_BT: jax.Array | None) -> tuple[jax.Array, list]:
+        x_BTD, rope, positions_BT, mask_BTS = self.model.embed(idx_BT, positions_BT)
+
+        def layer(x_BTD: jax.Array, state: tuple) -> tuple[jax.Array, nnx.State]:
+            block = nnx.merge(self.block_graphdef, *state)
+            x_BTD = block(x_BTD, rope, self.model.attn_backend, positions_BT, mask_BTS)
+            return x_BTD, nnx.state(block, nnx.Cache)
+
+        x_BTD, self.cache_L = jax.lax.scan(layer, x_BTD, (self.params_L, self.cache_L))
+        return x_BTD, []  # no per-layer hidden states: generation never asks for them
+
+    def head(self, x_BTD: jax.Array) -> jax.Array:
+        return self.model.head(x_BTD)
+
+
+def _cache_state(net: GPT | ScannedLayers) -> tuple[nnx.State, Callable]:
+    """The KV cache of `net` as pure state for a loop to carry, and how to rebuild `net` around a new one."""
+    if isinstance(net, ScannedLayers):
+        return net.cache_L, net.with_cache
+    graphdef, params, cache = nnx.split(net, nnx.Param, nnx.Cache)
+    return cache, lambda cache: nnx.merge(graphdef, params, cache)
+
+
 class _Step(NamedTuple):
     i: jax.Array  # number of tokens generated so far
     tok_B: jax.Array
@@ -95,19 +147,21 @@ class _Step(NamedTuple):
     key: jax.Array
 
 
-@partial(jax.jit, static_argnames=("graphdef", "plan", "flags", "use_cache"))
+@partial(jax.jit, static_argnames=("graphdef", "plan", "flags", "use_cache", "scan_layers"))
 def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *, plan: Plan, flags: Flags,
-              use_cache: bool = True):  # fmt: skip
+              use_cache: bool = True, scan_layers: bool = False):  # fmt: skip
     model = nnx.merge(graphdef, params)
     key, sub = jax.random.split(key)
     rows_B = jnp.arange(plan.batch)
     if use_cache:
         model.setup_cache(plan.batch, plan.cache_len)  # allocated inside the jit: nothing to transfer or donate
-        tok_B = sample(prefill(model, tokens_BP, lens_B), sub, knobs, flags)
-        cache_graphdef, params, context = nnx.split(model, nnx.Param, nnx.Cache)
+    net = ScannedLayers(model) if scan_layers else model
+    if use_cache:
+        tok_B = sample(prefill(net, tokens_BP, lens_B), sub, knobs, flags)
+        context, with_cache = _cache_state(net)
     else:
         context = jnp.zeros((plan.batch, plan.cache_len), jnp.int32).at[:, : plan.prompt_len].set(tokens_BP)
-        tok_B = sample(recompute_logits(model, context, lens_B - 1), sub, knobs, flags)
+        tok_B = sample(recompute_logits(net, context, lens_B - 1), sub, knobs, flags)
     out_BN = jnp.zeros((plan.batch, plan.new_len), jnp.int32).at[:, 0].set(tok_B)
     done_B = (tok_B == knobs.eos_id) & flags.eos
 
@@ -118,12 +172,12 @@ def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *
         key, sub = jax.random.split(s.key)
         pos_B = lens_B + s.i - 1  # where the last generated token sits
         if use_cache:
-            m = nnx.merge(cache_graphdef, params, s.context)
-            tok_B = sample(decode_one_token(m, s.tok_B, pos_B), sub, knobs, flags)
-            context = nnx.state(m, nnx.Cache)
+            step_net = with_cache(s.context)
+            tok_B = sample(decode_one_token(step_net, s.tok_B, pos_B), sub, knobs, flags)
+            context, _ = _cache_state(step_net)
         else:
             context = s.context.at[rows_B, pos_B].set(s.tok_B)
-            tok_B = sample(recompute_logits(model, context, pos_B), sub, knobs, flags)
+            tok_B = sample(recompute_logits(net, context, pos_B), sub, knobs, flags)
         done_B = s.done_B | ((tok_B == knobs.eos_id) & flags.eos)
         return _Step(s.i + 1, tok_B, done_B, s.out_BN.at[:, s.i].set(tok_B), context, key)
 
@@ -154,18 +208,22 @@ def generate(
     eos_id: int | None = None,
     seed: int = 0,
     use_cache: bool = True,
+    scan_layers: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
     Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted.
     `use_cache=False` recomputes the whole (padded) context every step instead of reading the KV
-    cache: the same tokens, at O(T^2) cost, for measuring what the cache saves."""
+    cache: the same tokens, at O(T^2) cost, for measuring what the cache saves. `scan_layers=True`
+    runs the blocks under `lax.scan` (`ScannedLayers`): the same tokens, compiled once per block
+    instead of once per layer (JAX only: torch has no compile step that grows with depth this way)."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
     graphdef, state = nnx.split(model, nnx.Param)
     out_BN, n = _generate(graphdef, state, tokens_BP, lens_B, jnp.int32(max_new_tokens), knobs,
-                          jax.random.key(seed), plan=p, flags=flags, use_cache=bool(use_cache))  # fmt: skip
+                          jax.random.key(seed), plan=p, flags=flags, use_cache=bool(use_cache),
+                          scan_layers=bool(scan_layers))  # fmt: skip
     n = int(n)
     return trim(np.asarray(out_BN), [n] * p.batch, eos_id)
 

@@ -6,8 +6,8 @@ warmup-cosine schedule of `training.lr_at`, clipping by global norm, gradient ac
 and bf16 compute from fp32 master weights. The loop, the checkpoints and the log are shared
 (gptmod/training.py).
 
-The trainable state is a flat dict keyed by canonical names (flax layout: kernels are (in, out)), so
-the optimizer's moments map onto canonical names without a table.
+The trainable state is a flat dict keyed by canonical names, in canonical layout (the JAX twin stores
+linear weights (out, in), as torch does), so the optimizer's moments map onto canonical names as they are.
 """
 
 from __future__ import annotations
@@ -49,13 +49,9 @@ class Trainer:
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.names: list[str] = []
-        self.kernels: set[str] = set()  # names stored (in, out): transposed to and from canonical
         for path, _ in leaves:
             *prefix, leaf = (str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-            name = ".".join([*prefix, _LEAF_TO_CANONICAL[leaf]])
-            self.names.append(name)
-            if leaf == "kernel":
-                self.kernels.add(name)
+            self.names.append(".".join([*prefix, _LEAF_TO_CANONICAL[leaf]]))
         # Copies: the step donates its parameters, which must not delete the caller's model's arrays.
         self.params = {n: jnp.array(v, jnp.float32, copy=True) for n, (_, v) in zip(self.names, leaves, strict=True)}
         self.tx = make_optimizer(tc, self.names)
@@ -119,18 +115,12 @@ class Trainer:
         return nnx.merge(self.graphdef, state, self.rest)
 
     def _canonical(self, tree: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-        out = {}
-        for n in self.names:
-            a = np.array(tree[n], dtype=np.float32)  # a copy, never a view of a buffer the step will donate
-            out[n] = np.ascontiguousarray(a.T) if n in self.kernels else a
-        return out
+        # Copies, never views of buffers the step will donate.
+        return {n: np.array(tree[n], dtype=np.float32) for n in self.names}
 
     def _from_canonical(self, state: Mapping[str, np.ndarray], what: str) -> dict[str, jax.Array]:
-        shapes = {n: tuple(self.params[n].shape[::-1] if n in self.kernels else self.params[n].shape)
-                  for n in self.names}  # fmt: skip
-        check_state(shapes, state, what=what)
-        return {n: jnp.array(np.asarray(state[n]).T if n in self.kernels else state[n], jnp.float32, copy=True)
-                for n in self.names}  # fmt: skip
+        check_state({n: tuple(self.params[n].shape) for n in self.names}, state, what=what)
+        return {n: jnp.array(np.asarray(state[n]), jnp.float32, copy=True) for n in self.names}
 
     def export_state(self) -> dict[str, np.ndarray]:
         return self._canonical(self.params)

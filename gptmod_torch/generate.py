@@ -54,9 +54,15 @@ def filter_logits(logits_BV: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.
     return x_BV
 
 
+def argmax(logits_BV: torch.Tensor) -> torch.Tensor:
+    """The first maximum over the vocabulary (a NaN counts as the maximum); the twin of JAX's, which spells
+    it as two reductions because XLA's CPU argmax is slow. torch's own is fast as it is."""
+    return logits_BV.argmax(dim=-1)
+
+
 def sample(logits_BV: torch.Tensor, generator: torch.Generator, knobs: Knobs, flags: Flags) -> torch.Tensor:
     if flags.greedy:
-        return logits_BV.argmax(dim=-1)
+        return argmax(logits_BV)
     probs_BV = filter_logits(logits_BV, knobs, flags).softmax(dim=-1)
     return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
 

@@ -352,8 +352,9 @@ class GPT(nn.Module):
         logits_BTV = self.head(x_BTD)
         return (logits_BTV, hidden) if return_hidden else logits_BTV
 
-    def trunk(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor | None) -> tuple[torch.Tensor, list]:
-        """Embedding and blocks: the residual stream before the final norm (and each layer's)."""
+    def embed(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor | None) -> tuple:
+        """The embedded tokens and what every block takes with them: (x_BTD, rope, positions_BT, mask_BTS);
+        rope is None for learned positions, mask_BTS None without a KV cache."""
         cache = self.blocks[0].attn.kv_cache
         mask_BTS = None  # no cache: SDPA's top-left is_causal is right, the block starts at key 0
         if positions_BT is None:
@@ -366,6 +367,11 @@ class GPT(nn.Module):
             x_BTD = x_BTD + self.pos_emb(positions_BT)
         else:
             rope = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
+        return x_BTD, rope, positions_BT, mask_BTS
+
+    def trunk(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor | None) -> tuple[torch.Tensor, list]:
+        """Embedding and blocks: the residual stream before the final norm (and each layer's)."""
+        x_BTD, rope, positions_BT, mask_BTS = self.embed(idx_BT, positions_BT)
         hidden = [x_BTD]
         for block in self.blocks:
             x_BTD = block(x_BTD, rope, self.attn_backend, positions_BT, mask_BTS)

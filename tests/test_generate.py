@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,7 +106,9 @@ def test_cache_is_not_part_of_the_state():
     jm.setup_cache(2, 32)
     assert set(gptmod_torch.export_state(tm)) == keys_t and set(gptmod_jax.export_state(jm)) == keys_j
     assert tuple(tm.blocks[1].attn.kv_cache.k.shape) == (2, cfg.n_kv_head, 32, cfg.head_dim)
-    assert tuple(jm.blocks[1].attn.kv_cache.k.shape) == (2, cfg.n_kv_head, 32, cfg.head_dim)
+    # JAX keeps keys transposed, (B, K, H, S), the layout XLA's CPU dot reads fastest (cached_attention).
+    assert tuple(jm.blocks[1].attn.kv_cache.k.shape) == (2, cfg.n_kv_head, cfg.head_dim, 32)
+    assert tuple(jm.blocks[1].attn.kv_cache.v.shape) == (2, cfg.n_kv_head, 32, cfg.head_dim)
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
@@ -215,6 +218,38 @@ def test_recompute_without_cache_gives_the_cached_tokens(pair, framework):
     assert model.blocks[0].attn.kv_cache is None
 
 
+def test_jax_scanned_layers_give_the_same_tokens(pair):
+    _, _, jm = pair
+    assert jg.generate(jm, PROMPTS, 24, scan_layers=True) == jg.generate(jm, PROMPTS, 24)
+    kw = dict(temperature=0.9, top_k=50, top_p=0.95, seed=3)
+    assert jg.generate(jm, PROMPTS, 16, scan_layers=True, **kw) == jg.generate(jm, PROMPTS, 16, **kw)
+    assert jg.generate(jm, PROMPTS, 12, scan_layers=True, use_cache=False) == jg.generate(jm, PROMPTS, 12)
+    eos = jg.generate(jm, PROMPTS, 8)[0][3]
+    assert jg.generate(jm, PROMPTS, 8, eos_id=eos, scan_layers=True) == jg.generate(jm, PROMPTS, 8, eos_id=eos)
+
+
+
+def test_jax_scanned_program_holds_one_block():
+    # The point of scanning is compile time: the lowered program has one block's matmuls, not n_layer copies.
+    from gptmod.sampling import plan
+
+    cfg = dataclasses.replace(_cfg("tiny"), n_layer=6)
+    jm = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(jm, nnx.Param)
+    knobs, flags = jg._split_params(SamplingParams(0.0, None, None, None, None, 0))
+    p = plan([[1, 2, 3]], 8, cfg)
+
+    def dots(scan: bool) -> int:
+        lowered = jg._generate.lower(graphdef, params, jnp.zeros((1, p.prompt_len), jnp.int32), jnp.array([3]),
+                                     jnp.int32(8), knobs, jax.random.key(0), plan=p, flags=flags, scan_layers=scan)
+        return lowered.as_text().count("stablehlo.dot_general")
+
+    unrolled, scanned = dots(False), dots(True)
+    # Per block: q, k, v, o, gate, up, down and the two attention products, in prefill and in the decode step.
+    assert unrolled >= 2 * 9 * cfg.n_layer
+    assert scanned <= unrolled / cfg.n_layer + 4
+
+
 def test_jax_prompt_buckets_reuse_compilations():
     cfg = _cfg("tiny")
     model = jax_model(cfg, _state(cfg))
@@ -317,3 +352,16 @@ def test_bad_requests(framework, prompts, max_new, msg):
     model.setup_cache(1, 16)
     with pytest.raises(ValueError, match="already holds a KV cache"):
         gen(model, [[1]], 2)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_argmax_is_the_first_maximum_and_nan_wins(framework):
+    logits = np.array([[0.0, 3.0, 1.0, 3.0], [np.nan, 1.0, np.nan, 2.0], [-1.0, -2.0, 5.0, np.nan],
+                       [2.0, 2.0, 2.0, 2.0]], np.float32)  # fmt: skip
+    if framework == "torch":
+        got = tg.argmax(torch.from_numpy(logits)).tolist()
+    else:
+        got = np.asarray(jg.argmax(jnp.asarray(logits))).tolist()
+    assert got == [1, 0, 3, 0] == np.argmax(logits, axis=-1).tolist()
+    big = np.random.default_rng(0).standard_normal((8, 50257)).astype(np.float32)
+    assert np.asarray(jg.argmax(jnp.asarray(big))).tolist() == big.argmax(-1).tolist()
