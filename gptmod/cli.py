@@ -7,11 +7,13 @@ Expected failures (bad arguments, missing or corrupt files, offline hub) print o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
@@ -66,6 +68,57 @@ def build_model(framework: str, cfg: ModelConfig, state: dict | None, backend: s
     return gptmod_jax.load_state(model, state) if state is not None else model
 
 
+def jax_mesh(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> Any:
+    """--mesh/--rules/--rule as a context to build and run the JAX model in (a no-op without --mesh)."""
+    if args.mesh is None:
+        if args.rule or args.rules is not None:
+            raise CLIError("--rules/--rule need --mesh (e.g. --mesh data=2,model=4)")
+        return contextlib.nullcontext()
+    if args.framework != "jax":
+        raise CLIError("--mesh is for --framework jax; torch trains across processes under torchrun (--parallel)")
+    from gptmod_jax import sharding
+
+    overrides = {}
+    for item in args.rule:
+        axis, sep, target = item.partition("=")
+        if not sep:
+            raise CLIError(f"--rule {item!r}: expected AXIS=MESH_AXIS or AXIS=none, e.g. vocab=model")
+        overrides[axis.strip()] = None if target.strip().lower() == "none" else target.strip()
+    mesh = sharding.make_mesh(args.mesh)
+    table = sharding.rules(args.rules or args.default_rules, **overrides)
+    sharding.check_divisible(cfg, mesh, table, batch=batch)
+    return sharding.use_mesh(mesh, table)
+
+
+def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
+    """(rank, world_size, device) from torchrun's environment, initialising torch.distributed (gloo on the
+    CPU, nccl on GPUs); (0, 1, "cpu") for one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if args.parallel is not None:
+            raise CLIError(f"--parallel {args.parallel} needs several processes: launch with torchrun, e.g. "
+                           "torchrun --nproc_per_node 2 -m gptmod.cli train ...")  # fmt: skip
+        return 0, 1, "cpu"
+    if args.framework != "torch":
+        raise CLIError("several processes (torchrun) are for --framework torch; JAX spans devices with --mesh")
+    if args.parallel is None:
+        raise CLIError(f"running under torchrun with {world} processes: choose --parallel ddp or --parallel fsdp")
+    import torch
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return rank, world, device
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from gptmod import tokenizer
 
@@ -94,6 +147,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
               eos_id=None if args.no_eos else tokenizer.EOT_ID, seed=args.seed)  # fmt: skip
     check_request(prompts, cfg, args.max_new_tokens, SamplingParams(**kw))  # before any output or model build
+    with jax_mesh(args, cfg, batch=None):  # --mesh: parameters are created sharded, generation runs on it
+        return _generate(args, cfg, state, backend, texts, prompts, kw)
+
+
+def _generate(args: argparse.Namespace, cfg: ModelConfig, state: dict | None, backend: str, texts: list[str],
+              prompts: list[list[int]], kw: dict) -> int:  # fmt: skip
+    from gptmod import tokenizer
+
     model = build_model(args.framework, cfg, state, backend, args.seed)
     gen = importlib.import_module(f"gptmod_{args.framework}.generate")
     if args.framework == "torch":
@@ -247,18 +308,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--block-size {tc.block_size} exceeds the model's max_seq_len={cfg.max_seq_len}")
     if not (args.data / "manifest.json").is_file():
         raise CLIError(f"--data {args.data}: no manifest.json there; make one with `gptmod prepare`")
+    if args.parallel is not None and args.framework != "torch":
+        raise CLIError("--parallel is for --framework torch under torchrun; JAX spans devices with --mesh")
+    rank, world, device = torch_distributed(args)
     resuming = None if args.no_resume else training.latest_checkpoint(args.out)
     state = None
     if args.init and resuming is None:
         _, state = load_weights(str(args.init), cfg)
-    model = build_model(args.framework, cfg, state, DEFAULT_BACKEND[args.framework], tc.seed)
-    train_mod = importlib.import_module(f"gptmod_{args.framework}.train")
-    kw = {"compile": not args.no_compile} if args.framework == "torch" else {}
-    trainer = train_mod.Trainer(model, tc, **kw)
-    if resuming is not None:
+    with jax_mesh(args, cfg, batch=tc.batch_size):  # --mesh: sharded parameters, batches and steps
+        model = build_model(args.framework, cfg, state, DEFAULT_BACKEND[args.framework], tc.seed)
+        train_mod = importlib.import_module(f"gptmod_{args.framework}.train")
+        kw = {}
+        if args.framework == "torch":
+            kw = {"compile": not args.no_compile, "parallel": args.parallel}
+            model = model.to(device)
+        trainer = train_mod.Trainer(model, tc, **kw)
+    if resuming is not None and rank == 0:
         print(f"resuming from {resuming}", file=sys.stderr)
+    if args.framework == "jax":  # one process per host: each reads whole batches, host 0 writes
+        import jax
+
+        rank = jax.process_index()
     rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
-                          resume=not args.no_resume)  # fmt: skip
+                          resume=not args.no_resume, rank=0 if args.framework == "jax" else rank,
+                          world_size=world, writer=rank == 0)  # fmt: skip
+    if rank != 0:
+        return 0
     if not rows:
         print(f"nothing to do: {args.out} is already at step {tc.steps}; model in {args.out / 'model.safetensors'}")
         return 0
@@ -276,6 +351,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     both = f"; max |train loss gap| between the first two logs: {gap:.3g}" if gap is not None else ""
     print(f"wrote {args.out}{both}")
     return 0
+
+
+def add_mesh_options(p: argparse.ArgumentParser, default_rules: str) -> None:
+    p.add_argument("--mesh", metavar="data=N,model=M", help="jax: run on a device mesh (the sizes multiply to the "
+                   "device count), parameters and KV cache sharded by the rules table")  # fmt: skip
+    p.add_argument("--rules", choices=("dp", "tp", "fsdp"), help=f"jax with --mesh: the rules table, logical axes "
+                   f"to mesh axes: data parallel, tensor parallel or fully sharded (default {default_rules})")
+    p.add_argument("--rule", action="append", default=[], metavar="AXIS=MESH_AXIS", help="jax with --mesh: "
+                   "override one entry of the rules table, e.g. vocab=model or embed=none (repeatable)")
+    p.set_defaults(default_rules=default_rules)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
     g.add_argument("--backend", help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)")
     g.add_argument("--compile", action="store_true", help="torch only: torch.compile the decode step")
+    add_mesh_options(g, "tp")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="config, parameter count and dtype of a checkpoint",
@@ -374,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPT-2 (gpt2 / an HF folder), transferred into the preset (uptraining)")  # fmt: skip
     tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
     tr.add_argument("--no-compile", action="store_true", help="torch: run eagerly instead of torch.compile")
+    tr.add_argument("--parallel", choices=("ddp", "fsdp"), help="torch under torchrun: DistributedDataParallel or "
+                    "FSDP2 (fully_shard per block); gloo on the CPU, nccl on GPUs; --batch-size is per process")
+    add_mesh_options(tr, "fsdp")
     for f in dataclasses.fields(TrainConfig):
         tr.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                         help=f"{TRAIN_HELP[f.name]} (default {f.default})")  # fmt: skip

@@ -229,9 +229,11 @@ class RunLog:
 
 
 def train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, *,
-          framework: str, resume: bool = True, progress: bool = True, rank: int = 0,
-          world_size: int = 1) -> list[dict[str, Any]]:  # fmt: skip
-    """Run (or resume) training to tc.steps; returns the log rows. Rank 0 alone logs and checkpoints."""
+          framework: str, resume: bool = True, progress: bool = True, rank: int = 0, world_size: int = 1,
+          writer: bool | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run (or resume) training to tc.steps; returns the log rows. `rank` of `world_size` processes
+    reads its slice of each global batch; the `writer` (default: rank 0) alone logs and checkpoints. A
+    multi-host JAX run reads whole batches on every host (rank 0 of 1) and names host 0 the writer."""
     from tqdm import tqdm
 
     from gptmod.data import TokenLoader
@@ -259,7 +261,7 @@ def train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, r
         trainer.load_state(c.state)
         trainer.load_optimizer(c.optimizer)
         start = c.step
-    main = rank == 0
+    main = rank == 0 if writer is None else writer
     log = RunLog(run_dir / "log.jsonl", start) if main else None
     rows: list[dict[str, Any]] = []
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and main), unit="step")
@@ -285,12 +287,15 @@ def train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, r
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", gnorm=f"{row['grad_norm']:.2f}",
                             tok_s=f"{row['tokens_per_s']:.0f}")  # fmt: skip
             t0, tokens = time.perf_counter(), 0
-        if main and (last or (tc.ckpt_every and done % tc.ckpt_every == 0)):
-            save_checkpoint(run_dir, done, trainer.export_state(), trainer.export_optimizer(), cfg, tc,
-                            framework=framework)  # fmt: skip
+        if last or (tc.ckpt_every and done % tc.ckpt_every == 0):
+            # Every process exports (under FSDP that gathers the shards, a collective); rank 0 writes.
+            state, optimizer = trainer.export_state(), trainer.export_optimizer()
+            if main:
+                save_checkpoint(run_dir, done, state, optimizer, cfg, tc, framework=framework)
             t0, tokens = time.perf_counter(), 0  # tokens/s counts training time only, not checkpoints
+    state = trainer.export_state()
     if main:
-        weights.save(run_dir / "model.safetensors", trainer.export_state(), cfg, metadata={"step": str(tc.steps)})
+        weights.save(run_dir / "model.safetensors", state, cfg, metadata={"step": str(tc.steps)})
     return rows
 
 

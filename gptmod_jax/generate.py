@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from gptmod.sampling import Flags, Plan, SamplingParams, check_request, plan, trim
+from gptmod_jax import sharding
 from gptmod_jax.model import GPT
 
 
@@ -121,7 +122,7 @@ class ScannedLayers:
         def layer(x_BTD: jax.Array, state: tuple) -> tuple[jax.Array, nnx.State]:
             block = nnx.merge(self.block_graphdef, *state)
             x_BTD = block(x_BTD, rope, self.model.attn_backend, positions_BT, mask_BTS)
-            return x_BTD, nnx.state(block, nnx.Cache)
+            return sharding.constrain(x_BTD, ("batch", None, None)), nnx.state(block, nnx.Cache)
 
         x_BTD, self.cache_L = jax.lax.scan(layer, x_BTD, (self.params_L, self.cache_L))
         return x_BTD, []  # no per-layer hidden states: generation never asks for them

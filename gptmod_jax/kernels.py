@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptmod_jax import sharding
+
 # Up to this many rows (batch x tokens) the weights-first product wins on the CPU; from about 128 on
 # the two forms take the same time, measured for 768 <-> 2048 and 768 -> 50257.
 WEIGHTS_FIRST_MAX_ROWS = 64
@@ -47,11 +49,13 @@ def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> ja
 
 class Linear(nnx.Module):
     """A linear layer with torch's parameter names and layout: `weight` (out, in), optional `bias`,
-    weights drawn from N(0, std^2) in `dtype` at construction, bias zero."""
+    weights drawn from N(0, std^2) in `dtype` at construction, bias zero. `axes` are the logical axis
+    names of (out, in) for sharding (gptmod_jax/sharding.py)."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(nnx.initializers.normal(std)(rngs.params(), (d_out, d_in), dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 axes: tuple[str | None, str | None] = (None, None)):  # fmt: skip
+        self.weight = sharding.param(nnx.initializers.normal(std)(rngs.params(), (d_out, d_in), dtype), axes)
+        self.bias = sharding.param(jnp.zeros((d_out,), dtype), axes[:1]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return linear(x, self.weight[...], None if self.bias is None else self.bias[...])

@@ -18,6 +18,7 @@ from flax import nnx
 from gptmod.backends import BackendUnavailableError, check_backend_name, jax_cudnn_unmet
 from gptmod.config import ModelConfig
 from gptmod.weights import check_state
+from gptmod_jax import sharding  # logical axis names on parameters and the KV cache
 from gptmod_jax.kernels import Linear, linear  # weights (out, in) as in torch; decode-shaped on the CPU
 
 
@@ -32,8 +33,8 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
 class LayerNorm(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32):
         self.eps = cfg.norm_eps  # explicit: Flax's own default would be 1e-6
-        self.weight = nnx.Param(jnp.ones((cfg.d_model,), dtype))
-        self.bias = nnx.Param(jnp.zeros((cfg.d_model,), dtype))
+        self.weight = sharding.param(jnp.ones((cfg.d_model,), dtype), ("embed",))
+        self.bias = sharding.param(jnp.zeros((cfg.d_model,), dtype), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         ct = compute_dtype(x.dtype)
@@ -47,7 +48,7 @@ class LayerNorm(nnx.Module):
 class RMSNorm(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype = jnp.float32):
         self.eps = cfg.norm_eps
-        self.weight = nnx.Param(jnp.ones((cfg.d_model,), dtype))
+        self.weight = sharding.param(jnp.ones((cfg.d_model,), dtype), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         ct = compute_dtype(x.dtype)
@@ -191,8 +192,9 @@ class KVCache(nnx.Module):
     would be dropped without an error."""
 
     def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype: jnp.dtype):
-        self.k = nnx.Cache(jnp.zeros((batch, n_kv_head, head_dim, max_len), dtype))
-        self.v = nnx.Cache(jnp.zeros((batch, n_kv_head, max_len, head_dim), dtype))
+        axes = ("batch", "kv_heads", None, None)
+        self.k = sharding.cache(jnp.zeros((batch, n_kv_head, head_dim, max_len), dtype), axes)
+        self.v = sharding.cache(jnp.zeros((batch, n_kv_head, max_len, head_dim), dtype), axes)
 
     @property
     def capacity(self) -> int:
@@ -211,10 +213,14 @@ class Attention(nnx.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.kv_cache: KVCache | None = nnx.data(None)  # data, not static: setup_cache fills it in
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.wq = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs)
-        self.wk = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs)
-        self.wv = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs)
-        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs)
+        self.wq = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
+                         axes=("heads", "embed"))
+        self.wk = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype,
+                         rngs=rngs, axes=("kv_heads", "embed"))
+        self.wv = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype,
+                         rngs=rngs, axes=("kv_heads", "embed"))
+        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype,
+                         rngs=rngs, axes=("embed", "heads"))
 
     def __call__(
         self,
@@ -244,8 +250,10 @@ class Attention(nnx.Module):
 class GeluMLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs)
-        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs)
+        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
+                    axes=("mlp", "embed"))
+        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs,
+                             axes=("embed", "mlp"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # GPT-2's GELU is the tanh approximation (jax.nn.gelu's default; spelled out all the same).
@@ -255,9 +263,12 @@ class GeluMLP(nnx.Module):
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.w_gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs)
-        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs)
-        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs)
+        self.w_gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
+                      axes=("mlp", "embed"))
+        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
+                    axes=("mlp", "embed"))
+        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs,
+                             axes=("embed", "mlp"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
@@ -295,9 +306,11 @@ class GPT(nnx.Module):
         self.cfg = cfg
         self.attn_backend = check_backend_name("jax", attn_backend)
         emb_init = nnx.initializers.normal(cfg.init_std)
-        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=emb_init, param_dtype=dtype, rngs=rngs)
+        vocab_init = sharding.initializer(emb_init, ("vocab", "embed"))
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=vocab_init, param_dtype=dtype, rngs=rngs)
         self.pos_emb = (
-            nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=emb_init, param_dtype=dtype, rngs=rngs)
+            nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=sharding.initializer(emb_init, (None, "embed")),
+                      param_dtype=dtype, rngs=rngs)
             if cfg.pos == "learned"
             else None
         )
@@ -306,7 +319,8 @@ class GPT(nnx.Module):
         self.lm_head = (
             None
             if cfg.tie_embeddings
-            else Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs)
+            else Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs,
+                        axes=("vocab", "embed"))
         )
 
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
@@ -377,7 +391,7 @@ class GPT(nnx.Module):
             x_BTD = x_BTD + self.pos_emb(positions_BT)
         else:
             rope = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
-        return x_BTD, rope, positions_BT, mask_BTS
+        return sharding.constrain(x_BTD, ("batch", None, None)), rope, positions_BT, mask_BTS
 
     def trunk(self, idx_BT: jax.Array, positions_BT: jax.Array | None) -> tuple[jax.Array, list]:
         """Embedding and blocks: the residual stream before the final norm (and each layer's)."""
@@ -385,6 +399,7 @@ class GPT(nnx.Module):
         hidden = [x_BTD]
         for block in self.blocks:
             x_BTD = block(x_BTD, rope, self.attn_backend, positions_BT, mask_BTS)
+            x_BTD = sharding.constrain(x_BTD, ("batch", None, None))  # a no-op without a mesh
             hidden.append(x_BTD)
         return x_BTD, hidden
 
@@ -407,16 +422,16 @@ _LEAF_TO_CANONICAL = {"embedding": "weight", "weight": "weight", "bias": "bias"}
 
 def _canonical_params(model: nnx.Module) -> dict[str, nnx.Param]:
     out = {}
-    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        *prefix, leaf = (str(p) for p in path)
-        out[".".join([*prefix, _LEAF_TO_CANONICAL[leaf]])] = param
+    for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *prefix, leaf = (str(k) for k in path)
+        out[".".join([*prefix, _LEAF_TO_CANONICAL[leaf]])] = p
     return out
 
 
 def export_state(model: nnx.Module) -> dict[str, np.ndarray]:
     """Canonical state: torch names, (out, in) weights, the model's own dtype; a copy."""
     # Copies: a view of a buffer that jit may later donate is unsafe.
-    return {name: np.array(param[...]) for name, param in _canonical_params(model).items()}
+    return {name: np.array(sharding.gather(p[...])) for name, p in _canonical_params(model).items()}
 
 
 def load_state(model: nnx.Module, state: Mapping[str, np.ndarray]) -> nnx.Module:
@@ -425,7 +440,8 @@ def load_state(model: nnx.Module, state: Mapping[str, np.ndarray]) -> nnx.Module
     Every missing, unexpected and mis-shaped key is reported in one StateError."""
     params = _canonical_params(model)
     check_state({name: tuple(p.shape) for name, p in params.items()}, state)
-    for name, param in params.items():
-        # A copy: on CPU jnp.asarray may alias the numpy buffer, which the caller can still mutate.
-        param[...] = jnp.array(np.asarray(state[name]), dtype=param.dtype, copy=True)
+    for name, p in params.items():
+        # A copy (on CPU a device array may alias a numpy buffer, which the caller can still mutate), placed
+        # where the parameter is: one device, or its shards under a mesh (gptmod_jax/sharding.py).
+        p[...] = jax.device_put(np.array(state[name], dtype=p.dtype, copy=True), p[...].sharding)
     return model

@@ -4,7 +4,9 @@ optax's AdamW (decoupled weight decay on 2-D linear weights only, `training.deca
 warmup-cosine schedule of `training.lr_at`, clipping by global norm, gradient accumulation as a
 `lax.scan` over micro-batches inside one jitted step whose parameters and optimizer state are donated,
 and bf16 compute from fp32 master weights. The loop, the checkpoints and the log are shared
-(gptmod/training.py).
+(gptmod/training.py). A Trainer built inside `gptmod_jax.sharding.use_mesh` keeps the model's parameter
+shardings (and so the optimizer state's), places each batch by its logical `batch` axis and runs every
+step under that mesh: data parallel, tensor parallel or FSDP as the rules table says, by GSPMD.
 
 The trainable state is a flat dict keyed by canonical names, in canonical layout (the JAX twin stores
 linear weights (out, in), as torch does), so the optimizer's moments map onto canonical names as they are.
@@ -13,6 +15,7 @@ linear weights (out, in), as torch does), so the optimizer's moments map onto ca
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -24,6 +27,7 @@ from flax import nnx
 
 from gptmod.training import TrainConfig, decays, lr_at
 from gptmod.weights import check_state
+from gptmod_jax import sharding
 from gptmod_jax.model import _LEAF_TO_CANONICAL, GPT
 
 
@@ -46,13 +50,16 @@ class Trainer:
 
     def __init__(self, model: GPT, tc: TrainConfig) -> None:
         self.tc = tc
+        self.placement = sharding.current()  # (mesh, rules) when built under a mesh, else None
+        if self.placement is not None:
+            sharding.check_divisible(model.cfg, *self.placement, batch=tc.batch_size)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.names: list[str] = []
         for path, _ in leaves:
             *prefix, leaf = (str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
             self.names.append(".".join([*prefix, _LEAF_TO_CANONICAL[leaf]]))
-        # Copies: the step donates its parameters, which must not delete the caller's model's arrays.
+        # Copies (with the parameters' shardings): the step donates them, which must not delete the model's arrays.
         self.params = {n: jnp.array(v, jnp.float32, copy=True) for n, (_, v) in zip(self.names, leaves, strict=True)}
         self.tx = make_optimizer(tc, self.names)
         self.opt_state = self.tx.init(self.params)
@@ -86,18 +93,28 @@ class Trainer:
         updates, opt_state = self.tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(g)
 
+    def _mesh(self) -> AbstractContextManager:
+        return nullcontext() if self.placement is None else sharding.use_mesh(*self.placement)
+
+    def _batch(self, a: np.ndarray, axes: tuple[str | None, ...]) -> jax.Array:
+        return sharding.shard_batch(jnp.asarray(a), axes)  # rows split over the mesh's batch axis, if any
+
     def grads(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Mean loss and its gradient (not clipped), under canonical names and layout."""
-        loss, g = self._grads(self.params, jnp.asarray(x_ABT), jnp.asarray(y_ABT))
+        with self._mesh():
+            axes = (None, "batch", None)
+            loss, g = self._grads(self.params, self._batch(x_ABT, axes), self._batch(y_ABT, axes))
         return float(loss), self._canonical(g)
 
     def step(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> dict[str, Any]:
         """One optimizer update from a (grad_accum, batch, time) batch; loss and grad_norm stay on device
         (the loop reads them only when it logs, so steps are not synchronised one by one)."""
         lr = lr_at(self.tc, self.count)
-        self.params, self.opt_state, loss, grad_norm = self._step(
-            self.params, self.opt_state, jnp.asarray(x_ABT), jnp.asarray(y_ABT)
-        )
+        with self._mesh():
+            axes = (None, "batch", None)
+            self.params, self.opt_state, loss, grad_norm = self._step(
+                self.params, self.opt_state, self._batch(x_ABT, axes), self._batch(y_ABT, axes)
+            )
         self.count += 1
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
@@ -106,7 +123,9 @@ class Trainer:
         return self._loss(params, x_BT, y_BT)
 
     def eval_loss(self, x_BT: np.ndarray, y_BT: np.ndarray) -> float:
-        return float(self._eval(self.params, jnp.asarray(x_BT), jnp.asarray(y_BT)))
+        with self._mesh():
+            axes = ("batch", None)
+            return float(self._eval(self.params, self._batch(x_BT, axes), self._batch(y_BT, axes)))
 
     @property
     def model(self) -> GPT:
@@ -115,12 +134,14 @@ class Trainer:
         return nnx.merge(self.graphdef, state, self.rest)
 
     def _canonical(self, tree: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-        # Copies, never views of buffers the step will donate.
-        return {n: np.array(tree[n], dtype=np.float32) for n in self.names}
+        # Copies, never views of buffers the step will donate; gathered to every host first on a multi-host mesh.
+        return {n: np.array(sharding.gather(tree[n]), dtype=np.float32) for n in self.names}
 
     def _from_canonical(self, state: Mapping[str, np.ndarray], what: str) -> dict[str, jax.Array]:
         check_state({n: tuple(self.params[n].shape) for n in self.names}, state, what=what)
-        return {n: jnp.array(np.asarray(state[n]), jnp.float32, copy=True) for n in self.names}
+        # Copies, placed like the parameters they replace (sharded under a mesh).
+        return {n: jax.device_put(np.array(state[n], np.float32, copy=True), self.params[n].sharding)
+                for n in self.names}  # fmt: skip
 
     def export_state(self) -> dict[str, np.ndarray]:
         return self._canonical(self.params)

@@ -4,6 +4,12 @@ AdamW from torch.optim (decoupled weight decay on 2-D linear weights only, `trai
 learning rate set before each update from `training.lr_at`, gradient clipping by global norm, gradient
 accumulation over micro-batches, and bf16 autocast with fp32 master weights. The loop, the checkpoints
 and the log are shared (gptmod/training.py).
+
+Under `torchrun` (torch.distributed initialised), `parallel="ddp"` wraps the model in
+DistributedDataParallel (gradients all-reduced) and `parallel="fsdp"` shards it with FSDP2's
+`fully_shard`, each block a unit (parameters all-gathered for use, gradients reduce-scattered). Each
+process then feeds its slice of the global batch; the logged loss is the mean over processes, and
+export/load work in full canonical tensors, so checkpoints are the same safetensors as a one-process run.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gptmod.training import TrainConfig, decays, lr_at
+from gptmod.weights import check_state
 from gptmod_torch.model import GPT, export_state, load_state
 
 
@@ -45,11 +52,54 @@ def _ids(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(a, dtype=torch.long, device=device)  # cross_entropy wants int64 targets
 
 
+PARALLEL = ("ddp", "fsdp")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _wrap(model: GPT, parallel: str | None) -> torch.nn.Module:
+    """The module a step calls: the model itself, DDP around it, or the model sharded in place by FSDP2."""
+    if parallel is None:
+        return model
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel={parallel!r}: choose one of {', '.join(PARALLEL)} (or None for one process)")
+    if not _distributed():
+        raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialised: launch with torchrun "
+                           "(the gptmod train command initialises it from torchrun's environment)")  # fmt: skip
+    if parallel == "ddp":
+        device = next(model.parameters()).device
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:  # one unit per block: its weights are gathered only while it runs
+        fully_shard(block)
+    fully_shard(model)  # the rest: embeddings (tied head included), final norm
+    return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every process must call it); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(value: Any, p: torch.Tensor) -> torch.Tensor:
+    """A full canonical array as a tensor shaped and placed like `p` (this process's shard of a DTensor)."""
+    t = torch.as_tensor(np.array(value), dtype=p.dtype, device=p.device)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(t, p.device_mesh, p.placements)
+    return t
+
+
 class Trainer:
     """One model, its optimizer and the step count; the methods the shared loop calls."""
 
-    def __init__(self, model: GPT, tc: TrainConfig, *, compile: bool = False) -> None:
-        self.model, self.tc = model.train(), tc
+    def __init__(self, model: GPT, tc: TrainConfig, *, compile: bool = False, parallel: str | None = None) -> None:
+        self.model, self.tc, self.parallel = model.train(), tc, parallel
+        self.module = _wrap(model, parallel)  # after fully_shard the parameters are DTensors: optimizer after
         self.optimizer = make_optimizer(model, tc)
         self.count = 0  # updates applied so far
         # compile=True: inductor fuses the soft-cap and cross-entropy passes over the (tokens, vocab) logits,
@@ -62,28 +112,37 @@ class Trainer:
             return torch.autocast(device_type=device, dtype=torch.bfloat16)
         return nullcontext()
 
+    def _sync(self, last: bool) -> Any:
+        """Gradient synchronisation only on the last micro-batch of a step (DDP, FSDP2); one process: none."""
+        if self.parallel == "ddp" and not last:
+            return self.module.no_sync()
+        if self.parallel == "fsdp":
+            self.module.set_requires_gradient_sync(last)
+        return nullcontext()
+
     def _backward(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> float:
-        """Mean loss over the micro-batches; leaves the gradient of that mean in .grad (not yet clipped)."""
+        """Mean loss over the micro-batches (and processes); leaves the gradient of that mean in .grad
+        (not yet clipped)."""
         self.optimizer.zero_grad(set_to_none=True)
         device = next(self.model.parameters()).device
         total = 0.0
-        for x_BT, y_BT in zip(x_ABT, y_ABT, strict=True):
-            with self._autocast():
-                loss = self._loss(self.model, _ids(x_BT, device), _ids(y_BT, device))
-            (loss / len(x_ABT)).backward()
+        for i, (x_BT, y_BT) in enumerate(zip(x_ABT, y_ABT, strict=True)):
+            with self._sync(last=i == len(x_ABT) - 1), self._autocast():
+                loss = self._loss(self.module, _ids(x_BT, device), _ids(y_BT, device))
+                (loss / len(x_ABT)).backward()
             total += loss.item() / len(x_ABT)
-        return total
+        return self.all_reduce_mean(total)
 
     def grads(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Mean loss and its gradient (not clipped), under canonical names and layout."""
         loss = self._backward(x_ABT, y_ABT)
-        return loss, {n: _numpy(p.grad) for n, p in self.model.named_parameters()}
+        return loss, {n: _numpy(_full(p.grad)) for n, p in self.model.named_parameters()}
 
     def step(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> dict[str, Any]:
         """One optimizer update from a (grad_accum, batch, time) batch; metrics are python floats."""
         loss = self._backward(x_ABT, y_ABT)
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=False)
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=False))
         lr = lr_at(self.tc, self.count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -97,23 +156,32 @@ class Trainer:
         try:
             device = next(self.model.parameters()).device
             with self._autocast():
-                return float(self._loss(self.model, _ids(x_BT, device), _ids(y_BT, device)))
+                return float(self._loss(self.module, _ids(x_BT, device), _ids(y_BT, device)))
         finally:
             self.model.train()
 
     def export_state(self) -> dict[str, np.ndarray]:
-        return export_state(self.model)
+        """The canonical state in full tensors (under FSDP a collective: every process must call it)."""
+        if self.parallel != "fsdp":
+            return export_state(self.model)
+        return {n: _numpy(_full(p)) for n, p in self.model.named_parameters()}
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
-        load_state(self.model, state)
+        if self.parallel != "fsdp":
+            load_state(self.model, state)
+            return
+        check_state({n: tuple(p.shape) for n, p in self.model.named_parameters()}, state)
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(_like(state[n], p))
 
     def export_optimizer(self) -> dict[str, Any]:
         """AdamW's moments under canonical names (torch's names and layout are canonical) and the count."""
         m, v = {}, {}
         for name, p in self.model.named_parameters():
             s = self.optimizer.state.get(p, {})
-            m[name] = _numpy(s["exp_avg"]) if s else np.zeros(tuple(p.shape), np.float32)
-            v[name] = _numpy(s["exp_avg_sq"]) if s else np.zeros(tuple(p.shape), np.float32)
+            m[name] = _numpy(_full(s["exp_avg"])) if s else np.zeros(tuple(p.shape), np.float32)
+            v[name] = _numpy(_full(s["exp_avg_sq"])) if s else np.zeros(tuple(p.shape), np.float32)
         return {"count": self.count, "m": m, "v": v}
 
     def load_optimizer(self, optimizer: Mapping[str, Any]) -> None:
@@ -121,14 +189,14 @@ class Trainer:
         for name, p in self.model.named_parameters():
             self.optimizer.state[p] = {
                 "step": torch.tensor(float(count)),
-                "exp_avg": torch.as_tensor(np.array(optimizer["m"][name]), dtype=p.dtype, device=p.device),
-                "exp_avg_sq": torch.as_tensor(np.array(optimizer["v"][name]), dtype=p.dtype, device=p.device),
+                "exp_avg": _like(optimizer["m"][name], p),
+                "exp_avg_sq": _like(optimizer["v"][name], p),
             }
         self.count = count
 
     def all_reduce_mean(self, value: float) -> float:
         """Mean of a python float over the processes of torch.distributed (itself when not distributed)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not _distributed():
             return value
         t = torch.tensor([value], dtype=torch.float64)
         torch.distributed.all_reduce(t)

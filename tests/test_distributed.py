@@ -1,0 +1,235 @@
+"""Past one device. JAX: on 8 simulated CPU devices (a subprocess, tests/sharded_worker.py), the
+sharded forward, generation and train step equal the unsharded ones for every rules preset, the
+parameters carry the shardings their rules give, and a compiled train step holds the collectives each
+kind of parallelism needs and no replicated full-size weights. Torch: a 2-process torchrun (gloo) run
+of `gptmod train` under DDP and under FSDP2 logs the losses of the one-process run with the same
+global batch, ends with the same parameters, writes checkpoints that load anywhere, and resumes exactly.
+The rules, mesh and launch checks fail with errors that name the field, the value and the rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from gptmod import training, weights
+from gptmod.config import load_preset
+from gptmod_jax import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- JAX, 8 simulated devices
+
+
+@pytest.fixture(scope="module")
+def sharded() -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_worker.py")], env=env, capture_output=True,
+                       text=True, timeout=1200)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("preset", sharding.PRESETS)
+def test_sharded_forward_generate_and_train_equal_unsharded(sharded, preset):
+    r = sharded["presets"][preset]
+    assert r["logits_max_abs_diff"] <= 2e-5 * r["logits_max_abs"]  # fp32 rounding of a different reduction order
+    assert min(len(set(row)) for row in sharded["want_tokens"]) >= 4, "degenerate tokens prove little"
+    assert r["tokens_equal"] and r["sampled_equal"] and r["stream_equal"] and r["scan_equal"]
+    assert r["grad_loss_diff"] <= 1e-5 and r["grad_max_rel_diff"] <= 1e-5
+    assert r["step_loss_max_diff"] <= 1e-5
+    # Adam turns rounding noise in a near-zero gradient into a step of up to lr, so after the steps the
+    # parameters are judged against the most they can move (embedding rows of tokens seen once, mostly).
+    travel = sharded["adam_travel"]
+    worst = max(r["param_abs_diff"], key=r["param_abs_diff"].get)
+    assert r["param_abs_diff"][worst] <= 0.1 * travel, worst
+
+
+def test_parameters_are_sharded_as_their_rules_say(sharded):
+    cfg = sharded["cfg"]
+    dp, tp, fsdp = (sharded["presets"][p]["specs"] for p in ("dp", "tp", "fsdp"))
+    assert all(all(a is None for a in spec) for spec in dp.values())  # data parallel: every weight replicated
+    assert tp["blocks.0.attn.wq.weight"] == ["model", None] and tp["blocks.0.attn.wo.weight"] == [None, "model"]
+    assert tp["blocks.1.mlp.w_down.weight"] == [None, "model"] and tp["blocks.1.mlp.w_up.bias"] == ["model"]
+    assert tp["blocks.0.attn.wk.weight"] == ["model", None]
+    assert tp["tok_emb.weight"] == [None, None]  # the vocabulary stays replicated (50257 divides by nothing)
+    assert fsdp["blocks.0.mlp.w_gate.weight"] == ["model", "data"] and fsdp["lm_head.weight"] == [None, "data"]
+    assert fsdp["blocks.0.attn_norm.weight"] == ["data"] and fsdp["tok_emb.weight"] == [None, "data"]
+    shapes = sharded["presets"]["fsdp"]["shard_shapes"]
+    assert shapes["blocks.0.mlp.w_up.weight"] == [cfg["d_ff"] // 4, cfg["d_model"] // 2]  # 1/8 of the weight
+    assert sharded["presets"]["fsdp"]["opt_spec_w_up"] == "P('model', 'data')"  # Adam's moments follow
+
+
+def test_compiled_train_step_has_the_expected_collectives(sharded):
+    cfg = sharded["cfg"]
+    c = {p: sharded["presets"][p]["collectives"] for p in sharding.PRESETS}
+    # Data parallel: the gradients all-reduced (combined into one op), nothing gathered.
+    assert c["dp"]["all-reduce"] >= 1 and c["dp"]["all-gather"] == 0
+    # Tensor parallel: all-reduces of the row-parallel outputs (attention and MLP, forward and backward);
+    # weights are never gathered.
+    assert c["tp"]["all-reduce"] >= 2 * cfg["n_layer"] and c["tp"]["all-gather"] == 0
+    # FSDP: weights all-gathered for use in the forward and again in the backward. The CPU pipeline spells
+    # the gradient reduce-scatter as an all-reduce and a slice (GPU and TPU fuse them: ReduceScatterCreator).
+    assert c["fsdp"]["all-gather"] >= 2 * 7 * cfg["n_layer"] and c["fsdp"]["all-reduce"] >= 1
+    # No unexpected full replication: the compiled step takes no full-size MLP weight under tp or fsdp.
+    full_w_up = f"f32[{cfg['d_ff']},{cfg['d_model']}]"
+    assert full_w_up in sharded["presets"]["dp"]["hlo_param_shapes"]
+    for preset in ("tp", "fsdp"):
+        assert full_w_up not in sharded["presets"][preset]["hlo_param_shapes"], preset
+
+
+# ----------------------------------------------------------------------------- JAX, checks in-process
+
+
+def test_rules_tables_are_complete_and_checked():
+    for preset in sharding.PRESETS:
+        assert [a for a, _ in sharding.rules(preset)] == list(sharding.LOGICAL_AXES)
+    assert dict(sharding.rules("tp", vocab="model"))["vocab"] == "model"
+    for kw, msg in [(dict(preset="zp"), "unknown preset 'zp'"), (dict(length="data"), "unknown logical axis 'length'"),
+                    (dict(heads="tensor"), "heads='tensor': the mesh axes are data, model")]:  # fmt: skip
+        preset = kw.pop("preset", "dp")
+        with pytest.raises(ValueError, match=msg):
+            sharding.rules(preset, **kw)
+    with pytest.raises(ValueError, match="logical axis 'vocab' is not mapped"):
+        sharding.rules({a: None for a in sharding.LOGICAL_AXES if a != "vocab"})
+
+
+@pytest.mark.parametrize(("text", "msg"), [("data=2,model", "'model' is not AXIS=SIZE"), ("rows=2", "'rows=2' is not"),
+                                           ("data=0", "data='0' must be a positive integer"),
+                                           ("data=2,data=2", "axis 'data' is given twice"), ("", "give at least one")])
+def test_mesh_specs_are_checked(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        sharding.parse_mesh(text)
+
+
+def test_mesh_size_and_divisibility_are_checked():
+    assert sharding.parse_mesh("model=4") == {"data": 1, "model": 4}
+    with pytest.raises(ValueError, match=r"mesh data=2,model=1: 2 devices, but 1 are available"):
+        sharding.make_mesh("data=2")
+    mesh = sharding.make_mesh("data=1")
+    assert dict(mesh.shape) == {"data": 1, "model": 1} and all(t.name == "Auto" for t in mesh.axis_types)
+
+    class FakeMesh:  # check_divisible reads only the axis sizes; 8 real devices are the subprocess's business
+        shape: ClassVar[dict[str, int]] = {"data": 2, "model": 4}
+
+    cfg = load_preset("tiny")  # n_kv_head 2
+    with pytest.raises(ValueError, match=r"n_kv_head=2 is not divisible by mesh axis model=4 \(the rules shard "
+                       r"'kv_heads' over 'model'\)"):  # fmt: skip
+        sharding.check_divisible(cfg, FakeMesh(), sharding.rules("tp"))
+    with pytest.raises(ValueError, match="batch=3 is not divisible by mesh axis data=2"):
+        sharding.check_divisible(cfg, FakeMesh(), sharding.rules("dp"), batch=3)
+    sharding.check_divisible(cfg, FakeMesh(), sharding.rules("dp"), batch=4)
+
+
+def test_one_device_mesh_builds_the_same_model():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import gptmod_jax
+
+    cfg = load_preset("tiny")
+    ref = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    state = gptmod_jax.export_state(ref)
+    idx = jnp.asarray([[1, 2, 3, 4]])
+    with sharding.use_mesh(sharding.make_mesh("data=1"), "fsdp") as mesh:
+        model = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(1)), state)
+        assert model.blocks[0].mlp.w_up.weight[...].sharding.mesh == mesh
+        np.testing.assert_allclose(model(idx), ref(idx), atol=1e-6)
+    assert model.blocks[0].mlp.w_up.weight.get_metadata()["out_sharding"] == ("mlp", "embed")
+    assert not sharding.mesh_active()
+
+
+# ----------------------------------------------------------------------------- torch, torchrun with gloo
+
+TRAIN = ["--framework", "torch", "--preset", "tiny", "--steps", "4", "--block-size", "32", "--log-every", "1",
+         "--eval-every", "0", "--eval-batches", "2", "--warmup-steps", "1", "--ckpt-every", "2", "--grad-accum", "2",
+         "--no-compile"]  # fmt: skip
+
+
+def _gptmod(*args: str, procs: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if procs == 1:
+        cmd = [sys.executable, "-m", "gptmod.cli", *args]
+    else:  # --standalone: torchrun finds a free port itself, so parallel test workers do not collide
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+               "-m", "gptmod.cli", *args]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "shk"
+    _gptmod("prepare", "--input", "bundled", "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "single"
+    _gptmod("train", *TRAIN, "--batch-size", "4", "--data", str(shards), "--out", str(run))
+    return run
+
+
+def _losses(run: Path) -> list[float]:
+    return [row["loss"] for row in training.RunLog.read(run / "log.jsonl")]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one_with_the_same_global_batch(parallel, shards, single, tmp_path):
+    run = tmp_path / parallel
+    r = _gptmod("train", *TRAIN, "--batch-size", "2", "--parallel", parallel, "--data", str(shards), "--out",
+                str(run), procs=2)  # fmt: skip
+    assert r.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
+    want, got = _losses(single), _losses(run)
+    assert len(got) == 4 and np.abs(np.subtract(got, want)).max() <= 1e-5
+    a, cfg_a = weights.load(single / "model.safetensors")
+    b, cfg_b = weights.load(run / "model.safetensors")  # canonical full tensors, whatever the sharding was
+    assert cfg_a == cfg_b and set(a) == set(b)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+    # The checkpoint of a sharded run loads in the other framework too.
+    from flax import nnx
+
+    import gptmod_jax
+
+    gptmod_jax.load_state(gptmod_jax.GPT(cfg_b, rngs=nnx.Rngs(0)), b)
+
+
+def test_torchrun_fsdp_resumes_exactly(shards, single, tmp_path):
+    run = tmp_path / "fsdp"
+    args = ["train", *TRAIN, "--batch-size", "2", "--parallel", "fsdp", "--data", str(shards), "--out", str(run)]
+    _gptmod(*args, procs=2)
+    final, _ = weights.load(run / "model.safetensors")
+    # As if the run had died after its step-2 checkpoint: the same command continues from there.
+    shutil.rmtree(run / "step_0000004")
+    (run / "model.safetensors").unlink()
+    (run / "latest").write_text("step_0000002\n")
+    r = _gptmod(*args, procs=2)
+    assert "resuming from" in r.stderr
+    again, _ = weights.load(run / "model.safetensors")
+    assert max(float(np.abs(final[k] - again[k]).max()) for k in final) <= 1e-6
+    assert [row["step"] for row in training.RunLog.read(run / "log.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("args", "msg"), [
+    (["--parallel", "ddp"], "--parallel ddp needs several processes: launch with torchrun"),
+    (["--mesh", "data=1", "--framework", "torch"], "--mesh is for --framework jax"),
+    (["--rules", "tp"], "--rules/--rule need --mesh"),
+    (["--mesh", "data=1", "--rule", "vocab"], "--rule 'vocab': expected AXIS=MESH_AXIS"),
+])  # fmt: skip
+def test_launch_errors_name_the_option(args, msg, shards, tmp_path):
+    cmd = ["train", *[a for a in TRAIN if a != "--framework" and a != "torch"], "--data", str(shards),
+           "--out", str(tmp_path / "run"), *args]  # fmt: skip
+    if "--framework" not in args:
+        cmd += ["--framework", "jax" if "--mesh" in args or "--rules" in args else "torch"]
+    r = subprocess.run([sys.executable, "-m", "gptmod.cli", *cmd], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
