@@ -43,9 +43,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     idx = rng.integers(0, cfg.vocab_size, (8, 24))
     want_logits = np.asarray(ref(idx), np.float64)
-    want_tokens = jg.generate(ref, PROMPTS, 16)
+    want_tokens = jg.generate(ref, PROMPTS, 10)
     kw = dict(temperature=0.8, top_k=40, seed=3)
-    want_sampled = jg.generate(ref, PROMPTS, 12, **kw)
+    want_sampled = jg.generate(ref, PROMPTS, 8, **kw)
     tc = TrainConfig(steps=10, batch_size=8, block_size=24, warmup_steps=1, lr=1e-3, weight_decay=0.1)
     batches = [(rng.integers(0, cfg.vocab_size, (2, 8, 24)), rng.integers(0, cfg.vocab_size, (2, 8, 24)))
                for _ in range(3)]  # fmt: skip
@@ -67,11 +67,10 @@ def main() -> None:
             got = np.asarray(model(sharding.shard_batch(idx, ("batch", None))), np.float64)
             r["logits_max_abs_diff"] = float(np.abs(got - want_logits).max())
             r["logits_max_abs"] = float(np.abs(want_logits).max())
-            r["tokens_equal"] = jg.generate(model, PROMPTS, 16) == want_tokens
-            r["sampled_equal"] = jg.generate(model, PROMPTS, 12, **kw) == want_sampled
-            steps = list(jg.generate_stream(model, PROMPTS, 16))
+            r["tokens_equal"] = jg.generate(model, PROMPTS, 10) == want_tokens
+            r["sampled_equal"] = jg.generate(model, PROMPTS, 8, **kw) == want_sampled
+            steps = list(jg.generate_stream(model, PROMPTS, 10))
             r["stream_equal"] = [[s[b] for s in steps] for b in range(len(PROMPTS))] == want_tokens
-            r["scan_equal"] = jg.generate(model, PROMPTS, 16, scan_layers=True) == want_tokens
             trainer = Trainer(model, tc)
             loss, grads = trainer.grads(*batches[0])
             r["grad_loss_diff"] = abs(loss - want_loss)

@@ -117,8 +117,8 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     frameworks = ["jax", "jax-scan", "torch-eager", "hf"]
     # 40 new tokens and 3 repeats: t(new_tokens) - t(1) must stand clear of the noise of a loaded machine.
     code = bench.main(["--preset", "tiny", "--frameworks", ",".join(frameworks), "--batch", "1", "--batch", "8",
-                       "--prompt-len", "8", "--prompt-len", "32", "--new-tokens", "40", "--repeats", "3",
-                       "--contexts", "32", "64", "--compile-depths", "1", "2", "--json", str(out),
+                       "--prompt-len", "32", "--new-tokens", "40", "--repeats", "3",
+                       "--contexts", "64", "--compile-depths", "1", "2", "--json", str(out),
                        "--plot", str(plots)])  # fmt: skip
     assert code == 0
     r = json.loads(out.read_text())
@@ -133,7 +133,7 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     assert all(c["trace_s"] > 0 and c["compile_s"] > 0 for c in r["compile"])
 
     cells = [(x["framework"], x["mode"], x["batch"], x["prompt_len"]) for x in r["rows"]]
-    assert sorted(cells) == sorted((*bench.FRAMEWORKS[f], b, p) for f in frameworks for b in (1, 8) for p in (8, 32))
+    assert sorted(cells) == sorted((*bench.FRAMEWORKS[f], b, 32) for f in frameworks for b in (1, 8))
     for x in r["rows"]:
         assert set(x) == ROW_KEYS and x["new_tokens"] == 40
         for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
@@ -147,7 +147,7 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
             assert x["roofline_fraction"] is None
 
     assert sorted((s["framework"], s["context"], s["cache"]) for s in r["scaling"]) == sorted(
-        (f, c, k) for f in ("jax", "torch") for c in (32, 64) for k in (True, False))  # fmt: skip
+        (f, 64, k) for f in ("jax", "torch") for k in (True, False))  # fmt: skip
     assert all(s["per_token_s"] is None or s["per_token_s"] > 0 for s in r["scaling"])
     names = {t["name"] for t in r["targets"]}
     assert {"jax decode >= 2x hf (batch 1)", "jax generate compile <= 10 s"} <= names
@@ -165,7 +165,8 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
 def test_torch_compile_cell_reports_its_compile_time():
     cfg = load_preset("tiny")
     models = bench.build_models(cfg, ["torch-compile"])
-    row, again = bench.run_grid(models, ["torch-compile"], [1, 1], [8], new_tokens=4, repeats=1)
+    # Enough tokens and repeats that the decode span (full minus first-token median) clears timer noise.
+    row, again = bench.run_grid(models, ["torch-compile"], [1, 1], [8], new_tokens=24, repeats=3)
     assert (row.framework, row.mode) == ("torch", "compile")
     assert row.compile_s > 0.5 and row.decode_tok_s > 0
     assert again.compile_s < row.compile_s  # the same shapes again: nothing left to compile
@@ -178,7 +179,7 @@ def test_torch_compile_cell_reports_its_compile_time():
         (["--batch", "0"], "--batch 0: must be >= 1"),
         (["--repeats", "0"], "--repeats 0: must be >= 1"),
         (["--prompt-len", "250"], "--prompt-len 250: must be >= 1 with prompt_len + new_tokens"),
-        (["--contexts", "300"], "--contexts 300: must be in (scaling new tokens=4, max_seq_len=256]"),
+        (["--contexts", "300"], "--contexts 300: must be in (scaling new tokens=16, max_seq_len=256]"),
         (["--contexts", "4"], "--contexts 4: must be in"),
         (["--frameworks", "jax,tf"], "argument --frameworks: 'jax,tf': choose a comma-separated subset of"),
         (["--preset", "nope"], "--preset: invalid choice"),
