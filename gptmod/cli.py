@@ -345,16 +345,17 @@ def _train(args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: in
             kw = {"compile": not args.no_compile, "parallel": args.parallel}
             model = model.to(device)
         trainer = train_mod.Trainer(model, tc, **kw)
-    if resuming is not None and rank == 0:
-        print(f"resuming from {resuming}", file=sys.stderr)
     if args.framework == "jax":  # one process per host: each reads whole batches, host 0 writes
         import jax
 
-        rank = jax.process_index()
+        read_rank, writer = 0, jax.process_index() == 0
+    else:  # torchrun: each process reads its slice of the global batch, rank 0 writes
+        read_rank, writer = rank, rank == 0
+    if resuming is not None and writer:
+        print(f"resuming from {resuming}", file=sys.stderr)
     rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
-                          resume=not args.no_resume, rank=0 if args.framework == "jax" else rank,
-                          world_size=world, writer=rank == 0)  # fmt: skip
-    if rank != 0:
+                          resume=not args.no_resume, rank=read_rank, world_size=world, writer=writer)  # fmt: skip
+    if not writer:
         return 0
     if not rows:
         print(f"nothing to do: {args.out} is already at step {tc.steps}; model in {args.out / 'model.safetensors'}")

@@ -266,6 +266,7 @@ def train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, r
     rows: list[dict[str, Any]] = []
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (progress and main), unit="step")
     t0, tokens = time.perf_counter(), 0
+    state = None  # the last step's export, which model.safetensors reuses
     for step in bar:
         x, y = train_data.batch(step)
         shape = (tc.grad_accum, micro, tc.block_size)
@@ -293,7 +294,8 @@ def train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, r
             if main:
                 save_checkpoint(run_dir, done, state, optimizer, cfg, tc, framework=framework)
             t0, tokens = time.perf_counter(), 0  # tokens/s counts training time only, not checkpoints
-    state = trainer.export_state()
+    if state is None:  # nothing left to train (resumed at tc.steps): the state as loaded
+        state = trainer.export_state()
     if main:
         weights.save(run_dir / "model.safetensors", state, cfg, metadata={"step": str(tc.steps)})
     return rows
