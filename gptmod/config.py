@@ -11,9 +11,67 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 POS_CHOICES = ("learned", "rope")
 NORM_CHOICES = ("layernorm", "rmsnorm")
 MLP_CHOICES = ("gelu", "swiglu")
+ROPE_SCALING_CHOICES = ("llama3",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1/3.2 RoPE frequency scaling (HF `rope_type: "llama3"`): frequencies whose wavelength is
+    longer than `original_max_seq_len / low_freq_factor` are divided by `factor`, those shorter than
+    `original_max_seq_len / high_freq_factor` are kept, and those between are interpolated smoothly.
+    It changes only the rotation frequencies, which both twins take from the same host-side function."""
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALING_CHOICES:
+            raise ValueError(
+                f"ModelConfig.rope_scaling.kind={self.kind!r}: must be one of "
+                f"{', '.join(map(repr, ROPE_SCALING_CHOICES))}"
+            )
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_positive_float(f"rope_scaling.{name}", getattr(self, name))
+        if self.factor < 1:
+            raise ValueError(f"ModelConfig.rope_scaling.factor={self.factor}: must be >= 1")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"ModelConfig.rope_scaling.high_freq_factor={self.high_freq_factor}: must be > "
+                f"low_freq_factor={self.low_freq_factor}"
+            )
+        v = self.original_max_seq_len
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"ModelConfig.rope_scaling.original_max_seq_len={v!r}: must be an int >= 1")
+
+    def scale(self, inv_freq: np.ndarray) -> np.ndarray:
+        """The scaled frequencies, in float64 (as HF's `_compute_llama3_parameters` computes them)."""
+        low_wavelen = self.original_max_seq_len / self.low_freq_factor
+        high_wavelen = self.original_max_seq_len / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_max_seq_len / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        between = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(between, (1 - smooth) * scaled / self.factor + smooth * scaled, scaled)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RopeScaling:
+        if not isinstance(data, dict):
+            raise ValueError(f"ModelConfig.rope_scaling: expected an object or null, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig.rope_scaling: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -32,6 +90,7 @@ class ModelConfig:
     d_ff: int = 3072
     pos: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # "gelu" (tanh form) | "swiglu"
@@ -58,6 +117,14 @@ class ModelConfig:
             _check_positive_float(name, getattr(self, name))
         if self.logit_softcap is not None:
             _check_positive_float("logit_softcap", self.logit_softcap)
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, RopeScaling):
+                raise ValueError(
+                    f"ModelConfig.rope_scaling={self.rope_scaling!r}: must be a RopeScaling or None "
+                    "(from_dict/from_json take a JSON object)"
+                )
+            if self.pos != "rope":
+                raise ValueError(f"ModelConfig.rope_scaling is set but pos={self.pos!r}: it needs pos='rope'")
         if self.n_kv_head > self.n_head:
             raise ValueError(
                 f"ModelConfig.n_kv_head={self.n_kv_head}: must be <= n_head={self.n_head} (1 <= n_kv_head <= n_head)"
@@ -103,6 +170,8 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        if data.get("rope_scaling") is not None:
+            data = {**data, "rope_scaling": RopeScaling.from_dict(data["rope_scaling"])}
         return cls(**data)
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:

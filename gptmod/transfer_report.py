@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from gptmod import tokenizer, weights
+from gptmod import hf_gpt2, tokenizer
 from gptmod.config import ModelConfig
 from gptmod.weights import TransferReport
 
@@ -44,16 +44,16 @@ def variants(tensors: dict[str, np.ndarray], classic: ModelConfig, target: Model
             if target.d_ff != classic.d_ff:
                 switches.append((f"mlp={new}, d_ff={target.d_ff}", {**change, "d_ff": target.d_ff}))
 
-    out = [Variant("GPT-2", classic, *weights.from_hf_gpt2(tensors, classic, seed=seed))]
+    out = [Variant("GPT-2", classic, *hf_gpt2.from_hf_gpt2(tensors, classic, seed=seed))]
     for name, change in switches:
         cfg = replace(classic, **change)
-        state, report = weights.from_hf_gpt2(tensors, cfg, seed=seed)
+        state, report = hf_gpt2.from_hf_gpt2(tensors, cfg, seed=seed)
         if name.endswith("zero gate"):  # SwiGLU's usual init, to measure what the fitted gate buys
             for k in state:
                 if ".mlp.w_gate." in k:
                     state[k] = np.zeros_like(state[k])
         out.append(Variant(name, cfg, state, report))
-    out.append(Variant("modern (all switches)", target, *weights.from_hf_gpt2(tensors, target, seed=seed)))
+    out.append(Variant("modern (all switches)", target, *hf_gpt2.from_hf_gpt2(tensors, target, seed=seed)))
     out.append(Variant("random init (modern)", target, None))
     return out
 
@@ -129,9 +129,9 @@ def gate_errors(tensors: dict[str, np.ndarray], classic: ModelConfig, mlp: str, 
 
     import gptmod_torch
 
-    ref = gptmod_torch.load_state(gptmod_torch.GPT(classic).eval(), weights.from_hf_gpt2(tensors, classic)[0])
+    ref = gptmod_torch.load_state(gptmod_torch.GPT(classic).eval(), hf_gpt2.from_hf_gpt2(tensors, classic)[0])
     cfg = replace(classic, mlp=mlp)
-    ours = gptmod_torch.load_state(gptmod_torch.GPT(cfg).eval(), weights.from_hf_gpt2(tensors, cfg)[0])
+    ours = gptmod_torch.load_state(gptmod_torch.GPT(cfg).eval(), hf_gpt2.from_hf_gpt2(tensors, cfg)[0])
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hooks = [b.mlp.register_forward_hook(lambda m, args, out: seen.append((args[0], out))) for b in ref.blocks]
     try:
@@ -152,7 +152,7 @@ def run(source: Any, target: ModelConfig, *, text: str, tokens: int = 8192, seq_
     """Everything the command prints, as a JSON-able dict."""
     from tqdm import tqdm
 
-    tensors, classic = weights.read_hf_gpt2(source)
+    tensors, classic = hf_gpt2.read_hf_gpt2(source)
     sizes = ("vocab_size", "d_model", "n_layer", "n_head")
     wrong = [f"{k}={getattr(target, k)} (GPT-2 source: {getattr(classic, k)})" for k in sizes
              if getattr(target, k) != getattr(classic, k)]  # fmt: skip

@@ -70,15 +70,16 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # ----------------------------------------------------------------------------- rope
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     # float64 on the host: both twins then round the very same frequencies to fp32.
-    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    return inv_freq if cfg.rope_scaling is None else cfg.rope_scaling.scale(inv_freq)  # Llama 3.1/3.2
 
 
 def rope_cos_sin(positions_BT: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles, (B, T, H/2), in the compute dtype (never bf16)."""
     ct = compute_dtype(dtype)
-    inv_freq = torch.as_tensor(rope_inv_freq(cfg.head_dim, cfg.rope_theta), dtype=ct, device=positions_BT.device)
+    inv_freq = torch.as_tensor(rope_inv_freq(cfg), dtype=ct, device=positions_BT.device)
     angles_BTh = positions_BT.to(ct)[..., None] * inv_freq
     return angles_BTh.cos(), angles_BTh.sin()
 

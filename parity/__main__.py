@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: float32 and bfloat16 (plus float16 on GPU)")  # fmt: skip
     p.add_argument("--weights", default="random",
                    help="random (seeded, offline); random-outliers (random plus injected outlier channels, see "
-                   "README); gpt2 or another HF GPT-2 name/folder (exact into classic presets, partially transferred "
-                   "into the others); or a gptmod .safetensors "
-                   "file")  # fmt: skip
+                   "README); smollm2 (the real SmolLM2-135M-Instruct, offline), a GGUF file, an HF Llama folder or a "
+                   "gptmod .safetensors file (the model's own config); or gpt2 or another HF GPT-2 name/folder (exact "
+                   "into classic presets, partially transferred into the others)")  # fmt: skip
     p.add_argument("--check", action="append", choices=CHECKS, help="run only these checks (repeatable)")
     p.add_argument("--backend-torch", action="append", choices=TORCH_BACKENDS, help="default: all")
     p.add_argument("--backend-jax", action="append", choices=JAX_BACKENDS, help="default: all")
@@ -52,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _runs(args) -> list[tuple[str, ModelConfig, dict | None]]:
+def _runs(args) -> tuple[list[tuple[str, ModelConfig, dict | None]], tuple[int, ...]]:
+    """The (name, config, state) of every run, and the token ids of real text when the weights bring their own
+    tokenizer (a real model is then fed Hamlet, not random ids)."""
     import dataclasses
 
-    from gptmod import weights
+    from gptmod import corpus, hf_gpt2, pretrained
 
     names = args.preset or ([] if args.config else list(DEFAULT_PRESETS))
     runs = [(n, load_preset(n), None) for n in names]
@@ -64,17 +66,20 @@ def _runs(args) -> list[tuple[str, ModelConfig, dict | None]]:
         runs = [(f"{n}/2L" if c.n_layer > 2 else n, dataclasses.replace(c, n_layer=min(2, c.n_layer)), s)
                 for n, c, s in runs]  # fmt: skip
     if args.weights in ("random", "random-outliers"):
-        return runs
-    path = Path(args.weights)
-    if path.suffix == ".safetensors" and path.is_file():
-        state, cfg = weights.load(path)
-        return [(path.stem, cfg, state)]
+        return runs, ()
+    p = pretrained.load(args.weights)
+    text = () if p.tokenizer is None else tuple(p.tokenizer.encode(corpus.bundled_text("hamlet")))
+    if p.report.format != "hf-gpt2":  # a model of its own: its config, not the presets
+        if args.preset or args.config:
+            raise ValueError(f"--weights {args.weights} is a {p.report.format} model with its own config; "
+                             "--preset/--config only choose the targets of GPT-2 weights")  # fmt: skip
+        return [(Path(args.weights).stem, p.cfg, p.state)], text
     out = []
-    tensors, _ = weights.read_hf_gpt2(args.weights)  # read once; exact into classic presets, partial otherwise
+    tensors, _ = hf_gpt2.read_hf_gpt2(p.report.path)  # read once; exact into classic presets, partial otherwise
     for name, cfg, _ in runs:
-        state, _ = weights.from_hf_gpt2(tensors, cfg)
+        state, _ = hf_gpt2.from_hf_gpt2(tensors, cfg)
         out.append((name if cfg.is_classic else f"{name} (GPT-2 transferred)", cfg, state))
-    return out
+    return out, text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
 
-    from gptmod.weights import HubUnavailableError, canonical_shapes
+    from gptmod.hf import HubUnavailableError
+    from gptmod.weights import canonical_shapes
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"parity: error: --inject-fault {args.inject_fault!r}: expected NAME=EPS", file=sys.stderr)
             return 2
     try:
-        runs = _runs(args)
+        runs, text_ids = _runs(args)
     except (ValueError, OSError, HubUnavailableError, NotImplementedError) as e:
         print(f"parity: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch, seed=args.seed, greedy_steps=16 if args.quick else args.greedy_steps,
         train_steps=50 if args.quick else 200,
         checks=tuple(args.check or CHECKS), fault=fault, backends_torch=tuple(args.backend_torch or ()),
-        backends_jax=tuple(args.backend_jax or ()),
+        backends_jax=tuple(args.backend_jax or ()), text_ids=text_ids,
     )  # fmt: skip
     start = time.perf_counter()
     rows = run_suite(runs, opts, progress=sys.stderr.isatty())

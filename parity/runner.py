@@ -33,6 +33,7 @@ class Options:
     fault: tuple[str, float] | None = None  # (canonical name, relative perturbation) in the JAX twin only
     backends_torch: tuple[str, ...] = field(default_factory=tuple)
     backends_jax: tuple[str, ...] = field(default_factory=tuple)
+    text_ids: tuple[int, ...] = ()  # real text (a real model's tokenizer on a bundled play) instead of random ids
 
 
 def default_backends(device: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -48,7 +49,12 @@ def make_case(name: str, cfg: ModelConfig, dtype: str, opts: Options, state: dic
         if opts.weights == "random-outliers":
             state = suite.inject_outliers(state, cfg, opts.seed)
     seq_len = min(opts.seq_len, cfg.max_seq_len)
-    idx = np.random.default_rng(opts.seed).integers(0, cfg.vocab_size, size=(opts.batch, seq_len))
+    if opts.text_ids:  # consecutive windows of the text, one per row
+        if len(opts.text_ids) < opts.batch * seq_len:
+            raise ValueError(f"parity: the text has {len(opts.text_ids)} tokens, fewer than batch x seq_len")
+        idx = np.asarray(opts.text_ids[: opts.batch * seq_len], dtype=np.int64).reshape(opts.batch, seq_len)
+    else:
+        idx = np.random.default_rng(opts.seed).integers(0, cfg.vocab_size, size=(opts.batch, seq_len))
     return Case(name, cfg, dtype, suite.cast_state(state, dtype), idx, opts.device)
 
 
@@ -68,7 +74,7 @@ def run_suite(runs: Iterable[tuple[str, ModelConfig, dict | None]], opts: Option
                 ("cached", lambda c: suite.check_cached_decode(c, opts.decode_steps, opts.fault)),
                 ("greedy", lambda c, n=n: suite.check_greedy(c, n, opts.fault)),
                 ("roundtrip", suite.check_round_trips),
-                ("hf", lambda c: suite.check_hf(c, opts.seed)),
+                ("hf", lambda c, n=n: suite.check_hf(c, opts.seed, n)),
                 ("train", lambda c: training.check_training(c, opts.train_steps, opts.seed)),
             ]
             plan.append((name, cfg, state, dtype, [(k, f) for k, f in checks if k in opts.checks]))

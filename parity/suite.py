@@ -405,22 +405,29 @@ def check_round_trips(case: Case) -> Iterator[Row]:
                   "bit-exact" if not bad else f"{len(bad)} tensors differ, e.g. {bad[0]}")  # fmt: skip
 
 
-def check_hf(case: Case, seed: int) -> Iterator[Row]:
-    """Classic presets against transformers' own GPT2LMHeadModel: an outside oracle."""
-    if not case.cfg.is_classic:
-        yield Row(
-            "hf-gpt2", case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, "not a classic preset"
-        )
+def check_hf(case: Case, seed: int, greedy_steps: int = 32) -> Iterator[Row]:
+    """transformers as an outside oracle: GPT2LMHeadModel for classic presets (its own random init, imported),
+    LlamaForCausalLM on the case's own weights for Llama-shaped configs (a real model such as SmolLM2 included):
+    logits in fp32, and greedy tokens against HF's greedy."""
+    from gptmod.hf_llama import llama_problems
+
+    llama = not case.cfg.is_classic and not llama_problems(case.cfg)
+    check = "hf-gpt2" if case.cfg.is_classic or not llama else "hf-llama"
+    if not case.cfg.is_classic and not llama:
+        why = "; ".join(llama_problems(case.cfg))
+        yield Row(check, case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, f"neither GPT-2 nor a "
+                  f"Llama: {why}")  # fmt: skip
+        return
+    if llama:
+        yield from _check_hf_llama(case, greedy_steps)
         return
     if case.dtype != "float32":
-        yield Row(
-            "hf-gpt2", case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, "HF oracle runs in fp32"
-        )
+        yield Row(check, case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, "HF oracle runs in fp32")
         return
     import torch
 
     from gptmod.bench import hf_model
-    from gptmod.weights import from_hf_gpt2
+    from gptmod.hf_gpt2 import from_hf_gpt2
 
     torch.manual_seed(seed)
     hf = hf_model(case.cfg)
@@ -434,6 +441,57 @@ def check_hf(case: Case, seed: int) -> Iterator[Row]:
     ok = e_t <= FP32_LOGIT_CEILING and e_j <= FP32_LOGIT_CEILING
     yield Row("hf-gpt2", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()),
               FP32_LOGIT_CEILING, ok, "e = vs HF GPT2LMHeadModel logits (random init)")  # fmt: skip
+
+
+def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
+    """HF Llama in fp32 on the case's weights (already rounded to its dtype). Logits (fp32 only): each twin within
+    REL[float32] of the logit scale of HF's. Greedy: both twins' tokens against HF's greedy, EOS off; in fp32 they
+    must agree, and a divergence is judged as in `check_greedy` (a near-tie of the float64 reference passes); in
+    bf16/fp16 the number of agreeing tokens is reported (informational: the oracle runs in fp32)."""
+    import torch
+
+    import gptmod_jax
+    import gptmod_torch
+    from gptmod.bench import hf_model
+
+    hf = hf_model(case.cfg, {k: np.asarray(v, np.float32) for k, v in case.state.items()})
+    if case.dtype == "float32":
+        with torch.no_grad():
+            ref = hf(torch.from_numpy(case.idx)).logits.double().numpy()
+        lt = torch_run(torch_model(case, "float32", "sdpa", "cpu"), case.idx)
+        lj = jax_run(jax_model(case, "auto"), case.idx)
+        e_t, e_j = float(np.abs(lt - ref).max()), float(np.abs(lj - ref).max())
+        scale = float(np.abs(ref).max())
+        bound = REL["float32"] * scale
+        yield Row("hf-llama", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()), bound,
+                  e_t <= bound and e_j <= bound, f"e = vs HF LlamaForCausalLM logits; budget {REL['float32']:g} of "
+                  f"max|logit| {scale:.1f}")  # fmt: skip
+    prompt = case.idx[0, : min(16, case.idx.shape[1])].tolist()
+    steps = min(steps, case.cfg.max_seq_len - len(prompt))
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+    outs = {"torch": gptmod_torch.generate(torch_model(case, case.dtype, "sdpa"), [prompt], steps)[0],
+            "jax": gptmod_jax.generate(jax_model(case, "auto"), [prompt], steps)[0]}  # fmt: skip
+    for fw, out in outs.items():
+        first = next((i for i, (a, b) in enumerate(zip(out, theirs, strict=True)) if a != b), None)
+        if case.dtype != "float32":
+            agree = steps if first is None else first
+            yield Row(f"hf-llama greedy {fw}", case.name, case.dtype, "sdpa", "auto", None, None, None, None, None,
+                      f"{agree} of {steps} greedy tokens agree with HF's fp32 greedy (informational)")  # fmt: skip
+            continue
+        if first is None:
+            yield Row(f"hf-llama greedy {fw}", case.name, case.dtype, "sdpa", "auto", None, None, 0.0, 0.0, True,
+                      f"{steps} tokens identical to HF's greedy")  # fmt: skip
+            continue
+        ref = torch_run(torch_model(case, "float64", "math", "cpu"), np.array([prompt + theirs[:first]]))[0, -1]
+        margin = float(abs(ref[out[first]] - ref[theirs[first]]))
+        e_max = REL[case.dtype] * float(np.abs(ref).max())
+        tie = margin <= 2 * e_max
+        yield Row(f"hf-llama greedy {fw}", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie,
+                  f"diverge at step {first}: {fw} {out[first]} vs HF {theirs[first]}, float64 margin {margin:.2e} "
+                  f"({'near-tie' if tie else 'not a tie'})")  # fmt: skip
 
 
 def versions() -> dict[str, str]:

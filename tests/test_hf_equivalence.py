@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptmod.config import load_preset
-from gptmod.weights import from_hf_gpt2
+from gptmod.hf_gpt2 import from_hf_gpt2
 
 from conftest import jax_logits, jax_model, torch_logits, torch_model
 

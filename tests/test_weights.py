@@ -18,16 +18,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gptmod import hf as hf_io
 from gptmod import weights
 from gptmod.config import list_presets, load_preset
-from gptmod.weights import (
-    HubUnavailableError,
-    StateError,
-    TransferReport,
-    canonical_shapes,
-    check_state,
-    from_hf_gpt2,
-)
+from gptmod.hf import HubUnavailableError
+from gptmod.hf_gpt2 import from_hf_gpt2
+from gptmod.weights import StateError, TransferReport, canonical_shapes, check_state
 
 D, N_LAYER, VOCAB, N_POS = 64, 2, 100, 32
 
@@ -482,7 +478,7 @@ def test_local_paths_and_repo_ids(tmp_path, monkeypatch):
         asked.append(repo_id)
         raise HubUnavailableError("offline")
 
-    monkeypatch.setattr(weights, "_download", fake_download)
+    monkeypatch.setattr(hf_io, "download", fake_download)
     for path in ("./gpt2", "/no/such/gpt2", "org/name/extra", "~/gpt2", tmp_path / "gpt2"):
         with pytest.raises(FileNotFoundError, match="no such file or folder"):
             from_hf_gpt2(path, _cfg())
