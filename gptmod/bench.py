@@ -37,6 +37,7 @@ shape, which also pays any compilation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -278,8 +279,9 @@ def hf_model(cfg: ModelConfig, state: dict[str, np.ndarray] | None = None):
     if state is not None:
         from gptmod.hf_llama import config_to_hf, to_hf_llama
 
-        model = LlamaForCausalLM(LlamaConfig(**config_to_hf(cfg))).eval()
-        _load_hf_state(model, to_hf_llama(state, cfg))
+        llama = dataclasses.replace(cfg, logit_softcap=None)  # the soft-cap only: everything else is Llama's
+        model = LlamaForCausalLM(LlamaConfig(**config_to_hf(llama))).eval()
+        _load_hf_state(model, to_hf_llama(state, llama))
         return model
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,

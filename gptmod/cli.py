@@ -568,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--title", default="training loss", help="figure title")
     pl.set_defaults(func=cmd_plot)
 
+    from gptmod import chat as chat_cmd  # its own module: templates, sessions and the terminal loop
+
+    chat_cmd.add_parser(sub)
+
     sub.add_parser("parity", help="run the parity suite (same options as python -m parity)", add_help=False)
     sub.add_parser("bench", help="speed and scaling of both twins vs HF and the memory-bandwidth roofline "
                    "(same options as python -m gptmod.bench)", add_help=False)  # fmt: skip

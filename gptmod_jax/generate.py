@@ -8,6 +8,8 @@ it crosses into a new bucket. `generate_stream` yields token by token for stream
 is jitted with the cache donated, so each step updates the cache in place. `use_cache=False` is the
 classic path without a cache, `recompute_logits` over the whole context every step, kept for
 measuring what the cache saves.
+`eos_id` may be several stop ids (Llama 3 has three). `Session` keeps one conversation's KV cache across
+calls (chat): each call prefills only what the cache does not already hold.
 """
 
 from __future__ import annotations
@@ -22,7 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptmod.sampling import Flags, Plan, SamplingParams, check_request, plan, trim
+from gptmod.sampling import (
+    Flags,
+    Plan,
+    SamplingParams,
+    StopIds,
+    bucket,
+    check_request,
+    check_session_len,
+    check_turn,
+    common_prefix,
+    plan,
+    session_capacity,
+    trim,
+)
+from gptmod.sampling import stop_ids as as_stop_ids  # `stop_ids` is Session.stream's argument
 from gptmod_jax import sharding
 from gptmod_jax.model import GPT
 
@@ -34,12 +50,18 @@ class Knobs(NamedTuple):
     top_k: jax.Array
     top_p: jax.Array
     min_p: jax.Array
-    eos_id: jax.Array
+    eos_ids: jax.Array  # (E,) int32, padded with -1: a new set of stop ids of the same size never recompiles
 
 
 def _split_params(params: SamplingParams) -> tuple[Knobs, Flags]:
     t, k, p, m, eos = params.knob_values()
-    return Knobs(jnp.float32(t), jnp.int32(k), jnp.float32(p), jnp.float32(m), jnp.int32(eos)), params.flags()
+    knobs = Knobs(jnp.float32(t), jnp.int32(k), jnp.float32(p), jnp.float32(m), jnp.asarray(eos, jnp.int32))
+    return knobs, params.flags()
+
+
+def is_stop(tok_B: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:
+    """Whether each row's token is one of the stop ids, (B,) bool (all False without stop ids)."""
+    return jnp.any(tok_B[:, None] == knobs.eos_ids[None], axis=-1) & flags.eos
 
 
 def filter_logits(logits_BV: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:
@@ -77,9 +99,12 @@ def sample(logits_BV: jax.Array, key: jax.Array, knobs: Knobs, flags: Flags) -> 
     return jax.random.categorical(key, filter_logits(logits_BV, knobs, flags), axis=-1).astype(jnp.int32)
 
 
-def prefill(model: GPT, tokens_BP: jax.Array, lens_B: jax.Array) -> jax.Array:
-    """All prompts in one pass (right-padded); logits of each row's last real token, (B, V)."""
+def prefill(model: GPT, tokens_BP: jax.Array, lens_B: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
+    """All prompts in one pass (right-padded), each row's tokens at positions start..start+P-1 (start 0 by
+    default; a Session passes where its cache ends). Logits of each row's last real token, (B, V)."""
     positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1])[None], tokens_BP.shape)
+    if start_B is not None:
+        positions_BP = positions_BP + start_B[:, None]
     x_BPD, _ = model.trunk(tokens_BP, positions_BP)
     return model.head(x_BPD[jnp.arange(tokens_BP.shape[0]), lens_B - 1])
 
@@ -164,7 +189,7 @@ def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *
         context = jnp.zeros((plan.batch, plan.cache_len), jnp.int32).at[:, : plan.prompt_len].set(tokens_BP)
         tok_B = sample(recompute_logits(net, context, lens_B - 1), sub, knobs, flags)
     out_BN = jnp.zeros((plan.batch, plan.new_len), jnp.int32).at[:, 0].set(tok_B)
-    done_B = (tok_B == knobs.eos_id) & flags.eos
+    done_B = is_stop(tok_B, knobs, flags)
 
     def cond(s: _Step) -> jax.Array:
         return (s.i < max_new) & ~jnp.all(s.done_B)
@@ -179,7 +204,7 @@ def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *
         else:
             context = s.context.at[rows_B, pos_B].set(s.tok_B)
             tok_B = sample(recompute_logits(net, context, pos_B), sub, knobs, flags)
-        done_B = s.done_B | ((tok_B == knobs.eos_id) & flags.eos)
+        done_B = s.done_B | is_stop(tok_B, knobs, flags)
         return _Step(s.i + 1, tok_B, done_B, s.out_BN.at[:, s.i].set(tok_B), context, key)
 
     final = jax.lax.while_loop(cond, body, _Step(jnp.int32(1), tok_B, done_B, out_BN, context, key))
@@ -206,14 +231,15 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: StopIds = None,
     seed: int = 0,
     use_cache: bool = True,
     scan_layers: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
-    Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted.
+    Returns one list per prompt, ending at its first stop id inclusive when one is emitted (`eos_id`: an int,
+    a sequence of ints such as Llama 3's three, or None).
     `use_cache=False` recomputes the whole (padded) context every step instead of reading the KV
     cache: the same tokens, at O(T^2) cost, for measuring what the cache saves. `scan_layers=True`
     runs the blocks under `lax.scan` (`ScannedLayers`): the same tokens, compiled once per block
@@ -259,7 +285,7 @@ def generate_stream(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: StopIds = None,
     seed: int = 0,
     use_cache: bool = True,
 ) -> Iterator[list[int | None]]:
@@ -272,7 +298,7 @@ def generate_stream(
     p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
     if not use_cache:
-        yield from _recompute_stream(model, p, tokens_BP, lens_B, max_new_tokens, knobs, flags, eos_id, seed)
+        yield from _recompute_stream(model, p, tokens_BP, lens_B, max_new_tokens, knobs, flags, params)
         return
     model.setup_cache(p.batch, p.cache_len)
     try:
@@ -288,18 +314,19 @@ def generate_stream(
                                              flags=flags)  # fmt: skip
         toks = np.asarray(tok_B)
         yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
-        if eos_id is not None:
-            done |= toks == eos_id
+        if flags.eos:
+            done |= np.isin(toks, params.eos_ids)
             if done.all():
                 return
 
 
 def _recompute_stream(model: GPT, p: Plan, tokens_BP, lens_B, max_new_tokens: int, knobs: Knobs, flags: Flags,
-                      eos_id: int | None, seed: int) -> Iterator[list[int | None]]:  # fmt: skip
+                      params: SamplingParams) -> Iterator[list[int | None]]:  # fmt: skip
     graphdef, state = nnx.split(model, nnx.Param)
     tokens_BL = jnp.zeros((p.batch, p.cache_len), jnp.int32).at[:, : p.prompt_len].set(tokens_BP)
     rows_B = jnp.arange(p.batch)
-    tok_B, key = _recompute_step(graphdef, state, tokens_BL, lens_B - 1, knobs, jax.random.key(seed), flags=flags)
+    tok_B, key = _recompute_step(graphdef, state, tokens_BL, lens_B - 1, knobs, jax.random.key(params.seed),
+                                 flags=flags)  # fmt: skip
     done = np.zeros(p.batch, bool)
     for i in range(max_new_tokens):
         if i > 0:
@@ -307,7 +334,141 @@ def _recompute_stream(model: GPT, p: Plan, tokens_BP, lens_B, max_new_tokens: in
             tok_B, key = _recompute_step(graphdef, state, tokens_BL, lens_B + i - 1, knobs, key, flags=flags)
         toks = np.asarray(tok_B)
         yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
-        if eos_id is not None:
-            done |= toks == eos_id
+        if flags.eos:
+            done |= np.isin(toks, params.eos_ids)
             if done.all():
                 return
+
+
+@partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))
+def _extend_step(graphdef, params, cache, tokens_BT, lens_B, start_B, knobs: Knobs, key, *, flags: Flags):
+    """A Session's prefill of the new part of its context; the logits too, for Session.feed."""
+    model = nnx.merge(graphdef, params, cache)
+    key, sub = jax.random.split(key)
+    logits_BV = prefill(model, tokens_BT, lens_B, start_B)
+    return logits_BV, sample(logits_BV, sub, knobs, flags), nnx.state(model, nnx.Cache), key
+
+
+class Session:
+    """A conversation that keeps its KV cache across calls (batch 1); the twin of gptmod_torch's Session.
+
+    Each `stream` gets the whole context so far as token ids, reuses the longest prefix of it that the cache
+    already holds, prefills only the rest (rewinding first where they diverge), and appends each token it
+    generates once that token is fed back. `tokens` is what the cache holds, in order; `last_prefill` and
+    `last_reused` say how the last call's context split between new and cached tokens.
+
+    Rewinding is free: entries past len(tokens) stay in the cache, but key s is visible from position p only
+    when s <= p, and every position is written by a real token before any later query can see it.
+
+    Capacity: up to `max_len` positions (default cfg.max_seq_len), allocated lazily in powers of two from
+    SESSION_MIN_CAPACITY and grown by copying, so an 8192-context model does not preallocate its whole cache.
+    A turn that would not fit raises ContextFullError: nothing is truncated.
+
+    The cache is the session's, pure state outside the model and donated to each jitted step (so it is
+    updated in place); the model stays free for `generate` between turns. The new part of a context is padded
+    to a power-of-two bucket, so its lengths reuse compilations (one per bucket and cache size)."""
+
+    def __init__(self, model: GPT, max_len: int | None = None):
+        self.model = model
+        self.max_len = check_session_len(max_len, model.cfg)
+        self.tokens: list[int] = []
+        self.last_prefill = 0
+        self.last_reused = 0
+        self._graphdef = None  # of the model with a cache: what the jitted steps merge the cache into
+        self._cache: nnx.State | None = None
+        self._capacity = 0
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated now (0 before the first call)."""
+        return 0 if self._cache is None else self._capacity
+
+    def reset(self) -> None:
+        """Forget the conversation and free the cache."""
+        self.tokens, self._graphdef, self._cache = [], None, None
+        self.last_prefill = self.last_reused = 0
+
+    def feed(self, ids: Sequence[int]) -> np.ndarray:
+        """Make the cache hold `ids` (reusing what it already holds); the next token's logits, (V,)."""
+        ids = check_turn(ids, self.model.cfg, self.max_len, 0)
+        knobs, flags = _split_params(SamplingParams())
+        logits_1V, _, _ = self._extend(ids, 0, knobs, flags, jax.random.key(0))
+        return np.asarray(logits_1V[0])
+
+    def stream(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        stop_ids: StopIds = (),
+        seed: int = 0,
+    ) -> Iterator[int]:
+        """Make the context `ids` (the whole conversation so far), then yield up to `max_new_tokens` sampled
+        tokens; a token in `stop_ids` is yielded and ends the reply. Validated now, run as it is iterated;
+        abandoning the iterator leaves the session consistent (the unfed last token is simply not cached)."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, as_stop_ids(stop_ids, "stop_ids"), seed)
+        ids = check_turn(ids, self.model.cfg, self.max_len, max_new_tokens, params)
+        return self._stream(ids, max_new_tokens, params)
+
+    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
+        knobs, flags = _split_params(params)
+        _, tok_1, key = self._extend(ids, max_new_tokens, knobs, flags, jax.random.key(params.seed))
+        state = nnx.state(self.model, nnx.Param)
+        stops, tok = set(params.eos_ids), int(tok_1[0])
+        for i in range(max_new_tokens):
+            if i > 0:  # feed the token yielded last, at the next position
+                pos_1 = np.array([len(self.tokens)], np.int32)
+                tok_1, self._cache, key = _decode_step(self._graphdef, state, self._cache, tok_1, pos_1, knobs, key,
+                                                       flags=flags)  # fmt: skip
+                self.tokens.append(tok)
+                tok = int(tok_1[0])
+            yield tok
+            if tok in stops:
+                return
+
+    def _extend(self, ids: list[int], room: int, knobs: Knobs, flags: Flags, key: jax.Array):
+        """Make the cache hold `ids` with `room` positions to spare; (logits, first sampled token, key) after it."""
+        if self._cache is not None and any(x.is_deleted() for x in jax.tree.leaves(self._cache)):
+            # An interrupted step (Ctrl-C) had taken the donated cache with it: start again from an empty one.
+            self.reset()
+        # At least the last token is prefilled, even when the cache holds all of `ids`: its logits are the answer.
+        reuse = min(common_prefix(self.tokens, ids), len(ids) - 1)
+        self._reserve(len(ids) + room)
+        new = ids[reuse:]
+        # The new part is padded to a bucket (new lengths then reuse compilations) and the padding is written to
+        # the cache at positions len(ids)..reuse+T-1, past every real token: no real query sees it (key s is
+        # visible from p iff s <= p), and each of those positions is overwritten by the token fed there before
+        # any query at or after it runs. T stops at the capacity, so no write can fall off the end (JAX would
+        # drop it silently).
+        T = min(bucket(len(new), self.max_len), self.capacity - reuse)
+        tokens_1T = np.zeros((1, T), np.int32)
+        tokens_1T[0, : len(new)] = new
+        self.tokens = self.tokens[:reuse]  # rewind: what lies past it is invisible until overwritten
+        logits_1V, tok_1, self._cache, key = _extend_step(
+            self._graphdef, nnx.state(self.model, nnx.Param), self._cache, tokens_1T,
+            np.array([len(new)], np.int32), np.array([reuse], np.int32), knobs, key, flags=flags,
+        )  # fmt: skip
+        self.tokens = list(ids)
+        self.last_prefill, self.last_reused = len(new), reuse
+        return logits_1V, tok_1, key
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the cache (copying what it holds) to hold `needed` positions; check_turn bounded it by max_len."""
+        if needed <= self.capacity:
+            return
+        if self.model.blocks[0].attn.kv_cache is not None:
+            raise ValueError("Session: the model already holds a KV cache (setup_cache); call model.clear_cache() "
+                             "first")  # fmt: skip
+        capacity = session_capacity(needed, self.max_len)
+        self.model.setup_cache(1, capacity)
+        try:
+            graphdef, _, cache = nnx.split(self.model, nnx.Param, nnx.Cache)
+        finally:
+            self.model.clear_cache()  # the caller's model is left as it was
+        if self._cache is not None:  # the same layouts, shorter along the sequence axis: copy into the corner
+            cache = jax.tree.map(lambda new, old: jax.lax.dynamic_update_slice(new, old, (0,) * old.ndim),
+                                 cache, self._cache)  # fmt: skip
+        self._graphdef, self._cache, self._capacity = graphdef, cache, capacity

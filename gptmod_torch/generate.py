@@ -6,18 +6,33 @@ right-padded prompts, then one `decode_one_token` per step. `compile=True` runs 
 size); without it, generation runs eagerly. `use_cache=False` is the classic path without a cache,
 `recompute_logits` over the whole context every step, kept for measuring what the cache saves.
 `generate_stream` yields token by token; `generate` collects it.
+`eos_id` may be several stop ids (Llama 3 has three). `Session` keeps one conversation's KV cache across
+calls (chat): each call prefills only what the cache does not already hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from gptmod.sampling import Flags, SamplingParams, check_request, plan, trim
-from gptmod_torch.model import GPT
+from gptmod.sampling import (
+    Flags,
+    SamplingParams,
+    StopIds,
+    check_request,
+    check_session_len,
+    check_turn,
+    common_prefix,
+    plan,
+    session_capacity,
+    trim,
+)
+from gptmod.sampling import stop_ids as as_stop_ids  # `stop_ids` is Session.stream's argument
+from gptmod_torch.model import GPT, KVCache
 
 
 class Knobs(NamedTuple):
@@ -27,11 +42,16 @@ class Knobs(NamedTuple):
     top_k: int
     top_p: float
     min_p: float
-    eos_id: int
+    eos_ids: tuple[int, ...]  # padded with -1 (see SamplingParams.knob_values)
 
 
 def _split_params(params: SamplingParams) -> tuple[Knobs, Flags]:
     return Knobs(*params.knob_values()), params.flags()
+
+
+def is_stop(tok_B: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.Tensor:
+    """Whether each row's token is one of the stop ids, (B,) bool (all False without stop ids)."""
+    return torch.isin(tok_B, torch.tensor(knobs.eos_ids, device=tok_B.device)) & flags.eos
 
 
 def filter_logits(logits_BV: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.Tensor:
@@ -67,9 +87,14 @@ def sample(logits_BV: torch.Tensor, generator: torch.Generator, knobs: Knobs, fl
     return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
 
 
-def prefill(model: GPT, tokens_BP: torch.Tensor, lens_B: torch.Tensor) -> torch.Tensor:
-    """All prompts in one pass (right-padded); logits of each row's last real token, (B, V)."""
+def prefill(
+    model: GPT, tokens_BP: torch.Tensor, lens_B: torch.Tensor, start_B: torch.Tensor | None = None
+) -> torch.Tensor:
+    """All prompts in one pass (right-padded), each row's tokens at positions start..start+P-1 (start 0 by
+    default; a Session passes where its cache ends). Logits of each row's last real token, (B, V)."""
     positions_BP = torch.arange(tokens_BP.shape[1], device=tokens_BP.device)[None].expand_as(tokens_BP)
+    if start_B is not None:
+        positions_BP = positions_BP + start_B[:, None]
     x_BPD, _ = model.trunk(tokens_BP, positions_BP)
     return model.head(x_BPD[torch.arange(tokens_BP.shape[0], device=tokens_BP.device), lens_B - 1])
 
@@ -108,7 +133,7 @@ def generate_stream(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: StopIds = None,
     seed: int = 0,
     compile: bool = False,
     use_cache: bool = True,
@@ -151,8 +176,8 @@ def generate_stream(
                 tok_B = sample(recompute(model, tokens_BL, lens_B + i - 1), generator, knobs, flags)
             toks = tok_B.cpu().numpy()
             yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
-            if eos_id is not None:
-                done |= toks == eos_id
+            if flags.eos:
+                done |= is_stop(tok_B, knobs, flags).cpu().numpy()
                 if done.all():
                     return
     finally:
@@ -167,17 +192,149 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: StopIds = None,
     seed: int = 0,
     compile: bool = False,
     use_cache: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
-    Returns one list per prompt, ending at `eos_id` inclusive when it is given and emitted.
+    Returns one list per prompt, ending at its first stop id inclusive when one is emitted (`eos_id`: an int,
+    a sequence of ints such as Llama 3's three, or None).
     `use_cache=False` recomputes the whole (padded) context every step instead of reading the KV
     cache: the same tokens, at O(T^2) cost, for measuring what the cache saves."""
     steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, eos_id, seed,
                                  compile, use_cache))  # fmt: skip
     rows = [[s[b] for s in steps if s[b] is not None] for b in range(len(steps[0]))]
     return trim(rows, [len(r) for r in rows], eos_id)
+
+
+class Session:
+    """A conversation that keeps its KV cache across calls (batch 1); the twin of gptmod_jax's Session.
+
+    Each `stream` gets the whole context so far as token ids, reuses the longest prefix of it that the cache
+    already holds, prefills only the rest (rewinding first where they diverge), and appends each token it
+    generates once that token is fed back. `tokens` is what the cache holds, in order; `last_prefill` and
+    `last_reused` say how the last call's context split between new and cached tokens.
+
+    Rewinding is free: entries past len(tokens) stay in the cache, but key s is visible from position p only
+    when s <= p, and every position is written by a real token before any later query can see it.
+
+    Capacity: up to `max_len` positions (default cfg.max_seq_len), allocated lazily in powers of two from
+    SESSION_MIN_CAPACITY and grown by copying, so an 8192-context model does not preallocate its whole cache.
+    A turn that would not fit raises ContextFullError: nothing is truncated.
+
+    The cache is the session's, installed on the model only while a step runs, so `generate` can use the
+    model between turns. `compile=True` runs the decode step through torch.compile (one compile per size)."""
+
+    def __init__(self, model: GPT, max_len: int | None = None, *, compile: bool = False):
+        self.model = model
+        self.max_len = check_session_len(max_len, model.cfg)
+        self.compile = compile
+        self.tokens: list[int] = []
+        self.last_prefill = 0
+        self.last_reused = 0
+        self._caches: list[KVCache] = []
+
+    @property
+    def capacity(self) -> int:
+        """Positions allocated now (0 before the first call)."""
+        return self._caches[0].capacity if self._caches else 0
+
+    def reset(self) -> None:
+        """Forget the conversation and free the cache."""
+        self.tokens, self._caches = [], []
+        self.last_prefill = self.last_reused = 0
+
+    @torch.no_grad()
+    def feed(self, ids: Sequence[int]) -> np.ndarray:
+        """Make the cache hold `ids` (reusing what it already holds); the next token's logits, (V,)."""
+        ids = check_turn(ids, self.model.cfg, self.max_len, 0)
+        knobs, flags = _split_params(SamplingParams())
+        logits_1V, _ = self._extend(ids, 0, knobs, flags, None)
+        return logits_1V[0].cpu().numpy()
+
+    def stream(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        stop_ids: StopIds = (),
+        seed: int = 0,
+    ) -> Iterator[int]:
+        """Make the context `ids` (the whole conversation so far), then yield up to `max_new_tokens` sampled
+        tokens; a token in `stop_ids` is yielded and ends the reply. Validated now, run as it is iterated;
+        abandoning the iterator leaves the session consistent (the unfed last token is simply not cached)."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, as_stop_ids(stop_ids, "stop_ids"), seed)
+        ids = check_turn(ids, self.model.cfg, self.max_len, max_new_tokens, params)
+        return self._stream(ids, max_new_tokens, params)
+
+    @torch.no_grad()
+    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[int]:
+        knobs, flags = _split_params(params)
+        device = self.model.tok_emb.weight.device
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+        decode = _step_fn(decode_one_token, self.compile)
+        _, tok_1 = self._extend(ids, max_new_tokens, knobs, flags, generator)
+        stops, tok = set(params.eos_ids), int(tok_1[0])
+        for i in range(max_new_tokens):
+            if i > 0:  # feed the token yielded last, at the next position
+                with self._installed():
+                    logits_1V = decode(self.model, tok_1, torch.tensor([len(self.tokens)], device=device))
+                self.tokens.append(tok)
+                tok_1 = sample(logits_1V, generator, knobs, flags)
+                tok = int(tok_1[0])
+            yield tok
+            if tok in stops:
+                return
+
+    def _extend(self, ids: list[int], room: int, knobs: Knobs, flags: Flags, generator: torch.Generator | None):
+        """Make the cache hold `ids` with `room` positions to spare; (logits, first sampled token) after it."""
+        # At least the last token is prefilled, even when the cache holds all of `ids`: its logits are the answer.
+        reuse = min(common_prefix(self.tokens, ids), len(ids) - 1)
+        self._reserve(len(ids) + room)
+        new = ids[reuse:]
+        device = self.model.tok_emb.weight.device
+        self.tokens = self.tokens[:reuse]  # rewind: what lies past it is invisible until overwritten
+        with self._installed():
+            # Eager torch takes any length, so the new part goes in unpadded.
+            logits_1V = prefill(self.model, torch.tensor([new], device=device), torch.tensor([len(new)], device=device),
+                                torch.tensor([reuse], device=device))  # fmt: skip
+        self.tokens = list(ids)
+        self.last_prefill, self.last_reused = len(new), reuse
+        return logits_1V, sample(logits_1V, generator, knobs, flags)
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the cache (copying what it holds) to hold `needed` positions; check_turn bounded it by max_len."""
+        if needed <= self.capacity:
+            return
+        with self._model_free():
+            self.model.setup_cache(1, session_capacity(needed, self.max_len))
+            caches = [block.attn.kv_cache for block in self.model.blocks]
+            self.model.clear_cache()
+        for old, new in zip(self._caches, caches, strict=False):  # no old caches on the first call
+            for name in ("k", "v"):
+                src = getattr(old, name)  # the same layout, shorter along the sequence axis: copy to the corner
+                getattr(new, name)[tuple(slice(0, n) for n in src.shape)] = src
+        self._caches = caches
+
+    @contextlib.contextmanager
+    def _model_free(self) -> Iterator[None]:
+        if self.model.blocks[0].attn.kv_cache is not None:
+            raise ValueError("Session: the model already holds a KV cache (a generate running on it, or "
+                             "setup_cache); call model.clear_cache() or let that stream finish first")  # fmt: skip
+        yield
+
+    @contextlib.contextmanager
+    def _installed(self) -> Iterator[None]:
+        """The session's cache on the model for one step, and off it again whatever happens."""
+        with self._model_free():
+            for block, cache in zip(self.model.blocks, self._caches, strict=True):
+                block.attn.kv_cache = cache
+            try:
+                yield
+            finally:
+                self.model.clear_cache()

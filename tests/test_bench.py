@@ -210,3 +210,32 @@ def test_cli_forwards_bench(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: gptmod bench") and "--quick" in out and "--frameworks" in out
+
+
+def test_real_weights_run_in_every_framework_hf_included(tmp_path, capsys):
+    """--weights: the checkpoint's own config, and the same weights in torch, JAX and HF (HF's logits are ours)."""
+    from gptmod import hf_llama, weights
+    from gptmod.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=300, max_seq_len=128, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                      pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)  # fmt: skip
+    rng = np.random.default_rng(0)
+    state = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in weights.canonical_shapes(cfg).items()}
+    weights.save(tmp_path / "m.safetensors", state, cfg)
+    hf = bench.hf_model(cfg, state)
+    ids = torch.tensor([[1, 5, 7, 9, 200]])
+    models = bench.build_models(cfg, ["torch-eager", "hf"], state=state)
+    with torch.no_grad():
+        ours, theirs = models.torch_model(ids), hf(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5) and hf.model.embed_tokens.weight.shape == (300, 32)
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf_llama.llama_problems(cfg) == []
+    out = tmp_path / "b.json"
+    code = bench.main(["--weights", str(tmp_path / "m.safetensors"), "--frameworks", "jax,hf", "--batch", "1",
+                       "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--no-scaling",
+                       "--no-compile-table", "--contexts", "64", "--json", str(out)])  # fmt: skip
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["preset"] == str(tmp_path / "m.safetensors") and r["weight_bytes"] == 4 * cfg.num_params()
+    assert [row["framework"] for row in r["rows"]] == ["jax", "hf"]
+    assert bench.main(["--weights", str(tmp_path / "missing.gguf")]) == 2
+    assert "gptmod bench: error: --weights" in capsys.readouterr().err

@@ -92,8 +92,8 @@ def test_help_is_complete_for_every_command():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"generate", "convert", "info", "export", "transfer-report", "side-by-side", "prepare",
-                                "train", "plot", "parity", "bench"}  # fmt: skip
+    assert set(sub.choices) == {"generate", "chat", "convert", "info", "export", "transfer-report", "side-by-side",
+                                "prepare", "train", "plot", "parity", "bench"}  # fmt: skip
     for name, p in sub.choices.items():
         if name in ("parity", "bench"):  # their own parsers: python -m parity --help, python -m gptmod.bench --help
             continue

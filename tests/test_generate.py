@@ -17,7 +17,7 @@ from flax import nnx
 import gptmod_jax
 import gptmod_torch
 from gptmod.config import load_preset
-from gptmod.sampling import SamplingParams
+from gptmod.sampling import ContextFullError, SamplingParams
 
 from conftest import jax_model, reduced, torch_model, torch_pair_state
 
@@ -228,7 +228,6 @@ def test_jax_scanned_layers_give_the_same_tokens(pair):
     assert jg.generate(jm, PROMPTS, 8, eos_id=eos, scan_layers=True) == jg.generate(jm, PROMPTS, 8, eos_id=eos)
 
 
-
 def test_jax_scanned_program_holds_one_block():
     # The point of scanning is compile time: the lowered program has one block's matmuls, not n_layer copies.
     from gptmod.sampling import plan
@@ -240,8 +239,18 @@ def test_jax_scanned_program_holds_one_block():
     p = plan([[1, 2, 3]], 8, cfg)
 
     def dots(scan: bool) -> int:
-        lowered = jg._generate.lower(graphdef, params, jnp.zeros((1, p.prompt_len), jnp.int32), jnp.array([3]),
-                                     jnp.int32(8), knobs, jax.random.key(0), plan=p, flags=flags, scan_layers=scan)
+        lowered = jg._generate.lower(
+            graphdef,
+            params,
+            jnp.zeros((1, p.prompt_len), jnp.int32),
+            jnp.array([3]),
+            jnp.int32(8),
+            knobs,
+            jax.random.key(0),
+            plan=p,
+            flags=flags,
+            scan_layers=scan,
+        )
         return lowered.as_text().count("stablehlo.dot_general")
 
     unrolled, scanned = dots(False), dots(True)
@@ -365,3 +374,256 @@ def test_argmax_is_the_first_maximum_and_nan_wins(framework):
     assert got == [1, 0, 3, 0] == np.argmax(logits, axis=-1).tolist()
     big = np.random.default_rng(0).standard_normal((8, 50257)).astype(np.float32)
     assert np.asarray(jg.argmax(jnp.asarray(big))).tolist() == big.argmax(-1).tolist()
+
+
+# ----------------------------------------------------------------------------- several stop ids
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    cfg = _cfg("tiny")
+    state = _state(cfg)
+    return cfg, torch_model(cfg, state), jax_model(cfg, state)
+
+
+def _twin(framework, tiny_pair):
+    _, tm, jm = tiny_pair
+    return (tg, tm) if framework == "torch" else (jg, jm)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_several_stop_ids_end_each_row_at_the_first_of_them(tiny_pair, framework):
+    gen, model = _twin(framework, tiny_pair)
+    free = gen.generate(model, PROMPTS, 16)
+    a, b = free[0][5], free[1][0]  # b ends row 1 at its very first (prefilled) token
+    stops = (a, b)
+    out = gen.generate(model, PROMPTS, 16, eos_id=[a, b])
+    for free_row, row in zip(free, out, strict=True):
+        cuts = [i for i, t in enumerate(free_row) if t in stops]
+        assert row == (free_row[: cuts[0] + 1] if cuts else free_row)
+    assert len(out[1]) == 1 and out[0][-1] in stops
+    assert gen.generate(model, PROMPTS, 16, eos_id=(b, a)) == out
+    assert gen.generate(model, PROMPTS, 16, eos_id=[np.int64(a)]) == gen.generate(model, PROMPTS, 16, eos_id=a)
+    assert gen.generate(model, PROMPTS, 16, eos_id=[]) == free
+    steps = list(gen.generate_stream(model, PROMPTS, 16, eos_id=[a, b]))
+    assert [[s[r] for s in steps if s[r] is not None] for r in range(3)] == out
+    assert len(steps) == max(len(r) for r in out)  # the stream ends once every row has stopped
+
+
+def test_jax_stop_ids_are_traced_not_compiled_in():
+    cfg = _cfg("tiny")
+    model = jax_model(cfg, _state(cfg))
+    jg.generate(model, [[1, 2, 3]], 8, eos_id=5)
+    n0 = jg._generate._cache_size()
+    jg.generate(model, [[1, 2, 3]], 8, eos_id=[7, 9, 11])
+    jg.generate(model, [[1, 2, 3]], 8, eos_id=(1, 2, 3, 4))
+    assert jg._generate._cache_size() == n0  # up to four ids: one (4,) int32 array of values
+    jg.generate(model, [[1, 2, 3]], 8, eos_id=list(range(5)))
+    assert jg._generate._cache_size() == n0 + 1  # five: the next size, (8,)
+    assert SamplingParams(eos_id=[np.int32(2), 5]).knob_values()[-1] == (2, 5, -1, -1)
+    assert SamplingParams(eos_id=np.int64(3)).eos_id == 3 and SamplingParams(eos_id=None).eos_ids == ()
+
+
+@pytest.mark.parametrize(
+    ("eos_id", "msg"),
+    [
+        (True, "eos_id=True: must be an int token id, a sequence of them, or None"),
+        ("2", "eos_id='2': must be an int token id, a sequence of them, or None"),
+        (2.0, "eos_id=2.0: must be an int token id, a sequence of them, or None"),
+        ([1, 2.0], r"eos_id\[1\]=2.0: must be an int token id"),
+        ([1, None], r"eos_id\[1\]=None: must be an int token id"),
+        ([1, 50257], r"eos_id\[1\]=50257: out of range \[0, vocab_size=50257\)"),
+        ((-1,), r"eos_id\[0\]=-1: out of range"),
+    ],
+)
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_bad_stop_ids(framework, eos_id, msg):
+    cfg = load_preset("tiny")
+    model = gptmod_torch.GPT(cfg) if framework == "torch" else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    gen = tg if framework == "torch" else jg
+    with pytest.raises(ValueError, match=msg):
+        gen.generate(model, [[1, 2]], 4, eos_id=eos_id)
+    with pytest.raises(ValueError, match=msg.replace("eos_id", "stop_ids")):
+        gen.Session(model).stream([1, 2], 4, stop_ids=eos_id)
+
+
+# ----------------------------------------------------------------------------- sessions: the cache across turns
+
+
+def _full_logits(framework, model, ids):
+    """Next-token logits of a plain forward over the whole context, without any cache."""
+    if framework == "torch":
+        with torch.no_grad():
+            return model(torch.tensor([ids]))[0, -1].numpy()
+    return np.asarray(model(jnp.asarray([ids]))[0, -1])
+
+
+def _close(got, want):
+    # fp32 noise: the parity budget's 2e-5 of the largest logit.
+    return np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+
+
+A, B, C = [5, 17, 99, 3, 250, 41, 7], [120, 8, 66], [33, 1, 4, 1, 5]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_session_reuses_the_prefix_with_the_tokens_and_logits_of_a_fresh_prefill(tiny_pair, framework):
+    gen, model = _twin(framework, tiny_pair)
+    s = gen.Session(model)
+    r1 = list(s.stream(A, 10))
+    assert r1 == gen.generate(model, [A], 10)[0]
+    assert (s.last_prefill, s.last_reused) == (len(A), 0)
+    assert s.tokens == A + r1[:-1]  # the last token was yielded, never fed
+    ctx = A + r1 + B
+    r2 = list(s.stream(ctx, 12))
+    assert (s.last_reused, s.last_prefill) == (len(A) + len(r1) - 1, len(B) + 1)
+    assert r2 == gen.generate(model, [ctx], 12)[0]  # generate prefills the whole context afresh
+    # A context the cache holds whole still prefills its last token: its logits are the answer.
+    ctx3 = ctx + r2[:3]
+    got = s.feed(ctx3)
+    assert (s.last_reused, s.last_prefill) == (len(ctx3) - 1, 1) and s.tokens == ctx3
+    assert _close(got, _full_logits(framework, model, ctx3))
+    assert _close(got, gen.Session(model).feed(ctx3))
+    assert model.blocks[0].attn.kv_cache is None  # the cache is the session's, not left on the model
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_session_rewinds_a_divergent_history(tiny_pair, framework):
+    gen, model = _twin(framework, tiny_pair)
+    s = gen.Session(model)
+    list(s.stream(A + B + C, 20))  # the cache now holds 34 positions
+    fed = len(s.tokens)
+    got = s.feed(A + C)  # diverges at len(A): what lies past it must no longer count
+    assert (s.last_reused, s.last_prefill) == (len(A), len(C)) and fed > len(A + C)
+    assert _close(got, _full_logits(framework, model, A + C))
+    assert list(s.stream(A + C, 12)) == gen.generate(model, [A + C], 12)[0]
+    s.reset()
+    assert (s.tokens, s.capacity) == ([], 0)
+    assert list(s.stream(B, 6)) == gen.generate(model, [B], 6)[0] and s.last_reused == 0
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_session_stop_ids_and_an_abandoned_stream(tiny_pair, framework):
+    gen, model = _twin(framework, tiny_pair)
+    free = gen.generate(model, [A], 12)[0]
+    stop = free[4]
+    s = gen.Session(model)
+    reply = list(s.stream(A, 12, stop_ids=[stop, 50000]))
+    assert reply == free[: free.index(stop) + 1] and s.tokens == A + reply[:-1]
+    # Stop iterating after three tokens: the cache holds what was fed, and the next turn builds on it.
+    it = s.stream([*A, 9, 9], 10)
+    part = [next(it) for _ in range(3)]
+    it.close()
+    assert s.tokens == [*A, 9, 9, *part[:2]]
+    ctx = [*A, 9, 9, *part, 3]
+    assert list(s.stream(ctx, 6)) == gen.generate(model, [ctx], 6)[0] and s.last_reused == len(A) + 4
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_session_sampling_follows_generate_with_the_same_seed(tiny_pair, framework):
+    gen, model = _twin(framework, tiny_pair)
+    kw = dict(temperature=0.9, top_k=50, top_p=0.95, seed=3)
+    s = gen.Session(model)
+    assert list(s.stream(A, 12, **kw)) == gen.generate(model, [A], 12, **kw)[0]
+    assert list(s.stream(A, 12, **kw)) != list(s.stream(A, 12, **{**kw, "seed": 4}))
+
+
+def test_sessions_agree_across_frameworks(tiny_pair):
+    _, tm, jm = tiny_pair
+    out = {}
+    for name, gen, model in (("torch", tg, tm), ("jax", jg, jm)):
+        s, ctx, turns = gen.Session(model), [], []
+        for user in (A, B, C):
+            ctx = ctx + user
+            turns.append(list(s.stream(ctx, 16)))
+            ctx = ctx + turns[-1]
+        out[name] = turns
+    assert out["torch"] == out["jax"]
+    assert min(len(set(t)) for t in out["torch"]) >= 4, "degenerate output proves little"
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_session_cache_grows_lazily_and_a_full_context_is_refused(framework):
+    cfg = dataclasses.replace(_cfg("tiny"), max_seq_len=1024)
+    state = _state(cfg)
+    model = torch_model(cfg, state) if framework == "torch" else jax_model(cfg, state)
+    gen = tg if framework == "torch" else jg
+    s = gen.Session(model)
+    assert (s.max_len, s.capacity) == (1024, 0)
+    r1 = list(s.stream(A, 4))
+    assert s.capacity == 256  # not max_seq_len
+    long = A + r1 + list(np.random.default_rng(1).integers(0, cfg.vocab_size, 300))
+    r2 = list(s.stream(long, 4))
+    assert s.capacity == 512 and s.last_reused == len(A) + 3  # the cached prefix survived the growth
+    assert r2 == gen.generate(model, [long], 4)[0]
+    assert _close(s.feed(long + r2), _full_logits(framework, model, long + r2))
+    small = gen.Session(model, max_len=40)
+    with pytest.raises(ContextFullError, match=r"the conversation's 30 tokens \+ max_new_tokens=11 = 41 exceed the "
+                       r"session's capacity max_len=40"):  # fmt: skip
+        small.stream(list(range(1, 31)), 11)
+    assert small.capacity == 0 and small.tokens == []  # refused before anything ran
+    assert len(list(small.stream(list(range(1, 31)), 10))) == 10 and small.capacity == 40
+    with pytest.raises(ValueError, match=r"max_len=2000: must be an int in \[1, max_seq_len=1024\]"):
+        gen.Session(model, max_len=2000)
+    with pytest.raises(ValueError, match="ids: expected a non-empty list of token ids"):
+        s.stream([], 4)
+    with pytest.raises(ValueError, match=r"ids: token id 50257 is out of range"):
+        s.feed([1, 50257])
+    with pytest.raises(ValueError, match="max_new_tokens=0: must be an int >= 1"):
+        s.stream([1], 0)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_session_leaves_the_model_free_between_turns(tiny_pair, framework):
+    gen, model = _twin(framework, tiny_pair)
+    s = gen.Session(model)
+    r1 = list(s.stream(A, 8))
+    assert gen.generate(model, PROMPTS, 4) == gen.generate(model, PROMPTS, 4)  # generate still runs in between
+    ctx = A + r1 + B
+    assert list(s.stream(ctx, 8)) == gen.generate(model, [ctx], 8)[0] and s.last_reused == len(A) + 7
+    model.setup_cache(1, 16)
+    try:
+        with pytest.raises(ValueError, match="Session: the model already holds a KV cache"):
+            list(gen.Session(model).stream(A, 4))
+    finally:
+        model.clear_cache()
+
+
+def test_jax_session_padding_is_written_past_the_context_and_never_seen():
+    cfg = _cfg("tiny")
+    model = jax_model(cfg, _state(cfg))
+    s = jg.Session(model)
+    s.feed(A)  # 7 tokens in a 16-bucket: 9 padding positions written after them
+    values = [x for x in jax.tree.leaves(s._cache) if x.shape[2] == s.capacity]  # (1, K, S, H)
+    assert len(values) == cfg.n_layer
+    v = np.asarray(values[0])
+    assert np.abs(v[:, :, len(A) : 16]).min(axis=-1).max() > 0  # the padding did land in the cache
+    assert not v[:, :, 16:].any()
+    # The next real tokens overwrite positions 7, 8, ... before any query can see them.
+    for extra in ([9], [9, 4, 2]):
+        assert _close(s.feed(A + extra), _full_logits("jax", model, A + extra))
+    # New parts of 1..16 tokens share one prefill program per cache size.
+    n0 = jg._extend_step._cache_size()
+    s.feed([*A, 9, 4, 2, *list(range(10, 22))])
+    assert jg._extend_step._cache_size() == n0
+
+
+def test_jax_session_recovers_a_cache_lost_to_an_interrupted_step():
+    cfg = _cfg("tiny")
+    model = jax_model(cfg, _state(cfg))
+    s = jg.Session(model)
+    r1 = list(s.stream(A, 6))
+    for x in jax.tree.leaves(s._cache):  # what a Ctrl-C between donating the cache and receiving it leaves
+        x.delete()
+    ctx = A + r1 + B
+    assert list(s.stream(ctx, 6)) == jg.generate(model, [ctx], 6)[0]
+    assert (s.last_reused, s.last_prefill) == (0, len(ctx))  # started again from an empty cache
+
+
+def test_torch_compiled_session_matches_eager(tiny_pair):
+    _, tm, _ = tiny_pair
+    out = {}
+    for compile in (False, True):
+        s = tg.Session(tm, compile=compile)
+        out[compile] = [list(s.stream(A, 10)), list(s.stream([*A, 3, 4], 10)), s.last_reused]
+    assert out[True] == out[False] and out[True][-1] == len(A)

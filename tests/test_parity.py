@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from gptmod.config import load_preset
+from gptmod.config import ModelConfig, load_preset
 from parity import suite
 from parity.__main__ import main
 from parity.runner import CHECKS, Options, run_suite, summary
@@ -157,3 +157,42 @@ def test_training_rows():
     assert "max |loss gap|" in rows[-1].note and rows[-1].diff <= rows[-1].budget
     bf16 = list(check_training(make_case("tiny", load_preset("tiny"), "bfloat16", Options(), None)))
     assert len(bf16) == 1 and bf16[0].passed is None and "fp32" in bf16[0].note
+
+
+def test_a_llama_checkpoint_runs_its_own_config_on_real_text_against_hf_llama(tmp_path):
+    """--weights with a model of its own (here a tiny HF Llama folder with a real tokenizer): its config, not the
+    presets; its tokenizer on Hamlet instead of random ids; and transformers' LlamaForCausalLM as the oracle."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptmod import corpus, tokenizer
+
+    tok = tokenizer.gpt2()
+    hf_cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "llama")
+    tok.save_hf(tmp_path / "llama")
+    args = ["--weights", str(tmp_path / "llama"), "--check", "hf", "--dtype", "float32", "--dtype", "bfloat16",
+            "--seq-len", "32", "--greedy-steps", "8", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    assert main(args) == 0
+    rows = {(r["check"], r["dtype"]): r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
+    assert set(rows) == {("hf-llama", "float32"), ("hf-llama greedy torch", "float32"),
+                         ("hf-llama greedy jax", "float32"), ("hf-llama greedy torch", "bfloat16"),
+                         ("hf-llama greedy jax", "bfloat16")}  # fmt: skip
+    logits = rows[("hf-llama", "float32")]
+    assert logits["passed"] and logits["e_torch"] <= logits["budget"] and logits["e_jax"] <= logits["budget"]
+    assert all(rows[(f"hf-llama greedy {fw}", "float32")]["note"] == "8 tokens identical to HF's greedy"
+               for fw in ("torch", "jax"))  # fmt: skip
+    assert rows[("hf-llama greedy jax", "bfloat16")]["passed"] is None  # informational: the oracle runs in fp32
+    assert main([*args, "--preset", "tiny"]) == 2  # --preset only chooses the targets of GPT-2 weights
+    # Real text: the case's ids are Hamlet's first tokens under the checkpoint's tokenizer.
+    from parity.runner import make_case
+
+    text = tuple(tok.encode(corpus.bundled_text("hamlet")))
+    small = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=16, n_head=2, n_kv_head=2, d_ff=32)
+    case = make_case("x", small, "float32", Options(seq_len=32, text_ids=text), None)
+    assert case.idx.tolist() == [list(text[:32])]
+    with pytest.raises(ValueError, match="the text has 3 tokens, fewer than batch x seq_len"):
+        make_case("x", case.cfg, "float32", Options(seq_len=32, text_ids=(1, 2, 3)), None)

@@ -109,3 +109,13 @@ def test_a_checkpoint_without_a_tokenizer(tmp_path):
                                               weights.canonical_shapes(big).items()}, big)  # fmt: skip
     g = pretrained.load(tmp_path / "g.safetensors")
     assert g.tokenizer.kind == "gpt2" and g.eos_ids == [50256]
+
+
+def test_generate_on_the_real_model_with_its_own_tokenizer(smollm2, capsys):
+    # torch only: JAX on the real model through the CLI is tests/test_chat.py's piped chat.
+    from gptmod.cli import main
+
+    assert main(["generate", "--weights", "smollm2", "--framework", "torch", "--prompt",
+                 "The capital of France is", "--max-new-tokens", "3"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert out == "The capital of France is Paris.\n\n" and "3 tokens in" in err
