@@ -312,16 +312,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """`gptmod chat`: load, build the twin, then talk over stdin/stdout (statistics on stderr)."""
-    from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS
-    from gptmod.cli import CLIError, build_model
+    from gptmod.cli import CLIError, build_model, generation_backend
     from gptmod.sampling import SamplingParams
 
-    backend = args.backend or DEFAULT_BACKEND[args.framework]
-    known = TORCH_BACKENDS if args.framework == "torch" else JAX_BACKENDS
-    if backend not in known:
-        raise CLIError(f"--backend {backend!r} is not a {args.framework} backend; choose one of {', '.join(known)}")
-    if args.compile and args.framework != "torch":
-        raise CLIError("--compile is for --framework torch (JAX generation is always jitted)")
+    backend = generation_backend(args)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,

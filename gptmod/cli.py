@@ -126,13 +126,19 @@ def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
     return rank, world, device
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def generation_backend(args: argparse.Namespace) -> str:
+    """--backend (the framework's default when absent) and --compile checked against --framework."""
     backend = args.backend or DEFAULT_BACKEND[args.framework]
     known = TORCH_BACKENDS if args.framework == "torch" else JAX_BACKENDS
     if backend not in known:
         raise CLIError(f"--backend {backend!r} is not a {args.framework} backend; choose one of {', '.join(known)}")
     if args.compile and args.framework != "torch":
         raise CLIError("--compile is for --framework torch (JAX generation is always jitted)")
+    return backend
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    backend = generation_backend(args)
     if (args.prompt is None) == (args.batch_file is None):
         raise CLIError("give exactly one of --prompt TEXT or --batch-file FILE")
     if args.batch_file is not None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from gptmod.config import ModelConfig, RopeScaling
-from gptmod.weights import TransferReport, TransferRow, canonical_shapes, check_state
+from gptmod.weights import TransferReport, TransferRow, _fsync_dir, canonical_shapes, check_state
 
 # `gguf` is imported inside the functions that use it: it costs about 0.2 s and PyYAML, which a plain
 # `import gptmod` should not pay.
@@ -590,20 +590,6 @@ def write(
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _encode(gname: str, w: np.ndarray, kind: Any, quantize: Callable[[np.ndarray, Any], np.ndarray]) -> np.ndarray:
