@@ -65,12 +65,7 @@ class RopeScaling:
 
     @classmethod
     def from_dict(cls, data: Any) -> RopeScaling:
-        if not isinstance(data, dict):
-            raise ValueError(f"ModelConfig.rope_scaling: expected an object or null, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig.rope_scaling: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        _check_fields(cls, data, "ModelConfig.rope_scaling", "an object or null")
         return cls(**data)
 
 
@@ -164,12 +159,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys are an error (a typo must not silently become a default)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"ModelConfig: expected a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        _check_fields(cls, data, "ModelConfig", "a JSON object")
         if data.get("rope_scaling") is not None:
             data = {**data, "rope_scaling": RopeScaling.from_dict(data["rope_scaling"])}
         return cls(**data)
@@ -209,6 +199,16 @@ class ModelConfig:
         total += self.max_seq_len * d if self.pos == "learned" else 0
         total += 0 if self.tie_embeddings else self.vocab_size * d
         return total
+
+
+def _check_fields(cls: type, data: Any, what: str, expected: str) -> None:
+    """`data` is a dict of `cls`'s fields only: a typo must not silently become a default."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: expected {expected}, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; known fields are {sorted(known)}")
 
 
 def _check_positive_float(name: str, value: Any) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gptmod.config import ModelConfig, list_presets, load_preset
@@ -142,3 +144,25 @@ def test_presets_found_after_non_editable_install(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     assert out[0].startswith(str(tmp_path / "site")) and out[1:] == ["4", "True", "8"]
+
+
+def test_rope_scaling_is_validated_and_round_trips():
+    from gptmod.config import RopeScaling
+
+    cfg = ModelConfig(pos="rope", rope_scaling=RopeScaling(factor=32.0))
+    assert ModelConfig.from_json(cfg.to_json()) == cfg and hash(cfg) == hash(ModelConfig.from_json(cfg.to_json()))
+    for kw, msg in (({"kind": "yarn"}, r"rope_scaling.kind='yarn': must be one of 'llama3'"),
+                    ({"factor": 0.5}, r"rope_scaling.factor=0.5: must be >= 1"),
+                    ({"low_freq_factor": 4.0}, r"high_freq_factor=4.0: must be > low_freq_factor=4.0"),
+                    ({"original_max_seq_len": 0}, r"original_max_seq_len=0: must be an int >= 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            RopeScaling(**kw)
+    with pytest.raises(ValueError, match="rope_scaling is set but pos='learned': it needs pos='rope'"):
+        ModelConfig(rope_scaling=RopeScaling())
+    with pytest.raises(ValueError, match=r"rope_scaling: unknown field\(s\) \['type'\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "rope_scaling": {"type": "llama3"}})
+    with pytest.raises(ValueError, match=re.escape("rope_scaling={'factor': 8.0}: must be a RopeScaling or None")):
+        ModelConfig(pos="rope", rope_scaling={"factor": 8.0})
+    # Frequencies shorter than original/high are kept, longer than original/low divided by factor.
+    inv = np.array([1.0, 1e-5])
+    assert np.allclose(RopeScaling(factor=8.0).scale(inv), [1.0, 1e-5 / 8])
