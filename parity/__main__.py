@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
 from gptmod.backends import JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
+from gptmod.weights import atomic_write_text
+from parity import generation, selftest
 from parity.runner import CHECKS, Options, format_markdown, format_table, run_suite, summary, write_json
 from parity.suite import versions
 
 DEFAULT_PRESETS = ("tiny", "gpt2", "modern-gpt2")
+QUICK_PATHS = ("torch-eager", "torch-stream", "jax-jit", "jax-stream")
+QUICK_SETTINGS = tuple(generation.SETTINGS[i] for i in (0, 2, 4))  # temperature alone, top-p, all four filters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,22 +44,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--greedy-steps", type=int, default=32)
+    p.add_argument("--divergence-steps", type=int, default=256,
+                   help="greedy steps of each twin against float64 in the divergence check (default 256; 32 with "
+                   "--quick)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: torch on CUDA (all SDPA backends), JAX on its GPU (cuDNN attention), "
                    "float16 added")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny and reduced-depth presets (2 layers), 64 tokens, "
-                   "a 50-step training curve")  # fmt: skip
+                   "16 greedy and 32 divergence steps, a 50-step training curve, 3 of the 5 sampling settings over 4 "
+                   "steps, and generate paths without torch.compile and scan_layers (each costs minutes on a CPU "
+                   "for a real model; the full run has them)")  # fmt: skip
     p.add_argument("--inject-fault", metavar="NAME=EPS",
                    help="self-test: scale one canonical tensor by (1+EPS) in the JAX twin only; the report "
                    "must fail")  # fmt: skip
+    p.add_argument("--trace", action="store_true",
+                   help="only the per-op trace: every op of every layer in both twins, teacher-forced against "
+                   "float64; prints each model and dtype's worst op and the first op out of budget")  # fmt: skip
+    p.add_argument("--html", type=Path, metavar="FILE",
+                   help="with --trace: write the trace as a self-contained HTML page (heatmap of layers x ops, "
+                   "error as a share of budget, and a table of every op)")  # fmt: skip
+    p.add_argument("--png", type=Path, metavar="FILE",
+                   help="with --trace: write the heatmap as a PNG for bug reports (one file per model and dtype: "
+                   "FILE, or FILE's stem plus -NAME-DTYPE when there are several)")  # fmt: skip
+    selftest.add_arguments(p)
     p.add_argument("--json", type=Path, help="write the rows and versions as JSON")
     p.add_argument("--markdown", type=Path, help="write the report as a Markdown table")
     return p
 
 
-def _runs(args) -> tuple[list[tuple[str, ModelConfig, dict | None]], tuple[int, ...]]:
-    """The (name, config, state) of every run, and the token ids of real text when the weights bring their own
-    tokenizer (a real model is then fed Hamlet, not random ids)."""
+def describe(cfg: ModelConfig) -> str:
+    """A config in one line: depth, width, heads and each switch."""
+    parts = [
+        f"{cfg.n_layer} layers",
+        f"d_model {cfg.d_model}",
+        f"heads {cfg.n_head}/{cfg.n_kv_head}",
+        f"{cfg.mlp} {cfg.d_ff}",
+        f"{cfg.norm} eps {cfg.norm_eps:g}",
+        f"rope θ {cfg.rope_theta:g}" if cfg.pos == "rope" else "learned positions",
+        "bias" if cfg.bias else "no bias",
+        "no soft-cap" if cfg.logit_softcap is None else f"soft-cap {cfg.logit_softcap:g}",
+        f"vocab {cfg.vocab_size}",
+        f"{cfg.num_params() / 1e6:.1f}M params",
+    ]
+    return ", ".join(parts)  # fmt: skip
+
+
+def _runs(args) -> tuple[list[tuple[str, ModelConfig, dict | None]], tuple[int, ...], str]:
+    """The (name, config, state) of every run, the token ids of real text when the weights bring their own
+    tokenizer (a real model is then fed Hamlet, not random ids), and what the weights are, in words."""
     import dataclasses
 
     from gptmod import corpus, hf_gpt2, pretrained
@@ -66,24 +103,29 @@ def _runs(args) -> tuple[list[tuple[str, ModelConfig, dict | None]], tuple[int, 
         runs = [(f"{n}/2L" if c.n_layer > 2 else n, dataclasses.replace(c, n_layer=min(2, c.n_layer)), s)
                 for n, c, s in runs]  # fmt: skip
     if args.weights in ("random", "random-outliers"):
-        return runs, ()
+        what = "random weights" + (" with injected outlier channels" if args.weights == "random-outliers" else "")
+        return runs, (), f"{what} (seed {args.seed}), random token ids"
     p = pretrained.load(args.weights)
     text = () if p.tokenizer is None else tuple(p.tokenizer.encode(corpus.bundled_text("hamlet")))
+    tokens = "Hamlet through its tokenizer" if text else "random token ids"
     if p.report.format != "hf-gpt2":  # a model of its own: its config, not the presets
         if args.preset or args.config:
             raise ValueError(f"--weights {args.weights} is a {p.report.format} model with its own config; "
                              "--preset/--config only choose the targets of GPT-2 weights")  # fmt: skip
-        return [(Path(args.weights).stem, p.cfg, p.state)], text
+        what = f"{p.report.summary()}; config: {describe(p.cfg)}; tokens: {tokens}"
+        return [(args.weights, p.cfg, p.state)], text, what
     out = []
     tensors, _ = hf_gpt2.read_hf_gpt2(p.report.path)  # read once; exact into classic presets, partial otherwise
     for name, cfg, _ in runs:
         state, _ = hf_gpt2.from_hf_gpt2(tensors, cfg)
         out.append((name if cfg.is_classic else f"{name} (GPT-2 transferred)", cfg, state))
-    return out, text
+    return out, text, f"{p.report.summary()}; tokens: {tokens}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if selftest.wants_self_test(args):
+        return selftest.run_cli(args)
     import jax
     import torch
 
@@ -97,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity: error: --device gpu needs CUDA in torch (available: {torch.cuda.is_available()}) and JAX on "
               f"a GPU (JAX backend: {jax.default_backend()}; install jax[cuda12])", file=sys.stderr)  # fmt: skip
         return 2
+    for flag in ("seq_len", "batch", "greedy_steps", "divergence_steps"):
+        if getattr(args, flag) < 1:
+            print(f"parity: error: --{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1", file=sys.stderr)
+            return 2
     fault = None
     if args.inject_fault:
         name, _, eps = args.inject_fault.partition("=")
@@ -106,34 +152,83 @@ def main(argv: list[str] | None = None) -> int:
             print(f"parity: error: --inject-fault {args.inject_fault!r}: expected NAME=EPS", file=sys.stderr)
             return 2
     try:
-        runs, text_ids = _runs(args)
+        runs, text_ids, what = _runs(args)
     except (ValueError, OSError, HubUnavailableError, NotImplementedError) as e:
         print(f"parity: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if fault is not None and any(fault[0] not in canonical_shapes(c) for _, c, _ in runs):
         print(f"parity: error: --inject-fault: no tensor {fault[0]!r} in every preset", file=sys.stderr)
         return 2
+    if (args.html or args.png) and not args.trace:
+        print("parity: error: --html/--png write the per-op trace: add --trace", file=sys.stderr)
+        return 2
     gpu = args.device == "gpu"
     opts = Options(
         dtypes=tuple(args.dtype or (("float32", "bfloat16", "float16") if gpu else ("float32", "bfloat16"))),
         device="cuda" if gpu else "cpu", weights=args.weights, seq_len=64 if args.quick else args.seq_len,
         batch=args.batch, seed=args.seed, greedy_steps=16 if args.quick else args.greedy_steps,
+        divergence_steps=32 if args.quick and args.divergence_steps == 256 else args.divergence_steps,
+        sampling_steps=4 if args.quick else 8,
+        sampling_settings=QUICK_SETTINGS if args.quick else generation.SETTINGS,
+        generate_paths=QUICK_PATHS if args.quick else generation.PATHS,
         train_steps=50 if args.quick else 200,
         checks=tuple(args.check or CHECKS), fault=fault, backends_torch=tuple(args.backend_torch or ()),
-        backends_jax=tuple(args.backend_jax or ()), text_ids=text_ids,
+        backends_jax=tuple(args.backend_jax or ()), text_ids=text_ids, text_name="hamlet" if text_ids else None,
     )  # fmt: skip
     start = time.perf_counter()
+    if args.trace:
+        return _trace_main(args, runs, opts, what)
     rows = run_suite(runs, opts, progress=sys.stderr.isatty())
     ok, counts = summary(rows)
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    header = {"device": device, "versions": versions(), "passed": ok, "weights": args.weights}
+    header = {"device": device, "versions": versions(), "passed": ok, "weights": args.weights, "judged": what}
+    print(f"weights: {what}")
+    for name, cfg, state in runs:
+        print(f"{name}: {describe(cfg)}" + ("" if state is None else " (the given weights)"))
     print(format_table(rows))
     print(f"\n{counts} in {time.perf_counter() - start:.0f} s on {device} (weights: {args.weights})")
     if args.json:
         write_json(args.json, rows, header)
     if args.markdown:
-        args.markdown.write_text(format_markdown(rows, header))
+        atomic_write_text(args.markdown, format_markdown(rows, header))
     return 0 if ok else 1
+
+
+def _trace_main(args, runs, opts: Options, what: str) -> int:
+    """--trace: one trace per model and dtype, a summary line each, and the HTML/PNG reports."""
+    from tqdm import tqdm
+
+    from parity import trace, trace_html
+    from parity.runner import make_case
+
+    traces = []
+    plan = [(n, c, s, d) for n, c, s in runs for d in opts.dtypes]
+    for name, cfg, state, dtype in tqdm(plan, desc="trace", unit="case", disable=not sys.stderr.isatty(), leave=False):
+        traces.append(trace.run_trace(make_case(name, cfg, dtype, opts, state), fault=opts.fault, weights=what))
+    print(f"weights: {what}")
+    for t in traces:
+        bad, worst = t.first_bad(), t.worst()
+        verdict = (
+            "every op within budget"
+            if bad is None
+            else (f"FIRST OP OUT OF BUDGET: {bad.mode} {bad.label} ({bad.culprit}) at {bad.ratio:.3g} of its budget")
+        )
+        print(f"{t.case} · {t.dtype}: {len(t.entries)} ops, worst {worst.mode} {worst.label} at {worst.ratio:.2f}; "
+              f"{verdict} ({t.seconds:.0f} s)")  # fmt: skip
+    if args.html:
+        print(f"wrote {trace_html.write_html(traces, args.html)}")
+    if args.png:
+        for t in traces:
+            tag = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{t.case}-{t.dtype}")  # a checkpoint's name may be a path
+            path = args.png if len(traces) == 1 else args.png.with_name(f"{args.png.stem}-{tag}.png")
+            print(f"wrote {trace_html.write_png(t, path)}")
+    if args.json:
+        import json
+
+        data = {"weights": what, "traces": [{"case": t.case, "dtype": t.dtype, "entries": trace.rows_of(t)}
+                                            for t in traces]}  # fmt: skip
+        atomic_write_text(args.json, json.dumps(data, indent=2) + "\n")
+    return 0 if all(t.first_bad() is None for t in traces) else 1
 
 
 if __name__ == "__main__":

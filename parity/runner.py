@@ -12,10 +12,12 @@ import numpy as np
 from tqdm import tqdm
 
 from gptmod.config import ModelConfig
-from parity import suite, training
+from gptmod.weights import atomic_write_text
+from parity import generation, suite, text, trace, training
 from parity.suite import Case, Row
 
-CHECKS = ("modules", "logits", "cached", "greedy", "roundtrip", "hf", "train")
+CHECKS = ("modules", "trace", "logits", "text", "cached", "ragged", "greedy", "generate", "sampling", "divergence",
+          "roundtrip", "hf", "train")  # fmt: skip
 
 
 @dataclass
@@ -28,12 +30,17 @@ class Options:
     seed: int = 0
     decode_steps: int = 16
     greedy_steps: int = 32
+    divergence_steps: int = 256  # greedy steps of bf16/fp16 against float64 (the `divergence` check)
+    sampling_steps: int = 8  # decode steps whose sampling distributions the `sampling` check compares
+    sampling_settings: tuple[dict[str, float], ...] = generation.SETTINGS  # the knob settings it compares
+    generate_paths: tuple[str, ...] = generation.PATHS  # the generate paths the `generate` check runs
     train_steps: int = 200
     checks: tuple[str, ...] = CHECKS
     fault: tuple[str, float] | None = None  # (canonical name, relative perturbation) in the JAX twin only
     backends_torch: tuple[str, ...] = field(default_factory=tuple)
     backends_jax: tuple[str, ...] = field(default_factory=tuple)
     text_ids: tuple[int, ...] = ()  # real text (a real model's tokenizer on a bundled play) instead of random ids
+    text_name: str | None = None  # which play text_ids hold, for the report (None: random ids)
 
 
 def default_backends(device: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -70,16 +77,29 @@ def run_suite(runs: Iterable[tuple[str, ModelConfig, dict | None]], opts: Option
             n = opts.greedy_steps if dtype == "float32" or opts.device == "cuda" else max(4, opts.greedy_steps // 4)
             checks: list[tuple[str, Callable[[Case], Iterable[Row]]]] = [
                 ("modules", lambda c: suite.check_modules(c, opts.fault)),
+                ("trace", lambda c: trace.check_trace(c, opts.fault)),
                 ("logits", lambda c: suite.check_logits_and_hidden(c, bt, bj, opts.fault)),
+                ("text", lambda c: text.check_text(c, opts.fault, opts.text_name if opts.text_ids else None)),
                 ("cached", lambda c: suite.check_cached_decode(c, opts.decode_steps, opts.fault)),
+                ("ragged", lambda c: generation.check_ragged(c)),
                 ("greedy", lambda c, n=n: suite.check_greedy(c, n, opts.fault)),
+                ("generate", lambda c, n=n: generation.check_generate_paths(c, n, opts.generate_paths)),
+                ("sampling", lambda c: generation.check_sampling(c, opts.sampling_settings, opts.sampling_steps)),
+                ("divergence", lambda c: text.check_divergence(c, opts.divergence_steps, opts.fault)),
                 ("roundtrip", suite.check_round_trips),
                 ("hf", lambda c, n=n: suite.check_hf(c, opts.seed, n)),
-                ("train", lambda c: training.check_training(c, opts.train_steps, opts.seed)),
+                (
+                    "train",
+                    lambda c, own=state is not None: training.check_training(
+                        c, opts.train_steps, opts.seed, own_weights=own, progress=progress
+                    ),
+                ),
             ]
             plan.append((name, cfg, state, dtype, [(k, f) for k, f in checks if k in opts.checks]))
     rows: list[Row] = []
-    bar = tqdm(total=sum(len(p[-1]) for p in plan), desc="parity", unit="check", disable=not progress, leave=False)
+    # No ETA: checks differ in cost by 100x (the training curve's own bar shows its steps).
+    bar = tqdm(total=sum(len(p[-1]) for p in plan), desc="parity", unit="check", disable=not progress, leave=False,
+               bar_format="{desc}: {n}/{total} checks [{elapsed}] {postfix}")  # fmt: skip
     for name, cfg, state, dtype, checks in plan:
         case = make_case(name, cfg, dtype, opts, state)  # its models are built once, freed after its checks
         for key, check in checks:
@@ -95,6 +115,7 @@ def _fmt(v: float | None) -> str:
 
 
 HEADERS = ["check", "preset", "dtype", "torch", "jax", "e_torch", "e_jax", "|Δ|", "budget", "result", "note"]
+GROUP_HEADERS = ["check", "torch", "jax", "e_torch", "e_jax", "|Δ|", "budget", "share", "result", "note"]
 
 
 def _cells(r: Row) -> list[str]:
@@ -102,18 +123,50 @@ def _cells(r: Row) -> list[str]:
             _fmt(r.diff), _fmt(r.budget), r.status, r.note]  # fmt: skip
 
 
-def format_table(rows: list[Row]) -> str:
-    table = [_cells(r) for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(HEADERS)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip() for t in table]
-    return "\n".join(lines)
+def _note(r: Row) -> str:
+    return f"{r.note} [at {r.where}]" if r.where and r.where not in r.note else r.note
+
+
+def _group_cells(r: Row) -> list[str]:
+    share = "-" if r.ratio is None else f"{r.ratio:.2f}"
+    return [r.check, r.backend_torch, r.backend_jax, _fmt(r.e_torch), _fmt(r.e_jax), _fmt(r.diff), _fmt(r.budget),
+            share, r.status, _note(r)]  # fmt: skip
+
+
+def format_table(rows: list[Row], width: int | None = None) -> str:
+    """One block per (preset, dtype); the note column wraps so that lines fit `width` (default: the terminal's).
+    `share` is the row's worst share of its budget (Row.ratio): above 1 fails."""
+    import shutil
+    import textwrap
+
+    width = width or shutil.get_terminal_size((150, 40)).columns
+    table = [_group_cells(r) for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(GROUP_HEADERS)]
+    fixed = sum(widths[:-1]) + 2 * (len(widths) - 1)
+    note_w = max(30, width - fixed - 2)
+    widths[-1] = min(widths[-1], note_w)
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    out: list[str] = []
+    groups: dict[tuple[str, str], list[list[str]]] = {}
+    for r, cells in zip(rows, table, strict=True):
+        groups.setdefault((r.preset, r.dtype), []).append(cells)
+    for (preset, dtype), group in groups.items():
+        out += ["" if out else None, f"{preset} · {dtype}", line(GROUP_HEADERS), line(["-" * w for w in widths])]
+        for cells in group:
+            wrapped = textwrap.wrap(cells[-1], note_w) or [""]
+            out.append(line([*cells[:-1], wrapped[0]]))
+            out += [line([""] * (len(cells) - 1) + [more]) for more in wrapped[1:]]
+    return "\n".join(x for x in out if x is not None)
 
 
 def format_markdown(rows: list[Row], header: dict) -> str:
-    lines = [f"# gptmod parity report\n\ndevice: {header['device']}; " + ", ".join(f"{k} {v}" for k, v in
-             header["versions"].items()) + f"; passed: {header['passed']}\n"]  # fmt: skip
+    versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
+    weights = header.get("judged", header.get("weights"))
+    lines = [f"# gptmod parity report\n\nweights: {weights}\n\ndevice: {header['device']}; {versions}; "
+             f"passed: {header['passed']}\n"]  # fmt: skip
     lines.append("| " + " | ".join(HEADERS) + " |")
     lines.append("|" + "---|" * len(HEADERS))
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
@@ -129,4 +182,4 @@ def summary(rows: list[Row]) -> tuple[bool, str]:
 
 def write_json(path: Path, rows: list[Row], header: dict) -> None:
     data = {**header, "rows": [{**dataclasses.asdict(r), "status": r.status} for r in rows]}
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

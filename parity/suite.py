@@ -2,12 +2,14 @@
 
 Every numeric row runs the same (dtype-rounded) weights and tokens through torch, JAX and a float64
 torch reference, and reports e_torch and e_jax (each framework's max error against float64), |Δ|
-(torch vs JAX) and the budget. A row passes when
-  1. |Δ| <= budget = max(abs_floor, K * max(e_torch, e_jax)),                    (DESIGN.md's rule)
-  2. e_torch and e_jax are each <= REL[dtype] * scale, scale = max|float64 value|, (what the dtype explains)
-  3. fp32 logits also keep |Δ| <= 1e-4 (the hard ceiling).
-Rule 1 alone cannot catch a broken twin: its own large error raises the budget with it. Rule 2 is
-what does, and (3) is the absolute promise for fp32.
+(torch vs JAX) and the budget. With scale = max|float64 value| and e_max = REL[dtype] * scale, a row passes when
+  1. e_torch <= e_max and e_jax <= e_max: each twin is within what the dtype's rounding explains, and
+  2. |Δ| <= budget = max(e_max, ABS_FLOOR[dtype]): the twins agree to the same relative bound.
+Rule 1 is what catches a broken twin: judged against the other twin alone, a twin's own large error would raise the
+budget with it. Both bounds scale with the reference, never with an absolute number: a trained model's logits reach 35
+where random weights' stay below 3, and the same relative rounding error is then 10x larger in absolute terms.
+(The old rule |Δ| <= K * max(e_torch, e_jax) with K = 2 could never fail: |Δ| <= e_torch + e_jax by the triangle
+inequality.) Row.ratio is the worst of |Δ|/budget, e_torch/e_max and e_jax/e_max.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ import numpy as np
 from gptmod.backends import BackendUnavailableError, jax_cudnn_unmet, torch_pinned_unmet
 from gptmod.config import ModelConfig
 
-K = 2.0
+K = 2.0  # |Δ| <= K * max(e) is implied by the triangle inequality at K = 2: never a test on its own
 ABS_FLOOR = {"float32": 1e-6, "bfloat16": 1e-3, "float16": 1e-4}
 REL = {"float32": 2e-5, "bfloat16": 5e-2, "float16": 1e-2}
-FP32_LOGIT_CEILING = 1e-4
 TOP_K = 5
 
 
@@ -43,10 +44,22 @@ class Row:
     budget: float | None
     passed: bool | None  # None: skipped (see note)
     note: str = ""
+    e_max: float | None = None  # rule 2's bound on e_torch and e_jax, where the row has one
+    where: str = ""  # where a failing row localises the fault (e.g. "block 3 mlp.w_gate"), if it can
 
     @property
     def status(self) -> str:
         return "skip" if self.passed is None else ("pass" if self.passed else "FAIL")
+
+    @property
+    def ratio(self) -> float | None:
+        """The row's worst share of its budget (> 1 fails): |Δ|/budget, or e/e_max for either twin."""
+        shares = []
+        if self.diff is not None and self.budget is not None:
+            shares.append(self.diff / self.budget if self.budget > 0 else (0.0 if self.diff == 0 else math.inf))
+        if self.e_max is not None and self.e_max > 0:
+            shares += [e / self.e_max for e in (self.e_torch, self.e_jax) if e is not None]
+        return max(shares) if shares else None
 
 
 @dataclass
@@ -62,17 +75,15 @@ class Case:
     models: dict = dataclasses.field(default_factory=dict, repr=False)  # built once per case, see torch_model
 
 
-def numeric_row(check, case, bt, bj, e_t, e_j, diff, scale, note="", ceiling=None) -> Row:
-    budget = max(ABS_FLOOR[case.dtype], K * max(e_t, e_j))
-    if ceiling is not None:
-        budget = min(budget, ceiling)
+def numeric_row(check, case, bt, bj, e_t, e_j, diff, scale, note="") -> Row:
     e_max = REL[case.dtype] * scale
+    budget = max(e_max, ABS_FLOOR[case.dtype])
     values = (e_t, e_j, diff)
     ok = all(math.isfinite(v) for v in values) and diff <= budget and e_t <= e_max and e_j <= e_max
     if not ok and all(math.isfinite(v) for v in values):
         worst = "torch" if e_t > e_max else "jax" if e_j > e_max else None
         note = (f"{worst} error > {REL[case.dtype]:g}*scale={e_max:.2e}; " if worst else "") + note
-    return Row(check, case.name, case.dtype, bt, bj, e_t, e_j, diff, budget, ok, note)
+    return Row(check, case.name, case.dtype, bt, bj, e_t, e_j, diff, budget, ok, note, e_max)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -247,7 +258,6 @@ def check_logits_and_hidden(case: Case, backends_t, backends_j, fault=None) -> I
     """Whole-model logits for every backend pair, per-layer hidden states, top-k agreement and KL."""
     ref_logits, ref_hidden = torch_run(torch_model(case, "float64", "math", "cpu"), case.idx, return_hidden=True)
     scale = float(np.abs(ref_logits).max())
-    ceiling = FP32_LOGIT_CEILING if case.dtype == "float32" else None
     out_t, out_j = {}, {}
     for b in backends_t:
         reasons = unmet("torch", b, case)
@@ -272,17 +282,16 @@ def check_logits_and_hidden(case: Case, backends_t, backends_j, fault=None) -> I
         lt, lj = out_t[bt][0], out_j[bj][0]
         e_t, e_j = float(np.abs(lt - ref_logits).max()), float(np.abs(lj - ref_logits).max())
         yield numeric_row("logits", case, bt, bj, e_t, e_j, float(np.abs(lt - lj).max()), scale,
-                          f"max|logit|={scale:.3g}", ceiling)  # fmt: skip
-    # Per-layer hidden states (default backends): name the first layer whose difference leaves its budget.
+                          f"max|logit|={scale:.3g}")  # fmt: skip
+    # Per-layer hidden states (default backends): name the first layer whose difference leaves its budget. The
+    # scale is the largest value the residual stream has held so far, not this layer's: the stream keeps the
+    # absolute rounding errors of its largest values, and a block that cancels them (SmolLM2's block 10 takes its
+    # residual from 760 down to 120 before block 11 builds 2.5e4 "massive activations") keeps those errors.
     (lt, ht), (lj, hj) = out_t[bt0], out_j[bj0]
-    first_bad, worst = None, (0.0, 0.0, 0.0, 1.0)
+    first_bad, worst, sc = None, (0.0, 0.0, 0.0, 1.0), 0.0
     for layer, (r, a, b) in enumerate(zip(ref_hidden, ht, hj, strict=True)):
-        e_t, e_j, diff, sc = (
-            float(np.abs(a - r).max()),
-            float(np.abs(b - r).max()),
-            float(np.abs(a - b).max()),
-            float(np.abs(r).max()),
-        )
+        sc = max(sc, float(np.abs(r).max()))
+        e_t, e_j, diff = float(np.abs(a - r).max()), float(np.abs(b - r).max()), float(np.abs(a - b).max())
         if first_bad is None and not numeric_row("hidden", case, bt0, bj0, e_t, e_j, diff, sc).passed:
             first_bad = layer
         if diff / sc > worst[2] / worst[3]:
@@ -438,9 +447,11 @@ def check_hf(case: Case, seed: int, greedy_steps: int = 32) -> Iterator[Row]:
     lt = torch_run(torch_model(hf_case, "float32", "sdpa", "cpu"), case.idx)
     lj = jax_run(jax_model(hf_case, "auto"), case.idx)
     e_t, e_j = float(np.abs(lt - ref).max()), float(np.abs(lj - ref).max())
-    ok = e_t <= FP32_LOGIT_CEILING and e_j <= FP32_LOGIT_CEILING
-    yield Row("hf-gpt2", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()),
-              FP32_LOGIT_CEILING, ok, "e = vs HF GPT2LMHeadModel logits (random init)")  # fmt: skip
+    scale = float(np.abs(ref).max())
+    bound = REL["float32"] * scale
+    yield Row("hf-gpt2", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()), bound,
+              e_t <= bound and e_j <= bound, f"e = vs HF GPT2LMHeadModel logits; budget {REL['float32']:g} of "
+              f"max|logit| {scale:.2g}", bound)  # fmt: skip
 
 
 def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
@@ -465,7 +476,7 @@ def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
         bound = REL["float32"] * scale
         yield Row("hf-llama", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()), bound,
                   e_t <= bound and e_j <= bound, f"e = vs HF LlamaForCausalLM logits; budget {REL['float32']:g} of "
-                  f"max|logit| {scale:.1f}")  # fmt: skip
+                  f"max|logit| {scale:.1f}", bound)  # fmt: skip
     prompt = case.idx[0, : min(16, case.idx.shape[1])].tolist()
     steps = min(steps, case.cfg.max_seq_len - len(prompt))
     with torch.no_grad():

@@ -1,8 +1,11 @@
 """Training parity: gradients, AdamW steps and a loss curve, torch against JAX against a float64 torch reference.
 
-These rows run on a reduced copy of the case's config (2 layers, d_model 128, every switch kept) in fp32 with
-real tokens (bundled Shakespeare), so that 200 optimizer steps in three trainers take a minute or two.
-Budgets (each framework's error e against float64, and |torch - JAX| <= K * max(e_torch, e_jax) as everywhere):
+The optimizer and curve rows run on a reduced copy of the case's config (2 layers, d_model 128, every switch kept,
+RANDOM weights, said so in their names) in fp32 with real tokens (bundled Shakespeare), so that 200 optimizer steps
+in three trainers take a minute or two. When the case carries weights of its own (a checkpoint, a real model), the
+loss and gradient rows run on those weights and that config instead, on the case's own tokens: that is the question a
+user with a checkpoint asks, and one backward pass costs seconds where 200 steps of a full-size model would take hours.
+Budgets (each framework's error e against float64, and |torch - JAX| within the same bound, as everywhere):
 - loss and gradients: e <= 2e-5 * scale, scale = max|float64 gradient|, floored at 1e-3 of the largest gradient
   anywhere (gradients that are zero in exact arithmetic, such as the key bias, are only rounding noise);
 - parameters after 10 AdamW steps: |p - p_float64| <= 1e-3 * |p_float64 - p_start| per tensor (Frobenius): a
@@ -23,11 +26,17 @@ import numpy as np
 
 from gptmod.config import ModelConfig
 from gptmod.training import TrainConfig, lr_at
-from parity.suite import ABS_FLOOR, Case, K, Row
+from parity.suite import ABS_FLOOR, Case, Row
 
 TC = TrainConfig(steps=200, warmup_steps=20, batch_size=2, grad_accum=2, block_size=32, lr=1e-3, min_lr=1e-4,
                  log_every=1)  # fmt: skip
 GRAD_REL, ADAM_REL, CURVE_REL = 2e-5, 1e-3, 5e-2
+# A checkpoint's own gradients: every weight gradient is a sum over the batch's tokens whose terms cancel (a trained
+# norm gain's gradient nearly does), after a backward pass as deep as the model, so fp32 lands further from float64
+# relative to the result than the 2-layer copy's. Measured on SmolLM2 (30 layers, 63 tokens of Hamlet): both twins
+# 3.8e-5 of the worst tensor's scale (block 27's attn_norm), within 7e-7 of each other. A twin that loses precision
+# is still far above: torch's F.cross_entropy put every gradient 20x further out (7.6e-4), which this row caught.
+GRAD_OWN_REL = 1e-4
 
 
 def small(cfg: ModelConfig) -> ModelConfig:
@@ -37,7 +46,8 @@ def small(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, n_layer=2, d_model=128, n_head=4, n_kv_head=n_kv, d_ff=d_ff, max_seq_len=128)
 
 
-def _trainers(cfg: ModelConfig, tc: TrainConfig, seed: int) -> tuple:
+def _trainers(cfg: ModelConfig, tc: TrainConfig, seed: int, state: dict[str, np.ndarray] | None = None) -> tuple:
+    """torch, JAX and float64 torch trainers from the same fp32 weights (`state`, or a seeded random init)."""
     import torch
     from flax import nnx
 
@@ -46,8 +56,10 @@ def _trainers(cfg: ModelConfig, tc: TrainConfig, seed: int) -> tuple:
     from gptmod_jax.train import Trainer as JaxTrainer
     from gptmod_torch.train import Trainer as TorchTrainer
 
-    torch.manual_seed(seed)
-    state = gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+    if state is None:
+        torch.manual_seed(seed)
+        state = gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+    state = {k: np.asarray(v, np.float32) for k, v in state.items()}
     t = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc)
     j = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc)
     r = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg).double(), state), tc)
@@ -67,15 +79,16 @@ def _abs_errors(t: dict, j: dict, r: dict, floor: float = 0.0) -> dict[str, tupl
 def _worst_row(check: str, case: Case, errors: dict[str, tuple[float, float, float, float]], rel: float,
                note: str = "") -> Row:  # fmt: skip
     """One row for a family of tensors (errors with their scales): the worst tensor, judged as in
-    parity.suite.numeric_row (|Δ| <= max(floor * scale, K max(e)), each e <= rel * scale)."""
+    parity.suite.numeric_row (each e <= rel * scale, and |Δ| <= the same, floored at ABS_FLOOR * scale)."""
     results = []
     for name, (e_t, e_j, d, s) in errors.items():
-        budget = max(ABS_FLOOR["float32"] * s, K * max(e_t, e_j))
+        budget = max(ABS_FLOOR["float32"] * s, rel * s)
         failed = not (d <= budget and max(e_t, e_j) <= rel * s)
-        results.append((failed, max(e_t, e_j) / (rel * s) if s > 0 else 0.0, name, (e_t, e_j, d, budget)))
-    failed, ratio, worst, (e_t, e_j, d, budget) = max(results)  # a failing tensor first, then the nearest miss
+        results.append((failed, max(e_t, e_j) / (rel * s) if s > 0 else 0.0, name, (e_t, e_j, d, budget, rel * s)))
+    failed, ratio, worst, (e_t, e_j, d, budget, e_max) = max(results)  # a failing tensor first, then the nearest miss
     note = f"worst: {worst} at {ratio:.2f} of its budget; {note}".rstrip("; ")
-    return Row(check, case.name, case.dtype, "sdpa", "auto", e_t, e_j, d, budget, not failed, note)
+    return Row(check, case.name, case.dtype, "sdpa", "auto", e_t, e_j, d, budget, not failed, note, e_max,
+               where=worst if failed else "")  # fmt: skip
 
 
 def update_errors(t: dict, j: dict, r: dict, start: dict, travel: float) -> dict[str, tuple[float, float, float]]:
@@ -92,17 +105,37 @@ def update_errors(t: dict, j: dict, r: dict, start: dict, travel: float) -> dict
     return out
 
 
-def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: Path | None = None) -> Iterator[Row]:
-    """Gradients, 10 AdamW steps, and a `steps`-step loss curve on bundled Shakespeare."""
+def check_own_grads(case: Case, seed: int = 0) -> Iterator[Row]:
+    """Loss and gradients of the case's own weights and config on its own tokens (case.idx), fp32 vs float64."""
+    B, T = case.idx.shape
+    tc = dataclasses.replace(TC, steps=1, warmup_steps=0, batch_size=B, grad_accum=1, block_size=T - 1)
+    t, j, r = _trainers(case.cfg, tc, seed, case.state)
+    x, y = case.idx[None, :, :-1], case.idx[None, :, 1:]
+    (lt, gt), (lj, gj), (lr, gr) = t.grads(x, y), j.grads(x, y), r.grads(x, y)
+    loss = _abs_errors({"loss": np.array(lt)}, {"loss": np.array(lj)}, {"loss": np.array(lr)})
+    note = f"the given weights, {B}x{T - 1} of its own tokens"
+    yield _worst_row("train loss (own weights)", case, loss, GRAD_REL, note=note)
+    floor = 1e-3 * max(float(np.abs(g).max()) for g in gr.values())
+    yield _worst_row(
+        f"train grads ({len(gr)}, own weights)", case, _abs_errors(gt, gj, gr, floor), GRAD_OWN_REL, note=note
+    )
+
+
+def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: Path | None = None,
+                   own_weights: bool = False, progress: bool = False) -> Iterator[Row]:  # fmt: skip
+    """Gradients, 10 AdamW steps, and a `steps`-step loss curve on bundled Shakespeare, on a random 2-layer copy
+    of the case's switches; with `own_weights`, the loss and gradients of the case's own weights first."""
     if case.dtype != "float32":
         yield Row("train", case.name, case.dtype, "-", "-", None, None, None, None, None, "training parity is fp32")
         return
     if case.device != "cpu":
         yield Row("train", case.name, case.dtype, "-", "-", None, None, None, None, None, "CPU only")
         return
+    if own_weights:
+        yield from check_own_grads(case, seed)
     cfg = dataclasses.replace(small(case.cfg), vocab_size=max(case.cfg.vocab_size, 50257))
     tc = dataclasses.replace(TC, steps=steps, warmup_steps=min(TC.warmup_steps, steps // 10))
-    size = f"2 layers, d_model 128 ({cfg.num_params():,} params)"
+    size = f"random 2-layer copy, d_model 128 ({cfg.num_params():,} params)"
     with tempfile.TemporaryDirectory() as tmp:
         from gptmod.data import TokenLoader, prepare
 
@@ -119,9 +152,11 @@ def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: P
         loss = _abs_errors({"loss": np.array(lt)}, {"loss": np.array(lj)}, {"loss": np.array(lr)})
         yield _worst_row("train loss", case, loss, GRAD_REL, note=size)
         floor = 1e-3 * max(float(np.abs(g).max()) for g in gr.values())
-        yield _worst_row(f"train grads ({len(gr)})", case, _abs_errors(gt, gj, gr, floor), GRAD_REL)
+        yield _worst_row(f"train grads ({len(gr)})", case, _abs_errors(gt, gj, gr, floor), GRAD_REL, note=size)
         losses: dict[str, list[float]] = {"t": [], "j": [], "r": []}
-        for step in range(tc.steps):
+        from tqdm import tqdm
+
+        for step in tqdm(range(tc.steps), desc="train curve", unit="step", leave=False, disable=not progress):
             x, y = (a.reshape(shape) for a in loader.batch(step))
             for key, trainer in (("t", t), ("j", j), ("r", r)):
                 losses[key].append(float(trainer.step(x, y)["loss"]))
@@ -129,13 +164,19 @@ def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: P
                 travel = sum(lr_at(tc, s) for s in range(10))
                 errors = update_errors(t.export_state(), j.export_state(), r.export_state(), start, travel)
                 shares = {n: (*e, 1.0) for n, e in errors.items()}  # already relative: scale 1
-                yield _worst_row("train params @10 AdamW", case, shares, ADAM_REL,
-                                 note="share of the update |p - p_float64| / |p_float64 - p_start|")
+                yield _worst_row(
+                    "train params @10 AdamW",
+                    case,
+                    shares,
+                    ADAM_REL,
+                    note=f"share of the update |p - p_float64| / |p_float64 - p_start|; {size}",
+                )
     curve = {k: np.array(v) for k, v in losses.items()}
     gap = float(np.abs(curve["t"] - curve["j"]).max())
     e_t, e_j = float(np.abs(curve["t"] - curve["r"]).max()), float(np.abs(curve["j"] - curve["r"]).max())
     scale = float(curve["r"].min())
-    ok = max(e_t, e_j) <= CURVE_REL * scale and gap <= max(K * max(e_t, e_j), ABS_FLOOR["float32"])
+    ok = max(e_t, e_j) <= CURVE_REL * scale and gap <= CURVE_REL * scale
     yield Row(f"train curve {tc.steps} steps", case.name, case.dtype, "sdpa", "auto", e_t, e_j, gap,
-              max(K * max(e_t, e_j), ABS_FLOOR["float32"]), ok,
-              f"max |loss gap| {gap:.2e}; loss {curve['r'][0]:.3f} -> {curve['r'][-1]:.3f}")  # fmt: skip
+              CURVE_REL * scale, ok,
+              f"max |loss gap| {gap:.2e}; loss {curve['r'][0]:.3f} -> {curve['r'][-1]:.3f}; {size}",
+              CURVE_REL * scale)  # fmt: skip
