@@ -86,7 +86,7 @@ def describe(cfg: ModelConfig) -> str:
         f"vocab {cfg.vocab_size}",
         f"{cfg.num_params() / 1e6:.1f}M params",
     ]
-    return ", ".join(parts)  # fmt: skip
+    return ", ".join(parts)
 
 
 def _runs(args) -> tuple[list[tuple[str, ModelConfig, dict | None]], tuple[int, ...], str]:

@@ -22,7 +22,9 @@ from conftest import reduced
 def _opts(**kw) -> Options:
     # 40 training steps, not the CLI's 200 (each step runs three trainers, one in float64): the same rows, a
     # shorter curve.
+    # The ladder's model-level checks; trace, text, ragged, generate, sampling and divergence have their own files.
     base = dict(seq_len=32, decode_steps=8, greedy_steps=12, train_steps=40,
+                checks=("modules", "logits", "cached", "greedy", "roundtrip", "hf", "train"),
                 backends_torch=("sdpa", "math", "efficient"), backends_jax=("xla", "reference", "cudnn"))  # fmt: skip
     return Options(**{**base, **kw})
 
@@ -117,7 +119,8 @@ def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
     assert "| cached-decode | tiny | float32 |" in (tmp_path / "r.md").read_text()
     assert main([*args, "--inject-fault", "blocks.0.attn.wq.weight=0.01"]) == 1
     assert main([*args, "--inject-fault", "no.such.weight=0.1"]) == 2
-    assert set(CHECKS) == {"modules", "logits", "cached", "greedy", "roundtrip", "hf", "train"}
+    assert set(CHECKS) == {"modules", "trace", "logits", "text", "cached", "ragged", "greedy", "generate", "sampling",
+                           "divergence", "roundtrip", "hf", "train"}  # fmt: skip
 
 
 def test_cli_weight_errors():
@@ -196,3 +199,52 @@ def test_a_llama_checkpoint_runs_its_own_config_on_real_text_against_hf_llama(tm
     assert case.idx.tolist() == [list(text[:32])]
     with pytest.raises(ValueError, match="the text has 3 tokens, fewer than batch x seq_len"):
         make_case("x", case.cfg, "float32", Options(seq_len=32, text_ids=(1, 2, 3)), None)
+
+
+def test_trace_cli_writes_html_png_and_json_and_refuses_html_without_trace(tmp_path, capsys):
+    args = ["--preset", "tiny", "--quick", "--dtype", "float32", "--seq-len", "16"]
+    assert main([*args, "--html", str(tmp_path / "t.html")]) == 2
+    assert "add --trace" in capsys.readouterr().err
+    out = [tmp_path / "t.html", tmp_path / "t.png", tmp_path / "t.json"]
+    assert main([*args, "--trace", "--html", str(out[0]), "--png", str(out[1]), "--json", str(out[2])]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny · float32:" in printed and "every op within budget" in printed
+    assert "block 1 mlp_norm" in out[0].read_text() and out[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entries = json.loads(out[2].read_text())["traces"][0]["entries"]
+    assert {e["op"] for e in entries} >= {"embedding", "attn_norm", "q", "k", "v", "attention", "logits"}
+    # A broken twin: the trace names the first op out of budget, in the block the fault is in, and exits 1.
+    assert main([*args, "--trace", "--inject-fault", "blocks.1.mlp.w_up.weight=0.01"]) == 1
+    assert "FIRST OP OUT OF BUDGET: forward block 1 up (jax)" in capsys.readouterr().out
+
+
+def test_cli_refuses_counts_below_one_and_lists_mutations(capsys):
+    assert main(["--preset", "tiny", "--divergence-steps", "0"]) == 2
+    assert "--divergence-steps 0: must be >= 1" in capsys.readouterr().err
+    assert main(["--list-mutations"]) == 0
+    assert "kv-write-row0" in capsys.readouterr().out
+
+
+def test_table_groups_by_model_and_dtype_and_fits_the_width():
+    from parity.runner import format_table
+
+    rows = [suite.Row("logits", "run/model.safetensors", "float32", "sdpa", "xla", 1e-5, 2e-5, 1e-5, 7e-4, True,
+                      "a long note " * 20, 7e-4)]  # fmt: skip
+    text = format_table(rows, width=120)
+    assert text.splitlines()[0] == "run/model.safetensors · float32"
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "0.03" in text  # the share of the budget: 2e-5 / 7e-4
+
+
+def test_training_rows_on_a_checkpoints_own_weights():
+    """Given weights, the loss and gradient rows run on them (and say so); the optimizer rows say they do not."""
+    from parity.runner import make_case
+    from parity.training import check_training
+
+    cfg = ModelConfig(vocab_size=512, n_layer=1, d_model=32, n_head=2, n_kv_head=1, d_ff=64, max_seq_len=64)
+    state = suite.random_state(cfg, 3)
+    case = make_case("ckpt", cfg, "float32", Options(seq_len=32), state)
+    rows = list(check_training(case, steps=10, own_weights=True))
+    assert [r.check for r in rows[:2]] == ["train loss (own weights)", f"train grads ({len(state)}, own weights)"]
+    assert all(r.passed for r in rows), [(r.check, r.note) for r in rows if not r.passed]
+    assert "the given weights, 1x31 of its own tokens" in rows[0].note
+    assert all("random 2-layer copy" in r.note for r in rows[2:])
