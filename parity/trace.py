@@ -192,6 +192,17 @@ class _Reference:
         the largest value it can hold (|y| + inner may cross into the next binade), plus `inner`."""
         return self.h(y.abs() + inner, dtype) + inner
 
+    def held(self, y, inner, tw: _Twins):
+        """What a correct twin holds after rounding a result within `inner` of exact `y` to the dtype, and the bound
+        on its error: round(y) exactly, unless [y - inner, y + inner] straddles a rounding boundary, where it may
+        hold the neighbour (one ulp, plus `inner` where fp32 arithmetic is the dtype). Tighter than `rounded`,
+        which charges every element half an ulp: on trained q and k that charge alone hides a bf16 softmax."""
+        import torch
+
+        r = tw.rounded(y)[2]
+        ambiguous = (y - r).abs() + inner >= self.h(r)
+        return r, torch.where(ambiguous, 2 * self.h(r) + inner, torch.zeros_like(r))
+
     def get(self, name: str):
         return self.w.get(name)
 
@@ -699,15 +710,16 @@ def _decode_entries(ref: _Reference, tw: _Twins, rec: dict, idx2: np.ndarray, st
                     k_ref[b, pos_BS[b]] = tw.rounded(k_pre[b, pos_BS[b]])[2]
                 dk = None
             else:
-                q_ref, dq = ref.rope(qd_pre_r, theta_dec, torch.zeros_like(qd_pre_r))
-                dq = ref.rounded(q_ref, dq)
+                # The twin rotates the rounded pre-RoPE q and k itself and rounds the result: the reference holds
+                # the correctly rounded rotation, and allows an ulp only where the rounding is ambiguous.
+                q_ref, dq = ref.held(*ref.rope(qd_pre_r, theta_dec, torch.zeros_like(qd_pre_r)), tw)
                 for b in range(2):
-                    kb, dkb = ref.rope(
+                    kb, dkb = ref.held(*ref.rope(
                         tw.rounded(k_pre[b : b + 1, pos_BS[b]])[2],
                         theta[b : b + 1, pos_BS[b]],
                         torch.zeros_like(k_pre[b : b + 1, pos_BS[b]]),
-                    )
-                    k_ref[b, pos_BS[b]], dk[b, pos_BS[b]] = kb[0], ref.rounded(kb, dkb)[0]
+                    ), tw)  # fmt: skip
+                    k_ref[b, pos_BS[b]], dk[b, pos_BS[b]] = kb[0], dkb[0]
             y, beta = ref.attention(q_ref, k_ref, v_r, mask, tw.rounds_probs(cached=True), dq=dq, dk=dk)
             out_t = _cached_twin(tw, "torch", tmod.blocks[i].attn, k_post, v, q_pre, k_pre, pos_BS, starts, embeds_t)
             out_j = _cached_twin(tw, "jax", jmod.blocks[i].attn, k_post, v, q_pre, k_pre, pos_BS, starts, embeds_j)
