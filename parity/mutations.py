@@ -368,31 +368,17 @@ def _jax_kv_write_row0():
 
 def _jax_filter(temperature_last: bool = False, top_k_extra: int = 0):
     """gptmod_jax.generate.filter_logits with one of two bugs: temperature after the filters, or top-k keeping
-    `top_k_extra` more tokens than asked."""
-    import jax
+    `top_k_extra` more tokens than asked. Both wrap the twin's own function (taken before the patch)."""
     import jax.numpy as jnp
 
     jg = importlib.import_module("gptmod_jax.generate")  # `gptmod_jax.generate` is the function
+    original = jg.filter_logits
 
     def filter_logits(logits_BV, knobs, flags):
-        x_BV = logits_BV.astype(jnp.float32)
-        if not temperature_last:
-            x_BV = x_BV / knobs.temperature
-        if flags.top_k:
-            sorted_BV = -jnp.sort(-x_BV, axis=-1)
-            k = jnp.minimum(knobs.top_k - 1 + top_k_extra, x_BV.shape[-1] - 1)
-            kth_B1 = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(k, (x_BV.shape[0], 1)), axis=-1)
-            x_BV = jnp.where(x_BV >= kth_B1, x_BV, -jnp.inf)
-        if flags.top_p:
-            probs_BV = jax.nn.softmax(x_BV, axis=-1)
-            sorted_BV = -jnp.sort(-probs_BV, axis=-1)
-            mass_before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
-            cutoff_B1 = jnp.min(jnp.where(mass_before_BV < knobs.top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-            x_BV = jnp.where(probs_BV >= cutoff_B1, x_BV, -jnp.inf)
-        if flags.min_p:
-            probs_BV = jax.nn.softmax(x_BV, axis=-1)
-            x_BV = jnp.where(probs_BV >= knobs.min_p * probs_BV.max(-1, keepdims=True), x_BV, -jnp.inf)
-        return x_BV / knobs.temperature if temperature_last else x_BV
+        if temperature_last:  # the filters on the untempered logits, the temperature after them
+            return original(logits_BV, knobs._replace(temperature=jnp.float32(1.0)), flags) / knobs.temperature
+        top_k = jnp.minimum(knobs.top_k + top_k_extra, logits_BV.shape[-1])
+        return original(logits_BV, knobs._replace(top_k=top_k), flags)
 
     return [(jg, "filter_logits", filter_logits)]
 

@@ -14,9 +14,9 @@ import io
 import itertools
 import math
 import os
-import secrets
 from pathlib import Path
 
+from gptmod.weights import atomic_write_bytes, atomic_write_text
 from parity.trace import Entry, Trace, forward_ops
 
 CACHED = "attention (cached)"
@@ -289,23 +289,8 @@ fp32 sum inside the op; see parity/trace.py); the <b>budget</b> is twice that, a
 """
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_html(traces: list[Trace], path: str | os.PathLike, title: str = "gptmod per-op parity trace") -> Path:
     """Write the traces as one self-contained HTML page, atomically."""
-    from gptmod.weights import atomic_write_text
-
     if not traces:
         raise ValueError("write_html: traces is empty; trace at least one case (parity.trace.run_trace)")
     path = Path(path)
@@ -393,5 +378,5 @@ def write_png(trace: Trace, path: str | os.PathLike) -> Path:
     finally:
         plt.close(fig)
     path = Path(path)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
