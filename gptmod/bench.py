@@ -12,12 +12,16 @@ tokens asked for. Every time is the median of `--repeats` calls after one warm-u
 shape, which also pays any compilation.
 
 - Modes: jax `jit` (generate as one jitted program, layers unrolled), jax `jit-scan` (the same with
-  `scan_layers=True`), torch `eager` and `compile` (torch.compile of the decode step), hf `generate`.
+  `scan_layers=True`), torch `eager`, `compile` (torch.compile of the decode step) and `cudagraphs`
+  (framework torch-cudagraphs: compile="reduce-overhead", the step as a CUDA graph; --device gpu only),
+  hf `generate`.
 - ttft_s: generate(..., 1 new token), i.e. prefill plus the first sampled token.
 - prefill_tok_s = batch * prompt_len / ttft_s.
 - decode_tok_s = batch * (new_tokens - 1) / (t(new_tokens) - t(1)): the difference of two medians
   removes prefill the same way for every framework (None if noise makes it <= 0).
-- compile_s (jit, jit-scan, compile): the warm-up call of new_tokens minus the median timed call: what
+- step_us = 1e6 * (t(new_tokens) - t(1)) / (new_tokens - 1): the wall time of one decode step, whatever
+  the batch (launch-bound at small batch on a GPU: what CUDA graphs cut).
+- compile_s (jit, jit-scan, compile, cudagraphs): the warm-up call of new_tokens minus the median timed call: what
   the first call of that shape paid to trace and compile (about 0 when an earlier cell compiled the
   same shapes). None for eager torch and HF.
 - peak_mem_mb: how much memory one more call of new_tokens needs beyond what is resident before it:
@@ -25,9 +29,11 @@ shape, which also pays any compilation.
   RSS (sampled every 2 ms) minus RSS before; glibc is told to return every block of 128 KiB or more to
   the system when freed (mallopt), so a block freed by an earlier call is allocated, and counted, anew.
   GPU: the allocator's peak (torch/HF), JAX's peak_bytes_in_use (an upper bound: it cannot be reset).
-- Roofline: every decode step reads all weights once, so (all-core read bandwidth) / weight_bytes is
-  the batch-1 decode ceiling; batch-1 rows report decode_tok_s as a fraction of it. Bandwidth is torch's
-  multi-threaded sum over 1 GiB, measured before and after the grid; the higher median is the ceiling.
+- Roofline: every decode step reads all weights once, so bandwidth / weight_bytes is the batch-1 decode
+  ceiling; batch-1 rows report decode_tok_s as a fraction of it. Bandwidth, measured before and after the
+  grid (the higher median is the ceiling): on the CPU the all-core read bandwidth, torch's multi-threaded
+  sum over 1 GiB; on a GPU (--device gpu) the HBM bandwidth of a device-to-device copy of 1 GiB
+  (`dst.copy_(src)`, 2 x 1 GiB moved per copy, timed with CUDA events).
 - Scaling: per-token decode time at context c with the KV cache and without it (use_cache=False, the
   whole padded context recomputed every step), as (t(prompt c-n, n new) - t(prompt c-n, 1 new)) / (n-1).
 - Compile: JAX generate traced and compiled ahead of time on abstract weights (no memory needed) at the
@@ -57,8 +63,12 @@ from gptmod.config import ModelConfig, list_presets, load_preset
 
 # --frameworks name -> (framework, mode) as written in rows
 FRAMEWORKS = {"jax": ("jax", "jit"), "jax-scan": ("jax", "jit-scan"), "torch-eager": ("torch", "eager"),
-              "torch-compile": ("torch", "compile"), "hf": ("hf", "generate")}  # fmt: skip
-COMPILED = ("jit", "jit-scan", "compile")
+              "torch-compile": ("torch", "compile"), "torch-cudagraphs": ("torch", "cudagraphs"),
+              "hf": ("hf", "generate")}  # fmt: skip
+# torch --frameworks name -> generate's `compile`
+TORCH_COMPILE = {"torch-eager": False, "torch-compile": "default", "torch-cudagraphs": "reduce-overhead"}
+GPU_ONLY = ("torch-cudagraphs",)  # CUDA graphs: never on the CPU
+COMPILED = ("jit", "jit-scan", "compile", "cudagraphs")
 SCALING = ("jax", "torch-eager", "torch-compile")  # HF has no no-cache path of ours to compare
 # Scaling calls generate 16 tokens: the per-token time is a difference of two calls that both prefill the
 # context, and at context 1024 prefill's run-to-run noise (tens of ms) swamps a difference of only 3 steps.
@@ -82,6 +92,7 @@ class Row:
     new_tokens: int
     prefill_tok_s: float
     decode_tok_s: float | None  # None when t(new_tokens) <= t(1): too noisy to say
+    step_us: float | None  # one decode step's wall time, µs (None as decode_tok_s)
     ttft_s: float
     compile_s: float | None
     peak_mem_mb: float | None
@@ -251,6 +262,50 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, device: str = "cpu", passes
     return x.nbytes / statistics.median(times[1:]) / 1e9
 
 
+def copy_gb_s(nbytes: int, copies: int, seconds: float) -> float:
+    """GB/s (1e9 bytes) of `copies` copies of `nbytes` in `seconds`: each reads and writes them, 2 x nbytes."""
+    return 2 * nbytes * copies / seconds / 1e9
+
+
+def measure_copy_bandwidth(nbytes: int = BANDWIDTH_BYTES, device: str = "gpu", passes: int = 5,
+                           copies: int = 10) -> float:  # fmt: skip
+    """GPU memory (HBM) bandwidth in GB/s from a device-to-device copy: each pass times `copies` of
+    `dst.copy_(src)` over `nbytes` (far past the L2 cache) between two CUDA events, after one warm-up pass;
+    the median of `passes` (`copy_gb_s`). device="cpu" runs the same copies timed by the host clock."""
+    import torch
+
+    dev = "cuda" if device == "gpu" else "cpu"
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)  # written, so every page is really resident
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(passes + 1):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(copies):
+                dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)  # ms -> s, device time between the events
+        else:
+            t0 = time.perf_counter()
+            for _ in range(copies):
+                dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    return copy_gb_s(src.nbytes, copies, statistics.median(times[1:]))
+
+
+def bandwidth(device: str, nbytes: int = BANDWIDTH_BYTES) -> float:
+    """The roofline's bandwidth in GB/s: the read bandwidth on the CPU, the HBM copy bandwidth on a GPU."""
+    return measure_copy_bandwidth(nbytes, device) if device == "gpu" else measure_bandwidth(nbytes, device)
+
+
+def roofline_tok_s(bandwidth_gb_s: float, wbytes: int) -> float:
+    """The batch-1 decode ceiling in tokens/s: every step reads all `wbytes` weight bytes once."""
+    return bandwidth_gb_s * 1e9 / wbytes
+
+
 def weight_bytes(model: Any) -> int:
     """Bytes of parameters one decode step reads: `parameters()` yields a tied embedding once."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -338,7 +393,7 @@ def build_models(cfg: ModelConfig, frameworks: Sequence[str], device: str = "cpu
     else:
         gptmod_torch.load_state(tm, state)
     models = Models(cfg, device, tm.to(device=tdev, dtype=tdtype))
-    if "torch-compile" in frameworks:
+    if "torch-compile" in frameworks or "torch-cudagraphs" in frameworks:
         # Each batch, cache length and step function is its own static-shape graph; dynamo's default limit
         # of 8 would quietly send the later cells back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -377,10 +432,10 @@ def runner(models: Models, name: str, prompts_BP: np.ndarray, use_cache: bool = 
         return run_jax
     import torch
 
-    if name in ("torch-eager", "torch-compile"):
+    if name in TORCH_COMPILE:
         from gptmod_torch.generate import generate as torch_generate
 
-        compile = name == "torch-compile"
+        compile = TORCH_COMPILE[name]
         return lambda n: torch_generate(models.torch_model, ids, n, compile=compile, **kw)
     ids_BP = torch.from_numpy(prompts_BP).to(next(models.hf.parameters()).device)
 
@@ -413,11 +468,12 @@ def measure_cell(run: Callable[[int], object], name: str, batch: int, prompt_len
     peak_mb = None if memory is None else peak_memory(lambda: run(new_tokens), memory)
     span = full.median_s - first.median_s
     decode = batch * (new_tokens - 1) / span if span > 0 else None
+    step_us = 1e6 * span / (new_tokens - 1) if span > 0 else None
     # Noise can make it a hair negative when nothing was left to compile.
     compile_s = max(0.0, full.warmup_s - full.median_s) if mode in COMPILED else None
     fraction = decode / roofline_tok_s if batch == 1 and decode is not None and roofline_tok_s else None
     return Row(framework, mode, batch, prompt_len, new_tokens, batch * prompt_len / first.median_s, decode,
-               first.median_s, compile_s, peak_mb, fraction)  # fmt: skip
+               step_us, first.median_s, compile_s, peak_mb, fraction)  # fmt: skip
 
 
 def run_grid(models: Models, frameworks: Sequence[str], batches: Sequence[int], prompt_lens: Sequence[int],
@@ -558,7 +614,8 @@ def format_report(result: dict, goals: Sequence[Target] = ()) -> str:
     """The header, the grid table, the targets (`goals`), the scaling table and the compile table."""
     r = result
     samples = "/".join(f"{b:.1f}" for b in r.get("bandwidth_samples_gb_s", [r["bandwidth_gb_s"]]))
-    out = [f"device {r['device']} | {r['preset']} | {r['dtype']} | bandwidth {samples} GB/s (start/end) | "
+    kind = "HBM copy bandwidth" if r.get("bandwidth_method") == "copy" else "bandwidth"
+    out = [f"device {r['device']} | {r['preset']} | {r['dtype']} | {kind} {samples} GB/s (start/end) | "
            f"weights {r['weight_bytes'] / 1e6:.1f} MB | batch-1 roofline {r['roofline_tok_s']:.1f} tok/s",
            ""]  # fmt: skip
     hf = {(x["batch"], x["prompt_len"]): x["decode_tok_s"] for x in r["rows"] if x["framework"] == "hf"}
@@ -568,11 +625,12 @@ def format_report(result: dict, goals: Sequence[Target] = ()) -> str:
         vs_hf = x["decode_tok_s"] / ref if x["decode_tok_s"] and ref else None
         frac = None if x["roofline_fraction"] is None else 100 * x["roofline_fraction"]
         body.append([x["framework"], x["mode"], str(x["batch"]), str(x["prompt_len"]), str(x["new_tokens"]),
-                     _fmt(x["prefill_tok_s"], ".0f"), _fmt(x["decode_tok_s"], ".1f"), _fmt(x["ttft_s"], ".3f"),
+                     _fmt(x["prefill_tok_s"], ".0f"), _fmt(x["decode_tok_s"], ".1f"), _fmt(x.get("step_us"), ".0f"),
+                     _fmt(x["ttft_s"], ".3f"),
                      _fmt(x["compile_s"], ".1f"), _fmt(x["peak_mem_mb"], ".0f"), _fmt(frac, ".1f"),
                      _fmt(vs_hf, ".2f")])  # fmt: skip
-    out.append(_table(["framework", "mode", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "TTFT s",
-                       "compile s", "peak MB", "% roofline", "x HF"], body))  # fmt: skip
+    out.append(_table(["framework", "mode", "batch", "prompt", "new", "prefill tok/s", "decode tok/s", "µs/step",
+                       "TTFT s", "compile s", "peak MB", "% roofline", "x HF"], body))  # fmt: skip
     if goals:
         shown = {"x": lambda v: f"{v:.2f}x", "%": lambda v: f"{100 * v:.1f}%", "s": lambda v: f"{v:.1f} s"}
         body = [[t.name, shown[t.unit](t.value), "met" if t.met else "MISSED"] for t in goals]
@@ -697,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptmod bench", description=__doc__.split("\n\n")[0].replace("\n", " "),
                                 epilog="Figures and their definitions: see `pydoc gptmod.bench`.")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on 2 CPU cores): batch 1 "
-                   "and 8, prompt 32, 32 new tokens, 1 repeat, every framework but jax-scan; scaling at contexts 64 "
+                   "and 8, prompt 32, 32 new tokens, 1 repeat, every framework but jax-scan (and torch-cudagraphs on "
+                   "the CPU); scaling at contexts 64 "
                    "and 256 for jax and torch-eager only (torch.compile would add ~10 s per shape); the compile "
                    "table at 1x and 4x the preset's depth. Flags given explicitly still win")  # fmt: skip
     src = p.add_mutually_exclusive_group()
@@ -712,12 +771,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, help="tokens generated per timed call (default 256)")
     p.add_argument("--repeats", type=int, help="timed calls per figure, after one warm-up (default 3)")
     p.add_argument("--frameworks", type=_frameworks, help=f"comma-separated subset of {','.join(FRAMEWORKS)} "
-                   "(default all)")  # fmt: skip
+                   f"(default all; {', '.join(GPU_ONLY)} with --device gpu only)")  # fmt: skip
     p.add_argument("--contexts", type=int, nargs="+", help="scaling contexts (default 64 256 1024)")
     p.add_argument("--scaling-new-tokens", type=int, help="tokens per scaling call (default 16, --quick 8)")
     p.add_argument("--no-scaling", action="store_true", help="skip the cache-vs-recompute scaling table")
     p.add_argument("--compile-depths", type=int, nargs="+", metavar="N_LAYER", help="depths of the JAX compile "
-                   "table, unrolled vs scanned layers (default: the preset's n_layer, 2x and 4x; --quick: 1x and 4x)")
+                   "table, unrolled vs scanned layers (default: the preset's n_layer, 2x and 4x; --quick: 1x and "
+                   "4x)")  # fmt: skip
     p.add_argument("--no-compile-table", action="store_true", help="skip the JAX compile-time table")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where all models run (default cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and compute dtype")
@@ -782,13 +842,27 @@ def _gpu_missing(frameworks: Sequence[str]) -> str | None:
     return None
 
 
+def select_frameworks(given: Sequence[str] | None, default: Sequence[str], device: str) -> list[str]:
+    """--frameworks as given (a GPU-only one on the CPU is a ValueError naming it), else the default list, less
+    the GPU-only frameworks on the CPU."""
+    if given is None:
+        return [n for n in default if device == "gpu" or n not in GPU_ONLY]
+    if device != "gpu" and (gpu_only := [n for n in given if n in GPU_ONLY]):
+        raise ValueError(f"--frameworks {','.join(gpu_only)}: CUDA graphs need --device gpu (the device is {device})")
+    return list(given)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
-    for key in ("batch", "prompt_len", "new_tokens", "repeats", "contexts", "scaling_new_tokens", "frameworks"):
+    for key in ("batch", "prompt_len", "new_tokens", "repeats", "contexts", "scaling_new_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
+    try:
+        args.frameworks = select_frameworks(args.frameworks, defaults["frameworks"], args.device)
+    except ValueError as e:
+        p.error(str(e))
     depths_given = args.compile_depths is not None
     args.compile_depths = args.compile_depths or []
     if args.config is not None and not args.config.is_file():
@@ -820,8 +894,9 @@ def main(argv: list[str] | None = None) -> int:
 
     scaling = [] if args.no_scaling else [n for n in args.frameworks if n in defaults["scaling"]]
     depths = [] if args.no_compile_table or args.device != "cpu" else args.compile_depths
-    print(f"measuring read bandwidth ({torch.get_num_threads()} torch threads)...", file=sys.stderr)
-    bandwidth = [measure_bandwidth(BANDWIDTH_BYTES, args.device)]
+    what = "HBM copy bandwidth" if args.device == "gpu" else f"read bandwidth ({torch.get_num_threads()} torch threads)"
+    print(f"measuring {what}...", file=sys.stderr)
+    samples = [bandwidth(args.device)]
     print(f"building {preset} ({', '.join(args.frameworks)}, {args.dtype}, {args.device})...", file=sys.stderr)
     models = build_models(cfg, args.frameworks, args.device, args.dtype, state)
     wbytes = weight_bytes(models.torch_model)
@@ -833,14 +908,15 @@ def main(argv: list[str] | None = None) -> int:
         scale = run_scaling(models, scaling, args.contexts, args.scaling_new_tokens, args.repeats, bar)
         compiled = run_compile(cfg, depths, args.new_tokens, args.dtype, models.jax_device, bar)
     # Measured again at the end: this machine's bandwidth drifts with its neighbours; the ceiling is the higher.
-    bandwidth.append(measure_bandwidth(BANDWIDTH_BYTES, args.device))
-    roofline = max(bandwidth) * 1e9 / wbytes
+    samples.append(bandwidth(args.device))
+    roofline = roofline_tok_s(max(samples), wbytes)
     rows = [replace(r, roofline_fraction=r.decode_tok_s / roofline) if r.batch == 1 and r.decode_tok_s else r
             for r in rows]  # fmt: skip
     goals = targets(rows) if args.dtype == "float32" else []  # the goals are set for fp32
     result = {
-        "device": _device_name(args.device), "preset": preset, "dtype": args.dtype, "bandwidth_gb_s": max(bandwidth),
-        "bandwidth_samples_gb_s": bandwidth, "weight_bytes": wbytes, "roofline_tok_s": roofline,
+        "device": _device_name(args.device), "preset": preset, "dtype": args.dtype, "bandwidth_gb_s": max(samples),
+        "bandwidth_samples_gb_s": samples, "bandwidth_method": "copy" if args.device == "gpu" else "sum",
+        "weight_bytes": wbytes, "roofline_tok_s": roofline,
         "versions": {k: importlib.metadata.version(k) for k in ("torch", "jax", "flax", "transformers")},
         "rows": [asdict(r) for r in rows], "scaling": [asdict(s) for s in scale],
         "compile": [asdict(c) for c in compiled], "targets": [t.to_json() for t in goals],

@@ -95,7 +95,7 @@ def jax_mesh(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> Any:
     mesh = sharding.make_mesh(args.mesh)
     table = sharding.rules(args.rules or args.default_rules, **overrides)
     sharding.check_divisible(cfg, mesh, table, batch=batch)
-    return sharding.use_mesh(mesh, table)
+    return sharding.use_mesh(mesh, table, cfg=cfg)  # cfg: KV heads fewer than `model` are replicated over it
 
 
 def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
@@ -436,10 +436,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def add_mesh_options(p: argparse.ArgumentParser, default_rules: str) -> None:
     p.add_argument("--mesh", metavar="data=N,model=M", help="jax: run on a device mesh (the sizes multiply to the "
                    "device count), parameters and KV cache sharded by the rules table")  # fmt: skip
-    p.add_argument("--rules", choices=("dp", "tp", "fsdp"), help=f"jax with --mesh: the rules table, logical axes "
-                   f"to mesh axes: data parallel, tensor parallel or fully sharded (default {default_rules})")
+    p.add_argument("--rules", choices=("dp", "tp", "fsdp"), help="jax with --mesh: the rules table, logical "
+                   "axes to mesh axes: data parallel, tensor parallel or fully sharded "
+                   f"(default {default_rules})")  # fmt: skip
     p.add_argument("--rule", action="append", default=[], metavar="AXIS=MESH_AXIS", help="jax with --mesh: "
-                   "override one entry of the rules table, e.g. vocab=model or embed=none (repeatable)")
+                   "override one entry of the rules table, e.g. vocab=model or embed=none (repeatable)")  # fmt: skip
     p.set_defaults(default_rules=default_rules)
 
 
@@ -502,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"), help="hf DIR (a new or empty "
                    "folder) or gguf FILE")  # fmt: skip
     e.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "q8_0"), default="float32",
-                   help="stored dtype: float32 (default), float16, bfloat16 (hf only), q8_0 (gguf only)")
+                   help="stored dtype: float32 (default), float16, bfloat16 (hf only), q8_0 (gguf only)")  # fmt: skip
     e.add_argument("--max-shard-mb", type=float, help="hf: split model.safetensors into shards of at most this size")
     e.set_defaults(func=cmd_export)
 
@@ -557,8 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "GPT-2 (gpt2 / an HF folder), transferred into the preset (uptraining)")  # fmt: skip
     tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
     tr.add_argument("--no-compile", action="store_true", help="torch: run eagerly instead of torch.compile")
-    tr.add_argument("--parallel", choices=("ddp", "fsdp"), help="torch under torchrun: DistributedDataParallel or "
-                    "FSDP2 (fully_shard per block); gloo on the CPU, nccl on GPUs; --batch-size is per process")
+    tr.add_argument("--parallel", choices=("ddp", "fsdp"), help="torch under torchrun: DistributedDataParallel "
+                    "or FSDP2 (fully_shard per block); gloo on the CPU, nccl on GPUs; "
+                    "--batch-size is per process")  # fmt: skip
     add_mesh_options(tr, "fsdp")
     for f in dataclasses.fields(TrainConfig):
         tr.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
@@ -581,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("parity", help="run the parity suite (same options as python -m parity)", add_help=False)
     sub.add_parser("bench", help="speed and scaling of both twins vs HF and the memory-bandwidth roofline "
                    "(same options as python -m gptmod.bench)", add_help=False)  # fmt: skip
+    sub.add_parser("gpu-check", help="parity and bench on one GPU in one command (see gptmod gpu-check --help)",
+                   add_help=False)  # fmt: skip
     return p
 
 
@@ -594,6 +598,10 @@ def main(argv: list[str] | None = None) -> int:
         from gptmod.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["gpu-check"]:
+        from gptmod.gpu_check import main as gpu_check_main
+
+        return gpu_check_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

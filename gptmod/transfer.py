@@ -74,7 +74,8 @@ def gpt2_shapes(src: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {f"{h}.ln_1.weight": (d,), f"{h}.ln_1.bias": (d,), f"{h}.attn.c_attn.weight": (d, 3 * d),
                    f"{h}.attn.c_attn.bias": (3 * d,), f"{h}.attn.c_proj.weight": (d, d), f"{h}.attn.c_proj.bias": (d,),
                    f"{h}.ln_2.weight": (d,), f"{h}.ln_2.bias": (d,), f"{h}.mlp.c_fc.weight": (d, f),
-                   f"{h}.mlp.c_fc.bias": (f,), f"{h}.mlp.c_proj.weight": (f, d), f"{h}.mlp.c_proj.bias": (d,)}
+                   f"{h}.mlp.c_fc.bias": (f,), f"{h}.mlp.c_proj.weight": (f, d),
+                   f"{h}.mlp.c_proj.bias": (d,)}  # fmt: skip
     shapes["ln_f.weight"] = shapes["ln_f.bias"] = (d,)
     return shapes
 

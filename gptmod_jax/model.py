@@ -202,26 +202,30 @@ class KVCache(nnx.Module):
         return self.v.shape[2]
 
     def update(self, pos_BT: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
-        rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
-        # Index arrays split by slices put their (B, T) axes first: the targets are (B, T, K, H), as given.
-        self.k[...] = self.k[...].at[rows_B1, :, :, pos_BT].set(k_BTKH)
-        self.v[...] = self.v[...].at[rows_B1, :, pos_BT].set(v_BTKH)
+        if sharding.mesh_active():  # each row written on the devices that hold it: see sharding.write_rows
+            self.k[...], self.v[...] = sharding.write_rows(self.k[...], self.v[...], pos_BT, k_BTKH, v_BTKH)
+        else:
+            rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
+            # Index arrays split by slices put their (B, T) axes first: the targets are (B, T, K, H), as given.
+            self.k[...] = self.k[...].at[rows_B1, :, :, pos_BT].set(k_BTKH)
+            self.v[...] = self.v[...].at[rows_B1, :, pos_BT].set(v_BTKH)
         return self.k[...], self.v[...]
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        sharding.check_heads(cfg)  # under a mesh: whole KV heads on every device, or a clear error
         self.kv_cache: KVCache | None = nnx.data(None)  # data, not static: setup_cache fills it in
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
         self.wq = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                         axes=("heads", "embed"))
+                         axes=("heads", "embed"))  # fmt: skip
         self.wk = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype,
-                         rngs=rngs, axes=("kv_heads", "embed"))
+                         rngs=rngs, axes=("kv_heads", "embed"))  # fmt: skip
         self.wv = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype,
-                         rngs=rngs, axes=("kv_heads", "embed"))
+                         rngs=rngs, axes=("kv_heads", "embed"))  # fmt: skip
         self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype,
-                         rngs=rngs, axes=("embed", "heads"))
+                         rngs=rngs, axes=("embed", "heads"))  # fmt: skip
 
     def __call__(
         self,
@@ -252,9 +256,9 @@ class GeluMLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
         self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                    axes=("mlp", "embed"))
+                           axes=("mlp", "embed"))  # fmt: skip
         self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs,
-                             axes=("embed", "mlp"))
+                             axes=("embed", "mlp"))  # fmt: skip
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # GPT-2's GELU is the tanh approximation (jax.nn.gelu's default; spelled out all the same).
@@ -265,11 +269,11 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
         self.w_gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                      axes=("mlp", "embed"))
+                             axes=("mlp", "embed"))  # fmt: skip
         self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                    axes=("mlp", "embed"))
+                           axes=("mlp", "embed"))  # fmt: skip
         self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs,
-                             axes=("embed", "mlp"))
+                             axes=("embed", "mlp"))  # fmt: skip
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
@@ -314,7 +318,7 @@ class GPT(nnx.Module):
                       param_dtype=dtype, rngs=rngs)
             if cfg.pos == "learned"
             else None
-        )
+        )  # fmt: skip
         self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layer)])
         self.norm = make_norm(cfg, dtype)
         self.lm_head = (
@@ -322,7 +326,7 @@ class GPT(nnx.Module):
             if cfg.tie_embeddings
             else Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs,
                         axes=("vocab", "embed"))
-        )
+        )  # fmt: skip
 
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
         """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""

@@ -25,6 +25,10 @@ Mesh axes: `data` and `model`. A rules table maps every logical axis to a mesh a
 The vocabulary stays replicated in every preset: GPT-2's 50257 rows divide by no mesh size, and JAX
 refuses uneven shards. With a padded vocabulary, map it yourself (`rules(..., vocab="model")`).
 
+More devices on `model` than KV heads (tiny: 2 KV heads on model=4): `use_mesh(mesh, rules, cfg=cfg)`
+replicates each KV head over model/n_kv_head devices, as vLLM (`num_kv_head_replicas`) and MaxText
+(heads over ("tensor", "autoregressive"), kv_heads over "tensor" only) do; see `replicate_kv_heads`.
+
 A model built with no mesh active is placed as usual on one device (its variables carry the names
 but are not sharded), so nothing changes for single-device use.
 """
@@ -43,7 +47,10 @@ from gptmod.config import ModelConfig
 
 MESH_AXES = ("data", "model")
 LOGICAL_AXES = ("batch", "embed", "heads", "kv_heads", "mlp", "vocab")
-Rules = tuple[tuple[str, str | None], ...]
+Target = str | tuple[str, ...] | None  # a mesh axis, several (major to minor), or None: replicated
+Rules = tuple[tuple[str, Target], ...]
+# `replicate_kv_heads` factors a mesh axis A into these two (A's devices, major to minor).
+KV_SUFFIX, REPLICA_SUFFIX = "_kv", "_rep"
 
 _PRESETS: dict[str, dict[str, str | None]] = {
     "dp": {"batch": "data", "embed": None, "heads": None, "kv_heads": None, "mlp": None, "vocab": None},
@@ -53,10 +60,11 @@ _PRESETS: dict[str, dict[str, str | None]] = {
 PRESETS = tuple(_PRESETS)
 
 
-def rules(preset: str | Mapping[str, str | None] = "dp", **overrides: str | None) -> Rules:
+def rules(preset: str | Mapping[str, Target] = "dp", **overrides: Target) -> Rules:
     """A complete rules table: a preset's (or a mapping's) entries, then `overrides` (axis=mesh axis or None).
 
-    Every logical axis must be mapped (to a mesh axis or None), every name must be known."""
+    Every logical axis must be mapped (to a mesh axis, a tuple of them major to minor, or None), every
+    name must be known."""
     if isinstance(preset, str):
         if preset not in _PRESETS:
             raise ValueError(f"rules: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -71,9 +79,28 @@ def rules(preset: str | Mapping[str, str | None] = "dp", **overrides: str | None
     if missing:
         raise ValueError(f"rules: logical axis {missing[0]!r} is not mapped (give a mesh axis or None)")
     for axis, target in table.items():
-        if target is not None and target not in MESH_AXES:
+        if not all(_known_axis(name) for name in _names(target)):
             raise ValueError(f"rules: {axis}={target!r}: the mesh axes are {', '.join(MESH_AXES)} (or None)")
     return tuple((a, table[a]) for a in LOGICAL_AXES)
+
+
+def _names(target: Target) -> tuple[str, ...]:
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def _known_axis(name: object) -> bool:
+    """A mesh axis, or one of the two that `replicate_kv_heads` factors a mesh axis into."""
+    return name in MESH_AXES or any(name == a + s for a in MESH_AXES for s in (KV_SUFFIX, REPLICA_SUFFIX))
+
+
+def _axis_size(mesh: Mesh, target: Target) -> int:
+    return math.prod(mesh.shape[name] for name in _names(target))
+
+
+def _axis_label(mesh: Mesh, target: Target) -> str:
+    """How an error names a target: `model=4`, or `model_kv*model_rep=2*2` for a factored one."""
+    names = _names(target)
+    return f"{'*'.join(names)}={'*'.join(str(mesh.shape[n]) for n in names)}"
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -116,7 +143,10 @@ def make_mesh(shape: str | Mapping[str, int], devices: list | None = None) -> Me
 
 
 def check_divisible(cfg: ModelConfig, mesh: Mesh, table: Rules, batch: int | None = None) -> None:
-    """Every sharded dimension must split evenly (JAX refuses uneven shards): raise naming the field."""
+    """Every sharded dimension must split evenly (JAX refuses uneven shards): raise naming the field.
+
+    The KV heads may instead be fewer than the devices of their axis if they divide it: `use_mesh(...,
+    cfg=cfg)` then replicates each over the surplus (`replicate_kv_heads`)."""
     dims = {"embed": ("d_model", cfg.d_model), "heads": ("n_head", cfg.n_head),
             "kv_heads": ("n_kv_head", cfg.n_kv_head), "mlp": ("d_ff", cfg.d_ff),
             "vocab": ("vocab_size", cfg.vocab_size)}  # fmt: skip
@@ -126,10 +156,66 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, table: Rules, batch: int | Non
         if target is None or axis not in dims:
             continue
         field, size = dims[axis]
-        parts = mesh.shape[target]
-        if size % parts:
-            raise ValueError(f"{field}={size} is not divisible by mesh axis {target}={parts} (the rules shard "
-                             f"{axis!r} over {target!r}); change the mesh or map {axis!r} to None")  # fmt: skip
+        parts = _axis_size(mesh, target)
+        if size % parts == 0 or (axis == "kv_heads" and parts % size == 0):
+            continue
+        where = f"mesh axis {_axis_label(mesh, target)} (the rules shard {axis!r} over {target!r})"
+        if axis == "kv_heads":  # neither split evenly nor replicated evenly
+            raise ValueError(f"{field}={size} neither divides nor is divisible by {where}: each device needs "
+                             f"whole KV heads, and the same number of copies of each; change the mesh or map "
+                             f"{axis!r} to None")  # fmt: skip
+        raise ValueError(f"{field}={size} is not divisible by {where}; change the mesh or map {axis!r} to None")
+
+
+def replicate_kv_heads(cfg: ModelConfig, mesh: Mesh, table: Rules) -> tuple[Mesh, Rules]:
+    """The mesh and rules that serve more devices on the KV heads' axis than there are KV heads.
+
+    Say `kv_heads` maps to `model`, of size M = K * R with K = n_kv_head. `model` is factored into two
+    axes over the same devices, `model_kv` (size K, major) and `model_rep` (R, minor): device m of `model`
+    is (m // R, m % R). Every entry that named `model` names both, major to minor, so each query-head and
+    MLP shard stays on the device it had; `kv_heads` names `model_kv` alone, so KV head k (its wk/wv rows
+    and its slice of the KV cache) sits on devices k*R .. k*R + R-1, replicated over `model_rep`. Those
+    hold exactly its query heads: with n_head = N divisible by M, device m holds query heads
+    m*N/M .. (m+1)*N/M - 1, which all read KV head h // (N/K) = m // R (the GQA map of
+    `reference_attention`). So attention stays on the device, and each device keeps one KV head's
+    weights and cache, as each rank does in vLLM (`num_kv_head_replicas` = R) and as MaxText's rules say
+    (heads over ("tensor", "autoregressive"), kv_heads over "tensor" only).
+
+    Not chosen: `kv_heads` to None is as correct but keeps all K heads' wk/wv and cache on every device
+    (K times the cache); `kv_heads` left on `model` cuts each head's rows into R pieces and attention
+    then has to gather them (`check_heads` refuses it). In training, each copy of wk/wv gets the gradient
+    of its own query heads only, so XLA sums them over `model_rep` (an all-reduce the backward needs).
+
+    The user's mesh stays `data=N,model=M`: only the Mesh set inside `use_mesh` is factored. `mesh` and
+    `table` come back unchanged when the KV heads split evenly or are not sharded; cases neither
+    splitting nor replication serves raise (`check_divisible`)."""
+    check_divisible(cfg, mesh, table)
+    target = dict(table)["kv_heads"]
+    if not isinstance(target, str) or mesh.shape[target] <= cfg.n_kv_head:
+        return mesh, table
+    kv, rep = target + KV_SUFFIX, target + REPLICA_SUFFIX
+    at = mesh.axis_names.index(target)
+    names = (*mesh.axis_names[:at], kv, rep, *mesh.axis_names[at + 1 :])
+    shape = (*mesh.devices.shape[:at], cfg.n_kv_head, mesh.shape[target] // cfg.n_kv_head,
+             *mesh.devices.shape[at + 1 :])  # fmt: skip
+    types = (*mesh.axis_types[:at], mesh.axis_types[at], mesh.axis_types[at], *mesh.axis_types[at + 1 :])
+    factored = Mesh(mesh.devices.reshape(shape), names, axis_types=types)
+    table = tuple((a, kv if a == "kv_heads" else (kv, rep) if t == target else t) for a, t in table)
+    return factored, table
+
+
+def write_rows(
+    k_BKHS: jax.Array, v_BKSH: jax.Array, pos_BT: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """KVCache.update's scatter under a mesh, one row at a time (vmap): the batch is then a batching axis of the
+    scatter and GSPMD writes each row on the devices that hold it, where a scatter indexed by row numbers
+    gathers every row's update onto every device (8 all-gathers per decode step on tiny; tests/sharded_worker.py
+    counts them). The same values as the indexed write, bit for bit."""
+
+    def write_row(k_KHS, v_KSH, pos_T, k_TKH, v_TKH):
+        return k_KHS.at[:, :, pos_T].set(k_TKH.transpose(1, 2, 0)), v_KSH.at[:, pos_T].set(v_TKH.transpose(1, 0, 2))
+
+    return jax.vmap(write_row)(k_BKHS, v_BKSH, pos_BT, k_BTKH, v_BTKH)
 
 
 def mesh_active() -> bool:
@@ -167,12 +253,37 @@ def current() -> tuple[Mesh, Rules] | None:
 
 
 @contextmanager
-def use_mesh(mesh: Mesh, table: str | Rules = "dp") -> Iterator[Mesh]:
+def use_mesh(mesh: Mesh, table: str | Rules = "dp", cfg: ModelConfig | None = None) -> Iterator[Mesh]:
     """Set `mesh` and a rules table (a preset name or `rules(...)`) for building, loading, generating and
-    training inside the block."""
+    training inside the block; yields the mesh set.
+
+    With `cfg`, the dimensions are checked (`check_divisible`) and a KV-head axis larger than n_kv_head
+    is served by `replicate_kv_heads` (the mesh yielded is then its factored one). Without it a model
+    whose KV heads the mesh would split refuses to build (see `check_heads`)."""
     table = rules(table) if isinstance(table, str) else rules(dict(table))
+    if cfg is not None:
+        mesh, table = replicate_kv_heads(cfg, mesh, table)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(table):
         yield mesh
+
+
+def check_heads(cfg: ModelConfig) -> None:
+    """Under an active mesh, refuse KV heads that the rules would cut into pieces: Flax would shard wk/wv's
+    rows (n_kv_head * head_dim) regardless, part of a head per device, and attention would gather them."""
+    placement = current()
+    if placement is None:
+        return
+    mesh, table = placement
+    target = dict(table).get("kv_heads")
+    parts = _axis_size(mesh, target)
+    if target is not None and cfg.n_kv_head % parts:
+        hint = (
+            "use_mesh(mesh, rules, cfg=cfg) to replicate them"
+            if parts % cfg.n_kv_head == 0
+            else "change the mesh or map 'kv_heads' to None"
+        )
+        raise ValueError(f"n_kv_head={cfg.n_kv_head} KV heads cannot be split over mesh axis "
+                         f"{_axis_label(mesh, target)}; {hint}")  # fmt: skip
 
 
 def spec(axes: tuple[str | None, ...]) -> PartitionSpec:

@@ -1,11 +1,13 @@
 """Generation in PyTorch: the twin of gptmod_jax/generate.py.
 
 The same static KV cache (preallocated per layer, written in place), one prefill pass over the
-right-padded prompts, then one `decode_one_token` per step. `compile=True` runs that step through
-`torch.compile` (the static cache keeps its shapes fixed, so it compiles once per batch and cache
-size); without it, generation runs eagerly. `use_cache=False` is the classic path without a cache,
-`recompute_logits` over the whole context every step, kept for measuring what the cache saves.
-`generate_stream` yields token by token; `generate` collects it.
+right-padded prompts, then one `decode_one_token` per step. `compile=True` (or "default") runs that step
+through `torch.compile` (the static cache keeps its shapes fixed, so it compiles once per batch and cache
+size); `compile="reduce-overhead"` also captures it as a CUDA graph (CUDA only), so a batch-1 step costs
+one graph launch instead of hundreds of kernel launches; without it, generation runs eagerly.
+`use_cache=False` is the classic path without a cache, `recompute_logits` over the whole context every
+step, kept for measuring what the cache saves. `generate_stream` yields token by token; `generate`
+collects it.
 `eos_id` may be several stop ids (Llama 3 has three). `Session` keeps one conversation's KV cache across
 calls (chat): each call prefills only what the cache does not already hold.
 """
@@ -13,6 +15,7 @@ calls (chat): each call prefills only what the cache does not already hold.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -112,16 +115,83 @@ def recompute_logits(model: GPT, tokens_BL: torch.Tensor, last_B: torch.Tensor) 
     return model.head(x_BLD[torch.arange(tokens_BL.shape[0], device=tokens_BL.device), last_B])
 
 
-_compiled: dict[Callable, Callable] = {}
+COMPILE_MODES = ("default", "reduce-overhead")
+Compile = bool | str  # False (eager), True (= "default") or one of COMPILE_MODES
 
 
-def _step_fn(step: Callable, compile: bool) -> Callable:
-    if not compile:
+def compile_mode(compile: Compile) -> str | None:
+    """The torch.compile mode that `compile` asks for (None: eager); anything else is a ValueError."""
+    if isinstance(compile, bool):
+        return "default" if compile else None
+    if isinstance(compile, str) and compile in COMPILE_MODES:
+        return compile
+    raise ValueError(f"compile={compile!r}: choose False (eager), True (= 'default') or one of "
+                     f"{', '.join(repr(m) for m in COMPILE_MODES)}")  # fmt: skip
+
+
+def _device_type(model: GPT) -> str:
+    return model.tok_emb.weight.device.type
+
+
+def _check_mode(model: GPT, mode: str | None) -> None:
+    """CUDA graphs need CUDA: "reduce-overhead" elsewhere is refused, never quietly run as plain compile."""
+    if mode == "reduce-overhead" and _device_type(model) != "cuda":
+        raise ValueError(f"compile='reduce-overhead' captures CUDA graphs and needs the model on a CUDA device, but "
+                         f"it is on {model.tok_emb.weight.device}; use compile=True there")  # fmt: skip
+
+
+# (step, mode) -> the compiled step; parity.mutations clears it, so a patched function is traced anew.
+_compiled: dict[tuple[Callable, str], Callable] = {}
+
+
+def _step_fn(step: Callable, mode: str | None) -> Callable:
+    if mode is None:
         return step
-    if step not in _compiled:
-        # fullgraph: a graph break inside the step would quietly cost the speed compile is for.
-        _compiled[step] = torch.compile(step, fullgraph=True, dynamic=False)
-    return _compiled[step]
+    if (step, mode) not in _compiled:
+        # fullgraph: a graph break inside the step would quietly cost the speed compile is for. dynamic=False:
+        # every input is a tensor of fixed shape and dtype (no Python int changes per step), so each batch and
+        # cache size is one graph, compiled (and under "reduce-overhead" captured) once.
+        compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+        _compiled[step, mode] = _graph_step(compiled) if mode == "reduce-overhead" else compiled
+    return _compiled[step, mode]
+
+
+def _graph_step(compiled: Callable) -> Callable:
+    """A CUDA-graph step, called once per decode step. cudagraph trees copy the inputs that are not parameters
+    or buffers (tokens, positions) into the graph's static placeholders, and the next replay overwrites the
+    outputs in place, so each call marks a new iteration and hands back a clone of its logits (B, V), which
+    stays valid whatever runs next."""
+
+    def step(*args: object) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args).clone()
+
+    return step
+
+
+# CUDA graphs read the KV cache at the addresses they were captured with (module buffers are static
+# inputs, mutated in place), and a new address re-records the graph. So under "reduce-overhead" each model
+# keeps one cache per (batch, capacity, dtype, device), allocated on first use and zeroed and reinstalled by
+# every later call, as gpt-fast keeps its caches; it is freed with the model.
+_graph_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
+
+
+def _setup_cache(model: GPT, batch: int, cache_len: int, mode: str | None) -> None:
+    """`model.setup_cache`, except under "reduce-overhead": the same buffers as the last call of this shape."""
+    if mode != "reduce-overhead":
+        model.setup_cache(batch, cache_len)
+        return
+    w = model.tok_emb.weight
+    pool = _graph_caches.setdefault(model, {})
+    key = (batch, cache_len, w.dtype, w.device)
+    if key not in pool:
+        model.setup_cache(batch, cache_len)
+        pool[key] = [block.attn.kv_cache for block in model.blocks]
+        return
+    for block, cache in zip(model.blocks, pool[key], strict=True):
+        cache.k.zero_()  # in place: the address the graph was captured with stays valid
+        cache.v.zero_()
+        block.attn.kv_cache = cache
 
 
 @torch.no_grad()
@@ -135,17 +205,20 @@ def generate_stream(
     min_p: float | None = None,
     eos_id: StopIds = None,
     seed: int = 0,
-    compile: bool = False,
+    compile: Compile = False,
     use_cache: bool = True,
 ) -> Iterator[list[int | None]]:
     """Step-wise `generate`: yields one token per row per step (None for rows that have finished).
 
-    `compile=True` compiles the step with torch.compile (first call pays the compile). `use_cache=False`
-    recomputes the whole (padded) context every step instead of reading the KV cache."""
+    `compile=True` (or "default") compiles the step with torch.compile (first call pays the compile);
+    "reduce-overhead" also captures it as a CUDA graph (a CUDA model only). `use_cache=False` recomputes the
+    whole (padded) context every step instead of reading the KV cache."""
+    mode = compile_mode(compile)
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     if model.blocks[0].attn.kv_cache is not None:
         raise ValueError("generate: the model already holds a KV cache; call model.clear_cache() first")
     prompts = check_request(prompts, model.cfg, max_new_tokens, params)
+    _check_mode(model, mode)
     p = plan(prompts, max_new_tokens, model.cfg)
     device = model.tok_emb.weight.device
     tokens_BP = torch.zeros((p.batch, p.prompt_len), dtype=torch.long, device=device)
@@ -155,10 +228,10 @@ def generate_stream(
     knobs, flags = _split_params(params)
     generator = torch.Generator(device=device).manual_seed(seed)
     if use_cache:
-        decode = _step_fn(decode_one_token, compile)
-        model.setup_cache(p.batch, p.cache_len)
+        decode = _step_fn(decode_one_token, mode)
+        _setup_cache(model, p.batch, p.cache_len, mode)
     else:
-        recompute = _step_fn(recompute_logits, compile)
+        recompute = _step_fn(recompute_logits, mode)
         tokens_BL = torch.zeros((p.batch, p.cache_len), dtype=torch.long, device=device)
         tokens_BL[:, : p.prompt_len] = tokens_BP
         rows_B = torch.arange(p.batch, device=device)
@@ -194,13 +267,14 @@ def generate(
     min_p: float | None = None,
     eos_id: StopIds = None,
     seed: int = 0,
-    compile: bool = False,
+    compile: Compile = False,
     use_cache: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
     Returns one list per prompt, ending at its first stop id inclusive when one is emitted (`eos_id`: an int,
-    a sequence of ints such as Llama 3's three, or None).
+    a sequence of ints such as Llama 3's three, or None). `compile`: False (eager), True or "default"
+    (torch.compile of the decode step), "reduce-overhead" (that step as a CUDA graph; a CUDA model only).
     `use_cache=False` recomputes the whole (padded) context every step instead of reading the KV
     cache: the same tokens, at O(T^2) cost, for measuring what the cache saves."""
     steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, eos_id, seed,
@@ -225,11 +299,15 @@ class Session:
     A turn that would not fit raises ContextFullError: nothing is truncated.
 
     The cache is the session's, installed on the model only while a step runs, so `generate` can use the
-    model between turns. `compile=True` runs the decode step through torch.compile (one compile per size)."""
+    model between turns. `compile=True` (or "default") runs the decode step through torch.compile (one
+    compile per size); "reduce-overhead" captures it as a CUDA graph (a CUDA model only): the session's cache
+    keeps its addresses until it grows, and each growth captures the next size once."""
 
-    def __init__(self, model: GPT, max_len: int | None = None, *, compile: bool = False):
+    def __init__(self, model: GPT, max_len: int | None = None, *, compile: Compile = False):
         self.model = model
         self.max_len = check_session_len(max_len, model.cfg)
+        self._mode = compile_mode(compile)
+        _check_mode(model, self._mode)
         self.compile = compile
         self.tokens: list[int] = []
         self.last_prefill = 0
@@ -277,7 +355,7 @@ class Session:
         knobs, flags = _split_params(params)
         device = self.model.tok_emb.weight.device
         generator = torch.Generator(device=device).manual_seed(params.seed)
-        decode = _step_fn(decode_one_token, self.compile)
+        decode = _step_fn(decode_one_token, self._mode)
         _, tok_1 = self._extend(ids, max_new_tokens, knobs, flags, generator)
         stops, tok = set(params.eos_ids), int(tok_1[0])
         for i in range(max_new_tokens):

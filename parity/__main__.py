@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import time
@@ -13,7 +14,7 @@ from gptmod.config import ModelConfig, list_presets, load_preset
 from gptmod.weights import atomic_write_text
 from parity import generation, selftest
 from parity.runner import CHECKS, Options, format_markdown, format_table, run_suite, summary, write_json
-from parity.suite import versions
+from parity.suite import TF32_LABEL, Row, tf32_budget, versions
 
 DEFAULT_PRESETS = ("tiny", "gpt2", "modern-gpt2")
 QUICK_PATHS = ("torch-eager", "torch-stream", "jax-jit", "jax-stream")
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: torch on CUDA (all SDPA backends), JAX on its GPU (cuDNN attention), "
                    "float16 added")  # fmt: skip
+    p.add_argument("--tf32", action="store_true",
+                   help="with --device gpu: fp32 matmuls on TF32 tensor cores in both twins (JAX's default on Ampere "
+                   "and Hopper, not torch's), fp32 rows judged on fp16's budget (TF32 keeps 10 mantissa bits) and "
+                   f"labelled {TF32_LABEL!r}; --dtype defaults to float32 alone")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny and reduced-depth presets (2 layers), 64 tokens, "
                    "16 greedy and 32 divergence steps, a 50-step training curve, 3 of the 5 sampling settings over 4 "
                    "steps, and generate paths without torch.compile and scan_layers (each costs minutes on a CPU "
@@ -122,8 +127,20 @@ def _runs(args) -> tuple[list[tuple[str, ModelConfig, dict | None]], tuple[int, 
     return out, text, f"{p.report.summary()}; tokens: {tokens}"
 
 
+def label_tf32(rows: list[Row]) -> list[Row]:
+    """The fp32 rows of a --tf32 run, relabelled so that no report reads them as IEEE fp32."""
+    return [dataclasses.replace(r, dtype=TF32_LABEL) if r.dtype == "float32" else r for r in rows]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tf32 and args.device != "gpu":
+        print("parity: error: --tf32 is a GPU matmul mode (TF32 tensor cores, Ampere and later): add --device gpu",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.tf32 and args.trace:
+        print("parity: error: --tf32 with --trace: the per-op trace has fp32's budgets only", file=sys.stderr)
+        return 2
     if selftest.wants_self_test(args):
         return selftest.run_cli(args)
     import jax
@@ -132,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     from gptmod.hf import HubUnavailableError
     from gptmod.weights import canonical_shapes
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32
-    torch.backends.cudnn.allow_tf32 = False
-    jax.config.update("jax_default_matmul_precision", "highest")
     if args.device == "gpu" and (not torch.cuda.is_available() or jax.default_backend() != "gpu"):
         print(f"parity: error: --device gpu needs CUDA in torch (available: {torch.cuda.is_available()}) and JAX on "
               f"a GPU (JAX backend: {jax.default_backend()}; install jax[cuda12])", file=sys.stderr)  # fmt: skip
         return 2
+    # fp32 must mean fp32, unless --tf32 asks for TF32 in both twins ("tensorfloat32": JAX's name for it).
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "highest")
     for flag in ("seq_len", "batch", "greedy_steps", "divergence_steps"):
         if getattr(args, flag) < 1:
             print(f"parity: error: --{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1", file=sys.stderr)
@@ -164,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gpu = args.device == "gpu"
     opts = Options(
-        dtypes=tuple(args.dtype or (("float32", "bfloat16", "float16") if gpu else ("float32", "bfloat16"))),
+        dtypes=tuple(args.dtype or (("float32",) if args.tf32 else ("float32", "bfloat16", "float16") if gpu
+                                    else ("float32", "bfloat16"))),
         device="cuda" if gpu else "cpu", weights=args.weights, seq_len=64 if args.quick else args.seq_len,
         batch=args.batch, seed=args.seed, greedy_steps=16 if args.quick else args.greedy_steps,
         divergence_steps=32 if args.quick and args.divergence_steps == 256 else args.divergence_steps,
@@ -178,15 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.trace:
         return _trace_main(args, runs, opts, what)
-    rows = run_suite(runs, opts, progress=sys.stderr.isatty())
+    with tf32_budget(args.tf32):
+        rows = run_suite(runs, opts, progress=sys.stderr.isatty())
+    if args.tf32:
+        rows = label_tf32(rows)
     ok, counts = summary(rows)
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    header = {"device": device, "versions": versions(), "passed": ok, "weights": args.weights, "judged": what}
+    header = {"device": device, "versions": versions(), "passed": ok, "weights": args.weights, "judged": what,
+              "fp32_matmul": "tf32" if args.tf32 else "ieee"}  # fmt: skip
     print(f"weights: {what}")
     for name, cfg, state in runs:
         print(f"{name}: {describe(cfg)}" + ("" if state is None else " (the given weights)"))
     print(format_table(rows))
-    print(f"\n{counts} in {time.perf_counter() - start:.0f} s on {device} (weights: {args.weights})")
+    mode = "; fp32 matmuls on TF32, judged on fp16's budget" if args.tf32 else ""
+    print(f"\n{counts} in {time.perf_counter() - start:.0f} s on {device} (weights: {args.weights}{mode})")
     if args.json:
         write_json(args.json, rows, header)
     if args.markdown:

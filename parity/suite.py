@@ -14,6 +14,7 @@ inequality.) Row.ratio is the worst of |Δ|/budget, e_torch/e_max and e_jax/e_ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import platform
@@ -29,6 +30,20 @@ K = 2.0  # |Δ| <= K * max(e) is implied by the triangle inequality at K = 2: ne
 ABS_FLOOR = {"float32": 1e-6, "bfloat16": 1e-3, "float16": 1e-4}
 REL = {"float32": 2e-5, "bfloat16": 5e-2, "float16": 1e-2}
 TOP_K = 5
+TF32_LABEL = "float32 (tf32)"  # the dtype column of fp32 rows run with TF32 matmuls (`--tf32`)
+
+
+@contextlib.contextmanager
+def tf32_budget(on: bool = True) -> Iterator[None]:
+    """Judge fp32 rows as TF32 matmuls while inside: TF32 keeps fp16's 10 mantissa bits, so fp16's REL and
+    ABS_FLOOR. Swaps the float32 entries in place (every check reads these dicts at call time) and restores them."""
+    saved = REL["float32"], ABS_FLOOR["float32"]
+    if on:
+        REL["float32"], ABS_FLOOR["float32"] = REL["float16"], ABS_FLOOR["float16"]
+    try:
+        yield
+    finally:
+        REL["float32"], ABS_FLOOR["float32"] = saved
 
 
 @dataclass

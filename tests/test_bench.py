@@ -4,6 +4,7 @@ and real PNGs, and bad arguments fail with one line naming the flag."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -17,10 +18,10 @@ from gptmod.config import load_preset
 
 TINY_OK = ["--preset", "tiny", "--new-tokens", "8", "--prompt-len", "16", "--contexts", "64"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TOP_KEYS = {"device", "preset", "dtype", "bandwidth_gb_s", "bandwidth_samples_gb_s", "weight_bytes", "roofline_tok_s",
-            "versions", "rows", "scaling", "compile", "targets"}  # fmt: skip
-ROW_KEYS = {"framework", "mode", "batch", "prompt_len", "new_tokens", "prefill_tok_s", "decode_tok_s", "ttft_s",
-            "compile_s", "peak_mem_mb", "roofline_fraction"}  # fmt: skip
+TOP_KEYS = {"device", "preset", "dtype", "bandwidth_gb_s", "bandwidth_samples_gb_s", "bandwidth_method", "weight_bytes",
+            "roofline_tok_s", "versions", "rows", "scaling", "compile", "targets"}  # fmt: skip
+ROW_KEYS = {"framework", "mode", "batch", "prompt_len", "new_tokens", "prefill_tok_s", "decode_tok_s", "step_us",
+            "ttft_s", "compile_s", "peak_mem_mb", "roofline_fraction"}  # fmt: skip
 
 
 def fake_generate(base_s: float, per_token_s: float, first_call_extra_s: float = 0.0):
@@ -42,6 +43,8 @@ def test_measure_cell_follows_the_definitions():
     assert row.ttft_s == pytest.approx(0.03, rel=0.15)
     assert row.prefill_tok_s == pytest.approx(4 * 10 / row.ttft_s)
     assert row.decode_tok_s == pytest.approx(4 * 7 / 0.07, rel=0.15)  # batch * (n - 1) / (t(n) - t(1))
+    assert row.step_us == pytest.approx(1e4, rel=0.15)  # (t(n) - t(1)) / (n - 1): 10 ms, whatever the batch
+    assert row.step_us == pytest.approx(1e6 * row.batch / row.decode_tok_s)
     assert row.compile_s == pytest.approx(0.25, abs=0.03)  # the warm-up's extra cost
     assert row.roofline_fraction is None  # batch 4: the roofline is a batch-1 ceiling
 
@@ -84,7 +87,7 @@ def test_bandwidth_and_weight_bytes():
 
 
 def _row(framework: str, mode: str, batch: int, decode: float, *, prompt_len: int = 32, fraction=None, compile_s=None):
-    return bench.Row(framework, mode, batch, prompt_len, 64, 1.0, decode, 1.0, compile_s, 0.0, fraction)
+    return bench.Row(framework, mode, batch, prompt_len, 64, 1.0, decode, None, 1.0, compile_s, 0.0, fraction)
 
 
 def test_targets_judge_hand_made_rows():
@@ -129,6 +132,7 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     assert r["weight_bytes"] == 4 * cfg.num_params()
     assert r["roofline_tok_s"] == pytest.approx(r["bandwidth_gb_s"] * 1e9 / r["weight_bytes"])
     assert len(r["bandwidth_samples_gb_s"]) == 2 and r["bandwidth_gb_s"] == max(r["bandwidth_samples_gb_s"])
+    assert r["bandwidth_method"] == "sum"  # the CPU's read bandwidth (a GPU run: "copy")
     assert [(c["n_layer"], c["scan_layers"]) for c in r["compile"]] == [(1, False), (1, True), (2, False), (2, True)]
     assert all(c["trace_s"] > 0 and c["compile_s"] > 0 for c in r["compile"])
 
@@ -139,6 +143,7 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
         for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
             assert math.isfinite(x[key]) and x[key] > 0, (key, x)
         assert x["prefill_tok_s"] == pytest.approx(x["batch"] * x["prompt_len"] / x["ttft_s"])
+        assert x["step_us"] == pytest.approx(1e6 * x["batch"] / x["decode_tok_s"])
         assert x["peak_mem_mb"] >= 0
         assert (x["compile_s"] is None) == (x["mode"] not in ("jit", "jit-scan", "compile"))
         if x["batch"] == 1:
@@ -159,7 +164,7 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     assert {p.name for p in plots.iterdir()} == expected
     assert all((plots / name).read_bytes()[:8] == PNG_MAGIC for name in expected)
     text = capsys.readouterr().out
-    assert "decode tok/s" in text and "% roofline" in text and "met" in text.lower()
+    assert "decode tok/s" in text and "µs/step" in text and "% roofline" in text and "met" in text.lower()
 
 
 def test_torch_compile_cell_reports_its_compile_time():
@@ -194,6 +199,68 @@ def test_bad_arguments_exit_2_naming_the_flag(args, needle, capsys):
         bench.main([*base, *args])
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_copy_bandwidth_and_the_roofline_arithmetic(monkeypatch):
+    assert bench.copy_gb_s(10**9, 3, 2.0) == 3.0  # 3 copies read and write 1 GB each: 6 GB in 2 s
+    assert bench.roofline_tok_s(4000.0, 2 * 10**9) == 2000.0  # 4 TB/s over 2 GB of weights per step
+    bw = bench.measure_copy_bandwidth(16 << 20, "cpu", passes=2, copies=2)  # the same copies, host-timed
+    assert math.isfinite(bw) and bw > 0.1
+    seen = []
+    monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda n, d: seen.append(("copy", n, d)) or 4000.0)
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda n, d: seen.append(("sum", n, d)) or 20.0)
+    assert (bench.bandwidth("gpu"), bench.bandwidth("cpu")) == (4000.0, 20.0)
+    assert seen == [("copy", bench.BANDWIDTH_BYTES, "gpu"), ("sum", bench.BANDWIDTH_BYTES, "cpu")]
+
+
+def test_cudagraphs_framework_is_gpu_only():
+    assert bench.FRAMEWORKS["torch-cudagraphs"] == ("torch", "cudagraphs") and "cudagraphs" in bench.COMPILED
+    for defaults in (bench.FULL, bench.QUICK):
+        on_cpu = bench.select_frameworks(None, defaults["frameworks"], "cpu")
+        on_gpu = bench.select_frameworks(None, defaults["frameworks"], "gpu")
+        assert "torch-cudagraphs" not in on_cpu and "torch-compile" in on_cpu
+        assert on_gpu == defaults["frameworks"] and "torch-cudagraphs" in on_gpu
+    assert bench.select_frameworks(["hf", "torch-cudagraphs"], [], "gpu") == ["hf", "torch-cudagraphs"]
+    with pytest.raises(ValueError, match=r"^--frameworks torch-cudagraphs: CUDA graphs need --device gpu \(the "
+                       r"device is cpu\)$"):  # fmt: skip
+        bench.select_frameworks(["jax", "torch-cudagraphs"], [], "cpu")
+
+
+def test_cudagraphs_on_the_cpu_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main([*TINY_OK, "--frameworks", "torch-eager,torch-cudagraphs"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "gptmod bench: error: --frameworks torch-cudagraphs: CUDA graphs need --device gpu (the " \
+                      "device is cpu)"  # fmt: skip
+
+
+def test_torch_runners_pass_their_compile_mode(monkeypatch):
+    import importlib
+
+    tg = importlib.import_module("gptmod_torch.generate")  # the package exports the function under that name
+    seen = []
+    monkeypatch.setattr(tg, "generate", lambda model, ids, n, compile, **kw: seen.append((model, n, compile, kw)))
+    models = bench.Models(load_preset("tiny"), "cpu", torch_model="M")
+    ids = np.zeros((1, 4), np.int64)
+    for name in ("torch-eager", "torch-compile", "torch-cudagraphs"):
+        bench.runner(models, name, ids)(3)
+    bench.runner(models, "torch-cudagraphs", ids, use_cache=False)(2)
+    assert seen == [("M", 3, False, {}), ("M", 3, "default", {}), ("M", 3, "reduce-overhead", {}),
+                    ("M", 2, "reduce-overhead", {"use_cache": False})]  # fmt: skip
+
+
+def test_report_names_the_gpu_copy_bandwidth_and_step_time():
+    row = bench.Row("torch", "cudagraphs", 1, 32, 64, 1e4, 2000.0, 500.0, 0.01, 3.0, 10.0, 0.4)
+    result = {"device": "H200", "preset": "gpt2", "dtype": "bfloat16", "bandwidth_gb_s": 4000.0,
+              "bandwidth_samples_gb_s": [3900.0, 4000.0], "bandwidth_method": "copy", "weight_bytes": 2 * 10**8,
+              "roofline_tok_s": 20000.0, "rows": [dataclasses.asdict(row)], "scaling": [], "compile": []}  # fmt: skip
+    lines = bench.format_report(result).splitlines()
+    assert "HBM copy bandwidth 3900.0/4000.0 GB/s (start/end)" in lines[0]
+    header, cells = lines[2].split(), lines[4].split()
+    assert header[5:12] == ["prefill", "tok/s", "decode", "tok/s", "µs/step", "TTFT", "s"]
+    assert cells == ["torch", "cudagraphs", "1", "32", "64", "10000", "2000.0", "500", "0.010", "3.0", "10", "40.0",
+                     "-"]  # fmt: skip
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -195,7 +195,7 @@ def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path):
         (["transfer-report", "--weights", "no/such/folder"], "no such file or folder"),
         (["side-by-side", "--out", "no/such/dir/x.html"], "folder no/such/dir does not exist"),
     ],
-)
+)  # fmt: skip
 def test_more_errors_are_one_line(args, msg):
     r = run(*args)
     assert r.returncode == 2, r.stderr

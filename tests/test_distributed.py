@@ -8,6 +8,7 @@ The rules, mesh and launch checks fail with errors that name the field, the valu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ from gptmod.config import load_preset
 from gptmod_jax import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
+MESH_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+MESH_ENV_FULL = {**os.environ, **MESH_ENV}
 
 
 # ----------------------------------------------------------------------------- JAX, 8 simulated devices
@@ -41,6 +44,33 @@ def test_on_8_devices_every_rules_table_equals_one_device():
         _sharded_equals_unsharded(sharded, preset)
     _parameters_are_sharded_as_their_rules_say(sharded)
     _compiled_train_step_has_the_expected_collectives(sharded)
+
+
+def test_on_8_devices_kv_heads_replicate_over_a_larger_model_axis():
+    # tiny has 2 KV heads for 4 query heads; on data=2,model=4 each KV head sits on the 2 devices of its query heads.
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_worker.py"), "kv"], env=MESH_ENV_FULL,
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    kv = json.loads(r.stdout)
+    assert min(len(set(row)) for row in kv["want_tokens"]) >= 4, "degenerate tokens prove little"
+    for preset in ("tp", "fsdp"):
+        p = kv["presets"][preset]
+        assert p["mesh"] == {"data": 2, "model_kv": 2, "model_rep": 2}, preset
+        assert p["logits_max_abs_diff"] <= 2e-5 * p["logits_max_abs"], preset  # fp32, another reduction order
+        assert p["tokens_equal"], preset
+        assert p["step_loss_max_diff"] <= 1e-5, preset  # the second step's loss follows a sharded update
+        assert p["wk_shard_rows"] == kv["cfg"]["d_model"] // kv["cfg"]["n_head"], preset  # one whole KV head
+    tp = kv["presets"]["tp"]
+    assert tp["wq_spec"] == "P(('model_kv', 'model_rep'), None)" and tp["wk_spec"] == "P('model_kv', None)"
+    assert tp["cache_spec"] == "P('data', 'model_kv')" and tp["cache_shard_heads"] == 1
+    # Replication adds no collective: a forward and a decode step compile to the collectives of a model whose 4 KV
+    # heads split evenly over model=4, i.e. tp's two all-reduces per layer (after wo and after w_down), nothing else.
+    assert tp["collectives"] == kv["even_collectives"]
+    n_layer = kv["cfg"]["n_layer"]
+    for step in ("forward", "decode"):
+        assert tp["collectives"][step] == {**dict.fromkeys(tp["collectives"][step], 0), "all-reduce": 2 * n_layer}
+    assert kv["refusal"] == ("n_kv_head=2 KV heads cannot be split over mesh axis model=4; "
+                             "use_mesh(mesh, rules, cfg=cfg) to replicate them")  # fmt: skip
 
 
 def _sharded_equals_unsharded(sharded: dict, preset: str) -> None:
@@ -93,6 +123,23 @@ def _compiled_train_step_has_the_expected_collectives(sharded: dict) -> None:
 # ----------------------------------------------------------------------------- JAX, checks in-process
 
 
+def test_write_rows_equals_the_indexed_cache_write_bit_for_bit():
+    """The mesh path of KVCache.update (a vmapped scatter) writes what the readable indexed write does."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    b, k, h, s, t = 3, 2, 4, 16, 5
+    k_cache, v_cache = jnp.asarray(rng.normal(size=(b, k, h, s))), jnp.asarray(rng.normal(size=(b, k, s, h)))
+    pos = jnp.asarray(np.stack([rng.permutation(s)[:t] for _ in range(b)]))  # each row at its own positions
+    k_new, v_new = jnp.asarray(rng.normal(size=(b, t, k, h))), jnp.asarray(rng.normal(size=(b, t, k, h)))
+    rows = jnp.arange(b)[:, None]
+    want_k, want_v = k_cache.at[rows, :, :, pos].set(k_new), v_cache.at[rows, :, pos].set(v_new)
+    got_k, got_v = sharding.write_rows(k_cache, v_cache, pos, k_new, v_new)
+    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    assert not np.array_equal(np.asarray(got_k), np.asarray(k_cache))
+
+
 def test_rules_tables_are_complete_and_checked():
     for preset in sharding.PRESETS:
         assert [a for a, _ in sharding.rules(preset)] == list(sharding.LOGICAL_AXES)
@@ -106,9 +153,16 @@ def test_rules_tables_are_complete_and_checked():
         sharding.rules({a: None for a in sharding.LOGICAL_AXES if a != "vocab"})
 
 
-@pytest.mark.parametrize(("text", "msg"), [("data=2,model", "'model' is not AXIS=SIZE"), ("rows=2", "'rows=2' is not"),
-                                           ("data=0", "data='0' must be a positive integer"),
-                                           ("data=2,data=2", "axis 'data' is given twice"), ("", "give at least one")])
+@pytest.mark.parametrize(
+    ("text", "msg"),
+    [
+        ("data=2,model", "'model' is not AXIS=SIZE"),
+        ("rows=2", "'rows=2' is not"),
+        ("data=0", "data='0' must be a positive integer"),
+        ("data=2,data=2", "axis 'data' is given twice"),
+        ("", "give at least one"),
+    ],
+)
 def test_mesh_specs_are_checked(text, msg):
     with pytest.raises(ValueError, match=msg):
         sharding.parse_mesh(text)
@@ -124,10 +178,19 @@ def test_mesh_size_and_divisibility_are_checked():
     class FakeMesh:  # check_divisible reads only the axis sizes; 8 real devices are the subprocess's business
         shape: ClassVar[dict[str, int]] = {"data": 2, "model": 4}
 
-    cfg = load_preset("tiny")  # n_kv_head 2
-    with pytest.raises(ValueError, match=r"n_kv_head=2 is not divisible by mesh axis model=4 \(the rules shard "
-                       r"'kv_heads' over 'model'\)"):  # fmt: skip
+    cfg = load_preset("tiny")  # n_head 4, n_kv_head 2
+    sharding.check_divisible(cfg, FakeMesh(), sharding.rules("tp"))  # model=4: each KV head replicated twice
+    FakeMesh.shape = {"data": 1, "model": 8}
+    with pytest.raises(ValueError, match=r"n_head=4 is not divisible by mesh axis model=8 \(the rules shard "
+                       r"'heads' over 'model'\)"):  # fmt: skip
         sharding.check_divisible(cfg, FakeMesh(), sharding.rules("tp"))
+    FakeMesh.shape = {"data": 1, "model": 3}  # 6 query heads split over 3; 2 KV heads neither split nor replicate
+    six = dataclasses.replace(cfg, n_head=6, d_model=96, d_ff=192)
+    with pytest.raises(ValueError, match=r"n_kv_head=2 neither divides nor is divisible by mesh axis model=3 "
+                       r"\(the rules shard 'kv_heads' over 'model'\)"):  # fmt: skip
+        sharding.check_divisible(six, FakeMesh(), sharding.rules("tp"))
+    sharding.check_divisible(six, FakeMesh(), sharding.rules("tp", kv_heads=None))  # replicated everywhere
+    FakeMesh.shape = {"data": 2, "model": 4}
     with pytest.raises(ValueError, match="batch=3 is not divisible by mesh axis data=2"):
         sharding.check_divisible(cfg, FakeMesh(), sharding.rules("dp"), batch=3)
     sharding.check_divisible(cfg, FakeMesh(), sharding.rules("dp"), batch=4)
@@ -231,9 +294,6 @@ def test_launch_errors_name_the_option(args, msg, shards, tmp_path):
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
-MESH_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-
-
 def _jax_cli(*args: str, mesh: bool) -> subprocess.CompletedProcess:
     env = {**os.environ, **(MESH_ENV if mesh else {})}
     r = subprocess.run([sys.executable, "-m", "gptmod.cli", *args], env=env, capture_output=True, text=True,
@@ -244,8 +304,15 @@ def _jax_cli(*args: str, mesh: bool) -> subprocess.CompletedProcess:
 
 def test_cli_generate_and_train_on_a_mesh_match_one_device(shards, tmp_path):
     gen = ["generate", "--preset", "tiny", "--prompt", "To be, or not to be", "--max-new-tokens", "12"]
-    # tiny has 4 query and 2 kv heads: a model axis of 2 splits both evenly.
-    assert _jax_cli(*gen, "--mesh", "data=4,model=2", mesh=True).stdout == _jax_cli(*gen, mesh=False).stdout
+    # tiny has 4 query and 2 kv heads: a model axis of 2 splits both evenly, one of 4 replicates each KV head twice.
+    want = _jax_cli(*gen, mesh=False).stdout
+    assert _jax_cli(*gen, "--mesh", "data=4,model=2", mesh=True).stdout == want
+    assert _jax_cli(*gen, "--mesh", "data=2,model=4", mesh=True).stdout == want
+    # What replication cannot serve stays a one-line error: 8 devices on `model` for 4 query heads.
+    r = subprocess.run([sys.executable, "-m", "gptmod.cli", *gen, "--mesh", "model=8"], env=MESH_ENV_FULL,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "n_head=4 is not divisible by mesh axis model=8" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     train = ["train", "--framework", "jax", "--preset", "tiny", "--data", str(shards), "--steps", "3",
              "--batch-size", "8", "--block-size", "32", "--log-every", "1", "--eval-every", "0", "--eval-batches", "1",
              "--warmup-steps", "1", "--ckpt-every", "0"]  # fmt: skip

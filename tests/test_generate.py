@@ -627,3 +627,139 @@ def test_torch_compiled_session_matches_eager(tiny_pair):
         s = tg.Session(tm, compile=compile)
         out[compile] = [list(s.stream(A, 10)), list(s.stream([*A, 3, 4], 10)), s.last_reused]
     assert out[True] == out[False] and out[True][-1] == len(A)
+
+
+# ----------------------------------------------------------------------------- compile modes (CUDA graphs)
+
+
+@pytest.mark.parametrize(("compile", "mode"), [(False, None), (True, "default"), ("default", "default"),
+                                               ("reduce-overhead", "reduce-overhead")])  # fmt: skip
+def test_compile_modes(compile, mode):
+    assert tg.compile_mode(compile) == mode
+
+
+@pytest.mark.parametrize("compile", ["max-autotune", "reduce_overhead", "", None, 1])
+def test_an_unknown_compile_mode_is_refused_naming_it(compile):
+    cfg = _cfg("tiny")
+    model = torch_model(cfg, _state(cfg))
+    msg = rf"compile={compile!r}: choose False \(eager\), True \(= 'default'\) or one of 'default', 'reduce-overhead'"
+    for call in (lambda: tg.generate(model, PROMPTS, 4, compile=compile), lambda: tg.Session(model, compile=compile)):
+        with pytest.raises(ValueError, match=msg):
+            call()
+    assert model.blocks[0].attn.kv_cache is None
+
+
+def test_reduce_overhead_refuses_a_model_off_cuda():
+    cfg = _cfg("tiny")
+    model = torch_model(cfg, _state(cfg))
+    msg = "compile='reduce-overhead' captures CUDA graphs and needs the model on a CUDA device, but it is on cpu"
+    calls = (lambda: tg.generate(model, PROMPTS, 4, compile="reduce-overhead"),
+             lambda: next(tg.generate_stream(model, PROMPTS, 4, compile="reduce-overhead")),
+             lambda: tg.Session(model, compile="reduce-overhead"))  # fmt: skip
+    for call in calls:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    assert model.blocks[0].attn.kv_cache is None and not tg._graph_caches.get(model)
+
+
+class FakeCompiler:
+    """torch.compile stand-in that records its kwargs and, for mode="reduce-overhead", imitates a CUDA-graph
+    replay: the step runs eagerly, its output is copied into one static buffer per shape and that buffer is
+    returned, so the next replay overwrites what an earlier call returned (as cudagraph trees do)."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.replays = 0
+        self.marks: list[int] = []  # the replay count at each cudagraph_mark_step_begin
+
+    def compile(self, fn, **kw):
+        self.calls.append(kw)
+        static: dict[tuple, torch.Tensor] = {}
+
+        def compiled(*args):
+            out = fn(*args)
+            if kw.get("mode") != "reduce-overhead":
+                return out
+            self.replays += 1
+            buf = static.setdefault(tuple(out.shape), torch.empty_like(out))
+            return buf.copy_(out)
+
+        return compiled
+
+    def mark_step_begin(self):
+        self.marks.append(self.replays)
+
+
+@pytest.fixture
+def fake_compiler(monkeypatch):
+    fake = FakeCompiler()
+    monkeypatch.setattr(torch, "compile", fake.compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", fake.mark_step_begin)
+    monkeypatch.setattr(tg, "_compiled", {})  # nothing compiled by an earlier test is reused
+    return fake
+
+
+def test_compile_true_is_default_mode_and_is_compiled_once(fake_compiler):
+    cfg = _cfg("tiny")
+    model = torch_model(cfg, _state(cfg))
+    eager = tg.generate(model, PROMPTS, 6)
+    for compile in (True, "default", True):
+        assert tg.generate(model, PROMPTS, 6, compile=compile) == eager
+    assert list(tg.Session(model, compile="default").stream(PROMPTS[0], 6)) == eager[0]
+    assert fake_compiler.calls == [dict(fullgraph=True, dynamic=False, mode="default")]  # one step, one compile
+    tg.generate(model, PROMPTS, 6, compile=True, use_cache=False)
+    assert fake_compiler.calls[1:] == [dict(fullgraph=True, dynamic=False, mode="default")]  # the recompute step
+    assert fake_compiler.marks == []  # no CUDA-graph step boundaries outside "reduce-overhead"
+
+
+def test_cudagraph_step_marks_each_step_and_returns_what_the_next_replay_cannot_overwrite(fake_compiler):
+    compiled = fake_compiler.compile(lambda x: x * 2, mode="reduce-overhead")
+    raw_1 = compiled(torch.ones(3))
+    compiled(torch.zeros(3))
+    assert raw_1.tolist() == [0.0, 0.0, 0.0]  # the fake is honest: a replay overwrites its earlier output
+    step = tg._graph_step(compiled)
+    out_1 = step(torch.ones(3))
+    out_2 = step(torch.full((3,), 5.0))
+    assert out_1.tolist() == [2.0, 2.0, 2.0] and out_2.tolist() == [10.0, 10.0, 10.0]
+    assert fake_compiler.marks == [2, 3]  # marked before each replay, never after
+
+
+@pytest.mark.parametrize("kw", [{}, dict(temperature=0.9, top_k=20, seed=3)])
+def test_reduce_overhead_generate_replays_with_stable_cache_addresses(fake_compiler, monkeypatch, kw):
+    cfg = _cfg("tiny")
+    model = torch_model(cfg, _state(cfg))
+    eager = tg.generate(model, PROMPTS, 9, **kw)
+    monkeypatch.setattr(tg, "_device_type", lambda model: "cuda")  # the CUDA check passes; the rest runs on the CPU
+    ptrs = []
+    install = tg._setup_cache
+
+    def spy(model, batch, cache_len, mode):
+        install(model, batch, cache_len, mode)
+        ptrs.append([(b.attn.kv_cache.k.data_ptr(), b.attn.kv_cache.v.data_ptr()) for b in model.blocks])
+
+    monkeypatch.setattr(tg, "_setup_cache", spy)
+    for _ in range(3):
+        assert tg.generate(model, PROMPTS, 9, compile="reduce-overhead", **kw) == eager
+    assert fake_compiler.calls == [dict(fullgraph=True, dynamic=False, mode="reduce-overhead")]
+    assert ptrs[0] == ptrs[1] == ptrs[2]  # the same buffers every call: the captured graph stays valid
+    assert fake_compiler.marks == list(range(3 * 8))  # one mark before each of the 8 decode steps per call
+    assert model.blocks[0].attn.kv_cache is None  # off the model between calls, as after any generate
+    # A reused cache is zeroed: nothing from the last call survives past what this one wrote.
+    (caches,) = tg._graph_caches[model].values()
+    assert all(int(c.k.count_nonzero()) > 0 for c in caches)  # (the last call wrote them)
+    tg._setup_cache(model, len(PROMPTS), caches[0].capacity, "reduce-overhead")
+    assert all(int(c.k.count_nonzero()) == int(c.v.count_nonzero()) == 0 for c in caches)
+    model.clear_cache()
+    tg.generate(model, PROMPTS[:1], 9, compile="reduce-overhead", **kw)  # another batch: another cache of its own
+    assert len(tg._graph_caches[model]) == 2
+
+
+def test_reduce_overhead_session_and_stream_match_eager(fake_compiler, monkeypatch, tiny_pair):
+    _, tm, _ = tiny_pair
+    eager = tg.Session(tm)
+    want = [list(eager.stream(A, 8)), list(eager.stream([*A, 3, 4], 8))]
+    monkeypatch.setattr(tg, "_device_type", lambda model: "cuda")
+    s = tg.Session(tm, compile="reduce-overhead")
+    assert [list(s.stream(A, 8)), list(s.stream([*A, 3, 4], 8))] == want
+    assert list(tg.generate_stream(tm, [A], 5, compile="reduce-overhead")) == [[t] for t in want[0][:5]]
+    assert [c["mode"] for c in fake_compiler.calls] == ["reduce-overhead"]

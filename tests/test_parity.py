@@ -140,7 +140,8 @@ def test_gpt2_weights_run_in_modern_presets_through_the_partial_transfer(tmp_pat
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64)).save_pretrained(tmp_path / "hf")
     args = ["--preset", "tiny", "--weights", str(tmp_path / "hf"), "--check", "logits", "--dtype", "float32",
-            "--backend-torch", "sdpa", "--backend-jax", "xla", "--seq-len", "32", "--json", str(tmp_path / "r.json")]
+            "--backend-torch", "sdpa", "--backend-jax", "xla", "--seq-len", "32",
+            "--json", str(tmp_path / "r.json")]  # fmt: skip
     assert main(args) == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert rows and all(r["preset"] == "tiny (GPT-2 transferred)" and r["passed"] for r in rows)
