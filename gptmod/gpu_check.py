@@ -317,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gptmod gpu-check",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""\
-The parity suite and the bench on one GPU, in one command: under {TARGET_S // 60} minutes on one H100/H200,
-compilation included. It needs a CUDA build of torch and JAX with its CUDA plugin (jax[cuda12]); after
+The parity suite and the bench on one GPU, in one command, meant to finish under {TARGET_S // 60} minutes on one
+H100/H200, compilation included (the step caps add up to {sum(TIMEOUTS.values()) // 60} minutes; not yet timed on a
+GPU). It needs a CUDA build of torch and JAX with its CUDA plugin (jax[cuda12]); after
 `pip install --no-deps -e .` it uses whatever torch and JAX the environment brings. The steps, in order:
   parity             python -m parity --device gpu --quick: every SDPA backend pinned (flash, cuDNN,
                      memory-efficient, math), JAX XLA and cuDNN attention; fp32, bf16 and fp16
