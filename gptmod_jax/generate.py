@@ -102,9 +102,9 @@ def sample(logits_BV: jax.Array, key: jax.Array, knobs: Knobs, flags: Flags) -> 
 def prefill(model: GPT, tokens_BP: jax.Array, lens_B: jax.Array, start_B: jax.Array | None = None) -> jax.Array:
     """All prompts in one pass (right-padded), each row's tokens at positions start..start+P-1 (start 0 by
     default; a Session passes where its cache ends). Logits of each row's last real token, (B, V)."""
-    positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1])[None], tokens_BP.shape)
+    positions_BP = None  # every row from key 0: causal attention without a mask, which cuDNN takes as is
     if start_B is not None:
-        positions_BP = positions_BP + start_B[:, None]
+        positions_BP = jnp.arange(tokens_BP.shape[1])[None] + start_B[:, None]
     x_BPD, _ = model.trunk(tokens_BP, positions_BP)
     return model.head(x_BPD[jnp.arange(tokens_BP.shape[0]), lens_B - 1])
 

@@ -95,9 +95,9 @@ def prefill(
 ) -> torch.Tensor:
     """All prompts in one pass (right-padded), each row's tokens at positions start..start+P-1 (start 0 by
     default; a Session passes where its cache ends). Logits of each row's last real token, (B, V)."""
-    positions_BP = torch.arange(tokens_BP.shape[1], device=tokens_BP.device)[None].expand_as(tokens_BP)
+    positions_BP = None  # every row from key 0: causal attention without a mask, which FlashAttention takes
     if start_B is not None:
-        positions_BP = positions_BP + start_B[:, None]
+        positions_BP = torch.arange(tokens_BP.shape[1], device=tokens_BP.device)[None] + start_B[:, None]
     x_BPD, _ = model.trunk(tokens_BP, positions_BP)
     return model.head(x_BPD[torch.arange(tokens_BP.shape[0], device=tokens_BP.device), lens_B - 1])
 

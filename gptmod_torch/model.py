@@ -155,10 +155,17 @@ def attention(
 
 
 def cached_attention(
-    q_BTNH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor, *, backend: str, mask_BTS: torch.Tensor
+    q_BTNH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor, *, backend: str, mask_BTS: torch.Tensor | None
 ) -> torch.Tensor:
     """Attention over the heads-major KV cache, (B, K, S, H): SDPA's own (B, heads, S, H) layout, so
-    the (B, S, K, H) view handed to `attention` turns back into it without a copy."""
+    the (B, S, K, H) view handed to `attention` turns back into it without a copy.
+
+    `mask_BTS` None: the T queries sit at positions 0..T-1 in every row (a prefill from the start), so plain
+    causal attention over the cache's first T keys is the same arithmetic, and SDPA may pick FlashAttention,
+    which takes no mask."""
+    if mask_BTS is None:
+        T = q_BTNH.shape[1]
+        k_BKSH, v_BKSH = k_BKSH[:, :, :T], v_BKSH[:, :, :T]
     return attention(q_BTNH, k_BKSH.transpose(1, 2), v_BKSH.transpose(1, 2), backend=backend, mask_BTS=mask_BTS)
 
 
@@ -355,12 +362,13 @@ class GPT(nn.Module):
 
     def embed(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor | None) -> tuple:
         """The embedded tokens and what every block takes with them: (x_BTD, rope, positions_BT, mask_BTS);
-        rope is None for learned positions, mask_BTS None without a KV cache."""
+        rope is None for learned positions. mask_BTS is None when the block starts at key 0 in every row
+        (`positions_BT` None, with or without a KV cache): SDPA's top-left is_causal is then right."""
         cache = self.blocks[0].attn.kv_cache
-        mask_BTS = None  # no cache: SDPA's top-left is_causal is right, the block starts at key 0
+        mask_BTS = None
         if positions_BT is None:
             positions_BT = torch.arange(idx_BT.shape[1], device=idx_BT.device)[None].expand_as(idx_BT)
-        if cache is not None:  # bottom-right causal over the cache: key s is visible from position p iff s <= p
+        elif cache is not None:  # bottom-right causal over the cache: key s is visible from position p iff s <= p
             mask_BTS = torch.arange(cache.capacity, device=idx_BT.device) <= positions_BT[..., None]
         x_BTD = self.tok_emb(idx_BT)
         rope = None

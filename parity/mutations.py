@@ -196,7 +196,8 @@ def _jax_cached_softmax_in_dtype():
     orig = jm.cached_attention
 
     def cached_attention(q_BTNH, k_BKHS, v_BKSH, *, backend, mask_BTS):
-        if jm.resolve_backend(backend, q_BTNH.dtype, q_BTNH.shape[-1], True) != "xla":
+        # A prefill from key 0 (no mask) takes `attention`, not the cached XLA path this bug is in.
+        if mask_BTS is None or jm.resolve_backend(backend, q_BTNH.dtype, q_BTNH.shape[-1], True) != "xla":
             return orig(q_BTNH, k_BKHS, v_BKSH, backend=backend, mask_BTS=mask_BTS)
         B, T, N, H = q_BTNH.shape
         K = v_BKSH.shape[1]

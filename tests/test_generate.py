@@ -763,3 +763,51 @@ def test_reduce_overhead_session_and_stream_match_eager(fake_compiler, monkeypat
     assert [list(s.stream(A, 8)), list(s.stream([*A, 3, 4], 8))] == want
     assert list(tg.generate_stream(tm, [A], 5, compile="reduce-overhead")) == [[t] for t in want[0][:5]]
     assert [c["mode"] for c in fake_compiler.calls] == ["reduce-overhead"]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(framework, monkeypatch):
+    """prefill without start_B hands attention no mask (FlashAttention and cuDNN take plain causal attention), over
+    the cache's first T keys only: stale keys after them, which the mask used to hide, cannot leak in. Its logits
+    and cache equal the masked prefill's (explicit positions 0..T-1), which the full forward is tested against."""
+    cfg = reduced("tiny")
+    state = torch_pair_state(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 9))
+    lens = np.array([9, 6])  # ragged: row 1's padding is after its last token, so causal alone suffices
+    twin = tg if framework == "torch" else jg
+    mod = importlib.import_module(f"gptmod_{framework}.model")
+    masks, attention_masks = [], []  # the mask each layer's cached_attention and attention were given
+    cached, attention = mod.cached_attention, mod.attention
+    monkeypatch.setattr(mod, "cached_attention", lambda *a, **kw: masks.append(kw["mask_BTS"]) or cached(*a, **kw))
+    monkeypatch.setattr(mod, "attention",
+                        lambda *a, **kw: attention_masks.append(kw.get("mask_BTS")) or attention(*a, **kw))  # fmt: skip
+
+    def run(start):
+        if framework == "torch":
+            model = torch_model(cfg, state)
+            model.setup_cache(2, 16)
+            for block in model.blocks:  # stale keys and values after T, as a reused cache holds
+                block.attn.kv_cache.k.fill_(1e3)
+                block.attn.kv_cache.v.fill_(1e3)
+            with torch.no_grad():
+                logits = twin.prefill(model, torch.from_numpy(tokens), torch.from_numpy(lens),
+                                      None if start is None else torch.from_numpy(start))  # fmt: skip
+            k = model.blocks[0].attn.kv_cache.k[:, :, :9]
+            return logits.numpy(), k.numpy()
+        model = jax_model(cfg, state)
+        model.setup_cache(2, 16)
+        for block in model.blocks:
+            block.attn.kv_cache.k[...] = jnp.full_like(block.attn.kv_cache.k[...], 1e3)
+            block.attn.kv_cache.v[...] = jnp.full_like(block.attn.kv_cache.v[...], 1e3)
+        start = None if start is None else jnp.asarray(start)
+        logits = twin.prefill(model, jnp.asarray(tokens), jnp.asarray(lens), start)
+        return np.asarray(logits), np.asarray(model.blocks[0].attn.kv_cache.k[...][..., :9])
+
+    plain, k_plain = run(None)
+    assert len(masks) == cfg.n_layer and all(m is None for m in masks)
+    assert len(attention_masks) == cfg.n_layer and all(m is None for m in attention_masks)  # plain causal SDPA
+    masks.clear()
+    masked, k_masked = run(np.zeros(2, np.int64))
+    assert len(masks) == cfg.n_layer and all(m is not None for m in masks)
+    np.testing.assert_allclose(plain, masked, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(k_plain, k_masked)  # layer 0: the same cache write either way
