@@ -168,12 +168,17 @@ def cached_attention(
     the reference get the (B, S, K, H) views they expect.
 
     `mask_BTS` None: the T queries sit at positions 0..T-1 in every row (a prefill from the start), so plain
-    causal attention over the cache's first T keys is the same arithmetic, and cuDNN needs no mask for it."""
+    causal attention over the cache's first T keys is the same arithmetic, which cuDNN takes without a mask. XLA
+    keeps its own path below, with that causal mask (jax.nn.dot_product_attention's XLA path cannot lower float16
+    under jit on the CPU: "precision F16_F16_F32 is not supported by dot_general")."""
     B, T, N, H = q_BTNH.shape
     K = v_BKSH.shape[1]
     if mask_BTS is None:
-        k_BSKH, v_BSKH = k_BKHS[..., :T].transpose(0, 3, 1, 2), v_BKSH[:, :, :T].transpose(0, 2, 1, 3)
-        return attention(q_BTNH, k_BSKH, v_BSKH, backend=backend)
+        implementation = resolve_backend(backend, q_BTNH.dtype, H, False)
+        if implementation != "xla":
+            k_BSKH, v_BSKH = k_BKHS[..., :T].transpose(0, 3, 1, 2), v_BKSH[:, :, :T].transpose(0, 2, 1, 3)
+            return attention(q_BTNH, k_BSKH, v_BSKH, backend=implementation)
+        mask_BTS = (jnp.arange(v_BKSH.shape[2]) <= jnp.arange(T)[:, None])[None]  # top-left causal, (1, T, S)
     implementation = resolve_backend(backend, q_BTNH.dtype, H, True)
     if implementation != "xla":
         k_BSKH, v_BSKH = k_BKHS.transpose(0, 3, 1, 2), v_BKSH.transpose(0, 2, 1, 3)

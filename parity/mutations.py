@@ -196,11 +196,12 @@ def _jax_cached_softmax_in_dtype():
     orig = jm.cached_attention
 
     def cached_attention(q_BTNH, k_BKHS, v_BKSH, *, backend, mask_BTS):
-        # A prefill from key 0 (no mask) takes `attention`, not the cached XLA path this bug is in.
-        if mask_BTS is None or jm.resolve_backend(backend, q_BTNH.dtype, q_BTNH.shape[-1], True) != "xla":
+        if jm.resolve_backend(backend, q_BTNH.dtype, q_BTNH.shape[-1], mask_BTS is not None) != "xla":
             return orig(q_BTNH, k_BKHS, v_BKSH, backend=backend, mask_BTS=mask_BTS)
         B, T, N, H = q_BTNH.shape
         K = v_BKSH.shape[1]
+        if mask_BTS is None:  # a prefill from key 0: the causal mask the XLA path builds for it
+            mask_BTS = (jnp.arange(v_BKSH.shape[2]) <= jnp.arange(T)[:, None])[None]
         ct = q_BTNH.dtype  # the bug: scores, softmax and PV in the input dtype instead of fp32
         q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
         scores = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS.astype(ct)) / jnp.asarray(math.sqrt(H), ct)

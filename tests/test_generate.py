@@ -765,11 +765,12 @@ def test_reduce_overhead_session_and_stream_match_eager(fake_compiler, monkeypat
     assert [c["mode"] for c in fake_compiler.calls] == ["reduce-overhead"]
 
 
-@pytest.mark.parametrize("framework", ["torch", "jax"])
-def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(framework, monkeypatch):
-    """prefill without start_B hands attention no mask (FlashAttention and cuDNN take plain causal attention), over
-    the cache's first T keys only: stale keys after them, which the mask used to hide, cannot leak in. Its logits
-    and cache equal the masked prefill's (explicit positions 0..T-1), which the full forward is tested against."""
+@pytest.mark.parametrize(("framework", "backend"), [("torch", "sdpa"), ("jax", "auto"), ("jax", "reference")])
+def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(framework, backend, monkeypatch):
+    """prefill without start_B hands cached_attention no mask, and it runs plain causal attention over the cache's
+    first T keys (FlashAttention and cuDNN take it; JAX's XLA path, "auto" on a CPU, keeps its own einsum with the
+    causal mask). Stale keys after T cannot leak in. Its logits and cache equal the masked prefill's (explicit
+    positions 0..T-1), which the full forward is tested against."""
     cfg = reduced("tiny")
     state = torch_pair_state(cfg)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 9))
@@ -784,7 +785,7 @@ def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(f
 
     def run(start):
         if framework == "torch":
-            model = torch_model(cfg, state)
+            model = torch_model(cfg, state, backend=backend)
             model.setup_cache(2, 16)
             for block in model.blocks:  # stale keys and values after T, as a reused cache holds
                 block.attn.kv_cache.k.fill_(1e3)
@@ -794,7 +795,7 @@ def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(f
                                       None if start is None else torch.from_numpy(start))  # fmt: skip
             k = model.blocks[0].attn.kv_cache.k[:, :, :9]
             return logits.numpy(), k.numpy()
-        model = jax_model(cfg, state)
+        model = jax_model(cfg, state, backend=backend)
         model.setup_cache(2, 16)
         for block in model.blocks:
             block.attn.kv_cache.k[...] = jnp.full_like(block.attn.kv_cache.k[...], 1e3)
@@ -805,9 +806,22 @@ def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(f
 
     plain, k_plain = run(None)
     assert len(masks) == cfg.n_layer and all(m is None for m in masks)
-    assert len(attention_masks) == cfg.n_layer and all(m is None for m in attention_masks)  # plain causal SDPA
+    if (framework, backend) == ("jax", "auto"):  # XLA on a CPU: the cached einsum, not attention
+        assert attention_masks == []
+    else:  # plain causal attention: SDPA's is_causal, the reference's tril
+        assert len(attention_masks) == cfg.n_layer and all(m is None for m in attention_masks)
     masks.clear()
     masked, k_masked = run(np.zeros(2, np.int64))
     assert len(masks) == cfg.n_layer and all(m is not None for m in masks)
     np.testing.assert_allclose(plain, masked, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(k_plain, k_masked)  # layer 0: the same cache write either way
+
+
+def test_jax_generate_lowers_in_float16_on_the_cpu():
+    """float16 under jit on the CPU: jax.nn.dot_product_attention's XLA path cannot lower it there (F16_F16_F32
+    dot_general), so the cached prefill keeps the twin's own XLA attention and generate runs. (use_cache=False,
+    which goes through dot_product_attention, still cannot: a known limit of float16 on the CPU.)"""
+    cfg = reduced("tiny")
+    model = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), dtype=jnp.float16), torch_pair_state(cfg))
+    out = jg.generate(model, [[5, 9, 2, 7], [3, 1]], 6)
+    assert [len(row) for row in out] == [6, 6] and all(0 <= t < cfg.vocab_size for row in out for t in row)
