@@ -751,8 +751,8 @@ def _frameworks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptmod bench", description=__doc__.split("\n\n")[0].replace("\n", " "),
+def build_parser(prog: str = "gptmod bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "),
                                 epilog="Figures and their definitions: see `pydoc gptmod.bench`.")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a short run (under 2 minutes on 2 CPU cores): batch 1 "
                    "and 8, prompt 32, 32 new tokens, 1 repeat, every framework but jax-scan (and torch-cudagraphs on "
@@ -852,8 +852,8 @@ def select_frameworks(given: Sequence[str] | None, default: Sequence[str], devic
     return list(given)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
+def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key in ("batch", "prompt_len", "new_tokens", "repeats", "contexts", "scaling_new_tokens"):

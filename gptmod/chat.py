@@ -301,7 +301,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
     c.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass")
     c.add_argument("--min-p", type=float, help="drop tokens below min_p times the top token's probability")
-    c.add_argument("--seed", type=int, default=0, help="seed of sampling (each reply starts from it)")
+    c.add_argument("--seed", type=importlib.import_module("gptmod.textio").seed_arg, default=0,
+                   help="seed of sampling (each reply starts from it)")  # fmt: skip
     c.add_argument("--backend", help=f"attention backend (default {DEFAULT_BACKEND['torch']} for torch, "
                    f"{DEFAULT_BACKEND['jax']} for jax)")  # fmt: skip
     c.add_argument("--compile", action="store_true", help="torch only: torch.compile the decode step")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import importlib
 import os
 import sys
@@ -142,9 +143,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.batch_file is None):
         raise CLIError("give exactly one of --prompt TEXT or --batch-file FILE")
     if args.batch_file is not None:
-        if not args.batch_file.is_file():
-            raise CLIError(f"--batch-file {args.batch_file}: no such file")
-        texts = [line for line in args.batch_file.read_text().splitlines() if line.strip()]
+        from gptmod import textio
+
+        texts = [line for line in textio.read_text(args.batch_file, what="--batch-file").splitlines() if line.strip()]
         if not texts:
             raise CLIError(f"--batch-file {args.batch_file}: no prompts in it (one per line)")
     else:
@@ -161,9 +162,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = None if args.no_eos or not p.eos_ids else p.eos_ids
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, eos_id=eos,
               seed=args.seed)  # fmt: skip
-    check_request(prompts, cfg, args.max_new_tokens, SamplingParams(**kw))  # before any output or model build
-    with jax_mesh(args, cfg, batch=None):  # --mesh: parameters are created sharded, generation runs on it
-        return _generate(args, p, backend, texts, prompts, kw)
+    import warnings
+
+    from gptmod.sampling import IgnoredFiltersWarning
+
+    with warnings.catch_warnings():  # the library's warning, said once here in the CLI's own words
+        warnings.simplefilter("ignore", IgnoredFiltersWarning)
+        params = SamplingParams(**kw)
+        filters = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if kw[k] is not None]
+        if params.greedy and filters:
+            print(f"gptmod generate: note: {' '.join(filters)} ignored: greedy without --temperature > 0",
+                  file=sys.stderr)  # fmt: skip
+        check_request(prompts, cfg, args.max_new_tokens, params)  # before any output or model build
+        with jax_mesh(args, cfg, batch=None):  # --mesh: parameters are created sharded, generation runs on it
+            return _generate(args, p, backend, texts, prompts, kw)
 
 
 def _generate(args: argparse.Namespace, p: Any, backend: str, texts: list[str], prompts: list[list[int]],
@@ -173,6 +185,8 @@ def _generate(args: argparse.Namespace, p: Any, backend: str, texts: list[str], 
     if args.framework == "torch":
         kw["compile"] = args.compile
     stops = set(p.eos_ids) if kw["eos_id"] is not None else set()
+    if args.framework == "jax" or args.compile:  # one generate per process: the first call compiles
+        print("compiling…", file=sys.stderr, flush=True)
     start = time.perf_counter()
     if len(prompts) == 1:
         decoder = p.tokenizer.stream_decoder()
@@ -202,6 +216,8 @@ def _generate(args: argparse.Namespace, p: Any, backend: str, texts: list[str], 
 def cmd_info(args: argparse.Namespace) -> int:
     if (args.file is None) == (args.weights is None):
         raise CLIError("give exactly one of FILE or --weights SOURCE")
+    if str(args.file or args.weights) == "random":
+        raise CLIError("info reads a model: give a checkpoint, GGUF file, HF folder or hub id, not random")
     p = load_weights(str(args.file or args.weights), None)
     dtypes = sorted({str(v.dtype) for v in p.state.values()})
     n = sum(v.size for v in p.state.values())
@@ -210,6 +226,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"  dtype: {', '.join(dtypes)}\n  config:")  # fmt: skip
     for k, v in p.cfg.to_dict().items():
         print(f"    {k}: {v}")
+    if t := p.report.training:  # a `gptmod train` checkpoint or run folder
+        parts = [f"step {t['step']}" if "step" in t else "step unknown", f"framework {t.get('framework', 'unknown')}"]
+        if "val_loss" in t:
+            parts.append(f"val loss {t['val_loss']:.4f} (step {t['val_step']}, log.jsonl)")
+        print("  training: " + ", ".join(parts))
     if p.report.tensor_types and p.report.format != "gptmod":
         print("  stored: " + ", ".join(f"{c} {t}" for t, c in sorted(p.report.tensor_types.items())))
     if tok is None:
@@ -289,6 +310,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     fmt, out = args.to
     out = Path(out)
     export.check(fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)  # before the weights are read
+    if args.weights == "random":
+        raise CLIError("--weights random: export writes real weights; give a checkpoint, GGUF file, HF folder or "
+                       "hub id")  # fmt: skip
     p = load_weights(args.weights, None)
     written = export.export(p, fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
     print(f"wrote {out}: {', '.join(written)}", file=sys.stderr)
@@ -296,10 +320,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer_report(args: argparse.Namespace) -> int:
-    from gptmod import corpus, transfer_report, weights
+    from gptmod import corpus, textio, transfer_report, weights
 
     target = _target_config(args.preset, args.config, "modern-gpt2")
-    text = args.text.read_text(encoding="utf-8") if args.text else corpus.bundled_text("hamlet")
+    text = textio.read_text(args.text, what="--text") if args.text else corpus.bundled_text("hamlet")
     result = transfer_report.run(args.weights, target, text=text, tokens=args.tokens, seq_len=args.seq_len,
                                  framework=args.framework, batch=args.batch, seed=args.seed)  # fmt: skip
     if args.full:
@@ -323,6 +347,8 @@ def cmd_side_by_side(args: argparse.Namespace) -> int:
 
     if args.out.parent and not args.out.parent.is_dir():
         raise CLIError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    if args.out.is_dir():
+        raise CLIError(f"--out {args.out}: is a folder; give the HTML file to write")
     side_by_side.render(args.out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
@@ -332,8 +358,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from gptmod import data
 
     inputs = [str(p) for p in args.input]
-    manifest = data.prepare(inputs if len(inputs) > 1 else inputs[0], args.out, val_fraction=args.val_fraction,
-                            overwrite=args.overwrite)  # fmt: skip
+    try:
+        manifest = data.prepare(inputs if len(inputs) > 1 else inputs[0], args.out, val_fraction=args.val_fraction,
+                                overwrite=args.overwrite)  # fmt: skip
+    except data.ShardsExistError as e:
+        raise CLIError(f"--out {e.folder}: holds token shards already; pass --overwrite to replace them") from None
     splits = manifest["splits"]
     parts = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items())
     print(f"wrote {args.out}: {len(manifest['documents'])} document(s); {parts}")
@@ -367,6 +396,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--data {args.data}: no manifest.json there; make one with `gptmod prepare`")
     if args.parallel is not None and args.framework != "torch":
         raise CLIError("--parallel is for --framework torch under torchrun; JAX spans devices with --mesh")
+    if args.overwrite and not args.no_resume:
+        raise CLIError("--overwrite goes with --no-resume (it deletes the previous run); without it a run resumes")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise CLIError(f"--keep-last {args.keep_last}: must be >= 1 (leave it out to keep every checkpoint)")
     rank, world, device = torch_distributed(args)
     if world == 1:
         return _train(args, cfg, tc, rank, world, device)
@@ -394,6 +427,8 @@ def _train(args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: in
     state = None
     if args.init and resuming is None:
         state = load_weights(str(args.init), cfg).state
+    elif resuming is None:  # one numpy init from the seed: both twins start from the same weights
+        state = training.init_state(cfg, tc.seed)
     with jax_mesh(args, cfg, batch=tc.batch_size):  # --mesh: sharded parameters, batches and steps
         model = build_model(args.framework, cfg, state, DEFAULT_BACKEND[args.framework], tc.seed)
         train_mod = importlib.import_module(f"gptmod_{args.framework}.train")
@@ -410,8 +445,15 @@ def _train(args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: in
         read_rank, writer = rank, rank == 0
     if resuming is not None and writer:
         print(f"resuming from {resuming}", file=sys.stderr)
-    rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
-                          resume=not args.no_resume, rank=read_rank, world_size=world, writer=writer)  # fmt: skip
+    try:
+        rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
+                              resume=not args.no_resume, overwrite=args.overwrite, keep_last=args.keep_last,
+                              rank=read_rank, world_size=world, writer=writer)  # fmt: skip
+    except KeyboardInterrupt:
+        if writer:  # training printed the last checkpoint; the command that resumes from it:
+            print(f"to resume, run: {_resume_command(args)}" + (" (under the same torchrun)" if world > 1 else ""),
+                  file=sys.stderr)  # fmt: skip
+        raise
     if not writer:
         return 0
     if not rows:
@@ -424,12 +466,108 @@ def _train(args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: in
     return 0
 
 
+def _resume_command(args: argparse.Namespace) -> str:
+    """The `gptmod train` command that resumes this run: its own options, less --no-resume and --overwrite."""
+    import shlex
+
+    parts = ["gptmod", "train", "--framework", args.framework, "--data", str(args.data), "--out", str(args.out)]
+    for opt in ("preset", "config", "init", "parallel", "mesh", "rules", "keep_last"):
+        if getattr(args, opt) is not None:
+            parts += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+    for rule in args.rule:
+        parts += ["--rule", rule]
+    if args.no_compile:
+        parts.append("--no-compile")
+    for f in dataclasses.fields(TrainConfig):
+        if getattr(args, f.name) is not None:
+            parts += [f"--{f.name.replace('_', '-')}", str(getattr(args, f.name))]
+    return shlex.join(parts)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from gptmod import plots
 
     gap = plots.plot_logs(args.logs, args.out, title=args.title)
     both = f"; max |train loss gap| between the first two logs: {gap:.3g}" if gap is not None else ""
     print(f"wrote {args.out}{both}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Loss and perplexity of a checkpoint on a text file or a shard folder, in non-overlapping windows."""
+    import math
+
+    import numpy as np
+
+    from gptmod import data, tokenizer
+
+    if (args.data is None) == (args.text is None):
+        raise CLIError("give exactly one of --data DIR or --text FILE")
+    for flag, v in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches),
+                    ("--block-size", args.block_size)):  # fmt: skip
+        if v is not None and v < 1:
+            raise CLIError(f"{flag} {v}: must be >= 1")
+    p = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
+    cfg, tok = p.cfg, p.tokenizer
+    block = args.block_size or min(cfg.max_seq_len, 1024)
+    if block > cfg.max_seq_len:
+        raise CLIError(f"--block-size {block} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if args.text is not None:
+        from gptmod import textio
+
+        if tok is None:
+            raise CLIError(f"{args.weights} has no tokenizer ({p.report.tokenizer}), so it cannot read --text")
+        text = textio.read_text(args.text, what="--text")
+        try:
+            streams, source = [np.asarray(tok.encode(text), np.int64)], str(args.text)
+        except ValueError as e:
+            raise CLIError(f"--text {args.text}: {e}") from None
+    else:
+        probe = "Hello, world! It's 1604."
+        if tok is not None and tok.encode(probe, add_bos=False) != tokenizer.encode(probe):
+            raise CLIError(f"--data {args.data}: its shards are GPT-2 token ids, but {args.weights} has another "
+                           f"tokenizer ({p.report.tokenizer}); use --text with the raw text instead")  # fmt: skip
+        manifest = data.read_manifest(args.data)
+        split = "val" if manifest["splits"].get("val", {}).get("tokens") else "train"
+        entries = manifest["splits"][split]["shards"]
+        streams = [np.load(args.data / e["file"], mmap_mode="r", allow_pickle=False) for e in entries]
+        source = f"{args.data} ({split} split)"
+    if max(int(t.max(initial=0)) for t in streams) >= cfg.vocab_size:
+        raise CLIError(f"{source}: token ids reach past the model's vocab_size={cfg.vocab_size}")
+    # Windows of block + 1 tokens, each scoring `block` next-token predictions; consecutive windows share one token.
+    windows = [t[i : i + block + 1] for t in streams for i in range(0, len(t) - block, block)]
+    if not windows:
+        longest = max(len(t) for t in streams)
+        raise CLIError(f"{source}: {longest} tokens; a window of --block-size {block} needs {block + 1} "
+                       "(give a smaller --block-size)")  # fmt: skip
+    batches = [np.stack(windows[i : i + args.batch_size]).astype(np.int32)
+               for i in range(0, len(windows), args.batch_size)][: args.max_batches]  # fmt: skip
+    model = build_model(args.framework, cfg, p.state, DEFAULT_BACKEND[args.framework], 0)
+    if args.framework == "torch":
+        import torch
+
+        from gptmod_torch.train import loss_fn
+
+        def batch_loss(b: np.ndarray) -> float:
+            with torch.no_grad():
+                return float(loss_fn(model, torch.from_numpy(b[:, :-1]).long(), torch.from_numpy(b[:, 1:]).long()))
+    else:
+        import jax.numpy as jnp
+
+        from gptmod_jax.train import loss_fn
+
+        def batch_loss(b: np.ndarray) -> float:
+            return float(loss_fn(model, jnp.asarray(b[:, :-1]), jnp.asarray(b[:, 1:])))
+
+    total, n = 0.0, 0
+    for b in batches:
+        total += batch_loss(b) * b.shape[0] * block
+        n += b.shape[0] * block
+    loss = total / n
+    all_windows = len(windows) * block
+    part = "" if n == all_windows else f" (of {all_windows:,} in windows; --max-batches {args.max_batches})"
+    print(f"{source}: loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {n:,} tokens{part}, "
+          f"block size {block}")  # fmt: skip
     return 0
 
 
@@ -445,7 +583,11 @@ def add_mesh_options(p: argparse.ArgumentParser, default_rules: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptmod import __version__
+    from gptmod.textio import seed_arg  # --seed: an int in [0, 2**63), so JAX's 64-bit keys never overflow
+
     p = argparse.ArgumentParser(prog="gptmod", description="A modernised GPT-2 as twins in PyTorch and JAX/Flax NNX.")
+    p.add_argument("--version", action="version", version=f"gptmod {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text, streamed to the terminal",
@@ -464,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
     g.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass")
     g.add_argument("--min-p", type=float, help="drop tokens below min_p times the top token's probability")
-    g.add_argument("--seed", type=int, default=0, help="seed of sampling and of random weights")
+    g.add_argument("--seed", type=seed_arg, default=0, help="seed of sampling and of random weights")
     g.add_argument("--no-eos", action="store_true", help="do not stop at the checkpoint's end-of-sequence ids")
     g.add_argument("--backend", help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)")
     g.add_argument("--compile", action="store_true", help="torch only: torch.compile the decode step")
@@ -490,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
     c.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.safetensors; atomic)")
     c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="stored dtype")
-    c.add_argument("--seed", type=int, default=0, help="seed of the few random tensors (units beyond GPT-2's d_ff)")
+    c.add_argument("--seed", type=seed_arg, default=0, help="seed of the few random tensors (units beyond GPT-2's "
+                   "d_ff)")  # fmt: skip
     c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file",
@@ -520,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
     t.add_argument("--batch", type=int, default=2, help="windows per forward pass (default 2)")
     t.add_argument("--framework", choices=("torch", "jax"), default="torch", help="which twin scores (default torch)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the random-init row and of new tensors")
+    t.add_argument("--seed", type=seed_arg, default=0, help="seed of the random-init row and of new tensors")
     t.add_argument("--full", action="store_true", help="also print the tensor-by-tensor transfer report")
     t.add_argument("--json", type=Path, help="also write the figures as JSON")
     t.set_defaults(func=cmd_transfer_report)
@@ -556,7 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, required=True, help="the run folder (log, checkpoints, final model)")
     tr.add_argument("--init", help="start from these weights instead of a random init: a gptmod checkpoint, or "
                     "GPT-2 (gpt2 / an HF folder), transferred into the preset (uptraining)")  # fmt: skip
-    tr.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a checkpoint")
+    tr.add_argument("--no-resume", action="store_true", help="start afresh; over a folder that holds a run it "
+                    "needs --overwrite")  # fmt: skip
+    tr.add_argument("--overwrite", action="store_true", help="with --no-resume: delete the previous run in --out "
+                    "(log, checkpoints, best, model) before the new one writes anything")  # fmt: skip
+    tr.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N step_ checkpoints (never "
+                    "the one `latest` names; RUN/best is kept apart); default: keep all. Not part of the run's "
+                    "config: it may change between resumes")  # fmt: skip
     tr.add_argument("--no-compile", action="store_true", help="torch: run eagerly instead of torch.compile")
     tr.add_argument("--parallel", choices=("ddp", "fsdp"), help="torch under torchrun: DistributedDataParallel "
                     "or FSDP2 (fully_shard per block); gloo on the CPU, nccl on GPUs; "
@@ -576,6 +725,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--title", default="training loss", help="figure title")
     pl.set_defaults(func=cmd_plot)
 
+    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a text file or a shard folder",
+                        description="Score a model's next-token loss and perplexity on --text (tokenized with the "
+                        "model's own tokenizer) or on --data (a `gptmod prepare` folder: its val split, or train if "
+                        "it has none), in non-overlapping windows of --block-size tokens.")  # fmt: skip
+    ev.add_argument("--weights", required=True, help=WEIGHTS_HELP)
+    ev.add_argument("--preset", choices=list_presets(), help="model preset (for random or a GPT-2 transfer)")
+    ev.add_argument("--data", type=Path, help="a shard folder made by `gptmod prepare`")
+    ev.add_argument("--text", type=Path, help="a UTF-8 text file")
+    ev.add_argument("--framework", choices=("jax", "torch"), default="torch", help="which twin runs (default torch)")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+    ev.add_argument("--block-size", type=int, help="tokens per window (default min(max_seq_len, 1024))")
+    ev.add_argument("--max-batches", type=int, help="score at most this many batches (default all)")
+    ev.set_defaults(func=cmd_eval)
+
     from gptmod import chat as chat_cmd  # its own module: templates, sessions and the terminal loop
 
     chat_cmd.add_parser(sub)
@@ -588,28 +751,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The subcommands with their own parsers (and modules), dispatched before gptmod's own parser sees the argv.
+_DELEGATED = {"parity": "parity.__main__", "bench": "gptmod.bench", "gpu-check": "gptmod.gpu_check"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["parity"]:
-        from parity.__main__ import main as parity_main
-
-        return parity_main(argv[1:])
-    if argv[:1] == ["bench"]:
-        from gptmod.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["gpu-check"]:
-        from gptmod.gpu_check import main as gpu_check_main
-
-        return gpu_check_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    name = f"gptmod {command}".strip()
     try:
+        if command in _DELEGATED:  # their --help and errors say `gptmod COMMAND`, not `python -m ...`
+            module = importlib.import_module(_DELEGATED[command])
+            return module.main(argv[1:], prog=name)
+        args = build_parser().parse_args(argv)
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: a clean stop, the shell's 128 + SIGINT
+        print(f"{name}: interrupted", file=sys.stderr)
     except (CLIError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as e:
         msg = " ".join(str(e).split())  # one line, whatever the exception carried
-        print(f"gptmod {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{name}: error: {msg}", file=sys.stderr)
         return 2
+    # Out of the except block, the interrupted frames (a suspended JAX generation among them) are unreachable:
+    # collect them now, while XLA is alive. Left to interpreter shutdown, their device buffers segfault.
+    gc.collect()
+    return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m gptmod.cli`: run the imported gptmod.cli, not this __main__ copy, so that a CLIError raised by a
+    # module that imports gptmod.cli (gptmod.chat) is the class main() catches.
+    from gptmod.cli import main as _main
+
+    sys.exit(_main())

@@ -124,6 +124,14 @@ class _ShardWriter:
             self.buf, self.n = [], 0
 
 
+class ShardsExistError(FileExistsError):
+    """The output folder holds a previous prepare's shards and overwrite was not given."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(f"{folder}: holds token shards already; pass overwrite=True (--overwrite) to replace them")
+        self.folder = folder
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     """Only an empty folder or one holding nothing but a previous prepare's output may be replaced."""
     if out.exists() and not out.is_dir():
@@ -139,7 +147,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         why = f"it holds {foreign[0]!r}" if is_ours else f"it has no {FORMAT} manifest.json"
         raise FileExistsError(f"{out}: folder is not empty and is not a gptmod shard folder ({why}); refusing to write")
     if not overwrite:
-        raise FileExistsError(f"{out}: holds token shards already; pass overwrite=True (--overwrite) to replace them")
+        raise ShardsExistError(out)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -207,6 +215,10 @@ def _write_shards(
             records.append(record)
     for w in writers.values():
         w.flush()
+    if not writers["train"].shards:  # checked before the folder is renamed into place: nothing is written
+        what = f"{len(docs)} document(s), 0 tokens" if not sum(r["tokens"] for r in records) else "no train tokens"
+        raise ValueError(f"the corpus is empty ({what}: {', '.join(n for n, _ in docs[:3])}"
+                         f"{', ...' if len(docs) > 3 else ''}); give text to tokenize")  # fmt: skip
     manifest = {
         "format": FORMAT,
         "tokenizer": "gpt2",
@@ -256,12 +268,31 @@ def read_manifest(data_dir: PathLike) -> dict[str, Any]:
         m = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: must hold a JSON object, not {type(m).__name__}")
+    missing = [k for k in ("format", "dtype", "vocab_size", "tokenizer_sha256", "splits") if k not in m]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
     sha = tokenizer.RANKS_SHA256
     for key, want in (("format", FORMAT), ("dtype", "uint16"), ("vocab_size", VOCAB_SIZE), ("tokenizer_sha256", sha)):
         got = m.get(key) if isinstance(m, dict) else None
         if got != want:
             why = " (the bundled GPT-2 tokenizer's; re-run prepare)" if key == "tokenizer_sha256" else ""
             raise ValueError(f"{path}: {key}={got!r}: must be {want!r}{why}")
+    if not isinstance(m["splits"], dict):
+        raise ValueError(f"{path}: splits must be an object of split name -> {{tokens, shards}}")
+    for split, entry in m["splits"].items():
+        lacks = [k for k in ("tokens", "shards") if not isinstance(entry, dict) or k not in entry]
+        if lacks:
+            raise ValueError(f"{path}: split {split!r} is missing key(s) {', '.join(lacks)}")
+        for i, shard in enumerate(entry["shards"]):
+            lacks = [k for k in ("file", "tokens") if not isinstance(shard, dict) or k not in shard]
+            if lacks:
+                raise ValueError(f"{path}: split {split!r} shard {i} is missing key(s) {', '.join(lacks)}")
+            # A bare name as prepare writes it: a path (absolute, a separator, ..) would read outside the folder.
+            if not isinstance(shard["file"], str) or not _SHARD_NAME.fullmatch(shard["file"]):
+                raise ValueError(f"{path}: split {split!r} shard {i} file={shard['file']!r}: must be a shard "
+                                 "name inside the folder such as train_000.npy (no path)")  # fmt: skip
     return m
 
 

@@ -311,10 +311,10 @@ def run_check(steps: Sequence[Step], out: Path, machine: dict | None = None) -> 
     return 0 if data["passed"] else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "gptmod gpu-check") -> argparse.ArgumentParser:
     checks, presets, batches = ", ".join(TF32_CHECKS), ", ".join(BENCH_PRESETS), "/".join(map(str, BENCH_BATCHES))
     p = argparse.ArgumentParser(
-        prog="gptmod gpu-check",
+        prog=prog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"""\
 The parity suite and the bench on one GPU, in one command, meant to finish under {TARGET_S // 60} minutes on one
@@ -344,8 +344,8 @@ a twin, 130 interrupted (Ctrl-C stops the running step and writes the partial su
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
+def main(argv: list[str] | None = None, *, prog: str = "gptmod gpu-check") -> int:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if args.timeout_scale <= 0:
         print(f"gptmod gpu-check: error: --timeout-scale {args.timeout_scale}: must be > 0", file=sys.stderr)

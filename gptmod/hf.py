@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptmod import textio
 from gptmod.weights import _fsync_dir, _read_safetensors
 
 PathLike = str | os.PathLike[str]
@@ -27,8 +29,15 @@ class HubUnavailableError(RuntimeError):
     """The Hugging Face hub could not be reached (offline machine, HF_HUB_OFFLINE, no network)."""
 
 
+class UnpicklingRefusedError(pickle.UnpicklingError, ValueError):
+    """A pytorch_model.bin that torch's restricted unpickler (weights_only=True) refuses. A ValueError, so the CLI
+    prints it as one line; never retried with weights_only=False."""
+
+
 # "gpt2" or "org/name": at most one slash, never starting with "." or "/" (those are local paths).
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# A name ending like a file is a local path that is not there, never a hub repo (`nope.safetensors`).
+FILE_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json", ".pt", ".pth", ".ckpt", ".npz", ".h5", ".msgpack", ".txt")
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -53,11 +62,27 @@ class Folder:
     files: list[str]
 
 
-def _torch_load(path: Path) -> Mapping[str, Any]:
+def torch_load(path: Path) -> Mapping[str, Any]:
+    """A pytorch_model.bin as a dict of tensors, through torch's restricted unpickler (weights_only=True): the one
+    place gptmod calls torch.load. A file that needs any other object is refused with a one-line error; never
+    retried with weights_only=False, which would run whatever code the file carries."""
     import torch
 
-    # weights_only: tensors and plain containers only; no arbitrary object is ever unpickled.
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the refused global ("GLOBAL module.Class") when there is one; a corrupt file has none.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it holds a {found.group(1)} object" if found else "it is corrupt or holds objects beyond tensors"
+        raise UnpicklingRefusedError(
+            f"{path}: refused: torch's restricted unpickler (weights_only=True) cannot read it ({what}), and loading "
+            "it otherwise needs unpickling arbitrary Python objects, which gptmod never does (it could run code). "
+            "Convert it to safetensors with a tool you trust and pass that file or its folder"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # not a torch archive, truncated, unreadable
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: not a readable PyTorch weight file ({type(e).__name__}: {e})") from None
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     return sd
@@ -66,7 +91,7 @@ def _torch_load(path: Path) -> Mapping[str, Any]:
 def read_file(path: Path) -> Mapping[str, Any]:
     """One weight file: safetensors, or a pytorch_model.bin read with weights_only=True."""
     if path.suffix == ".bin":
-        return _torch_load(path)
+        return torch_load(path)
     return _read_safetensors(path)[0]
 
 
@@ -76,7 +101,7 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(textio.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(config, dict):
@@ -92,7 +117,7 @@ def read_folder(folder: Path) -> Folder:
             continue
         if name.endswith(".index.json"):  # sharded: the index maps each tensor to its shard
             try:
-                weight_map = json.loads((folder / name).read_text())["weight_map"]
+                weight_map = json.loads(textio.read_text(folder / name))["weight_map"]
                 shards = sorted(set(weight_map.values()))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{folder / name}: not a valid shard index ({type(e).__name__}: {e})") from None
@@ -149,12 +174,20 @@ def download(repo_id: str) -> Path:
     return folder
 
 
+def is_repo_id(source: Any) -> bool:
+    """Whether `source` reads as a hub repo id, `name` or `owner/name` with the hub's characters, and not as a file
+    path (no file suffix such as .safetensors, no `..`, no leading `.`, `/` or `~`)."""
+    if not isinstance(source, str) or not REPO_ID.fullmatch(source) or ".." in source:
+        return False
+    return not source.lower().endswith(FILE_SUFFIXES)
+
+
 def resolve(source: PathLike) -> Path:
     """A local folder as it is, or a hub id downloaded (an existing folder wins over a repo id of the same name)."""
     path = Path(source)
     if path.is_dir():
         return path
-    if isinstance(source, str) and REPO_ID.fullmatch(source) and not path.exists():
+    if is_repo_id(source) and not path.exists():
         return download(source)
     raise FileNotFoundError(f"no such file or folder: {source}" if not path.exists() else f"{source} is not a folder")
 

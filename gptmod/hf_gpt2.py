@@ -42,7 +42,7 @@ def _read_source(source: Any) -> _Source:
         path = Path(source)
         if path.is_file():
             raw = hf.read_file(path)
-        elif path.is_dir() or (isinstance(source, str) and hf.REPO_ID.fullmatch(source)):
+        elif path.is_dir() or hf.is_repo_id(source):
             folder = hf.read_folder(hf.resolve(source))
             raw, hf_config = folder.tensors, folder.config
         else:
@@ -61,6 +61,14 @@ def _read_source(source: Any) -> _Source:
     for name, value in raw.items():
         tensors[str(name).removeprefix("transformer.")] = value
     return _Source(tensors, hf_config)
+
+
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _dtype(value: Any) -> str:
+    """A torch or numpy tensor's dtype name, without torch's prefix."""
+    return str(value.dtype).removeprefix("torch.")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -195,8 +203,15 @@ def from_hf_gpt2(source: Any, cfg: ModelConfig, *, seed: int = 0,
            for s in plan.steps for n in s.sources if _shape(tensors[n]) != shapes[n]]  # fmt: skip
     if bad:
         raise StateError("from_hf_gpt2: source tensors with the wrong shape:\n" + "\n".join(dict.fromkeys(bad)))
+    # Weights are floats; an integer or bool tensor (quantized, or not weights at all) is never cast silently.
+    not_float = [f"  {n}: dtype {_dtype(tensors[n])}" for n in needed if _dtype(tensors[n]) not in _FLOAT_DTYPES]
+    if not_float:
+        raise StateError(f"from_hf_gpt2: {len(not_float)} source tensor(s) are not floats (allowed: "
+                         f"{', '.join(_FLOAT_DTYPES)}; nothing is cast):\n" + "\n".join(not_float))  # fmt: skip
 
     report = TransferReport(notes=list(plan.notes))
+    if any(_dtype(tensors[n]) == "float64" for n in needed):
+        report.notes.append("float64 source tensors rounded to float32 (canonical state is float32)")
     leftover = [k for k in tensors if k not in needed]
     unexpected = [k for k in leftover if k not in plan.dropped and not _MASK_BUFFER.fullmatch(k)
                   and k != "lm_head.weight"]  # fmt: skip

@@ -49,6 +49,8 @@ class LoadReport:
     transfer: TransferReport | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # A `gptmod train` checkpoint: step, framework, val_loss (and val_step, the step it was measured at), as known.
+    training: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items(), key=lambda x: -x[1]))
@@ -114,18 +116,24 @@ def load(source: str | os.PathLike[str], *, dtype: str | None = None, progress: 
         raise ValueError(f"load: dtype={dtype!r}: must be one of {', '.join(DTYPES)}, or None")
     start = time.perf_counter()
     text = str(source)
-    path = smollm2_path() if text == SMOLLM2 else Path(source)
-    if path.suffix in (".gguf", ".safetensors") and not path.exists():  # a file name, never a hub id
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = smollm2_path() if text == SMOLLM2 else Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         out = _load_gguf(path, progress)
     elif path.is_file() and path.suffix == ".safetensors":
         out = _load_checkpoint(path)
     elif path.is_file():
         raise ValueError(f"{path}: not a model file gptmod reads (.gguf, a gptmod .safetensors, or an HF folder)")
-    elif path.is_dir() and not (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        out = _load_checkpoint(path / "model.safetensors")  # a `gptmod train` run folder
+    elif path.is_dir():
+        out = _load_folder(path, progress)
+    elif path.exists():
+        raise ValueError(f"{path}: neither a file nor a folder (a FIFO, socket or device)")
     else:
+        from gptmod import hf
+
+        if text.lower().endswith(hf.FILE_SUFFIXES):  # a file name, never a hub id
+            raise FileNotFoundError(f"checkpoint not found: {text}: no such file")
+        if not hf.is_repo_id(text):  # a local path that is not there: never a hub download
+            raise FileNotFoundError(f"no such file or folder: {text} (and not a hub repo id, NAME or OWNER/NAME)")
         out = _load_hf(text, progress)
     out.report.source = text
     if dtype is not None:
@@ -133,6 +141,28 @@ def load(source: str | os.PathLike[str], *, dtype: str | None = None, progress: 
         out.report.notes.append(f"cast to {dtype}")
     out.report.seconds = time.perf_counter() - start
     return out
+
+
+def _load_folder(path: Path, progress: bool | None) -> Pretrained:
+    """A local folder: a Hugging Face model (config.json), a `gptmod train` run folder (its final model.safetensors,
+    else the checkpoint its `latest` names) or one step_N/ checkpoint of a run (its model.safetensors)."""
+    if (path / "config.json").is_file():
+        return _load_hf(str(path), progress)
+    if (path / "model.safetensors").is_file():
+        return _load_checkpoint(path / "model.safetensors")
+    if (path / "latest").is_file():
+        from gptmod import training
+
+        step = training.latest_checkpoint(path)  # named errors for a dangling pointer
+        if step is None or not (step / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path / 'latest'} names {step}, which holds no model.safetensors")
+        return _load_checkpoint(step / "model.safetensors")
+    steps = sorted(p.name for p in path.glob("step_*") if p.is_dir())
+    if steps:
+        raise FileNotFoundError(f"{path}: a training run folder with {', '.join(steps[-3:])} but neither "
+                                "model.safetensors nor a `latest` pointer; pass a step folder itself")  # fmt: skip
+    raise FileNotFoundError(f"{path}: no config.json (so not a Hugging Face model folder), and no model.safetensors "
+                            "or `latest` (so not a gptmod training run)")  # fmt: skip
 
 
 def cast(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
@@ -207,7 +237,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        from gptmod import textio
+
+        data = json.loads(textio.read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
     return data if isinstance(data, dict) else {}
@@ -234,7 +266,44 @@ def _load_checkpoint(path: Path) -> Pretrained:
     report = LoadReport("", "gptmod", str(path), [path.name], types, where)
     if "transfer" in meta:
         report.notes.append(f"transfer: {meta['transfer']}")
+    report.training = _training_info(path, meta, report.notes)
     return Pretrained(cfg, state, tok, meta.get(META_CHAT_TEMPLATE), eos, report)
+
+
+def _training_info(path: Path, meta: Mapping[str, str], notes: list[str]) -> dict[str, Any]:
+    """What a training checkpoint tells beyond its weights: the step (its metadata, or trainer.json), the framework
+    (trainer.json of its step folder, or of the run's latest checkpoint) and the last validation loss at or before
+    that step (the run's log.jsonl). Unreadable side files become notes, never errors: the weights are fine."""
+    info: dict[str, Any] = {}
+    if meta.get("step", "").isdigit():
+        info["step"] = int(meta["step"])
+    folder = path.parent
+    step_dir = folder if (folder / "trainer.json").is_file() else None
+    run_dir = folder.parent if step_dir is not None else folder
+    if step_dir is None and (run_dir / "latest").is_file() and path.name == "model.safetensors":
+        latest = run_dir / (run_dir / "latest").read_text(errors="replace").strip()
+        step_dir = latest if latest.parent == run_dir and (latest / "trainer.json").is_file() else None
+    if step_dir is not None:
+        try:
+            trainer = json.loads((step_dir / "trainer.json").read_text())
+            if isinstance(trainer, dict):
+                if isinstance(trainer.get("framework"), str):
+                    info["framework"] = trainer["framework"]
+                if folder == step_dir and isinstance(trainer.get("step"), int):
+                    info.setdefault("step", trainer["step"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            notes.append(f"{step_dir / 'trainer.json'} unreadable ({type(e).__name__}: {e})")
+    log = run_dir / "log.jsonl"
+    if info and log.is_file():
+        try:
+            for line in log.read_text().splitlines():
+                row = json.loads(line)
+                step = row.get("step") if isinstance(row, dict) else None
+                if isinstance(step, int) and "val_loss" in row and step <= info.get("step", step):
+                    info["val_loss"], info["val_step"] = row["val_loss"], step
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            notes.append(f"{log} unreadable ({type(e).__name__}: {e}); no validation loss shown")
+    return info
 
 
 def checkpoint_metadata(p: Pretrained) -> dict[str, str]:

@@ -7,24 +7,36 @@ a bad value is refused with the same message in both, before anything is traced 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+import numpy as np
 
 from gptmod.config import ModelConfig
 
 MIN_BUCKET = 16
 STOP_BUCKET = 4  # stop ids travel as a fixed-size array padded with -1: up to 4 ids share one JAX program
 SESSION_MIN_CAPACITY = 256  # a Session's first KV cache; it grows by doubling, up to its max_len
+# Temperatures below the smallest normal fp32 number are greedy, their limit: the fp32 sampling arithmetic cannot
+# hold them (XLA's CPU flushes subnormals to zero, so T would become 0 and 0/0 NaN). Above it, filter_logits
+# subtracts each row's maximum before dividing, so a tiny T sends every other logit to -inf, never to NaN.
+GREEDY_BELOW = 2.0**-126  # 1.1754944e-38
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): JAX's key takes a signed 64-bit integer
 
 StopIds = int | Sequence[int] | None
 
 
+class IgnoredFiltersWarning(UserWarning):
+    """top_k / top_p / min_p given with a greedy temperature: they change nothing (greedy takes the argmax)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy. Filters apply in this order, on fp32 logits: temperature, top-k
-    (keep logits >= the k-th largest, ties kept), top-p (keep the smallest set of most likely tokens
-    whose mass reaches p, ties at the cut kept), min-p (keep p >= min_p * max p)."""
+    """temperature 0 is greedy (so is any T below GREEDY_BELOW, its limit). Filters apply in this order, on fp32
+    logits: temperature, top-k (keep logits >= the k-th largest, ties kept), top-p (keep the smallest set of
+    most likely tokens whose mass reaches p, ties at the cut kept), min-p (keep p >= min_p * max p)."""
 
     temperature: float = 0.0
     top_k: int | None = None
@@ -46,12 +58,17 @@ class SamplingParams:
         if self.min_p is not None and not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
             raise ValueError(f"min_p={self.min_p!r}: must be in [0, 1], or None for no min-p")
         object.__setattr__(self, "eos_id", _check_stop_ids(self.eos_id))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r}: must be an int")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
+        if self.greedy and (self.top_k, self.top_p, self.min_p) != (None, None, None):
+            given = ", ".join(f"{k}={v}" for k, v in (("top_k", self.top_k), ("top_p", self.top_p),
+                                                      ("min_p", self.min_p)) if v is not None)  # fmt: skip
+            warnings.warn(f"{given} ignored: temperature={t} is greedy (argmax); set temperature > 0 to sample",
+                          IgnoredFiltersWarning, stacklevel=3)  # fmt: skip
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def flags(self) -> Flags:
         # top_p = 1 and min_p = 0 filter nothing; skipping them also keeps fp32 cumsum rounding out of it.
@@ -178,14 +195,26 @@ def bucket(n: int, cap: int) -> int:
     return min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
+def batch_bucket(n: int) -> int:
+    """Next power of two >= n: the rows a generate call runs, so new batch sizes reuse compilations (JAX's
+    jit, torch.compile) instead of compiling one program per size. The extra rows are padding, marked done
+    from the start; rows never interact, so they cannot change the real rows' tokens."""
+    return 1 << (n - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class Plan:
     """Static shapes of one generate call."""
 
-    batch: int
+    batch: int  # prompts: the real rows
     prompt_len: int  # padded prompt length (bucketed)
     new_len: int  # room for new tokens (bucketed)
     cache_len: int  # KV cache length
+    rows: int = 0  # rows run (batch_bucket(batch)): the batch real ones, then padding; 0 means batch
+
+    def __post_init__(self) -> None:
+        if self.rows == 0:
+            object.__setattr__(self, "rows", self.batch)
 
 
 def plan(prompts: list[list[int]], max_new_tokens: int, cfg: ModelConfig) -> Plan:
@@ -194,7 +223,26 @@ def plan(prompts: list[list[int]], max_new_tokens: int, cfg: ModelConfig) -> Pla
     new_len = bucket(max_new_tokens, cfg.max_seq_len)
     # >= longest + max_new_tokens (checked by check_prompts) and >= prompt_len: no write can fall off the end.
     cache_len = min(cfg.max_seq_len, prompt_len + new_len)
-    return Plan(len(prompts), prompt_len, new_len, cache_len)
+    return Plan(len(prompts), prompt_len, new_len, cache_len, batch_bucket(len(prompts)))
+
+
+def padded_prompts(prompts: list[list[int]], p: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens (rows, prompt_len) int32 right-padded with 0, lengths (rows,), live (rows,) bool): the padding
+    rows are a one-token prompt of id 0 and not live."""
+    tokens_BP = np.zeros((p.rows, p.prompt_len), np.int32)
+    for b, ids in enumerate(prompts):
+        tokens_BP[b, : len(ids)] = ids
+    lens_B = np.ones(p.rows, np.int32)
+    lens_B[: p.batch] = [len(ids) for ids in prompts]
+    return tokens_BP, lens_B, np.arange(p.rows) < p.batch
+
+
+def check_cache_shape(batch: object, max_len: object, cfg: ModelConfig) -> None:
+    """setup_cache's arguments, in both twins: batch an int >= 1, max_len an int in [1, max_seq_len]."""
+    if not _is_int(batch) or batch < 1:
+        raise ValueError(f"cache batch={batch!r}: must be an int >= 1")
+    if not _is_int(max_len) or not 1 <= max_len <= cfg.max_seq_len:
+        raise ValueError(f"cache max_len={max_len!r}: must be in [1, max_seq_len={cfg.max_seq_len}], an int")
 
 
 def trim(rows: Sequence[Sequence[int]], counts: Sequence[int], eos_id: StopIds) -> list[list[int]]:

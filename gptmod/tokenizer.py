@@ -44,6 +44,8 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from gptmod import textio
+
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = "<|endoftext|>"
 EOT_ID = 50256
@@ -73,9 +75,25 @@ def encode(text: str, *, allow_eot: bool = False) -> list[int]:
     return gpt2_encoding().encode(text, allowed_special={EOT} if allow_eot else set())
 
 
+def _unknown_id(token_id: int, vocab_size: int) -> str:
+    """The error for an id the tokenizer lacks: a model whose vocabulary is padded (e.g. 50304 for GPT-2's 50257
+    tokens, for faster matmuls) can generate ids that no token has, and they are never decoded to a guess."""
+    if token_id < 0:
+        return f"token id {token_id} is outside the vocabulary [0, {vocab_size}): ids are never negative"
+    return (
+        f"token id {token_id} is outside the vocabulary [0, {vocab_size}) of the tokenizer ({vocab_size} tokens): "
+        "the model's vocabulary is padded beyond the tokenizer's, and it produced a padding id"
+    )
+
+
 def decode(ids: Iterable[int]) -> str:
-    """Text of token ids; invalid UTF-8 (a split multi-byte character) becomes U+FFFD."""
-    return gpt2_encoding().decode(list(ids))
+    """Text of token ids; invalid UTF-8 (a split multi-byte character) becomes U+FFFD. An id GPT-2 lacks is a
+    ValueError naming it."""
+    ids = [int(i) for i in ids]
+    enc = gpt2_encoding()
+    if (bad := next((i for i in ids if not 0 <= i < enc.n_vocab), None)) is not None:
+        raise ValueError(_unknown_id(bad, enc.n_vocab))
+    return enc.decode(ids)
 
 
 class StreamDecoder:
@@ -87,6 +105,8 @@ class StreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
+        if not 0 <= token_id < self._enc.n_vocab:
+            raise ValueError(_unknown_id(token_id, self._enc.n_vocab))
         return self._utf8.decode(self._enc.decode_single_token_bytes(token_id))
 
     def flush(self) -> str:
@@ -273,8 +293,7 @@ class Tokenizer:
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         ids = [int(i) for i in ids]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(_unknown_id(next(i for i in ids if not 0 <= i < self.vocab_size), self.vocab_size))
         if self._holes and not self._holes.isdisjoint(ids):
             raise ValueError(f"token id {next(i for i in ids if i in self._holes)} has no text in the vocabulary")
         return ids
@@ -517,7 +536,10 @@ def _gpt2_vocab_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    value = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        value = json.loads(textio.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -539,7 +561,7 @@ def hf_chat_template(folder: str | Path) -> str | None:
     folder = Path(folder)
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return textio.read_text(jinja)
     value = _read_json(folder / "tokenizer_config.json").get("chat_template")
     if value is None or isinstance(value, str):
         return value
@@ -565,7 +587,12 @@ def from_hf_folder(folder: str | Path) -> Tokenizer:
             f"{folder}: no tokenizer.json; an HF tokenizer folder needs the fast-tokenizer file "
             "(slow-only files such as tokenizer.model or vocab.json + merges.txt are not read)"
         )
-    backend = tokenizers.Tokenizer.from_file(str(path))
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises a bare Exception for a malformed file
+        raise ValueError(
+            f"{path}: not a tokenizer.json the tokenizers library reads ({' '.join(str(e).split())})"
+        ) from None
     config = _read_json(folder / "tokenizer_config.json")
     special_map = _read_json(folder / "special_tokens_map.json")
     generation = _read_json(folder / "generation_config.json")

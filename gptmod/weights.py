@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import stat
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ from gptmod.config import ModelConfig
 
 FORMAT = "gptmod-canonical-v1"
 _RESERVED_METADATA = ("format", "gptmod_config")
+# What a gptmod checkpoint may store. Anything else (float64, integers, bool) is refused, never cast: an integer
+# tensor in a float checkpoint is a quantized or foreign file whose values would be silently wrong as floats.
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 
 PathLike = str | os.PathLike[str]
 
@@ -69,6 +73,35 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 class StateError(ValueError):
     """A state does not fit its model: lists every missing, unexpected and mis-shaped key at once."""
+
+
+class NonFiniteError(ValueError):
+    """A state to save holds NaN or infinite values (named by tensor and count)."""
+
+
+def check_dtypes(state: Mapping[str, Any], *, what: str = "state") -> None:
+    """Raise StateError naming every tensor whose dtype is not one of CHECKPOINT_DTYPES."""
+    bad = [f"  {k}: dtype {np.asarray(v).dtype}" for k, v in state.items()
+           if str(np.asarray(v).dtype) not in CHECKPOINT_DTYPES]  # fmt: skip
+    if bad:
+        raise StateError(f"{what}: {len(bad)} tensor(s) of a dtype a gptmod checkpoint does not hold (allowed: "
+                         f"{', '.join(CHECKPOINT_DTYPES)}; nothing is cast):\n" + "\n".join(bad))  # fmt: skip
+
+
+def non_finite(state: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Tensor name -> number of NaN or infinite values, for the tensors that have any."""
+    counts = {}
+    for k, v in state.items():
+        n = int(v.size - np.count_nonzero(np.isfinite(v)))
+        if n:
+            counts[k] = n
+    return counts
+
+
+def _describe_non_finite(counts: Mapping[str, int], state: Mapping[str, np.ndarray]) -> str:
+    shown = ", ".join(f"{k} ({n:,} of {state[k].size:,})" for k, n in list(counts.items())[:8])
+    more = f" and {len(counts) - 8} more" if len(counts) > 8 else ""
+    return f"{len(counts)} tensor(s) hold NaN or infinite values: {shown}{more}"
 
 
 def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], *, what: str = "state") -> None:
@@ -122,6 +155,10 @@ def save(path: PathLike, state: Mapping[str, Any], cfg: ModelConfig, *, metadata
             arrays[k] = np.ascontiguousarray(np.asarray(v))
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"save: {k} is not convertible to a numpy array ({type(v).__name__}: {e})") from None
+    check_dtypes(arrays, what=f"state to save to {path}")
+    # A checkpoint of NaN weights is a broken run reported as a finished one: refuse it, naming the tensors.
+    if bad := non_finite(arrays):
+        raise NonFiniteError(f"save: refusing to write {path}: {_describe_non_finite(bad, arrays)}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # Created with 0o666 so the umask applies, as for any new file; its mode is what the checkpoint should get.
@@ -188,6 +225,10 @@ def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
         raise ValueError(f"{path}: invalid config in metadata: {e}") from None
     expected = canonical_shapes(cfg)
     check_state(expected, state, what=f"checkpoint {path}")
+    check_dtypes(state, what=f"checkpoint {path}")
+    # Loaded with a warning, not refused: a user may want to inspect a broken checkpoint (`save` refuses them).
+    if bad := non_finite(state):
+        warnings.warn(f"checkpoint {path}: {_describe_non_finite(bad, state)}", RuntimeWarning, stacklevel=2)
     return {k: state[k] for k in expected}, cfg  # safetensors stores keys sorted; give them back in model order
 
 

@@ -15,6 +15,7 @@ calls (chat): each call prefills only what the cache does not already hold.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -34,6 +35,7 @@ from gptmod.sampling import (
     check_session_len,
     check_turn,
     common_prefix,
+    padded_prompts,
     plan,
     session_capacity,
     trim,
@@ -67,7 +69,10 @@ def is_stop(tok_B: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:
 def filter_logits(logits_BV: jax.Array, knobs: Knobs, flags: Flags) -> jax.Array:
     """Temperature, then top-k, top-p and min-p as thresholds (ties kept), in fp32; disallowed -> -inf.
     The same arithmetic as the torch twin, so both allow the very same tokens."""
-    x_BV = logits_BV.astype(jnp.float32) / knobs.temperature
+    # The maximum subtracted first: the top logit is then 0 and no temperature can overflow the others to inf
+    # (a tiny T sends them to -inf, which is the argmax, T's limit; see gptmod.sampling.GREEDY_BELOW).
+    x_BV = logits_BV.astype(jnp.float32)
+    x_BV = (x_BV - x_BV.max(axis=-1, keepdims=True)) / knobs.temperature
     if flags.top_k:
         sorted_BV = -jnp.sort(-x_BV, axis=-1)
         kth_B1 = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(knobs.top_k - 1, (x_BV.shape[0], 1)), axis=-1)
@@ -174,22 +179,22 @@ class _Step(NamedTuple):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "plan", "flags", "use_cache", "scan_layers"))
-def _generate(graphdef, params, tokens_BP, lens_B, max_new, knobs: Knobs, key, *, plan: Plan, flags: Flags,
+def _generate(graphdef, params, tokens_BP, lens_B, live_B, max_new, knobs: Knobs, key, *, plan: Plan, flags: Flags,
               use_cache: bool = True, scan_layers: bool = False):  # fmt: skip
     model = nnx.merge(graphdef, params)
     key, sub = jax.random.split(key)
-    rows_B = jnp.arange(plan.batch)
+    rows_B = jnp.arange(plan.rows)
     if use_cache:
-        model.setup_cache(plan.batch, plan.cache_len)  # allocated inside the jit: nothing to transfer or donate
+        model.setup_cache(plan.rows, plan.cache_len)  # allocated inside the jit: nothing to transfer or donate
     net = ScannedLayers(model) if scan_layers else model
     if use_cache:
         tok_B = sample(prefill(net, tokens_BP, lens_B), sub, knobs, flags)
         context, with_cache = _cache_state(net)
     else:
-        context = jnp.zeros((plan.batch, plan.cache_len), jnp.int32).at[:, : plan.prompt_len].set(tokens_BP)
+        context = jnp.zeros((plan.rows, plan.cache_len), jnp.int32).at[:, : plan.prompt_len].set(tokens_BP)
         tok_B = sample(recompute_logits(net, context, lens_B - 1), sub, knobs, flags)
-    out_BN = jnp.zeros((plan.batch, plan.new_len), jnp.int32).at[:, 0].set(tok_B)
-    done_B = is_stop(tok_B, knobs, flags)
+    out_BN = jnp.zeros((plan.rows, plan.new_len), jnp.int32).at[:, 0].set(tok_B)
+    done_B = is_stop(tok_B, knobs, flags) | ~live_B  # padding rows are done from the start
 
     def cond(s: _Step) -> jax.Array:
         return (s.i < max_new) & ~jnp.all(s.done_B)
@@ -216,11 +221,8 @@ def _prepare(model: GPT, prompts, max_new_tokens: int, params: SamplingParams):
         raise ValueError("generate: the model already holds a KV cache; call model.clear_cache() first")
     prompts = check_request(prompts, model.cfg, max_new_tokens, params)
     p = plan(prompts, max_new_tokens, model.cfg)
-    tokens_BP = np.zeros((p.batch, p.prompt_len), np.int32)
-    for b, ids in enumerate(prompts):
-        tokens_BP[b, : len(ids)] = ids
-    lens_B = np.array([len(ids) for ids in prompts], np.int32)
-    return p, jnp.asarray(tokens_BP), jnp.asarray(lens_B)
+    tokens_BP, lens_B, live_B = padded_prompts(prompts, p)
+    return p, jnp.asarray(tokens_BP), jnp.asarray(lens_B), live_B
 
 
 def generate(
@@ -245,14 +247,15 @@ def generate(
     runs the blocks under `lax.scan` (`ScannedLayers`): the same tokens, compiled once per block
     instead of once per layer (JAX only: torch has no compile step that grows with depth this way)."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
-    p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
+    p, tokens_BP, lens_B, live_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
     graphdef, state = nnx.split(model, nnx.Param)
-    out_BN, n = _generate(graphdef, state, tokens_BP, lens_B, jnp.int32(max_new_tokens), knobs,
-                          jax.random.key(seed), plan=p, flags=flags, use_cache=bool(use_cache),
-                          scan_layers=bool(scan_layers))  # fmt: skip
+    # The static plan holds only the rows run (not the real batch), so batch sizes in one bucket share a program.
+    out_BN, n = _generate(graphdef, state, tokens_BP, lens_B, jnp.asarray(live_B), jnp.int32(max_new_tokens), knobs,
+                          jax.random.key(seed), plan=dataclasses.replace(p, batch=p.rows), flags=flags,
+                          use_cache=bool(use_cache), scan_layers=bool(scan_layers))  # fmt: skip
     n = int(n)
-    return trim(np.asarray(out_BN), [n] * p.batch, eos_id)
+    return trim(np.asarray(out_BN)[: p.batch], [n] * p.batch, eos_id)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))
@@ -295,45 +298,45 @@ def generate_stream(
     XLA updates it in place instead of copying it every token. `use_cache=False` recomputes the
     whole (padded) context every step instead."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
-    p, tokens_BP, lens_B = _prepare(model, prompts, max_new_tokens, params)
+    p, tokens_BP, lens_B, live_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
     if not use_cache:
-        yield from _recompute_stream(model, p, tokens_BP, lens_B, max_new_tokens, knobs, flags, params)
+        yield from _recompute_stream(model, p, tokens_BP, lens_B, live_B, max_new_tokens, knobs, flags, params)
         return
-    model.setup_cache(p.batch, p.cache_len)
+    model.setup_cache(p.rows, p.cache_len)
     try:
         graphdef, state, cache = nnx.split(model, nnx.Param, nnx.Cache)
     finally:
         model.clear_cache()  # the caller's model is left as it was
     tok_B, cache, key = _prefill_step(graphdef, state, cache, tokens_BP, lens_B, knobs, jax.random.key(seed),
                                       flags=flags)  # fmt: skip
-    done = np.zeros(p.batch, bool)
+    done = ~live_B  # padding rows: done from the start, never yielded
     for i in range(max_new_tokens):
         if i > 0:
             tok_B, cache, key = _decode_step(graphdef, state, cache, tok_B, lens_B + i - 1, knobs, key,
                                              flags=flags)  # fmt: skip
         toks = np.asarray(tok_B)
-        yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
+        yield [None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)]
         if flags.eos:
             done |= np.isin(toks, params.eos_ids)
             if done.all():
                 return
 
 
-def _recompute_stream(model: GPT, p: Plan, tokens_BP, lens_B, max_new_tokens: int, knobs: Knobs, flags: Flags,
-                      params: SamplingParams) -> Iterator[list[int | None]]:  # fmt: skip
+def _recompute_stream(model: GPT, p: Plan, tokens_BP, lens_B, live_B: np.ndarray, max_new_tokens: int, knobs: Knobs,
+                      flags: Flags, params: SamplingParams) -> Iterator[list[int | None]]:  # fmt: skip
     graphdef, state = nnx.split(model, nnx.Param)
-    tokens_BL = jnp.zeros((p.batch, p.cache_len), jnp.int32).at[:, : p.prompt_len].set(tokens_BP)
-    rows_B = jnp.arange(p.batch)
+    tokens_BL = jnp.zeros((p.rows, p.cache_len), jnp.int32).at[:, : p.prompt_len].set(tokens_BP)
+    rows_B = jnp.arange(p.rows)
     tok_B, key = _recompute_step(graphdef, state, tokens_BL, lens_B - 1, knobs, jax.random.key(params.seed),
                                  flags=flags)  # fmt: skip
-    done = np.zeros(p.batch, bool)
+    done = ~live_B
     for i in range(max_new_tokens):
         if i > 0:
             tokens_BL = tokens_BL.at[rows_B, lens_B + i - 1].set(tok_B)
             tok_B, key = _recompute_step(graphdef, state, tokens_BL, lens_B + i - 1, knobs, key, flags=flags)
         toks = np.asarray(tok_B)
-        yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
+        yield [None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)]
         if flags.eos:
             done |= np.isin(toks, params.eos_ids)
             if done.all():

@@ -17,6 +17,7 @@ from flax import nnx
 
 from gptmod.backends import BackendUnavailableError, check_backend_name, jax_cudnn_unmet
 from gptmod.config import ModelConfig
+from gptmod.sampling import check_cache_shape
 from gptmod.weights import check_state
 from gptmod_jax import sharding  # logical axis names on parameters and the KV cache
 from gptmod_jax.kernels import Linear, linear  # weights (out, in) as in torch; decode-shaped on the CPU
@@ -200,8 +201,9 @@ class KVCache(nnx.Module):
     `nnx.split(model, nnx.Param, nnx.Cache)` hands it to a jitted loop as pure state.
 
     Each row writes at its own positions, so ragged batches need no shifting. Capacity is checked
-    by the caller (GPT.__call__ and generate) before anything is written: a scatter past the end
-    would be dropped without an error."""
+    by the caller (GPT.__call__ and generate) before anything is written; under jit, where it cannot be,
+    an out-of-range position's write is dropped (never wrapped onto a real entry) and GPT.embed makes
+    that token's logits NaN."""
 
     def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype: jnp.dtype):
         axes = ("batch", "kv_heads", None, None)
@@ -213,6 +215,8 @@ class KVCache(nnx.Module):
         return self.v.shape[2]
 
     def update(self, pos_BT: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # A negative index would wrap onto the end; sent to `capacity` instead, it is out of bounds and dropped.
+        pos_BT = jnp.where((pos_BT >= 0) & (pos_BT < self.capacity), pos_BT, self.capacity)
         if sharding.mesh_active():  # each row written on the devices that hold it: see sharding.write_rows
             self.k[...], self.v[...] = sharding.write_rows(self.k[...], self.v[...], pos_BT, k_BTKH, v_BTKH)
         else:
@@ -342,8 +346,7 @@ class GPT(nnx.Module):
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
         """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
-        if not 1 <= max_len <= self.cfg.max_seq_len:
-            raise ValueError(f"cache max_len={max_len}: must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        check_cache_shape(batch, max_len, self.cfg)
         dtype = self.tok_emb.embedding.dtype
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype)
@@ -353,11 +356,21 @@ class GPT(nnx.Module):
             block.attn.kv_cache = None
 
     def check_input(self, idx_BT: jax.Array, pos_BT: jax.Array | None) -> None:
-        """Token ids, length and positions are checked up front: JAX's gather would NaN-fill a bad
-        id and a scatter past the cache end would be dropped, both without an error."""
+        """Token ids, length and positions are checked up front, where their values are known: a bad id
+        would wrap (negative) or gather NaN, a write past the cache end would be dropped. Under jit only
+        types and shapes can be: `embed` then turns a bad id or position into NaN logits."""
+        if not isinstance(idx_BT, (jax.Array, np.ndarray)):
+            raise ValueError(f"idx: expected an integer (batch, time) jax or numpy array, got {type(idx_BT).__name__}")
         if idx_BT.ndim != 2 or not jnp.issubdtype(idx_BT.dtype, jnp.integer):
             raise ValueError(f"idx: expected an integer (batch, time) array, got {idx_BT.dtype} {tuple(idx_BT.shape)}")
-        T = idx_BT.shape[1]
+        B, T = idx_BT.shape
+        if B < 1:
+            raise ValueError(f"idx: batch {B}: must be >= 1")
+        if pos_BT is not None and (
+            not isinstance(pos_BT, (jax.Array, np.ndarray)) or not jnp.issubdtype(pos_BT.dtype, jnp.integer)
+        ):
+            kind = getattr(pos_BT, "dtype", type(pos_BT).__name__)
+            raise ValueError(f"positions: expected an integer (batch, time) array, got {kind}")
         if not 1 <= T <= self.cfg.max_seq_len:
             raise ValueError(f"idx: sequence length {T} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
         cache = self.blocks[0].attn.kv_cache
@@ -403,6 +416,12 @@ class GPT(nnx.Module):
         elif cache is not None:  # bottom-right causal over the cache: key s is visible from position p iff s <= p
             mask_BTS = jnp.arange(cache.capacity) <= positions_BT[..., None]
         x_BTD = self.tok_emb(idx_BT)
+        # Under jit check_input cannot see values: a bad id (a negative one would wrap onto the vocabulary's end)
+        # or a position outside the cache gives NaN, never the logits of some other token or position.
+        valid_BT = (idx_BT >= 0) & (idx_BT < self.cfg.vocab_size)
+        if cache is not None:
+            valid_BT &= (positions_BT >= 0) & (positions_BT < cache.capacity)
+        x_BTD = jnp.where(valid_BT[..., None], x_BTD, jnp.nan)
         rope = None
         if self.pos_emb is not None:
             x_BTD = x_BTD + self.pos_emb(positions_BT)

@@ -30,6 +30,7 @@ from gptmod.sampling import (
     check_session_len,
     check_turn,
     common_prefix,
+    padded_prompts,
     plan,
     session_capacity,
     trim,
@@ -60,7 +61,10 @@ def is_stop(tok_B: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.Tensor:
 def filter_logits(logits_BV: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p as thresholds (ties kept), in fp32; disallowed -> -inf.
     The same arithmetic as the JAX twin, so both allow the very same tokens."""
-    x_BV = logits_BV.float() / knobs.temperature
+    # The maximum subtracted first: the top logit is then 0 and no temperature can overflow the others to inf
+    # (a tiny T sends them to -inf, which is the argmax, T's limit; see gptmod.sampling.GREEDY_BELOW).
+    x_BV = logits_BV.float()
+    x_BV = (x_BV - x_BV.amax(dim=-1, keepdim=True)) / knobs.temperature
     if flags.top_k:
         sorted_BV = torch.sort(x_BV, dim=-1, descending=True).values
         kth_B1 = sorted_BV[:, knobs.top_k - 1 : knobs.top_k]
@@ -143,6 +147,14 @@ def _check_mode(model: GPT, mode: str | None) -> None:
 # (step, mode) -> the compiled step; parity.mutations clears it, so a patched function is traced anew.
 _compiled: dict[tuple[Callable, str], Callable] = {}
 
+# Graphs one compiled step may hold, one per (rows, cache length). Both are bucketed (powers of two, see
+# gptmod.sampling.plan), but a notebook or server still meets more than dynamo's default of 8, and with fullgraph
+# dynamo would then fail (FailOnRecompileLimitHit) rather than fall back: the limit is raised deliberately, for these
+# steps only (the process-wide setting is left alone). dynamo's accumulated_recompile_limit (256) still caps it.
+RECOMPILE_LIMIT = 64
+# The config's name: "recompile_limit" since torch 2.6, "cache_size_limit" (still an alias) before.
+_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
 
 def _step_fn(step: Callable, mode: str | None) -> Callable:
     if mode is None:
@@ -151,9 +163,20 @@ def _step_fn(step: Callable, mode: str | None) -> Callable:
         # fullgraph: a graph break inside the step would quietly cost the speed compile is for. dynamic=False:
         # every input is a tensor of fixed shape and dtype (no Python int changes per step), so each batch and
         # cache size is one graph, compiled (and under "reduce-overhead" captured) once.
-        compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+        compiled = _with_recompile_limit(torch.compile(step, fullgraph=True, dynamic=False, mode=mode))
         _compiled[step, mode] = _graph_step(compiled) if mode == "reduce-overhead" else compiled
     return _compiled[step, mode]
+
+
+def _with_recompile_limit(compiled: Callable) -> Callable:
+    """`compiled`, called with dynamo's per-function recompile limit at least RECOMPILE_LIMIT."""
+
+    def step(*args: object) -> torch.Tensor:
+        limit = max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, _LIMIT_NAME))
+        with torch._dynamo.config.patch(**{_LIMIT_NAME: limit}):
+            return compiled(*args)
+
+    return step
 
 
 def _graph_step(compiled: Callable) -> Callable:
@@ -221,26 +244,25 @@ def generate_stream(
     _check_mode(model, mode)
     p = plan(prompts, max_new_tokens, model.cfg)
     device = model.tok_emb.weight.device
-    tokens_BP = torch.zeros((p.batch, p.prompt_len), dtype=torch.long, device=device)
-    for b, ids in enumerate(prompts):
-        tokens_BP[b, : len(ids)] = torch.tensor(ids)
-    lens_B = torch.tensor([len(ids) for ids in prompts], device=device)
+    tokens_np, lens_np, live_B = padded_prompts(prompts, p)
+    tokens_BP = torch.from_numpy(tokens_np).long().to(device)
+    lens_B = torch.from_numpy(lens_np).long().to(device)
     knobs, flags = _split_params(params)
     generator = torch.Generator(device=device).manual_seed(seed)
     if use_cache:
         decode = _step_fn(decode_one_token, mode)
-        _setup_cache(model, p.batch, p.cache_len, mode)
+        _setup_cache(model, p.rows, p.cache_len, mode)
     else:
         recompute = _step_fn(recompute_logits, mode)
-        tokens_BL = torch.zeros((p.batch, p.cache_len), dtype=torch.long, device=device)
+        tokens_BL = torch.zeros((p.rows, p.cache_len), dtype=torch.long, device=device)
         tokens_BL[:, : p.prompt_len] = tokens_BP
-        rows_B = torch.arange(p.batch, device=device)
+        rows_B = torch.arange(p.rows, device=device)
     try:
         if use_cache:
             tok_B = sample(prefill(model, tokens_BP, lens_B), generator, knobs, flags)
         else:
             tok_B = sample(recompute(model, tokens_BL, lens_B - 1), generator, knobs, flags)
-        done = np.zeros(p.batch, bool)
+        done = ~live_B  # padding rows: done from the start, never yielded
         for i in range(max_new_tokens):
             if i > 0 and use_cache:
                 tok_B = sample(decode(model, tok_B, lens_B + i - 1), generator, knobs, flags)
@@ -248,7 +270,7 @@ def generate_stream(
                 tokens_BL[rows_B, lens_B + i - 1] = tok_B
                 tok_B = sample(recompute(model, tokens_BL, lens_B + i - 1), generator, knobs, flags)
             toks = tok_B.cpu().numpy()
-            yield [None if d else int(t) for t, d in zip(toks, done, strict=True)]
+            yield [None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)]
             if flags.eos:
                 done |= is_stop(tok_B, knobs, flags).cpu().numpy()
                 if done.all():

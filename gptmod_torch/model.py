@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmod.backends import BackendUnavailableError, check_backend_name, torch_pinned_unmet
 from gptmod.config import ModelConfig
+from gptmod.sampling import check_cache_shape
 from gptmod.weights import check_state
 from gptmod_torch.kernels import Linear, linear  # nn.Linear / F.linear, on oneDNN for CPU fp32 inference
 
@@ -308,8 +309,7 @@ class GPT(nn.Module):
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
         """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
-        if not 1 <= max_len <= self.cfg.max_seq_len:
-            raise ValueError(f"cache max_len={max_len}: must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        check_cache_shape(batch, max_len, self.cfg)
         p = self.tok_emb.weight
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, p.dtype, p.device)
@@ -320,12 +320,21 @@ class GPT(nn.Module):
 
     def check_input(self, idx_BT: torch.Tensor, pos_BT: torch.Tensor | None) -> None:
         """Token ids, length and positions are checked up front: a bad id or a write past the cache
-        must never reach the kernels."""
+        must never reach the kernels (the JAX twin, which cannot check values under jit, NaNs them instead)."""
+        if not isinstance(idx_BT, torch.Tensor):
+            raise ValueError(f"idx: expected an int32/int64 (batch, time) tensor, got {type(idx_BT).__name__}")
         if idx_BT.ndim != 2 or idx_BT.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"idx: expected an int32/int64 (batch, time) tensor, got {idx_BT.dtype} {tuple(idx_BT.shape)}"
             )
-        T = idx_BT.shape[1]
+        B, T = idx_BT.shape
+        if B < 1:
+            raise ValueError(f"idx: batch {B}: must be >= 1")
+        if pos_BT is not None and (
+            not isinstance(pos_BT, torch.Tensor) or pos_BT.dtype not in (torch.int32, torch.int64)
+        ):
+            kind = getattr(pos_BT, "dtype", type(pos_BT).__name__)
+            raise ValueError(f"positions: expected an integer (batch, time) array, got {kind}")
         if not 1 <= T <= self.cfg.max_seq_len:
             raise ValueError(f"idx: sequence length {T} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
         lo, hi = int(idx_BT.min()), int(idx_BT.max())

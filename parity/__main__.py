@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gptmod.backends import JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
+from gptmod.textio import seed_arg
 from gptmod.weights import atomic_write_text
 from parity import generation, selftest
 from parity.runner import CHECKS, Options, format_markdown, format_table, run_suite, summary, write_json
@@ -21,9 +22,10 @@ QUICK_PATHS = ("torch-eager", "torch-stream", "jax-jit", "jax-stream")
 QUICK_SETTINGS = tuple(generation.SETTINGS[i] for i in (0, 2, 4))  # temperature alone, top-p, all four filters
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m parity") -> argparse.ArgumentParser:
+    """The parity options; `prog` is how usage lines name the command (`gptmod parity` from the gptmod CLI)."""
     p = argparse.ArgumentParser(
-        prog="python -m parity",
+        prog=prog,
         description="Run the parity ladder (per-module, logits, per-layer hidden states, cached decode, greedy "
         "tokens, top-k/KL, conversion round trips, HF GPT-2 oracle) on the torch and JAX twins. Each framework is "
         "measured against a float64 torch reference of the same weights; see the README for the budgets.",
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-jax", action="append", choices=JAX_BACKENDS, help="default: all")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random weights and prompts, in [0, 2**63)")
     p.add_argument("--greedy-steps", type=int, default=32)
     p.add_argument("--divergence-steps", type=int, default=256,
                    help="greedy steps of each twin against float64 in the divergence check (default 256; 32 with "
@@ -132,8 +134,8 @@ def label_tf32(rows: list[Row]) -> list[Row]:
     return [dataclasses.replace(r, dtype=TF32_LABEL) if r.dtype == "float32" else r for r in rows]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m parity") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.tf32 and args.device != "gpu":
         print("parity: error: --tf32 is a GPU matmul mode (TF32 tensor cores, Ampere and later): add --device gpu",
               file=sys.stderr)  # fmt: skip

@@ -93,7 +93,7 @@ def test_help_is_complete_for_every_command():
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == {"generate", "chat", "convert", "info", "export", "transfer-report", "side-by-side",
-                                "prepare", "train", "plot", "parity", "bench", "gpu-check"}  # fmt: skip
+                                "prepare", "train", "eval", "plot", "parity", "bench", "gpu-check"}  # fmt: skip
     for name, p in sub.choices.items():
         if name in ("parity", "bench", "gpu-check"):  # their own parsers (gpu-check's: tests/test_gpu_check.py)
             continue

@@ -17,7 +17,7 @@ from flax import nnx
 import gptmod_jax
 import gptmod_torch
 from gptmod.config import load_preset
-from gptmod.sampling import ContextFullError, SamplingParams
+from gptmod.sampling import ContextFullError, SamplingParams, batch_bucket
 
 from conftest import jax_model, reduced, torch_model, torch_pair_state
 
@@ -244,6 +244,7 @@ def test_jax_scanned_program_holds_one_block():
             params,
             jnp.zeros((1, p.prompt_len), jnp.int32),
             jnp.array([3]),
+            jnp.ones((1,), bool),  # live rows
             jnp.int32(8),
             knobs,
             jax.random.key(0),
@@ -747,7 +748,7 @@ def test_reduce_overhead_generate_replays_with_stable_cache_addresses(fake_compi
     # A reused cache is zeroed: nothing from the last call survives past what this one wrote.
     (caches,) = tg._graph_caches[model].values()
     assert all(int(c.k.count_nonzero()) > 0 for c in caches)  # (the last call wrote them)
-    tg._setup_cache(model, len(PROMPTS), caches[0].capacity, "reduce-overhead")
+    tg._setup_cache(model, batch_bucket(len(PROMPTS)), caches[0].capacity, "reduce-overhead")  # rows run: bucketed
     assert all(int(c.k.count_nonzero()) == int(c.v.count_nonzero()) == 0 for c in caches)
     model.clear_cache()
     tg.generate(model, PROMPTS[:1], 9, compile="reduce-overhead", **kw)  # another batch: another cache of its own

@@ -287,7 +287,7 @@ def test_log_and_checkpoint_files(shards, tmp_path):
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     assert rows[0]["lr"] == lr_at(RUN, 0) and rows[-1]["lr"] == pytest.approx(RUN.min_lr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "log.jsonl", "model.safetensors",
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "best", "latest", "log.jsonl", "model.safetensors",
                                                           "step_0000003", "step_0000006", "step_0000008"]  # fmt: skip
     meta = json.loads((tmp_path / "step_0000006" / "trainer.json").read_text())
     assert meta["step"] == meta["count"] == 6 and meta["framework"] == "jax"

@@ -1,0 +1,206 @@
+"""Issue 17, training: refused eps/seed, no NaN saved, run-folder lock and overwrite, pointer and key checks,
+keep-last and best, extending a run, one seeded init for both twins, empty corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+import gptmod_jax
+import gptmod_torch
+from gptmod import cli, training
+from gptmod.data import prepare, read_manifest
+from gptmod.training import TrainConfig
+from gptmod_jax.train import Trainer as JaxTrainer
+from gptmod_torch.train import Trainer as TorchTrainer
+
+from conftest import reduced
+
+RUN = TrainConfig(steps=4, warmup_steps=1, batch_size=2, block_size=16, log_every=1, eval_every=2, eval_batches=1,
+                  ckpt_every=1)  # fmt: skip
+CFG = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    text = root / "text.txt"
+    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    prepare(text, root / "data", val_fraction=0.1, progress=False)
+    return root / "data"
+
+
+def _run(cfg, tc, data, out, framework="torch", **kw):
+    state = training.init_state(cfg, tc.seed)
+    if framework == "torch":
+        trainer = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc)
+    else:
+        trainer = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc)
+    return training.train(trainer, cfg, tc, data, out, framework=framework, progress=False, **kw)
+
+
+def test_eps_and_seed_are_checked():
+    with pytest.raises(ValueError, match=r"TrainConfig.eps=0: must be > 0"):
+        TrainConfig(eps=0)
+    with pytest.raises(ValueError, match=r"TrainConfig.seed=9223372036854775808: must be < 2\*\*63"):
+        TrainConfig(seed=2**63)
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path):
+    state = training.init_state(CFG, 0)
+    state["blocks.1.mlp.w_up.weight"][0, 0] = np.nan
+    opt = {
+        "count": 1,
+        "m": {k: np.zeros_like(v) for k, v in state.items()},
+        "v": {k: np.zeros_like(v) for k, v in state.items()},
+    }
+    with pytest.raises(
+        training.NonFiniteError, match=r"step 7: parameter 'blocks.1.mlp.w_up.weight' holds 1 non-finite"
+    ):
+        training.save_checkpoint(tmp_path, 7, state, opt, CFG, RUN, framework="torch")
+    assert not any(tmp_path.iterdir())
+
+
+def test_lock_refuses_a_second_run(shards, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match="another training run holds this run folder"):
+            _run(CFG, RUN, shards, tmp_path)
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_no_resume_needs_overwrite_keep_last_and_best(shards, tmp_path):
+    _run(CFG, RUN, shards, tmp_path, keep_last=2)
+    steps = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_0000003", "step_0000004"]
+    best = json.loads((tmp_path / "best" / "trainer.json").read_text())
+    log = training.RunLog.read(tmp_path / "log.jsonl")
+    assert best["val_loss"] == min(r["val_loss"] for r in log if "val_loss" in r)
+    with pytest.raises(ValueError, match=r"holds a previous run.*pass --overwrite"):
+        _run(CFG, RUN, shards, tmp_path, resume=False)
+    assert len(training.RunLog.read(tmp_path / "log.jsonl")) == 4  # untouched
+    _run(CFG, dataclasses.replace(RUN, steps=2), shards, tmp_path, resume=False, overwrite=True)
+    assert [r["step"] for r in training.RunLog.read(tmp_path / "log.jsonl")] == [1, 2]
+    assert not (tmp_path / "step_0000004").exists()
+
+
+def test_extend_steps_and_named_differences(shards, tmp_path, capsys):
+    _run(CFG, dataclasses.replace(RUN, steps=2), shards, tmp_path)
+    rows = _run(CFG, RUN, shards, tmp_path)
+    assert [r["step"] for r in rows] == [3, 4]
+    assert "extending the run from steps=2 to 4" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\(lr: 0.001 -> 0.002\)"):
+        _run(CFG, dataclasses.replace(RUN, steps=5, lr=2e-3), shards, tmp_path)
+
+
+def test_pointer_step_and_missing_keys_are_refused(shards, tmp_path):
+    _run(CFG, dataclasses.replace(RUN, steps=2), shards, tmp_path)
+    (tmp_path / "latest").write_text("../elsewhere\n")
+    with pytest.raises(ValueError, match=r"names '../elsewhere'; it must name a step_NNNNNNN folder"):
+        training.latest_checkpoint(tmp_path)
+    meta_file = tmp_path / "step_0000002" / "trainer.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, step=5)))
+    with pytest.raises(ValueError, match=r"step=5 disagrees with its folder step_0000002"):
+        training.load_checkpoint(tmp_path / "step_0000002")
+    meta.pop("count")
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"trainer.json: missing key\(s\) count"):
+        training.load_checkpoint(tmp_path / "step_0000002")
+    m = json.loads((shards / "manifest.json").read_text())
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "manifest.json").write_text(json.dumps({k: v for k, v in m.items() if k != "splits"}))
+    with pytest.raises(ValueError, match=r"missing key\(s\) splits"):
+        read_manifest(bad)
+    m["splits"]["train"]["shards"][0]["file"] = "/etc/passwd"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"file='/etc/passwd': must be a shard name"):
+        read_manifest(bad)
+
+
+def test_interrupt_names_the_last_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    from gptmod import data
+
+    def crash(self, step, _real=data.TokenLoader.batch):
+        if step == 2:
+            raise KeyboardInterrupt
+        return _real(self, step)
+
+    monkeypatch.setattr(data.TokenLoader, "batch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(CFG, RUN, shards, tmp_path)
+    assert (
+        f"interrupted after 2 of 4 steps: the last checkpoint is {tmp_path / 'step_0000002'}" in capsys.readouterr().err
+    )
+
+
+def test_same_seed_same_start_in_both_twins():
+    cfg = reduced("modern-gpt2", vocab_size=512, max_seq_len=32)
+    tc = dataclasses.replace(RUN, steps=2)
+    state = training.init_state(cfg, 3)
+    assert abs(float(state["blocks.0.attn.wo.weight"].std()) - cfg.init_std / 2) < 0.1 * cfg.init_std / 2
+    t = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc)
+    j = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(9)), training.init_state(cfg, 3)), tc)
+    st, sj = t.export_state(), j.export_state()
+    assert all(np.array_equal(st[k], sj[k]) for k in st)
+    ids = np.random.default_rng(0).integers(0, 512, (1, 2, 17))
+    lt, lj = t.step(ids[..., :-1], ids[..., 1:])["loss"], float(j.step(ids[..., :-1], ids[..., 1:])["loss"])
+    assert abs(lt - lj) < 1e-5 * lt
+
+
+def test_prepare_refuses_an_empty_corpus_and_cli_says_overwrite(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"the corpus is empty \(1 document\(s\), 0 tokens"):
+        prepare(tmp_path / "empty.txt", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a.txt").write_text("To be or not to be.\n")
+    prepare(tmp_path / "a.txt", tmp_path / "out", progress=False)
+    assert cli.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace them" in err and "overwrite=True" not in err
+
+
+def test_eval_matches_an_independent_cross_entropy_in_both_twins(tmp_path, capsys):
+    """`gptmod eval --text`: the printed loss is the mean next-token cross-entropy over non-overlapping windows,
+    computed here from torch's logits in float64; torch and JAX agree; bad sources are named errors."""
+    import re
+
+    import torch
+
+    from gptmod import tokenizer, weights
+
+    cfg = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
+    state = training.init_state(cfg, 5)
+    weights.save(tmp_path / "m.safetensors", state, cfg)
+    text = "".join(f"Romeo. Line {i}: what light through yonder window breaks?\n" for i in range(8))
+    (tmp_path / "t.txt").write_text(text)
+    ids = np.asarray(tokenizer.encode(text))
+    block = 16
+    wins = np.stack([ids[i : i + block + 1] for i in range(0, len(ids) - block, block)])
+    model = gptmod_torch.load_state(gptmod_torch.GPT(cfg), state).double().eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.from_numpy(wins[:, :-1]).long()), -1)
+    want = -logp.gather(-1, torch.from_numpy(wins[:, 1:]).long()[..., None]).mean().item()
+    got = {}
+    for fw in ("torch", "jax"):
+        argv = ["eval", "--weights", str(tmp_path / "m.safetensors"), "--text", str(tmp_path / "t.txt"),
+                "--framework", fw, "--block-size", str(block), "--batch-size", "3"]  # fmt: skip
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        loss, ppl, n = re.search(r"loss ([\d.]+), perplexity ([\d.]+) over ([\d,]+) tokens", out).groups()
+        assert int(n.replace(",", "")) == wins.shape[0] * block
+        assert abs(float(ppl) - np.exp(float(loss))) < 0.01 * float(ppl)
+        got[fw] = float(loss)
+    assert abs(got["torch"] - want) < 1e-3 and abs(got["jax"] - want) < 1e-3
+    assert cli.main(["eval", "--weights", str(tmp_path / "m.safetensors")]) == 2
+    assert "give exactly one of --data DIR or --text FILE" in capsys.readouterr().err
+    assert cli.main(["eval", "--weights", str(tmp_path / "m.safetensors"), "--text", str(tmp_path / "t.txt"),
+                     "--block-size", "64"]) == 2  # fmt: skip
+    assert "--block-size 64 exceeds the model's max_seq_len=32" in capsys.readouterr().err
