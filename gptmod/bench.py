@@ -549,13 +549,14 @@ def run_compile(cfg: ModelConfig, depths: Sequence[int], new_tokens: int, dtype:
                                          nnx.Param)  # fmt: skip
             prompt_len = min(TARGET_PROMPT, c.max_seq_len - new_tokens)
             p = plan([[0] * prompt_len], new_tokens, c)
-            ids = jax.ShapeDtypeStruct((1, p.prompt_len), jnp.int32)
-            lens = jax.ShapeDtypeStruct((1,), jnp.int32)
+            ids = jax.ShapeDtypeStruct((p.rows, p.prompt_len), jnp.int32)
+            lens = jax.ShapeDtypeStruct((p.rows,), jnp.int32)
+            live = jax.ShapeDtypeStruct((p.rows,), jnp.bool_)
             for scan in (False, True):
                 if bar is not None:
                     bar.set_postfix_str(f"compile jax {n_layer} layers {'scanned' if scan else 'unrolled'}")
                 t0 = time.perf_counter()
-                lowered = gen._generate.lower(graphdef, params, ids, lens, jnp.int32(new_tokens), knobs,
+                lowered = gen._generate.lower(graphdef, params, ids, lens, live, jnp.int32(new_tokens), knobs,
                                               jax.random.key(0), plan=p, flags=flags, scan_layers=scan)  # fmt: skip
                 t1 = time.perf_counter()
                 lowered.compile()

@@ -499,8 +499,10 @@ def _train(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, data_dir: Path, 
             x, y = train_data.batch(step)
             shape = (tc.grad_accum, micro, tc.block_size)
             metrics = trainer.step(x.reshape(shape), y.reshape(shape))
-            loss = float(metrics["loss"])  # waits for the step (JAX dispatches asynchronously): the bar counts
-            tokens += tc.tokens_per_step * world_size  # finished steps; measured to cost under 1% of a step
+            # Waits for the step (JAX dispatches asynchronously), so the bar counts finished steps. Its cost, the
+            # lost overlap of the next batch's loading with this step, is not yet measured.
+            loss = float(metrics["loss"])
+            tokens += tc.tokens_per_step * world_size
             done = step + 1
             bar.update(1)
             if not math.isfinite(loss):
