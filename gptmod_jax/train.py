@@ -107,8 +107,8 @@ class Trainer:
         return float(loss), self._canonical(g)
 
     def step(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> dict[str, Any]:
-        """One optimizer update from a (grad_accum, batch, time) batch; loss and grad_norm stay on device
-        (the loop reads them only when it logs, so steps are not synchronised one by one)."""
+        """One optimizer update from a (grad_accum, batch, time) batch; loss and grad_norm are returned on device,
+        unsynchronised (the shared loop reads the loss each step, which waits for the step)."""
         lr = lr_at(self.tc, self.count)
         with self._mesh():
             axes = (None, "batch", None)

@@ -224,6 +224,29 @@ def test_cli_chat_errors_are_one_line_with_exit_code_2(smol, monkeypatch, capsys
         chat.cmd_chat(_args(["--weights", "x", "--max-new-tokens", "0"]))
 
 
+def test_cli_chat_notes_ignored_filters_once_without_a_raw_warning(smol, monkeypatch, capsys):
+    """Greedy with --top-k: one note in the CLI's words, as `generate` gives, and no raw IgnoredFiltersWarning
+    from the library on each turn."""
+    import warnings
+
+    from gptmod.sampling import IgnoredFiltersWarning
+
+    p, _ = smol
+    monkeypatch.setattr(pretrained, "load", lambda source, **kw: p)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nBye\n"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = gptmod.cli.main(
+            ["chat", "--weights", "x", "--framework", "torch", "--top-k", "5", "--max-new-tokens", "2"]
+        )
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert [line for line in err.splitlines() if "ignored" in line] == [
+        "gptmod chat: note: --top-k ignored: greedy without --temperature > 0"
+    ]
+    assert not [w for w in caught if issubclass(w.category, IgnoredFiltersWarning)]
+
+
 # ----------------------------------------------------------------------------- Chat on a tiny model
 
 

@@ -111,6 +111,37 @@ def test_generate_with_padded_vocab_names_the_id(tmp_path, capsys, framework):
     assert "padded" in err
 
 
+COMPILING = [(["--framework", "torch", "--compile"], True), (["--framework", "torch"], False),
+             (["--framework", "jax"], True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, expect", COMPILING)
+def test_compiling_note_comes_before_a_compiled_first_call(tmp_path, capsys, monkeypatch, flags, expect):
+    """Item 9: a first call that compiles (JAX always, torch with --compile) says "compiling…" on stderr before
+    it starts; eager torch compiles nothing and says nothing. The generator is replaced by one that records
+    what stderr held when it was entered, so no compile is paid here."""
+    import importlib
+
+    cfg = _cfg()
+    weights.save(tmp_path / "m.safetensors", _state(cfg), cfg)
+    gen = importlib.import_module(f"gptmod_{flags[1]}.generate")
+    seen: dict = {}
+
+    def stream(model, prompts, max_new_tokens, **kw):
+        seen["err"], seen["kw"] = capsys.readouterr().err, kw
+        yield [7]
+
+    monkeypatch.setattr(gen, "generate_stream", stream)
+    rc, _, err = _cli(capsys, "generate", *flags, "--weights", str(tmp_path / "m.safetensors"), "--prompt", "Hi",
+                      "--max-new-tokens", "1")  # fmt: skip
+    assert rc == 0, err
+    assert ("compiling…" in seen["err"]) is expect
+    if flags[1] == "torch":  # the flag reached torch's generator; JAX's has no such option (it always jits)
+        assert seen["kw"]["compile"] is expect
+    else:
+        assert "compile" not in seen["kw"]
+
+
 # ----------------------------------------------------------------------------- 3. Ctrl-C
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import re
 
 import numpy as np
 import pytest
@@ -95,8 +96,8 @@ def test_extend_steps_and_named_differences(shards, tmp_path, capsys):
     rows = _run(CFG, RUN, shards, tmp_path)
     assert [r["step"] for r in rows] == [3, 4]
     assert "extending the run from steps=2 to 4" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"\(lr: 0.001 -> 0.002\)"):
-        _run(CFG, dataclasses.replace(RUN, steps=5, lr=2e-3), shards, tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"(lr: {RUN.lr} -> 0.0125)")):
+        _run(CFG, dataclasses.replace(RUN, steps=5, lr=0.0125), shards, tmp_path)
 
 
 def test_pointer_step_and_missing_keys_are_refused(shards, tmp_path):
@@ -204,3 +205,119 @@ def test_eval_matches_an_independent_cross_entropy_in_both_twins(tmp_path, capsy
     assert cli.main(["eval", "--weights", str(tmp_path / "m.safetensors"), "--text", str(tmp_path / "t.txt"),
                      "--block-size", "64"]) == 2  # fmt: skip
     assert "--block-size 64 exceeds the model's max_seq_len=32" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the progress bar and Ctrl-C
+
+
+def test_progress_bar_moves_once_per_finished_step(shards, tmp_path, monkeypatch):
+    """Item 9: the bar moved only every --log-every steps and counted dispatched (unfinished) JAX steps. Each
+    update must now follow the read of that step's loss (the sync on the step), with log_every past the run."""
+    events: list[tuple[str, int]] = []
+
+    class Loss:  # stands in for the step's device scalar: reading it is the wait for the step
+        def __init__(self, value, step):
+            self.value, self.step = value, step
+
+        def __float__(self):
+            events.append(("read", self.step))
+            return float(self.value)
+
+    real_step = JaxTrainer.step
+
+    def step(self, x, y):
+        metrics = real_step(self, x, y)
+        n = sum(e[0] == "step" for e in events) + 1
+        events.append(("step", n))
+        return {**metrics, "loss": Loss(metrics["loss"], n)}
+
+    import tqdm as tqdm_module
+
+    class Bar(tqdm_module.tqdm):
+        def update(self, n=1):
+            events.append(("bar", self.n + n))
+            return super().update(n)
+
+    monkeypatch.setattr(JaxTrainer, "step", step)
+    monkeypatch.setattr(tqdm_module, "tqdm", Bar)  # training imports it from there when it runs
+    tc = dataclasses.replace(RUN, steps=5, log_every=100, eval_every=0, ckpt_every=0)
+    state = training.init_state(CFG, tc.seed)
+    trainer = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(CFG, rngs=nnx.Rngs(0)), state), tc)
+    training.train(trainer, CFG, tc, shards, tmp_path, framework="jax", progress=True)
+    per_step = [e for e in events if e[0] in ("step", "read", "bar")]
+    assert per_step[:15] == [(kind, s) for s in range(1, 6) for kind in ("step", "read", "bar")]
+
+
+def test_paused_time_is_left_out_of_the_rate():
+    """Item 9: an evaluation or checkpoint inside `paused` moves the bar's clocks, so rate and ETA skip it."""
+    import io
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=10, file=io.StringIO(), mininterval=0)
+    start, last = bar.start_t, bar.last_print_t
+    clock = iter([100.0, 107.5]).__next__  # 7.5 s inside the block
+    with training.paused(bar, clock=clock):
+        pass
+    assert (bar.start_t - start, bar.last_print_t - last) == (7.5, 7.5)
+    off = tqdm(total=10, disable=True)
+    with training.paused(off, clock=iter([0.0, 9.0]).__next__):  # a disabled bar has no clocks to move
+        pass
+    bar.close()
+
+
+def test_ctrl_c_in_cli_training_prints_a_resume_command_that_resumes(shards, tmp_path, monkeypatch, capsys):
+    """Item 5: Ctrl-C in `gptmod train` exits 130, names the last checkpoint, and prints a command that, run as
+    printed, resumes from it and finishes."""
+    import shlex
+
+    from gptmod import data
+
+    config = tmp_path / "cfg.json"
+    config.write_text(CFG.to_json())
+    out = tmp_path / "run"
+    argv = ["train", "--framework", "torch", "--no-compile", "--config", str(config), "--data", str(shards),
+            "--out", str(out), "--steps", "4", "--warmup-steps", "1", "--batch-size", "2", "--block-size", "16",
+            "--ckpt-every", "1", "--log-every", "1", "--eval-every", "0", "--eps", "1e-07"]  # fmt: skip
+    real = data.TokenLoader.batch
+
+    def crash(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(data.TokenLoader, "batch", crash)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted after 2 of 4 steps: the last checkpoint is {out / 'step_0000002'}" in err
+    assert "Traceback" not in err and err.rstrip().endswith("gptmod train: interrupted")
+    line = next(ln for ln in err.splitlines() if ln.startswith("to resume, run: "))
+    resume = shlex.split(line.removeprefix("to resume, run: "))
+    assert resume[:2] == ["gptmod", "train"] and "--eps" in resume and "--no-resume" not in resume
+
+    monkeypatch.setattr(data.TokenLoader, "batch", real)
+    assert cli.main(resume[1:]) == 0
+    captured = capsys.readouterr()
+    assert f"resuming from {out / 'step_0000002'}" in captured.err
+    assert "done: 4 steps" in captured.out
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("ckpt_every, guard", [(1, r"parameter '[\w.]+' holds \d+ non-finite value\(s\)"),
+                                               (0, r"the training loss is (nan|inf)")])  # fmt: skip
+def test_a_diverging_run_stops_with_a_named_error(shards, tmp_path, framework, ckpt_every, guard):
+    """Item 1: a run that blows up must stop with a named error, leave every checkpoint it wrote finite, and
+    never write model.safetensors (before: it trained on, saved NaN and exited 0). Checkpointing every step,
+    the parameter check at the checkpoint fires first (the step's loss was computed before its update);
+    without checkpoints, the next step's loss does."""
+    from safetensors.numpy import load_file
+
+    tc = dataclasses.replace(RUN, lr=1e30, min_lr=0.0, steps=6, eval_every=0, grad_clip=0.0, ckpt_every=ckpt_every)
+    with pytest.raises(training.NonFiniteError, match=rf"step \d+: {guard}.*Lower --lr"):
+        _run(CFG, tc, shards, tmp_path, framework=framework)
+    assert not (tmp_path / "model.safetensors").exists()
+    saved = sorted(tmp_path.glob("step_*"))
+    assert len(saved) == (1 if ckpt_every else 0)  # step 1's, before the blow-up
+    for ckpt in saved:
+        assert all(np.isfinite(v).all() for v in load_file(ckpt / "model.safetensors").values()), ckpt
