@@ -313,15 +313,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """`gptmod chat`: load, build the twin, then talk over stdin/stdout (statistics on stderr)."""
-    from gptmod.cli import CLIError, generation_backend, quiet_filters, sampling_params
+    from gptmod.cli import CLIError, generation_backend, sampling_params
 
     backend = generation_backend(args)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     seed=args.seed)  # fmt: skip
-    with quiet_filters():  # the library's IgnoredFiltersWarning, said once as a note instead
-        sampling_params("gptmod chat", sampling)  # bad values are refused before the (slow) load
+    with sampling_params("gptmod chat", sampling):  # bad values are refused before the (slow) load
         return _load_and_converse(args, backend, sampling)
 
 

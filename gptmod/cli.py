@@ -163,33 +163,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = None if args.no_eos or not p.eos_ids else p.eos_ids
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, eos_id=eos,
               seed=args.seed)  # fmt: skip
-    with quiet_filters():  # the library's IgnoredFiltersWarning, said once here in the CLI's own words
-        params = sampling_params("gptmod generate", kw)
+    with sampling_params("gptmod generate", kw) as params:  # ignored filters: one note, not library warnings
         check_request(prompts, cfg, args.max_new_tokens, params)  # before any output or model build
         with jax_mesh(args, cfg, batch=None):  # --mesh: parameters are created sharded, generation runs on it
             return _generate(args, p, backend, texts, prompts, kw)
 
 
 @contextlib.contextmanager
-def quiet_filters() -> Iterator[None]:
-    """Silences `IgnoredFiltersWarning` inside, where `sampling_params` has said it once as a CLI note."""
+def sampling_params(prog: str, kw: Mapping[str, Any]) -> Iterator[SamplingParams]:
+    """`SamplingParams(**kw)` (its errors name the field). The filters that greedy decoding ignores are noted
+    once on stderr, in flag names, and the library's `IgnoredFiltersWarning` is silenced inside the block."""
     import warnings
 
     from gptmod.sampling import IgnoredFiltersWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IgnoredFiltersWarning)
-        yield
-
-
-def sampling_params(prog: str, kw: Mapping[str, Any]) -> SamplingParams:
-    """`SamplingParams(**kw)` (its errors name the field), noting on stderr, once and in flag names, the filters
-    that greedy decoding ignores (the library warns; transformers does the same). Call under `quiet_filters`."""
-    params = SamplingParams(**kw)
-    filters = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if kw.get(k) is not None]
-    if params.greedy and filters:
-        print(f"{prog}: note: {' '.join(filters)} ignored: greedy without --temperature > 0", file=sys.stderr)
-    return params
+        params = SamplingParams(**kw)
+        filters = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if kw.get(k) is not None]
+        if params.greedy and filters:
+            print(f"{prog}: note: {' '.join(filters)} ignored: greedy without --temperature > 0", file=sys.stderr)
+        yield params
 
 
 def _generate(args: argparse.Namespace, p: Any, backend: str, texts: list[str], prompts: list[list[int]],
