@@ -1,4 +1,5 @@
-"""gptmod: a modernised GPT-2 written twice, in PyTorch (gptmod_torch) and JAX/Flax NNX (gptmod_jax).
+"""gptmod: a modernised GPT-2 written twice, in PyTorch (gptmod_torch) and
+JAX/Flax NNX (gptmod_jax).
 
 This core package is framework-free: it imports neither torch nor jax when loaded.
 """
@@ -8,7 +9,9 @@ from importlib import metadata
 from gptmod import config, weights
 from gptmod.config import ModelConfig, load_preset
 
-try:  # the installed distribution's version (pyproject's [project] version), so it never drifts from the package
+# the installed distribution's version (pyproject's [project] version), so
+# it never drifts from the package
+try:
     __version__ = metadata.version("gptmod")
 except metadata.PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0.0.0+unknown"

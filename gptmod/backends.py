@@ -1,4 +1,5 @@
-"""Attention backends: the names both twins accept and the documented constraints of the GPU kernels.
+"""Attention backends: the names both twins accept and the documented
+constraints of the GPU kernels.
 
 Framework-free on purpose: the twins, the parity suite and the CLI share one set of names and one
 statement of each kernel's constraints, so that a backend that cannot run is refused with the same
@@ -19,7 +20,10 @@ class BackendUnavailableError(RuntimeError):
 def check_backend_name(framework: str, name: str) -> str:
     known = TORCH_BACKENDS if framework == "torch" else JAX_BACKENDS
     if name not in known:
-        raise ValueError(f"attention backend {name!r} is not a {framework} backend; choose one of {', '.join(known)}")
+        raise ValueError(
+            f"attention backend {name!r} is not a {framework} backend; choose "
+            f"one of {', '.join(known)}"
+        )
     return name
 
 
@@ -28,12 +32,19 @@ def _sm_tuple(compute_capability: str | None) -> tuple[int, ...]:
 
 
 def jax_cudnn_unmet(
-    platform: str, dtype: str, head_dim: int, compute_capability: str | None, has_mask: bool, mask_full_size: bool
+    platform: str,
+    dtype: str,
+    head_dim: int,
+    compute_capability: str | None,
+    has_mask: bool,
+    mask_full_size: bool,
 ) -> list[str]:
-    """Reasons why `jax.nn.dot_product_attention(implementation="cudnn")` cannot run; empty if it can.
+    """Reasons why `jax.nn.dot_product_attention(implementation="cudnn")`
+    cannot run; empty if it can.
 
-    Mirrors jax/_src/cudnn/fused_attention_stablehlo.py (JAX 0.10): fp16/bf16, head_dim a multiple
-    of 8 and <= 128 (<= 256 from Hopper, sm90), an sm80+ GPU, and a mask only at full (B, N, T, S) size.
+    Mirrors jax/_src/cudnn/fused_attention_stablehlo.py (JAX 0.10):
+    fp16/bf16, head_dim a multiple of 8 and <= 128 (<= 256 from Hopper,
+    sm90), an sm80+ GPU, and a mask only at full (B, N, T, S) size.
     """
     if platform != "gpu":
         return [f"needs an NVIDIA GPU, but the JAX platform is {platform!r}"]
@@ -45,23 +56,33 @@ def jax_cudnn_unmet(
         reasons.append(f"needs float16 or bfloat16, got {dtype}")
     h_max = 256 if sm >= (9, 0) else 128
     if head_dim % 8 or head_dim > h_max:
-        reasons.append(f"needs head_dim a multiple of 8 and <= {h_max} on sm{''.join(map(str, sm))}, got {head_dim}")
+        reasons.append(
+            f"needs head_dim a multiple of 8 and <= {h_max} on "
+            f"sm{''.join(map(str, sm))}, got {head_dim}"
+        )
     if has_mask and not mask_full_size:
         reasons.append("takes a mask only at full (B, N, T, S) size")
     return reasons
 
 
-def torch_pinned_unmet(backend: str, device: str, dtype: str, head_dim: int, has_mask: bool) -> list[str]:
+def torch_pinned_unmet(
+    backend: str, device: str, dtype: str, head_dim: int, has_mask: bool
+) -> list[str]:
     """Documented constraints of a pinned torch SDPA backend that we can state before calling it.
 
-    torch's own dispatcher remains the final judge (its refusal is re-raised as BackendUnavailableError);
-    this gives the common reasons in plain words. On the CPU torch has only "math" and its own "flash"
-    kernel (any float dtype, masks allowed).
+    torch's own dispatcher remains the final judge (its refusal is re-raised as
+    BackendUnavailableError);
+    this gives the common reasons in plain words. On the CPU torch has only "math" and its own
+    "flash" kernel (any float dtype, masks allowed).
     """
     if backend == "math":
         return []
     if device == "cpu":
-        return [] if backend == "flash" else [f"has no CPU kernel (CPU has 'math' and 'flash'); device is {device}"]
+        return (
+            []
+            if backend == "flash"
+            else [f"has no CPU kernel (CPU has 'math' and 'flash'); device is {device}"]
+        )
     reasons = []
     if device != "cuda":
         reasons.append(f"needs a CUDA device, got {device}")

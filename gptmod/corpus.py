@@ -9,7 +9,11 @@ from importlib.resources.abc import Traversable
 def bundled_files() -> dict[str, Traversable]:
     """Play name -> file, sorted by name."""
     folder = resources.files("gptmod") / "assets" / "shakespeare"
-    return {p.name[:-4]: p for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".txt")}
+    return {
+        p.name[:-4]: p
+        for p in sorted(folder.iterdir(), key=lambda p: p.name)
+        if p.name.endswith(".txt")
+    }
 
 
 def bundled_text(play: str) -> str:

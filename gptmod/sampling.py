@@ -17,11 +17,14 @@ import numpy as np
 from gptmod.config import ModelConfig
 
 MIN_BUCKET = 16
-STOP_BUCKET = 4  # stop ids travel as a fixed-size array padded with -1: up to 4 ids share one JAX program
+STOP_BUCKET = (
+    4  # stop ids travel as a fixed-size array padded with -1: up to 4 ids share one JAX program
+)
 SESSION_MIN_CAPACITY = 256  # a Session's first KV cache; it grows by doubling, up to its max_len
-# Temperatures below the smallest normal fp32 number are greedy, their limit: the fp32 sampling arithmetic cannot
-# hold them (XLA's CPU flushes subnormals to zero, so T would become 0 and 0/0 NaN). Above it, filter_logits
-# subtracts each row's maximum before dividing, so a tiny T sends every other logit to -inf, never to NaN.
+# Temperatures below the smallest normal fp32 number are greedy, their limit: the fp32 sampling
+# arithmetic cannot hold them (XLA's CPU flushes subnormals to zero, so T would become 0 and 0/0
+# NaN). Above it, filter_logits subtracts each row's maximum before dividing, so a tiny T sends
+# every other logit to -inf, never to NaN.
 GREEDY_BELOW = 2.0**-126  # 1.1754944e-38
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): JAX's key takes a signed 64-bit integer
 
@@ -29,20 +32,24 @@ StopIds = int | Sequence[int] | None
 
 
 class IgnoredFiltersWarning(UserWarning):
-    """top_k / top_p / min_p given with a greedy temperature: they change nothing (greedy takes the argmax)."""
+    """top_k / top_p / min_p given with a greedy temperature: they change
+    nothing (greedy takes the argmax)."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy (so is any T below GREEDY_BELOW, its limit). Filters apply in this order, on fp32
-    logits: temperature, top-k (keep logits >= the k-th largest, ties kept), top-p (keep the smallest set of
-    most likely tokens whose mass reaches p, ties at the cut kept), min-p (keep p >= min_p * max p)."""
+    """temperature 0 is greedy (so is any T below GREEDY_BELOW, its limit). Filters apply in this
+    order, on fp32 logits: temperature, top-k (keep logits >= the k-th largest, ties kept), top-p
+    (keep the smallest set of most likely tokens whose mass reaches p, ties at the cut kept), min-p
+    (keep p >= min_p * max p)."""
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
-    eos_id: StopIds = None  # one stop id, several (Llama 3 has three), or None; kept as an int or a tuple
+    eos_id: StopIds = (
+        None  # one stop id, several (Llama 3 has three), or None; kept as an int or a tuple
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,17 +68,25 @@ class SamplingParams:
         if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed={self.seed!r}: must be an int in [0, 2**63)")
         if self.greedy and (self.top_k, self.top_p, self.min_p) != (None, None, None):
-            given = ", ".join(f"{k}={v}" for k, v in (("top_k", self.top_k), ("top_p", self.top_p),
-                                                      ("min_p", self.min_p)) if v is not None)  # fmt: skip
-            warnings.warn(f"{given} ignored: temperature={t} is greedy (argmax); set temperature > 0 to sample",
-                          IgnoredFiltersWarning, stacklevel=3)  # fmt: skip
+            given = ", ".join(
+                f"{k}={v}"
+                for k, v in (("top_k", self.top_k), ("top_p", self.top_p), ("min_p", self.min_p))
+                if v is not None
+            )
+            warnings.warn(
+                f"{given} ignored: temperature={t} is greedy (argmax); set "
+                "temperature > 0 to sample",
+                IgnoredFiltersWarning,
+                stacklevel=3,
+            )
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
     def flags(self) -> Flags:
-        # top_p = 1 and min_p = 0 filter nothing; skipping them also keeps fp32 cumsum rounding out of it.
+        # top_p = 1 and min_p = 0 filter nothing; skipping them also keeps
+        # fp32 cumsum rounding out of it.
         return Flags(
             greedy=self.greedy,
             top_k=self.top_k is not None,
@@ -86,8 +101,10 @@ class SamplingParams:
         return stop_ids(self.eos_id)
 
     def knob_values(self) -> tuple[float, int, float, float, tuple[int, ...]]:
-        """(temperature, top_k, top_p, min_p, eos_ids) with neutral values for the options that are off;
-        eos_ids padded with -1 (no token's id) to a multiple of STOP_BUCKET, so its size rarely changes."""
+        """(temperature, top_k, top_p, min_p, eos_ids) with neutral values
+        for the options that are off;
+        eos_ids padded with -1 (no token's id) to a multiple of STOP_BUCKET,
+        so its size rarely changes."""
         ids = self.eos_ids
         size = STOP_BUCKET * max(1, -(-len(ids) // STOP_BUCKET))
         return (
@@ -123,7 +140,8 @@ def _is_id(x: object) -> bool:
 
 
 def _check_stop_ids(eos_id: object, name: str = "eos_id") -> StopIds:
-    """eos_id as an int, a tuple of ints or None; anything else is refused with its position named."""
+    """eos_id as an int, a tuple of ints or None; anything else is refused
+    with its position named."""
     if eos_id is None:
         return None
     if _is_id(eos_id):
@@ -137,8 +155,8 @@ def _check_stop_ids(eos_id: object, name: str = "eos_id") -> StopIds:
 
 
 def stop_ids(eos_id: StopIds, name: str = "eos_id") -> tuple[int, ...]:
-    """Stop ids (an int, a sequence of ints or None) as a tuple; validated as SamplingParams does, errors
-    naming the argument `name`."""
+    """Stop ids (an int, a sequence of ints or None) as a tuple; validated as SamplingParams does,
+    errors naming the argument `name`."""
     eos_id = _check_stop_ids(eos_id, name)
     return () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else eos_id
 
@@ -148,7 +166,11 @@ def check_request(
 ) -> list[list[int]]:
     """Validate prompts (a list of token-id lists), the cache capacity they need and the sampling
     options against the model; return the prompts as int lists. Never clamps."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts: expected a non-empty list of token-id lists")
@@ -159,14 +181,18 @@ def check_request(
         if len(ids) + max_new_tokens > cfg.max_seq_len:
             raise ValueError(
                 f"prompts[{i}]: {len(ids)} prompt tokens + max_new_tokens={max_new_tokens} = "
-                f"{len(ids) + max_new_tokens} exceeds the cache capacity max_seq_len={cfg.max_seq_len}"
+                f"{len(ids) + max_new_tokens} exceeds the cache capacity "
+                f"max_seq_len={cfg.max_seq_len}"
             )
         out.append(ids)
     return out
 
 
-def _check_against_model(params: SamplingParams, cfg: ModelConfig, stop_name: str = "eos_id") -> None:
-    """The sampling options that depend on the model: top_k and the stop ids against the vocabulary."""
+def _check_against_model(
+    params: SamplingParams, cfg: ModelConfig, stop_name: str = "eos_id"
+) -> None:
+    """The sampling options that depend on the model: top_k and the stop ids
+    against the vocabulary."""
     if params.top_k is not None and params.top_k > cfg.vocab_size:
         raise ValueError(f"top_k={params.top_k}: must be <= vocab_size={cfg.vocab_size}")
     for i, t in enumerate(params.eos_ids):
@@ -186,19 +212,23 @@ def _check_ids(p: object, name: str, cfg: ModelConfig) -> list[int]:
         ids.append(int(t))
     bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
     if bad:
-        raise ValueError(f"{name}: token id {bad[0]} is out of range [0, vocab_size={cfg.vocab_size})")
+        raise ValueError(
+            f"{name}: token id {bad[0]} is out of range [0, vocab_size={cfg.vocab_size})"
+        )
     return ids
 
 
 def bucket(n: int, cap: int) -> int:
-    """Next power of two >= n (at least MIN_BUCKET), capped at `cap`: new lengths reuse compilations."""
+    """Next power of two >= n (at least MIN_BUCKET), capped at `cap`: new
+    lengths reuse compilations."""
     return min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
 
 
 def batch_bucket(n: int) -> int:
-    """Next power of two >= n: the rows a generate call runs, so new batch sizes reuse compilations (JAX's
-    jit, torch.compile) instead of compiling one program per size. The extra rows are padding, marked done
-    from the start; rows never interact, so they cannot change the real rows' tokens."""
+    """Next power of two >= n: the rows a generate call runs, so new batch
+    sizes reuse compilations (JAX's jit, torch.compile) instead of compiling
+    one program per size. The extra rows are padding, marked done from the
+    start; rows never interact, so they cannot change the real rows' tokens."""
     return 1 << (n - 1).bit_length()
 
 
@@ -210,7 +240,9 @@ class Plan:
     prompt_len: int  # padded prompt length (bucketed)
     new_len: int  # room for new tokens (bucketed)
     cache_len: int  # KV cache length
-    rows: int = 0  # rows run (batch_bucket(batch)): the batch real ones, then padding; 0 means batch
+    rows: int = (
+        0  # rows run (batch_bucket(batch)): the batch real ones, then padding; 0 means batch
+    )
 
     def __post_init__(self) -> None:
         if self.rows == 0:
@@ -221,14 +253,15 @@ def plan(prompts: list[list[int]], max_new_tokens: int, cfg: ModelConfig) -> Pla
     longest = max(len(p) for p in prompts)
     prompt_len = bucket(longest, cfg.max_seq_len)
     new_len = bucket(max_new_tokens, cfg.max_seq_len)
-    # >= longest + max_new_tokens (checked by check_prompts) and >= prompt_len: no write can fall off the end.
+    # >= longest + max_new_tokens (checked by check_prompts) and >=
+    # prompt_len: no write can fall off the end.
     cache_len = min(cfg.max_seq_len, prompt_len + new_len)
     return Plan(len(prompts), prompt_len, new_len, cache_len, batch_bucket(len(prompts)))
 
 
 def padded_prompts(prompts: list[list[int]], p: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens (rows, prompt_len) int32 right-padded with 0, lengths (rows,), live (rows,) bool): the padding
-    rows are a one-token prompt of id 0 and not live."""
+    """(tokens (rows, prompt_len) int32 right-padded with 0, lengths (rows,), live (rows,) bool):
+    the padding rows are a one-token prompt of id 0 and not live."""
     tokens_BP = np.zeros((p.rows, p.prompt_len), np.int32)
     for b, ids in enumerate(prompts):
         tokens_BP[b, : len(ids)] = ids
@@ -238,15 +271,19 @@ def padded_prompts(prompts: list[list[int]], p: Plan) -> tuple[np.ndarray, np.nd
 
 
 def check_cache_shape(batch: object, max_len: object, cfg: ModelConfig) -> None:
-    """setup_cache's arguments, in both twins: batch an int >= 1, max_len an int in [1, max_seq_len]."""
+    """setup_cache's arguments, in both twins: batch an int >= 1, max_len an
+    int in [1, max_seq_len]."""
     if not _is_int(batch) or batch < 1:
         raise ValueError(f"cache batch={batch!r}: must be an int >= 1")
     if not _is_int(max_len) or not 1 <= max_len <= cfg.max_seq_len:
-        raise ValueError(f"cache max_len={max_len!r}: must be in [1, max_seq_len={cfg.max_seq_len}], an int")
+        raise ValueError(
+            f"cache max_len={max_len!r}: must be in [1, max_seq_len={cfg.max_seq_len}], an int"
+        )
 
 
 def trim(rows: Sequence[Sequence[int]], counts: Sequence[int], eos_id: StopIds) -> list[list[int]]:
-    """The generated continuations, each cut after its first stop id (inclusive) or after its count."""
+    """The generated continuations, each cut after its first stop id
+    (inclusive) or after its count."""
     stops = set(stop_ids(eos_id))
     out = []
     for row, n in zip(rows, counts, strict=True):
@@ -256,11 +293,12 @@ def trim(rows: Sequence[Sequence[int]], counts: Sequence[int], eos_id: StopIds) 
     return out
 
 
-# ----------------------------------------------------------------------------- sessions (multi-turn)
+# ---------------------------------------------------------------------------- sessions (multi-turn)
 
 
 class ContextFullError(ValueError):
-    """A Session's conversation would not fit its KV cache (max_len): it is refused, never truncated."""
+    """A Session's conversation would not fit its KV cache (max_len): it is
+    refused, never truncated."""
 
 
 def check_session_len(max_len: int | None, cfg: ModelConfig) -> int:
@@ -268,14 +306,22 @@ def check_session_len(max_len: int | None, cfg: ModelConfig) -> int:
     if max_len is None:
         return cfg.max_seq_len
     if not _is_int(max_len) or not 1 <= max_len <= cfg.max_seq_len:
-        raise ValueError(f"max_len={max_len!r}: must be an int in [1, max_seq_len={cfg.max_seq_len}]")
+        raise ValueError(
+            f"max_len={max_len!r}: must be an int in [1, max_seq_len={cfg.max_seq_len}]"
+        )
     return max_len
 
 
-def check_turn(ids: Sequence[int], cfg: ModelConfig, max_len: int, max_new_tokens: int,
-               params: SamplingParams | None = None) -> list[int]:  # fmt: skip
-    """Validate one turn of a Session: the whole context `ids`, the room it needs and the sampling options.
-    Without `params` (Session.feed: no sampling) max_new_tokens may be 0. Never truncates."""
+def check_turn(
+    ids: Sequence[int],
+    cfg: ModelConfig,
+    max_len: int,
+    max_new_tokens: int,
+    params: SamplingParams | None = None,
+) -> list[int]:
+    """Validate one turn of a Session: the whole context `ids`, the room it
+    needs and the sampling options. Without `params` (Session.feed: no
+    sampling) max_new_tokens may be 0. Never truncates."""
     lo = 0 if params is None else 1
     if not _is_int(max_new_tokens) or max_new_tokens < lo:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an int >= {lo}")
@@ -284,8 +330,9 @@ def check_turn(ids: Sequence[int], cfg: ModelConfig, max_len: int, max_new_token
     ids = _check_ids(ids, "ids", cfg)
     if len(ids) + max_new_tokens > max_len:
         raise ContextFullError(
-            f"the conversation's {len(ids)} tokens + max_new_tokens={max_new_tokens} = {len(ids) + max_new_tokens} "
-            f"exceed the session's capacity max_len={max_len}; start a new session (reset) or lower max_new_tokens"
+            f"the conversation's {len(ids)} tokens + max_new_tokens={max_new_tokens} = "
+            f"{len(ids) + max_new_tokens} exceed the session's capacity max_len={max_len}; start "
+            "a new session (reset) or lower max_new_tokens"
         )
     return ids
 
@@ -301,7 +348,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def session_capacity(needed: int, max_len: int) -> int:
-    """The KV cache length a Session allocates for `needed` positions: a power of two >= needed (at least
-    SESSION_MIN_CAPACITY), capped at max_len. Growing lazily by doubling keeps an 8192-context model from
-    preallocating its whole cache, and keeps JAX to one compilation per size."""
+    """The KV cache length a Session allocates for `needed` positions: a power of two >= needed (at
+    least SESSION_MIN_CAPACITY), capped at max_len. Growing lazily by doubling keeps an 8192-context
+    model from preallocating its whole cache, and keeps JAX to one compilation per size."""
     return min(max_len, max(SESSION_MIN_CAPACITY, 1 << (needed - 1).bit_length()))

@@ -1,4 +1,5 @@
-"""Small input helpers of the command line: text files read with a named error, and the argparse type of seeds.
+"""Small input helpers of the command line: text files read with a named
+error, and the argparse type of seeds.
 
 Every error names the file (or flag) and says why, so `gptmod.cli.main` can print it as one line.
 """
@@ -10,7 +11,8 @@ import os
 import stat
 from pathlib import Path
 
-SEED_LIMIT = 2**63  # seeds must fit a signed 64-bit integer (JAX's PRNG keys and numpy's generators take them)
+# seeds must fit a signed 64-bit integer (JAX's PRNG keys and numpy's generators take them)
+SEED_LIMIT = 2**63
 
 
 def _kind(mode: int) -> str:
@@ -26,8 +28,9 @@ def _kind(mode: int) -> str:
 
 
 def check_regular_file(path: str | os.PathLike[str], *, what: str = "") -> Path:
-    """`path` as a Path if it is a regular file (symlinks followed); else FileNotFoundError ("no such file") or
-    ValueError naming what it is (a directory, a FIFO, a device), prefixed by `what` (e.g. "--text")."""
+    """`path` as a Path if it is a regular file (symlinks followed); else
+    FileNotFoundError ("no such file") or ValueError naming what it is (a
+    directory, a FIFO, a device), prefixed by `what` (e.g. "--text")."""
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
     try:
@@ -42,8 +45,9 @@ def check_regular_file(path: str | os.PathLike[str], *, what: str = "") -> Path:
 
 
 def read_text(path: str | os.PathLike[str], *, what: str = "") -> str:
-    """The UTF-8 text of a regular file. Errors name the file (and `what`, e.g. the flag) and the reason: no such
-    file; not a regular file (a FIFO, a directory, a device); not UTF-8 at byte offset N; unreadable."""
+    """The UTF-8 text of a regular file. Errors name the file (and `what`, e.g. the flag) and the
+    reason: no such file; not a regular file (a FIFO, a directory, a device); not UTF-8 at byte
+    offset N; unreadable."""
     path = check_regular_file(path, what=what)
     label = f"{what} {path}" if what else str(path)
     try:
@@ -53,8 +57,10 @@ def read_text(path: str | os.PathLike[str], *, what: str = "") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{label}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
-                         f"({e.reason}); re-encode the file as UTF-8") from None  # fmt: skip
+        raise ValueError(
+            f"{label}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
+            f"({e.reason}); re-encode the file as UTF-8"
+        ) from None
 
 
 def seed_arg(text: str) -> int:
@@ -62,7 +68,11 @@ def seed_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (a seed is an int in [0, 2**63))") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an integer (a seed is an int in [0, 2**63))"
+        ) from None
     if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 2**63): a seed must fit a signed 64-bit integer")
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside [0, 2**63): a seed must fit a signed 64-bit integer"
+        )
     return value

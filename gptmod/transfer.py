@@ -1,16 +1,20 @@
-"""How each GPT-2 tensor becomes a canonical tensor: the transfer plan behind `weights.from_hf_gpt2`.
+"""How each GPT-2 tensor becomes a canonical tensor: the transfer plan behind
+`weights.from_hf_gpt2`.
 
-A classic config imports exactly (every tensor copied, at most transposed or split). A modern or mixed
-config gets a partial transfer; docs/architecture.md explains each rule and gives measured figures:
+A classic config imports exactly (every tensor copied, at most transposed or
+split). A modern or mixed config gets a partial transfer;
+docs/architecture.md explains each rule and gives measured figures:
 
 - GQA: each group's K and V heads are mean-pooled (Ainslie et al. 2023).
 - RMSNorm: the LayerNorm gain becomes the RMSNorm weight. The LayerNorm bias b is folded into the
   biases of the linears that read the norm (W(g*x + b) + c = W(g*x) + (Wb + c)) when the config has
   biases; otherwise, and for the final norm (the tied unembedding has no bias), it is dropped.
-- SwiGLU: w_up from c_fc, w_down from c_proj, and a new w_gate that is c_fc scaled per unit (`gate_init`).
-- d_ff differing from GPT-2's: the d_ff hidden units with the largest |c_fc unit| * |c_proj unit| are kept;
-  extra units get a random w_up/w_gate and a zero w_down, so they add nothing at first.
-- RoPE: learned positions are dropped. No bias: every linear bias is dropped. Soft-capping has no weights.
+- SwiGLU: w_up from c_fc, w_down from c_proj, and a new w_gate that is c_fc
+  scaled per unit (`gate_init`).
+- d_ff differing from GPT-2's: the d_ff hidden units with the largest |c_fc unit| * |c_proj unit|
+  are kept; extra units get a random w_up/w_gate and a zero w_down, so they add nothing at first.
+- RoPE: learned positions are dropped. No bias: every linear bias is
+  dropped. Soft-capping has no weights.
 Pure numpy; nothing here reads files.
 """
 
@@ -26,12 +30,13 @@ from gptmod.config import ModelConfig
 
 Values = Mapping[str, np.ndarray]
 
-# SwiGLU gate init. With w_up = c_fc, unit j computes silu(g_j) * u_j where GPT-2 computed gelu(u_j) =
-# u_j * Phi(u_j). Without biases the gate can only be a multiple of u_j: g_j = (GATE_STD / r_j) * u_j, with
-# r_j the RMS of u_j estimated from the weights (`gate_init`). GATE_STD is the least-squares fit of
-# silu(GATE_STD * u/s) * u to gelu(u) for u ~ N(0, s^2) (relative error 0.52 of |gelu(u)|; a zero gate, the
-# usual SwiGLU init, has error 1.0). With biases the gate can add a constant: g_j = GATE_STD_BIAS * u_j / r_j
-# + GATE_BIAS fits with relative error 0.24. Tests re-derive all three.
+# SwiGLU gate init. With w_up = c_fc, unit j computes silu(g_j) * u_j where GPT-2 computed gelu(u_j)
+# = u_j * Phi(u_j). Without biases the gate can only be a multiple of u_j: g_j = (GATE_STD / r_j) *
+# u_j, with r_j the RMS of u_j estimated from the weights (`gate_init`). GATE_STD is the
+# least-squares fit of silu(GATE_STD * u/s) * u to gelu(u) for u ~ N(0, s^2) (relative error 0.52 of
+# |gelu(u)|; a zero gate, the usual SwiGLU init, has error 1.0). With biases the gate can add a
+# constant: g_j = GATE_STD_BIAS * u_j / r_j + GATE_BIAS fits with relative error 0.24. Tests
+# re-derive all three.
 GATE_STD = 0.6354
 GATE_STD_BIAS = 0.3266
 GATE_BIAS = 0.6694
@@ -41,18 +46,22 @@ _FIELDS = ("pos", "norm", "mlp", "bias", "n_kv_head", "logit_softcap", "tie_embe
 
 @dataclass(frozen=True)
 class Step:
-    """How one target tensor is made from GPT-2 tensors (hub-layout names, no `transformer.` prefix)."""
+    """How one target tensor is made from GPT-2 tensors (hub-layout names,
+    no `transformer.` prefix)."""
 
     target: str
     sources: tuple[str, ...]
     how: str
     get: Callable[[Values], np.ndarray]
-    action: str = "copied"  # "copied" (values exact, incl. transposes and splits) | "transformed" | "new"
+    action: str = (
+        "copied"  # "copied" (values exact, incl. transposes and splits) | "transformed" | "new"
+    )
 
 
 @dataclass
 class Plan:
-    """Every target's step, the GPT-2 tensors left unused with the reason, and notes on weightless changes."""
+    """Every target's step, the GPT-2 tensors left unused with the reason,
+    and notes on weightless changes."""
 
     steps: list[Step]
     dropped: dict[str, str]
@@ -61,51 +70,80 @@ class Plan:
 
 def source_config(cfg: ModelConfig, d_ff: int, max_seq_len: int) -> ModelConfig:
     """The classic GPT-2 config a source must have to transfer into `cfg`."""
-    return replace(cfg, pos="learned", norm="layernorm", mlp="gelu", bias=True, n_kv_head=cfg.n_head,
-                   logit_softcap=None, tie_embeddings=True, d_ff=d_ff, max_seq_len=max_seq_len)  # fmt: skip
+    return replace(
+        cfg,
+        pos="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        n_kv_head=cfg.n_head,
+        logit_softcap=None,
+        tie_embeddings=True,
+        d_ff=d_ff,
+        max_seq_len=max_seq_len,
+    )
 
 
 def gpt2_shapes(src: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Hugging Face GPT-2 with config `src`, in hub layout (Conv1D weights are (in, out))."""
+    """Every tensor of a Hugging Face GPT-2 with config `src`, in hub layout
+    (Conv1D weights are (in, out))."""
     d, f = src.d_model, src.d_ff
-    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (src.vocab_size, d), "wpe.weight": (src.max_seq_len, d)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "wte.weight": (src.vocab_size, d),
+        "wpe.weight": (src.max_seq_len, d),
+    }
     for i in range(src.n_layer):
         h = f"h.{i}"
-        shapes |= {f"{h}.ln_1.weight": (d,), f"{h}.ln_1.bias": (d,), f"{h}.attn.c_attn.weight": (d, 3 * d),
-                   f"{h}.attn.c_attn.bias": (3 * d,), f"{h}.attn.c_proj.weight": (d, d), f"{h}.attn.c_proj.bias": (d,),
-                   f"{h}.ln_2.weight": (d,), f"{h}.ln_2.bias": (d,), f"{h}.mlp.c_fc.weight": (d, f),
-                   f"{h}.mlp.c_fc.bias": (f,), f"{h}.mlp.c_proj.weight": (f, d),
-                   f"{h}.mlp.c_proj.bias": (d,)}  # fmt: skip
+        shapes |= {
+            f"{h}.ln_1.weight": (d,),
+            f"{h}.ln_1.bias": (d,),
+            f"{h}.attn.c_attn.weight": (d, 3 * d),
+            f"{h}.attn.c_attn.bias": (3 * d,),
+            f"{h}.attn.c_proj.weight": (d, d),
+            f"{h}.attn.c_proj.bias": (d,),
+            f"{h}.ln_2.weight": (d,),
+            f"{h}.ln_2.bias": (d,),
+            f"{h}.mlp.c_fc.weight": (d, f),
+            f"{h}.mlp.c_fc.bias": (f,),
+            f"{h}.mlp.c_proj.weight": (f, d),
+            f"{h}.mlp.c_proj.bias": (d,),
+        }
     shapes["ln_f.weight"] = shapes["ln_f.bias"] = (d,)
     return shapes
 
 
 def keep_units(c_fc: np.ndarray, c_proj: np.ndarray, gain: np.ndarray, n: int) -> np.ndarray:
-    """Indices (ascending) of the n GPT-2 hidden units with the largest |gain * c_fc[:, j]| * |c_proj[j]|:
+    """Indices (ascending) of the n GPT-2 hidden units with the largest
+    |gain * c_fc[:, j]| * |c_proj[j]|:
     the size of unit j's typical contribution to the block's output."""
     score = np.linalg.norm(gain[:, None] * c_fc, axis=0) * np.linalg.norm(c_proj, axis=1)
     return np.sort(np.argsort(-score, kind="stable")[:n])
 
 
-def gate_init(w_up: np.ndarray, b_up: np.ndarray | None, gain: np.ndarray,
-              ln_bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """SwiGLU gate (weight (f, d), bias (f,) or None) that makes silu(gate x) * (w_up x + b_up) approximate GELU.
+def gate_init(
+    w_up: np.ndarray, b_up: np.ndarray | None, gain: np.ndarray, ln_bias: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """SwiGLU gate (weight (f, d), bias (f,) or None) that makes silu(gate
+    x) * (w_up x + b_up) approximate GELU.
 
-    `gain` and `ln_bias` are the norm's (ln_bias None for RMSNorm). Unit j's pre-activation u_j has, for
-    unit-variance normalised inputs, std |gain * w_up[j]| and mean b_up[j] + w_up[j] @ ln_bias; the gate
-    is u_j divided by their root-sum-square r_j, times the fitted constant (plus GATE_BIAS with biases)."""
+    `gain` and `ln_bias` are the norm's (ln_bias None for RMSNorm). Unit j's
+    pre-activation u_j has, for unit-variance normalised inputs, std |gain *
+    w_up[j]| and mean b_up[j] + w_up[j] @ ln_bias; the gate is u_j divided by their
+    root-sum-square r_j, times the fitted constant (plus GATE_BIAS with biases)."""
     s2 = np.sum((w_up * gain[None, :]) ** 2, axis=1)
     mean = (0.0 if b_up is None else b_up) + (0.0 if ln_bias is None else w_up @ ln_bias)
     r = np.sqrt(s2 + mean**2)
     scale = GATE_STD if b_up is None else GATE_STD_BIAS
-    alpha = np.divide(scale, r, out=np.zeros_like(r), where=r > 0)  # a dead unit (r = 0) gets a zero gate
+    # a dead unit (r = 0) gets a zero gate
+    alpha = np.divide(scale, r, out=np.zeros_like(r), where=r > 0)
     if b_up is None:
         return alpha[:, None] * w_up, None
     return alpha[:, None] * w_up, alpha * b_up + GATE_BIAS
 
 
 def _rng(seed: int, target: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(target.encode())])  # per tensor: independent of plan order
+    # per tensor: independent of plan order
+    return np.random.default_rng([seed, zlib.crc32(target.encode())])
 
 
 def plan(cfg: ModelConfig, src: ModelConfig, *, seed: int = 0) -> Plan:
@@ -116,17 +154,27 @@ def plan(cfg: ModelConfig, src: ModelConfig, *, seed: int = 0) -> Plan:
         p.add("pos_emb.weight", ("wpe.weight",), "as is", lambda v: v["wpe.weight"])
     else:
         p.dropped["wpe.weight"] = "learned positions; pos='rope' rotates q and k instead"
-        p.notes.append("pos='rope': GPT-2's q and k were trained with learned positions; RoPE now rotates them")
+        p.notes.append(
+            "pos='rope': GPT-2's q and k were trained with learned positions; RoPE now rotates them"
+        )
     for i in range(cfg.n_layer):
         p.attention(i)
         p.mlp(i)
     p.norm("norm", "ln_f", "")
     if not cfg.tie_embeddings:
-        p.add("lm_head.weight", ("wte.weight",), "untied copy of wte (GPT-2 ties it)", lambda v: v["wte.weight"])
+        p.add(
+            "lm_head.weight",
+            ("wte.weight",),
+            "untied copy of wte (GPT-2 ties it)",
+            lambda v: v["wte.weight"],
+        )
     if cfg.norm == "rmsnorm":
         p.notes.append("norm='rmsnorm': inputs are no longer mean-centred before scaling")
     if cfg.logit_softcap is not None:
-        p.notes.append(f"logit_softcap={cfg.logit_softcap}: logits are soft-capped; GPT-2's were not (no weights)")
+        p.notes.append(
+            f"logit_softcap={cfg.logit_softcap}: logits are soft-capped; "
+            "GPT-2's were not (no weights)"
+        )
     return Plan(p.steps, p.dropped, p.notes)
 
 
@@ -138,13 +186,20 @@ class _Planner:
 
     def __init__(self, cfg: ModelConfig, src: ModelConfig, seed: int) -> None:
         self.cfg, self.src, self.seed = cfg, src, seed
-        self.fold = cfg.norm == "rmsnorm" and cfg.bias  # LayerNorm biases go into the next linears' biases
+        # LayerNorm biases go into the next linears' biases
+        self.fold = cfg.norm == "rmsnorm" and cfg.bias
         self.steps: list[Step] = []
         self.dropped: dict[str, str] = {}
         self.notes: list[str] = []
 
-    def add(self, target: str, sources: tuple[str, ...], how: str, get: Callable[[Values], np.ndarray],
-            action: str = "copied") -> None:  # fmt: skip
+    def add(
+        self,
+        target: str,
+        sources: tuple[str, ...],
+        how: str,
+        get: Callable[[Values], np.ndarray],
+        action: str = "copied",
+    ) -> None:
         self.steps.append(Step(target, sources, how, get, action))
 
     def norm(self, ours: str, theirs: str, folded_into: str) -> None:
@@ -157,18 +212,36 @@ class _Planner:
         if self.fold and folded_into:
             return  # the bias is a source of the biases it is folded into (see `bias`)
         if not self.cfg.bias:
-            self.dropped[b] = "LayerNorm bias; RMSNorm has none and bias=False leaves nothing to fold it into"
+            self.dropped[b] = (
+                "LayerNorm bias; RMSNorm has none and bias=False leaves nothing to fold it into"
+            )
         else:
-            self.dropped[b] = "final LayerNorm bias; the tied unembedding has no bias to fold it into"
+            self.dropped[b] = (
+                "final LayerNorm bias; the tied unembedding has no bias to fold it into"
+            )
 
-    def bias(self, target: str, name: str, get: Callable[[Values], np.ndarray], how: str, changed: bool,
-             ln_bias: str = "", weight: Callable[[Values], np.ndarray] | None = None) -> None:  # fmt: skip
-        """A linear bias; `ln_bias`/`weight` for a linear that reads a norm, whose LayerNorm bias is folded in."""
+    def bias(
+        self,
+        target: str,
+        name: str,
+        get: Callable[[Values], np.ndarray],
+        how: str,
+        changed: bool,
+        ln_bias: str = "",
+        weight: Callable[[Values], np.ndarray] | None = None,
+    ) -> None:
+        """A linear bias; `ln_bias`/`weight` for a linear that reads a norm,
+        whose LayerNorm bias is folded in."""
         if not self.cfg.bias:
             self.dropped.setdefault(name, "linear bias; bias=False")
         elif self.fold and weight is not None:
-            self.add(target, (name, ln_bias), f"{how}, + W @ {ln_bias} (LayerNorm bias folded in)",
-                     lambda v: get(v) + weight(v) @ v[ln_bias], "transformed")  # fmt: skip
+            self.add(
+                target,
+                (name, ln_bias),
+                f"{how}, + W @ {ln_bias} (LayerNorm bias folded in)",
+                lambda v: get(v) + weight(v) @ v[ln_bias],
+                "transformed",
+            )
         else:
             self.add(target, (name,), how, get, "transformed" if changed else "copied")
 
@@ -190,17 +263,34 @@ class _Planner:
                 return x.reshape(nkv, group, hd).mean(1).reshape(nkv * hd) if pooled else x
 
             pool = f", mean of each group of {group} heads (GQA)" if pooled else ""
-            self.add(f"{b}.attn.{name}.weight", (ca_w,), f"split from c_attn [{lo}:{hi}], {_T}{pool}", w,
-                     "transformed" if pooled else "copied")  # fmt: skip
-            self.bias(f"{b}.attn.{name}.bias", ca_b, bias, f"split from c_attn [{lo}:{hi}]{pool}", pooled, ln_b, w)
+            self.add(
+                f"{b}.attn.{name}.weight",
+                (ca_w,),
+                f"split from c_attn [{lo}:{hi}], {_T}{pool}",
+                w,
+                "transformed" if pooled else "copied",
+            )
+            self.bias(
+                f"{b}.attn.{name}.bias",
+                ca_b,
+                bias,
+                f"split from c_attn [{lo}:{hi}]{pool}",
+                pooled,
+                ln_b,
+                w,
+            )
         cp_w, cp_b = f"{h}.attn.c_proj.weight", f"{h}.attn.c_proj.bias"
         self.add(f"{b}.attn.wo.weight", (cp_w,), _T, lambda v: v[cp_w].T)
         self.bias(f"{b}.attn.wo.bias", cp_b, lambda v: v[cp_b], "as is", False)
 
     def mlp(self, i: int) -> None:
         cfg, h, b = self.cfg, f"h.{i}", f"blocks.{i}"
-        fc_w, fc_b, pr_w, pr_b = (f"{h}.mlp.c_fc.weight", f"{h}.mlp.c_fc.bias", f"{h}.mlp.c_proj.weight",
-                                  f"{h}.mlp.c_proj.bias")  # fmt: skip
+        fc_w, fc_b, pr_w, pr_b = (
+            f"{h}.mlp.c_fc.weight",
+            f"{h}.mlp.c_fc.bias",
+            f"{h}.mlp.c_proj.weight",
+            f"{h}.mlp.c_proj.bias",
+        )
         ln_w, ln_b = f"{h}.ln_2.weight", f"{h}.ln_2.bias"
         f, f_src = cfg.d_ff, self.src.d_ff
         swiglu, resized, extra = cfg.mlp == "swiglu", f != f_src, max(0, f - f_src)
@@ -217,7 +307,9 @@ class _Planner:
             w = v[fc_w].T[idx(v)]
             if extra:  # new units: random in, zero out (w_down), so they start silent
                 rng = _rng(self.seed, f"{b}.mlp.w_up.weight")
-                w = np.concatenate([w, rng.normal(0, cfg.init_std, (extra, cfg.d_model)).astype(np.float32)])
+                w = np.concatenate(
+                    [w, rng.normal(0, cfg.init_std, (extra, cfg.d_model)).astype(np.float32)]
+                )
             return w
 
         def up_b(v: Values) -> np.ndarray:
@@ -232,21 +324,47 @@ class _Planner:
             return gate_init(w, up_b(v), v[ln_w], v[ln_b])
 
         def down_w(v: Values) -> np.ndarray:
-            return np.concatenate([v[pr_w][idx(v)].T, np.zeros((cfg.d_model, extra), np.float32)], axis=1)
+            return np.concatenate(
+                [v[pr_w][idx(v)].T, np.zeros((cfg.d_model, extra), np.float32)], axis=1
+            )
 
         scored = (fc_w, pr_w, ln_w) if resized else ()
-        self.add(f"{b}.mlp.w_up.weight", tuple(dict.fromkeys((fc_w, *scored))), f"{_T}{units}", up_w,
-                 "transformed" if resized else "copied")  # fmt: skip
-        self.bias(f"{b}.mlp.w_up.bias", fc_b, up_b, units.lstrip(", ") or "as is", resized, ln_b, up_w)
+        self.add(
+            f"{b}.mlp.w_up.weight",
+            tuple(dict.fromkeys((fc_w, *scored))),
+            f"{_T}{units}",
+            up_w,
+            "transformed" if resized else "copied",
+        )
+        self.bias(
+            f"{b}.mlp.w_up.bias", fc_b, up_b, units.lstrip(", ") or "as is", resized, ln_b, up_w
+        )
         if swiglu:
-            std = f"gate std {GATE_STD_BIAS}, bias +{GATE_BIAS}" if cfg.bias else f"gate std {GATE_STD}"
+            std = (
+                f"gate std {GATE_STD_BIAS}, bias +{GATE_BIAS}"
+                if cfg.bias
+                else f"gate std {GATE_STD}"
+            )
             how = f"c_fc scaled per unit so that silu(gate)*up approximates GELU ({std})"
-            sources = tuple(dict.fromkeys((fc_w, *scored, ln_w, *((fc_b, ln_b) if cfg.bias else ()),
-                                           *((ln_b,) if cfg.norm == "layernorm" else ()))))  # fmt: skip
+            sources = tuple(
+                dict.fromkeys(
+                    (
+                        fc_w,
+                        *scored,
+                        ln_w,
+                        *((fc_b, ln_b) if cfg.bias else ()),
+                        *((ln_b,) if cfg.norm == "layernorm" else ()),
+                    )
+                )
+            )
             self.add(f"{b}.mlp.w_gate.weight", sources, how, lambda v: gate(v)[0], "new")
             if cfg.bias:
                 self.add(f"{b}.mlp.w_gate.bias", sources, how, lambda v: gate(v)[1], "new")
-        self.add(f"{b}.mlp.w_down.weight", tuple(dict.fromkeys((pr_w, *scored))),
-                 f"{_T}{units}{' (new units: zero)' if extra else ''}", down_w,
-                 "transformed" if resized else "copied")  # fmt: skip
+        self.add(
+            f"{b}.mlp.w_down.weight",
+            tuple(dict.fromkeys((pr_w, *scored))),
+            f"{_T}{units}{' (new units: zero)' if extra else ''}",
+            down_w,
+            "transformed" if resized else "copied",
+        )
         self.bias(f"{b}.mlp.w_down.bias", pr_b, lambda v: v[pr_b], "as is", False)

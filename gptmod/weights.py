@@ -1,7 +1,9 @@
-"""Canonical weights: names and shapes, state checks, safetensors I/O, and the report of what an import did.
+"""Canonical weights: names and shapes, state checks, safetensors I/O, and
+the report of what an import did.
 
-Framework-free. Canonical state is `dict[str, numpy.ndarray]` with torch's names and (out, in) linear
-weights; see DESIGN.md. The importers live beside it: gptmod.hf_gpt2, gptmod.hf_llama, gptmod.gguf_llama.
+Framework-free. Canonical state is `dict[str, numpy.ndarray]` with torch's
+names and (out, in) linear weights; see DESIGN.md. The importers live beside
+it: gptmod.hf_gpt2, gptmod.hf_llama, gptmod.gguf_llama.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 checkpoints read in any process)
+# Registers bfloat16 with numpy, so bf16 checkpoints read in any process.
+import ml_dtypes  # noqa: F401
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
@@ -26,8 +29,9 @@ from gptmod.config import ModelConfig
 
 FORMAT = "gptmod-canonical-v1"
 _RESERVED_METADATA = ("format", "gptmod_config")
-# What a gptmod checkpoint may store. Anything else (float64, integers, bool) is refused, never cast: an integer
-# tensor in a float checkpoint is a quantized or foreign file whose values would be silently wrong as floats.
+# What a gptmod checkpoint may store. Anything else (float64, integers, bool) is refused, never
+# cast: an integer tensor in a float checkpoint is a quantized or foreign file whose values would be
+# silently wrong as floats.
 CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 
 PathLike = str | os.PathLike[str]
@@ -72,7 +76,8 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class StateError(ValueError):
-    """A state does not fit its model: lists every missing, unexpected and mis-shaped key at once."""
+    """A state does not fit its model: lists every missing, unexpected and
+    mis-shaped key at once."""
 
 
 class NonFiniteError(ValueError):
@@ -81,11 +86,16 @@ class NonFiniteError(ValueError):
 
 def check_dtypes(state: Mapping[str, Any], *, what: str = "state") -> None:
     """Raise StateError naming every tensor whose dtype is not one of CHECKPOINT_DTYPES."""
-    bad = [f"  {k}: dtype {np.asarray(v).dtype}" for k, v in state.items()
-           if str(np.asarray(v).dtype) not in CHECKPOINT_DTYPES]  # fmt: skip
+    bad = [
+        f"  {k}: dtype {np.asarray(v).dtype}"
+        for k, v in state.items()
+        if str(np.asarray(v).dtype) not in CHECKPOINT_DTYPES
+    ]
     if bad:
-        raise StateError(f"{what}: {len(bad)} tensor(s) of a dtype a gptmod checkpoint does not hold (allowed: "
-                         f"{', '.join(CHECKPOINT_DTYPES)}; nothing is cast):\n" + "\n".join(bad))  # fmt: skip
+        raise StateError(
+            f"{what}: {len(bad)} tensor(s) of a dtype a gptmod checkpoint does not hold (allowed: "
+            f"{', '.join(CHECKPOINT_DTYPES)}; nothing is cast):\n" + "\n".join(bad)
+        )
 
 
 def non_finite(state: Mapping[str, np.ndarray]) -> dict[str, int]:
@@ -104,7 +114,9 @@ def _describe_non_finite(counts: Mapping[str, int], state: Mapping[str, np.ndarr
     return f"{len(counts)} tensor(s) hold NaN or infinite values: {shown}{more}"
 
 
-def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], *, what: str = "state") -> None:
+def check_state(
+    expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any], *, what: str = "state"
+) -> None:
     """Raise StateError naming every problem of `state` against `expected` names and shapes.
 
     Generic on purpose: both twins call it with their own parameter shapes, and any array type with
@@ -136,7 +148,13 @@ def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any
 # ----------------------------------------------------------------------------- safetensors I/O
 
 
-def save(path: PathLike, state: Mapping[str, Any], cfg: ModelConfig, *, metadata: dict[str, str] | None = None) -> None:
+def save(
+    path: PathLike,
+    state: Mapping[str, Any],
+    cfg: ModelConfig,
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write canonical state as safetensors with the config in its metadata.
 
     Atomic: the file is written beside `path` under a temporary name, fsynced, then renamed over
@@ -154,20 +172,28 @@ def save(path: PathLike, state: Mapping[str, Any], cfg: ModelConfig, *, metadata
         try:  # np.asarray also takes jax arrays; safetensors needs C order
             arrays[k] = np.ascontiguousarray(np.asarray(v))
         except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"save: {k} is not convertible to a numpy array ({type(v).__name__}: {e})") from None
+            raise TypeError(
+                f"save: {k} is not convertible to a numpy array ({type(v).__name__}: {e})"
+            ) from None
     check_dtypes(arrays, what=f"state to save to {path}")
-    # A checkpoint of NaN weights is a broken run reported as a finished one: refuse it, naming the tensors.
+    # A checkpoint of NaN weights is a broken run reported as a finished
+    # one: refuse it, naming the tensors.
     if bad := non_finite(arrays):
         raise NonFiniteError(f"save: refusing to write {path}: {_describe_non_finite(bad, arrays)}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # Created with 0o666 so the umask applies, as for any new file; its mode is what the checkpoint should get.
+    # Created with 0o666 so the umask applies, as for any new file; its mode
+    # is what the checkpoint should get.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)  # keep an existing file's mode
+        # keep an existing file's mode
+        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
         save_file(arrays, str(tmp), metadata=meta)
-        os.chmod(tmp, mode)  # safetensors writes through its own 0o600 temp file and renames it onto tmp
-        with open(tmp, "r+b") as f:  # save_file closes its own handle: fsync before the rename makes it durable
+        # safetensors writes through its own 0o600 temp file and renames it onto tmp
+        os.chmod(tmp, mode)
+        with open(
+            tmp, "r+b"
+        ) as f:  # save_file closes its own handle: fsync before the rename makes it durable
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
@@ -195,7 +221,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open has no __iter__)
+            # SIM118 is wrong here: safe_open has no __iter__.
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
     except (FileNotFoundError, PermissionError):
         raise  # an access problem, not a format problem: keep the OS's own error
     except (SafetensorError, OSError, ValueError) as e:
@@ -203,10 +230,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
 
 
 def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
-    """Read a checkpoint written by `save`: (canonical state in model order, its config). Never unpickles."""
+    """Read a checkpoint written by `save`: (canonical state in model order,
+    its config). Never unpickles."""
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; expected a gptmod .safetensors checkpoint file")
+        raise IsADirectoryError(
+            f"{path} is a folder; expected a gptmod .safetensors checkpoint file"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state, meta = _read_safetensors(path)
@@ -216,7 +246,9 @@ def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
             "(Hugging Face GPT-2 files go through gptmod.hf_gpt2.from_hf_gpt2)"
         )
     if meta.get("format", FORMAT) != FORMAT:
-        raise ValueError(f"{path}: format {meta['format']!r} is not supported (this gptmod reads {FORMAT!r})")
+        raise ValueError(
+            f"{path}: format {meta['format']!r} is not supported (this gptmod reads {FORMAT!r})"
+        )
     try:  # not ModelConfig.from_json: it would take non-JSON text for a file name
         cfg = ModelConfig.from_dict(json.loads(meta["gptmod_config"]))
     except json.JSONDecodeError as e:
@@ -226,14 +258,20 @@ def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
     expected = canonical_shapes(cfg)
     check_state(expected, state, what=f"checkpoint {path}")
     check_dtypes(state, what=f"checkpoint {path}")
-    # Loaded with a warning, not refused: a user may want to inspect a broken checkpoint (`save` refuses them).
+    # Loaded with a warning, not refused: a user may want to inspect a
+    # broken checkpoint (`save` refuses them).
     if bad := non_finite(state):
-        warnings.warn(f"checkpoint {path}: {_describe_non_finite(bad, state)}", RuntimeWarning, stacklevel=2)
-    return {k: state[k] for k in expected}, cfg  # safetensors stores keys sorted; give them back in model order
+        warnings.warn(
+            f"checkpoint {path}: {_describe_non_finite(bad, state)}", RuntimeWarning, stacklevel=2
+        )
+    return {
+        k: state[k] for k in expected
+    }, cfg  # safetensors stores keys sorted; give them back in model order
 
 
 def read_metadata(path: PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file (gptmod's config, format, and anything `save` was given)."""
+    """The string metadata of a safetensors file (gptmod's config, format,
+    and anything `save` was given)."""
     try:
         with safe_open(str(path), framework="numpy") as f:
             return dict(f.metadata() or {})
@@ -260,8 +298,8 @@ _ACTIONS = ("copied", "transformed", "new")
 
 @dataclass
 class TransferReport:
-    """What a weight import did: every target tensor, every source tensor left unused, and the changes of
-    function that involve no tensor (e.g. soft-capping)."""
+    """What a weight import did: every target tensor, every source tensor left unused, and the
+    changes of function that involve no tensor (e.g. soft-capping)."""
 
     rows: list[TransferRow] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (source name, reason)
@@ -282,23 +320,36 @@ class TransferReport:
         return out
 
     def fraction_copied(self) -> float:
-        """Share of target tensors (counted as tensors, not parameters) whose values are the source's exactly."""
+        """Share of target tensors (counted as tensors, not parameters) whose values are the
+        source's exactly."""
         return self.counts().get("copied", 0) / max(1, len(self.rows))
 
     def summary(self) -> str:
         """One line: tensors and parameters per action, and how many source tensors were dropped."""
         counts, params = self.counts(), self.param_counts()
         total = max(1, sum(params.values()))
-        per = ", ".join(f"{counts[a]} {a} ({params[a] / total:.1%} of parameters)" for a in _ACTIONS if a in counts)
-        return (f"{len(self.rows)} target tensors, {sum(params.values()):,} parameters: {per or 'none'}; "
-                f"{len(self.dropped)} source tensor(s) dropped")  # fmt: skip
+        per = ", ".join(
+            f"{counts[a]} {a} ({params[a] / total:.1%} of parameters)"
+            for a in _ACTIONS
+            if a in counts
+        )
+        return (
+            f"{len(self.rows)} target tensors, {sum(params.values()):,} parameters: "
+            f"{per or 'none'}; {len(self.dropped)} source tensor(s) dropped"
+        )
 
     def to_text(self) -> str:
-        """A readable aligned table, then the dropped source tensors, the notes and the summary line."""
+        """A readable aligned table, then the dropped source tensors, the
+        notes and the summary line."""
         header = TransferRow("target", "action", "source", "how")
         rows = [header, *self.rows]
-        w_t, w_a, w_s = (max(len(getattr(r, f)) for r in rows) for f in ("target", "action", "source"))
-        lines = [f"{r.target:<{w_t}}  {r.action:<{w_a}}  {r.source:<{w_s}}  {r.how}".rstrip() for r in rows]
+        w_t, w_a, w_s = (
+            max(len(getattr(r, f)) for r in rows) for f in ("target", "action", "source")
+        )
+        lines = [
+            f"{r.target:<{w_t}}  {r.action:<{w_a}}  {r.source:<{w_s}}  {r.how}".rstrip()
+            for r in rows
+        ]
         if self.dropped:
             lines.append("")
             w_d = max(len(name) for name, _ in self.dropped)
@@ -329,7 +380,8 @@ class TransferReport:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Write `text` (UTF-8) to a temporary file beside `path`, fsync it,
+    then rename it over `path`."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

@@ -1,17 +1,21 @@
-"""The linear layer of the JAX twin: weights stored (out, in) like torch's, and for the few rows of a
-decode step on the CPU the product is turned around so the weights are its left operand.
+"""CPU decode fast paths of the JAX twin, swapped into a model by `install`
+(`GPT(cfg, kernels=False)` keeps model.py's readable ops everywhere). The
+same parameters and results, other arithmetic order.
 
-XLA's CPU dot reads a (rows, in) @ (in, out) product with a handful of rows at a fraction of the
-memory bandwidth, but the same product computed as weight (out, in) @ x^T (in, rows) streams the
-weights at close to it: on the 2-core AMD EPYC this project is measured on, the tied 50257x768
-unembedding at batch 8 takes 10.8 ms as x @ E^T and 6.4 ms as E @ x^T, and the 12 SwiGLU MLPs of
-modern-gpt2 15.4 ms against 11.1 ms (`python -m gptmod.bench` shows the effect on whole steps).
-That needs the (out, in) layout: from Flax's (in, out) kernels the turned product would first
-transpose every weight. With many rows (prefill, training) both forms run at the same speed, and
-the usual `x @ weight.T` is kept. Accelerators keep it too: the turn was measured on the CPU only.
+1. Few-row products turned around. XLA's CPU dot reads a (rows, in) @ (in, out) product with a
+   handful of rows at a fraction of the memory bandwidth, but the same product computed as
+   weight (out, in) @ x^T (in, rows) streams the weights at close to it: on the 2-core AMD EPYC this
+   project is measured on, the tied 50257x768 unembedding at batch 8 takes 10.8 ms as x @ E^T and
+   6.4 ms as E @ x^T, and the 12 SwiGLU MLPs of modern-gpt2 15.4 ms against 11.1 ms. That needs the
+   (out, in) layout, which is why model.py's `Linear` keeps torch's. With many rows (prefill,
+   training) both forms run at the same speed and `x @ weight.T` is kept; accelerators keep it too.
+2. Cached attention in the cache's own layouts. Keys (B, K, H, S) and values (B, K, S, H) make both
+   products plain matmuls batched over (B, K), with the contracting axis where XLA's CPU dot wants
+   it; `jax.nn.dot_product_attention` reads keys as (B, S, K, H) and makes XLA transpose the whole
+   cache every step (decode at batch 8 over 288 keys: 10 ms for the 12 layers, 3.8 ms here).
 
-The torch twin has the same module for the same reason (gptmod_torch/kernels.py, oneDNN instead of
-MKL), so the two model files build their layers from the same `Linear(d_in, d_out, bias=...)`.
+`python -m gptmod.bench` shows the effect on whole steps. The torch twin's kernels.py does the same
+job with oneDNN.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptmod_jax import sharding
+# model.cached_attention looked up per call: parity's mutations patch it
+from gptmod_jax import model
+from gptmod_jax.model import Attention, Embedding, Linear, compute_dtype, resolve_backend
 
 # Up to this many rows (batch x tokens) the weights-first product wins on the CPU; from about 128 on
 # the two forms take the same time, measured for 768 <-> 2048 and 768 -> 50257.
@@ -39,7 +45,8 @@ def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> ja
     *lead, d_in = x.shape
     rows = math.prod(lead)
     if weights_first(rows):
-        # Without the barrier XLA folds the transpose back into the dot and picks the slow form again.
+        # Without the barrier XLA folds the transpose back into the dot and
+        # picks the slow form again.
         y_OR = jax.lax.optimization_barrier(weight @ x.reshape(rows, d_in).T)
         y = y_OR.T.reshape(*lead, weight.shape[0])
     else:
@@ -47,15 +54,79 @@ def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> ja
     return y if bias is None else y + bias
 
 
-class Linear(nnx.Module):
-    """A linear layer with torch's parameter names and layout: `weight` (out, in), optional `bias`,
-    weights drawn from N(0, std^2) in `dtype` at construction, bias zero. `axes` are the logical axis
-    names of (out, in) for sharding (gptmod_jax/sharding.py)."""
+def cached_attention(
+    q_BTNH: jax.Array,
+    k_BKHS: jax.Array,
+    v_BKSH: jax.Array,
+    *,
+    backend: str,
+    mask_BTS: jax.Array | None,
+) -> jax.Array:
+    """model.cached_attention on XLA without transposing the cache: the query heads grouped per kv
+    head, both products batched over (B, K). cuDNN and the reference keep model.py's path.
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 axes: tuple[str | None, str | None] = (None, None)):  # fmt: skip
-        self.weight = sharding.param(nnx.initializers.normal(std)(rngs.params(), (d_out, d_in), dtype), axes)
-        self.bias = sharding.param(jnp.zeros((d_out,), dtype), axes[:1]) if bias else None
+    `mask_BTS` None (a prefill from key 0) gets the top-left causal mask here:
+    jax.nn.dot_product_attention's XLA path cannot lower float16 under jit on the CPU ("precision
+    F16_F16_F32 is not supported by dot_general")."""
+    B, T, N, H = q_BTNH.shape
+    K = v_BKSH.shape[1]
+    if resolve_backend(backend, q_BTNH.dtype, H, mask_BTS is not None) != "xla":
+        return model.cached_attention(q_BTNH, k_BKHS, v_BKSH, backend=backend, mask_BTS=mask_BTS)
+    if mask_BTS is None:
+        mask_BTS = (jnp.arange(v_BKSH.shape[2]) <= jnp.arange(T)[:, None])[None]  # (1, T, S)
+    ct = compute_dtype(q_BTNH.dtype)
+    # Query head h belongs to kv head h // G (consecutive groups, as in `reference_attention`).
+    q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).astype(ct)
+    scores_BKGTS = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS.astype(ct)) / math.sqrt(H)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(ct).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
+    # Heads-major output, transposed after: asking the dot for (B, T, K, G,
+    # H) directly is 2x slower.
+    out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH.astype(ct))
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+class CpuDecodeLinear(Linear):
+    """`Linear` (the same parameters) computed by `linear`."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return linear(x, self.weight[...], None if self.bias is None else self.bias[...])
+
+
+class CpuDecodeEmbedding(Embedding):
+    """`Embedding` whose tied unembedding, the largest matmul of a decode step, runs on `linear`."""
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return linear(x, self.weight[...])
+
+
+class CpuDecodeAttention(Attention):
+    """`Attention` whose cached path is `cached_attention` above."""
+
+    def attend_cache(
+        self,
+        q_BTNH: jax.Array,
+        k_BKHS: jax.Array,
+        v_BKSH: jax.Array,
+        backend: str,
+        mask_BTS: jax.Array | None,
+    ) -> jax.Array:
+        return cached_attention(q_BTNH, k_BKHS, v_BKSH, backend=backend, mask_BTS=mask_BTS)
+
+
+SWAPS: dict[type[nnx.Module], type[nnx.Module]] = {
+    Linear: CpuDecodeLinear,
+    Embedding: CpuDecodeEmbedding,
+    Attention: CpuDecodeAttention,
+}
+
+
+def install(model: nnx.Module) -> nnx.Module:
+    """Swap the fast classes of `SWAPS` in, in place: the same parameters, names and results (tests/
+    test_kernels.py), only the op that computes them changes. Each fast class decides per call
+    (rows, backend, device) and falls back to model.py's op where it does not apply."""
+    for _, module in nnx.iter_graph(model):
+        fast = SWAPS.get(type(module))
+        if fast is not None:
+            module.__class__ = fast  # a subclass that adds no state: variables stay as they are
+    return model

@@ -1,14 +1,17 @@
 """GPT in JAX/Flax NNX: the twin of gptmod_torch/model.py (same classes, names and order).
 
 Every switch of the config is resolved in one place (`make_norm`, `Block.__init__`, `GPT.__init__`),
-so the modern path reads straight through. Shapes are named by suffix: B batch, T query length,
-S key length, D d_model, N query heads, K kv heads, H head_dim, V vocab.
+so the modern path reads straight through. Shapes are named by suffix (B batch, T query length,
+S key length, D d_model, N query heads, K kv heads, H head_dim, V vocab; the full table is in
+docs/DESIGN.md). This file is the readable path; `kernels.py` swaps in the CPU decode fast paths
+(`GPT(cfg, kernels=False)` keeps this file's ops everywhere).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,15 +20,73 @@ from flax import nnx
 
 from gptmod.backends import BackendUnavailableError, check_backend_name, jax_cudnn_unmet
 from gptmod.config import ModelConfig
+from gptmod.inputs import check_input
 from gptmod.sampling import check_cache_shape
 from gptmod.weights import check_state
 from gptmod_jax import sharding  # logical axis names on parameters and the KV cache
-from gptmod_jax.kernels import Linear, linear  # weights (out, in) as in torch; decode-shaped on the CPU
 
 
 def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """Norms, RoPE, softmax and soft-cap run in fp32 (fp64 only if x64 is enabled)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def resid_init_std(cfg: ModelConfig) -> float:
+    """GPT-2's init of the projections into the residual stream (wo,
+    w_down): init_std / sqrt(2 n_layer)."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layer)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Linear(nnx.Module):
+    """y = x W^T + b with torch's names and layout: `weight` (out, in), drawn from N(0, std^2) when
+    built, and an optional zero `bias` (not nnx.Linear, whose kernel is (in, out)). `axes` are the
+    logical axis names of (out, in) for sharding (gptmod_jax/sharding.py)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        bias: bool,
+        std: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        axes: tuple[str | None, str | None] = (None, None),
+    ):
+        weight = nnx.initializers.normal(std)(rngs.params(), (d_out, d_in), dtype)
+        self.weight = sharding.param(weight, axes)
+        self.bias = sharding.param(jnp.zeros((d_out,), dtype), axes[:1]) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.weight[...].T
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    """The token (or learned position) table, (V, D), drawn from N(0, std^2); `attend` is the tied
+    unembedding, x @ table^T (torch's name, `weight`, where nnx.Embed says `embedding`)."""
+
+    def __init__(
+        self,
+        n: int,
+        d: int,
+        *,
+        std: float,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        axes: tuple[str | None, str | None],
+    ):
+        weight = nnx.initializers.normal(std)(rngs.params(), (n, d), dtype)
+        self.weight = sharding.param(weight, axes)
+
+    def __call__(self, idx: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], idx, axis=0)  # an id out of range gathers NaN
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return x @ self.weight[...].T
 
 
 # ----------------------------------------------------------------------------- norms
@@ -67,11 +128,16 @@ def make_norm(cfg: ModelConfig, dtype: jnp.dtype) -> nnx.Module:
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     # float64 on the host: both twins then round the very same frequencies to fp32.
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
-    return inv_freq if cfg.rope_scaling is None else cfg.rope_scaling.scale(inv_freq)  # Llama 3.1/3.2
+    inv_freq = 1.0 / cfg.rope_theta ** (
+        np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim
+    )
+    # Llama 3.1/3.2
+    return inv_freq if cfg.rope_scaling is None else cfg.rope_scaling.scale(inv_freq)
 
 
-def rope_cos_sin(positions_BT: jax.Array, cfg: ModelConfig, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(
+    positions_BT: jax.Array, cfg: ModelConfig, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotation angles, (B, T, H/2), in the compute dtype (never bf16)."""
     ct = compute_dtype(dtype)
     inv_freq = jnp.asarray(rope_inv_freq(cfg), dtype=ct)
@@ -87,6 +153,15 @@ def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax
 
 
 # ----------------------------------------------------------------------------- attention
+
+
+class BlockInputs(NamedTuple):
+    """What every block takes besides the residual stream, made once per forward by `GPT.embed`."""
+
+    rope: tuple[jax.Array, jax.Array] | None  # cos, sin (B, T, H/2); None for learned positions
+    pos_BT: jax.Array  # where each token sits: the KV cache's write positions
+    mask_BTS: jax.Array | None  # bottom-right causal over the cache; None: top-left is_causal
+    backend: str  # the attention kernel, see `attention`
 
 
 def reference_attention(
@@ -117,12 +192,19 @@ def resolve_backend(backend: str, dtype: jnp.dtype, head_dim: int, has_mask: boo
     device = jax.devices()[0]
     # Masks are always passed at full (B, N, T, S) size below, so only dtype, shape and GPU matter.
     unmet = jax_cudnn_unmet(
-        device.platform, jnp.dtype(dtype).name, head_dim, getattr(device, "compute_capability", None), has_mask, True
+        device.platform,
+        jnp.dtype(dtype).name,
+        head_dim,
+        getattr(device, "compute_capability", None),
+        has_mask,
+        True,
     )
     if backend == "auto":
         return "xla" if unmet else "cudnn"
     if unmet:
-        raise BackendUnavailableError(f"jax attention backend 'cudnn' cannot run: {'; '.join(unmet)}")
+        raise BackendUnavailableError(
+            f"jax attention backend 'cudnn' cannot run: {'; '.join(unmet)}"
+        )
     return backend
 
 
@@ -144,7 +226,11 @@ def attention(
     if implementation == "reference":
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     # K < N heads is native GQA here; no repeat needed. (B, T, N, H) is JAX's layout, unlike SDPA's.
-    mask_BNTS = None if mask_BTS is None else jnp.broadcast_to(mask_BTS[:, None], (B, N, T, k_BSKH.shape[1]))
+    mask_BNTS = (
+        None
+        if mask_BTS is None
+        else jnp.broadcast_to(mask_BTS[:, None], (B, N, T, k_BSKH.shape[1]))
+    )
     return jax.nn.dot_product_attention(
         q_BTNH,
         k_BSKH,
@@ -157,53 +243,35 @@ def attention(
 
 
 def cached_attention(
-    q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array, *, backend: str, mask_BTS: jax.Array | None
+    q_BTNH: jax.Array,
+    k_BKHS: jax.Array,
+    v_BKSH: jax.Array,
+    *,
+    backend: str,
+    mask_BTS: jax.Array | None,
 ) -> jax.Array:
-    """Attention over the KV cache: keys (B, K, H, S), values (B, K, S, H).
+    """Attention over the KV cache, keys (B, K, H, S) and values (B, K, S, H), handed to `attention`
+    as the (B, S, K, H) views it expects (kernels.py multiplies the cache layouts without them).
 
-    On XLA the query heads are grouped per kv head, and both products are plain matmuls batched over
-    (B, K), the cache's leading axes: XLA's CPU dot wants its batch axes leading and its contracting
-    axis first on the right (H for scores, S for the output), which is what the two cache layouts give.
-    `jax.nn.dot_product_attention` reads keys as (B, S, K, H) instead and makes XLA transpose the whole
-    cache every step (decode at batch 8 over 288 keys: 10 ms for the 12 layers, 3.8 ms here). cuDNN and
-    the reference get the (B, S, K, H) views they expect.
-
-    `mask_BTS` None: the T queries sit at positions 0..T-1 in every row (a prefill from the start), so plain
-    causal attention over the cache's first T keys is the same arithmetic, which cuDNN takes without a mask. XLA
-    keeps its own path below, with that causal mask (jax.nn.dot_product_attention's XLA path cannot lower float16
-    under jit on the CPU: "precision F16_F16_F32 is not supported by dot_general")."""
-    B, T, N, H = q_BTNH.shape
-    K = v_BKSH.shape[1]
+    `mask_BTS` None: the T queries sit at positions 0..T-1 in every row (a prefill from the start),
+    so plain causal attention over the cache's first T keys is the same arithmetic, which cuDNN
+    takes without a mask."""
     if mask_BTS is None:
-        implementation = resolve_backend(backend, q_BTNH.dtype, H, False)
-        if implementation != "xla":
-            k_BSKH, v_BSKH = k_BKHS[..., :T].transpose(0, 3, 1, 2), v_BKSH[:, :, :T].transpose(0, 2, 1, 3)
-            return attention(q_BTNH, k_BSKH, v_BSKH, backend=implementation)
-        mask_BTS = (jnp.arange(v_BKSH.shape[2]) <= jnp.arange(T)[:, None])[None]  # top-left causal, (1, T, S)
-    implementation = resolve_backend(backend, q_BTNH.dtype, H, True)
-    if implementation != "xla":
-        k_BSKH, v_BSKH = k_BKHS.transpose(0, 3, 1, 2), v_BKSH.transpose(0, 2, 1, 3)
-        return attention(q_BTNH, k_BSKH, v_BSKH, backend=implementation, mask_BTS=mask_BTS)
-    ct = compute_dtype(q_BTNH.dtype)
-    # Query head h belongs to kv head h // G (consecutive groups, as in `reference_attention`).
-    q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4).astype(ct)
-    scores_BKGTS = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS.astype(ct)) / math.sqrt(H)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(ct).min)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
-    # Heads-major output, transposed after: asking the dot for (B, T, K, G, H) directly makes it 2x slower.
-    out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH.astype(ct))
-    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q_BTNH.dtype)
+        T = q_BTNH.shape[1]
+        k_BKHS, v_BKSH = k_BKHS[..., :T], v_BKSH[:, :, :T]
+    k_BSKH, v_BSKH = k_BKHS.transpose(0, 3, 1, 2), v_BKSH.transpose(0, 2, 1, 3)
+    return attention(q_BTNH, k_BSKH, v_BSKH, backend=backend, mask_BTS=mask_BTS)
 
 
 class KVCache(nnx.Module):
-    """Static KV cache of one layer, preallocated: keys (B, K, H, S), values (B, K, S, H), the layouts
-    `cached_attention` multiplies without a copy; nnx.Cache variables, so that
+    """Static KV cache of one layer, preallocated: keys (B, K, H, S), values (B, K, S, H), the
+    layouts XLA's CPU dot multiplies without a copy (kernels.py); nnx.Cache variables, so that
     `nnx.split(model, nnx.Param, nnx.Cache)` hands it to a jitted loop as pure state.
 
-    Each row writes at its own positions, so ragged batches need no shifting. Capacity is checked
-    by the caller (GPT.__call__ and generate) before anything is written; under jit, where it cannot be,
-    an out-of-range position's write is dropped (never wrapped onto a real entry) and GPT.embed makes
-    that token's logits NaN."""
+    Each row writes at its own positions, so ragged batches need no shifting. Capacity is checked by
+    the caller (GPT.__call__ and generate) before anything is written; under jit, where it cannot
+    be, an out-of-range position's write is dropped (never wrapped onto a real entry) and GPT.embed
+    makes that token's logits NaN."""
 
     def __init__(self, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype: jnp.dtype):
         axes = ("batch", "kv_heads", None, None)
@@ -214,14 +282,21 @@ class KVCache(nnx.Module):
     def capacity(self) -> int:
         return self.v.shape[2]
 
-    def update(self, pos_BT: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # A negative index would wrap onto the end; sent to `capacity` instead, it is out of bounds and dropped.
+    def update(
+        self, pos_BT: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        # A negative index would wrap onto the end; sent to `capacity`
+        # instead, it is out of bounds and dropped.
         pos_BT = jnp.where((pos_BT >= 0) & (pos_BT < self.capacity), pos_BT, self.capacity)
-        if sharding.mesh_active():  # each row written on the devices that hold it: see sharding.write_rows
-            self.k[...], self.v[...] = sharding.write_rows(self.k[...], self.v[...], pos_BT, k_BTKH, v_BTKH)
+        # each row written on the devices that hold it: see sharding.write_rows
+        if sharding.mesh_active():
+            self.k[...], self.v[...] = sharding.write_rows(
+                self.k[...], self.v[...], pos_BT, k_BTKH, v_BTKH
+            )
         else:
             rows_B1 = jnp.arange(pos_BT.shape[0])[:, None]
-            # Index arrays split by slices put their (B, T) axes first: the targets are (B, T, K, H), as given.
+            # Index arrays split by slices put their (B, T) axes first: the
+            # targets are (B, T, K, H), as given.
             self.k[...] = self.k[...].at[rows_B1, :, :, pos_BT].set(k_BTKH)
             self.v[...] = self.v[...].at[rows_B1, :, pos_BT].set(v_BTKH)
         return self.k[...], self.v[...]
@@ -232,24 +307,21 @@ class Attention(nnx.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         sharding.check_heads(cfg)  # under a mesh: whole KV heads on every device, or a clear error
         self.kv_cache: KVCache | None = nnx.data(None)  # data, not static: setup_cache fills it in
-        std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.wq = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                         axes=("heads", "embed"))  # fmt: skip
-        self.wk = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype,
-                         rngs=rngs, axes=("kv_heads", "embed"))  # fmt: skip
-        self.wv = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias, std=std, dtype=dtype,
-                         rngs=rngs, axes=("kv_heads", "embed"))  # fmt: skip
-        self.wo = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype,
-                         rngs=rngs, axes=("embed", "heads"))  # fmt: skip
+        std, resid_std = cfg.init_std, resid_init_std(cfg)
+        kw = {"bias": cfg.bias, "dtype": dtype, "rngs": rngs}
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        self.wq = Linear(cfg.d_model, q_dim, std=std, axes=("heads", "embed"), **kw)
+        self.wk = Linear(cfg.d_model, kv_dim, std=std, axes=("kv_heads", "embed"), **kw)
+        self.wv = Linear(cfg.d_model, kv_dim, std=std, axes=("kv_heads", "embed"), **kw)
+        self.wo = Linear(q_dim, cfg.d_model, std=resid_std, axes=("embed", "heads"), **kw)
 
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        rope: tuple[jax.Array, jax.Array] | None,
-        backend: str,
-        pos_BT: jax.Array,
-        mask_BTS: jax.Array | None = None,
-    ) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, inputs: BlockInputs) -> jax.Array:
+        rope, backend, pos_BT, mask_BTS = (
+            inputs.rope,
+            inputs.backend,
+            inputs.pos_BT,
+            inputs.mask_BTS,
+        )
         B, T, _ = x_BTD.shape
         q_BTNH = self.wq(x_BTD).reshape(B, T, self.n_head, self.head_dim)
         k_BTKH = self.wk(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
@@ -260,8 +332,18 @@ class Attention(nnx.Module):
             out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, backend=backend, mask_BTS=mask_BTS)
         else:
             k_BKHS, v_BKSH = self.kv_cache.update(pos_BT, k_BTKH, v_BTKH)
-            out_BTNH = cached_attention(q_BTNH, k_BKHS, v_BKSH, backend=backend, mask_BTS=mask_BTS)
+            out_BTNH = self.attend_cache(q_BTNH, k_BKHS, v_BKSH, backend, mask_BTS)
         return self.wo(out_BTNH.reshape(B, T, self.n_head * self.head_dim))
+
+    def attend_cache(
+        self,
+        q_BTNH: jax.Array,
+        k_BKHS: jax.Array,
+        v_BKSH: jax.Array,
+        backend: str,
+        mask_BTS: jax.Array | None,
+    ) -> jax.Array:
+        return cached_attention(q_BTNH, k_BKHS, v_BKSH, backend=backend, mask_BTS=mask_BTS)
 
 
 # ----------------------------------------------------------------------------- mlp
@@ -269,11 +351,11 @@ class Attention(nnx.Module):
 
 class GeluMLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                           axes=("mlp", "embed"))  # fmt: skip
-        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs,
-                             axes=("embed", "mlp"))  # fmt: skip
+        kw = {"bias": cfg.bias, "dtype": dtype, "rngs": rngs}
+        self.w_up = Linear(cfg.d_model, cfg.d_ff, std=cfg.init_std, axes=("mlp", "embed"), **kw)
+        self.w_down = Linear(
+            cfg.d_ff, cfg.d_model, std=resid_init_std(cfg), axes=("embed", "mlp"), **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # GPT-2's GELU is the tanh approximation (jax.nn.gelu's default; spelled out all the same).
@@ -282,13 +364,12 @@ class GeluMLP(nnx.Module):
 
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        self.w_gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                             axes=("mlp", "embed"))  # fmt: skip
-        self.w_up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=std, dtype=dtype, rngs=rngs,
-                           axes=("mlp", "embed"))  # fmt: skip
-        self.w_down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=resid_std, dtype=dtype, rngs=rngs,
-                             axes=("embed", "mlp"))  # fmt: skip
+        kw = {"bias": cfg.bias, "dtype": dtype, "rngs": rngs}
+        self.w_gate = Linear(cfg.d_model, cfg.d_ff, std=cfg.init_std, axes=("mlp", "embed"), **kw)
+        self.w_up = Linear(cfg.d_model, cfg.d_ff, std=cfg.init_std, axes=("mlp", "embed"), **kw)
+        self.w_down = Linear(
+            cfg.d_ff, cfg.d_model, std=resid_init_std(cfg), axes=("embed", "mlp"), **kw
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w_down(jax.nn.silu(self.w_gate(x)) * self.w_up(x))
@@ -305,119 +386,108 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(cfg, dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(
-        self,
-        x_BTD: jax.Array,
-        rope: tuple[jax.Array, jax.Array] | None,
-        backend: str,
-        pos_BT: jax.Array,
-        mask_BTS: jax.Array | None = None,
-    ) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, backend, pos_BT, mask_BTS)
+    def __call__(self, x_BTD: jax.Array, inputs: BlockInputs) -> jax.Array:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), inputs)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
 class GPT(nnx.Module):
-    """The modernised GPT-2. `attn_backend` is a run-time choice: one of gptmod.backends.JAX_BACKENDS.
+    """The modernised GPT-2. `attn_backend` is a run-time choice: one of
+    gptmod.backends.JAX_BACKENDS.
 
-    `dtype` is the parameter dtype and so the compute dtype (torch: `model.to(dtype)`)."""
+    `dtype` is the parameter dtype and so the compute dtype (torch: `model.to(dtype)`). Each layer
+    draws its weights from `rngs` as it is built. `kernels` swaps in the CPU decode fast paths of
+    gptmod_jax/kernels.py (the same parameters and results)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, attn_backend: str = "auto", dtype: jnp.dtype = jnp.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        attn_backend: str = "auto",
+        dtype: jnp.dtype = jnp.float32,
+        kernels: bool = True,
+    ):
         self.cfg = cfg
         self.attn_backend = check_backend_name("jax", attn_backend)
-        emb_init = nnx.initializers.normal(cfg.init_std)
-        vocab_init = sharding.initializer(emb_init, ("vocab", "embed"))
-        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=vocab_init, param_dtype=dtype, rngs=rngs)
+        emb = {"std": cfg.init_std, "dtype": dtype, "rngs": rngs}
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), **emb)
         self.pos_emb = (
-            nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=sharding.initializer(emb_init, (None, "embed")),
-                      param_dtype=dtype, rngs=rngs)
+            Embedding(cfg.max_seq_len, cfg.d_model, axes=(None, "embed"), **emb)
             if cfg.pos == "learned"
             else None
-        )  # fmt: skip
+        )
         self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layer)])
         self.norm = make_norm(cfg, dtype)
         self.lm_head = (
             None
             if cfg.tie_embeddings
-            else Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std, dtype=dtype, rngs=rngs,
-                        axes=("vocab", "embed"))
-        )  # fmt: skip
+            else Linear(cfg.d_model, cfg.vocab_size, axes=("vocab", "embed"), bias=False, **emb)
+        )
+        if kernels:
+            from gptmod_jax.kernels import install  # imports this file: a late import
+
+            install(self)
 
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
         """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         check_cache_shape(batch, max_len, self.cfg)
-        dtype = self.tok_emb.embedding.dtype
+        dtype = self.tok_emb.weight.dtype
         for block in self.blocks:
-            block.attn.kv_cache = KVCache(batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype)
+            block.attn.kv_cache = KVCache(
+                batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype
+            )
 
     def clear_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
 
     def check_input(self, idx_BT: jax.Array, pos_BT: jax.Array | None) -> None:
-        """Token ids, length and positions are checked up front, where their values are known: a bad id
-        would wrap (negative) or gather NaN, a write past the cache end would be dropped. Under jit only
-        types and shapes can be: `embed` then turns a bad id or position into NaN logits."""
-        if not isinstance(idx_BT, (jax.Array, np.ndarray)):
-            raise ValueError(f"idx: expected an integer (batch, time) jax or numpy array, got {type(idx_BT).__name__}")
-        if idx_BT.ndim != 2 or not jnp.issubdtype(idx_BT.dtype, jnp.integer):
-            raise ValueError(f"idx: expected an integer (batch, time) array, got {idx_BT.dtype} {tuple(idx_BT.shape)}")
-        B, T = idx_BT.shape
-        if B < 1:
-            raise ValueError(f"idx: batch {B}: must be >= 1")
-        if pos_BT is not None and (
-            not isinstance(pos_BT, (jax.Array, np.ndarray)) or not jnp.issubdtype(pos_BT.dtype, jnp.integer)
-        ):
-            kind = getattr(pos_BT, "dtype", type(pos_BT).__name__)
-            raise ValueError(f"positions: expected an integer (batch, time) array, got {kind}")
-        if not 1 <= T <= self.cfg.max_seq_len:
-            raise ValueError(f"idx: sequence length {T} must be in [1, max_seq_len={self.cfg.max_seq_len}]")
+        """Ids, length and positions, up front (gptmod/inputs.py). Under jit only types and shapes
+        can be checked: `embed` then turns a bad id or position into NaN logits."""
         cache = self.blocks[0].attn.kv_cache
-        if cache is None and pos_BT is not None:
-            raise ValueError("positions: only meaningful with a KV cache (call setup_cache first)")
-        if cache is not None:
-            if pos_BT is None or pos_BT.shape != idx_BT.shape:
-                raise ValueError(
-                    f"positions: with a KV cache, pass (batch, time) positions shaped like idx {tuple(idx_BT.shape)}"
-                )
-            if idx_BT.shape[0] != cache.k.shape[0]:
-                raise ValueError(f"idx: batch {idx_BT.shape[0]} does not match the KV cache batch {cache.k.shape[0]}")
-        if isinstance(idx_BT, jax.core.Tracer) or isinstance(pos_BT, jax.core.Tracer):
-            return  # values unknown under jit: generate validates them before tracing
-        lo, hi = int(idx_BT.min()), int(idx_BT.max())
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"idx: token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
-        if cache is not None and (int(pos_BT.min()) < 0 or int(pos_BT.max()) >= cache.capacity):
-            raise ValueError(
-                f"positions: {int(pos_BT.min())}..{int(pos_BT.max())} exceed the KV cache capacity {cache.capacity}"
-            )
+        check_input(
+            self.cfg,
+            idx_BT,
+            pos_BT,
+            None if cache is None else (cache.k.shape[0], cache.capacity),
+            is_array=lambda a: isinstance(a, (jax.Array, np.ndarray)),
+            is_integer=lambda a: jnp.issubdtype(a.dtype, jnp.integer),
+            expected="an integer (batch, time) jax or numpy array",
+            values_known=not any(isinstance(a, jax.core.Tracer) for a in (idx_BT, pos_BT)),
+        )
 
-    def __call__(self, idx_BT: jax.Array, positions_BT: jax.Array | None = None, return_hidden: bool = False):
+    def __call__(
+        self, idx_BT: jax.Array, positions_BT: jax.Array | None = None, return_hidden: bool = False
+    ):
         """Logits (B, T, V) in fp32; with `return_hidden`, also the residual stream after the
         embedding and after each block (n_layer + 1 arrays).
 
-        Without a KV cache, positions are 0..T-1. With one (`setup_cache`), `positions_BT` says where
-        each token sits; each row may be at a different offset (ragged batches)."""
+        Without a KV cache, positions are 0..T-1. With one (`setup_cache`), `positions_BT` says
+        where each token sits; each row may be at a different offset (ragged batches)."""
         self.check_input(idx_BT, positions_BT)
         x_BTD, hidden = self.trunk(idx_BT, positions_BT)
         logits_BTV = self.head(x_BTD)
         return (logits_BTV, hidden) if return_hidden else logits_BTV
 
-    def embed(self, idx_BT: jax.Array, positions_BT: jax.Array | None) -> tuple:
-        """The embedded tokens and what every block takes with them: (x_BTD, rope, positions_BT, mask_BTS);
-        rope is None for learned positions. mask_BTS is None when the block starts at key 0 in every row
-        (`positions_BT` None, with or without a KV cache): the top-left is_causal is then right."""
+    def embed(
+        self, idx_BT: jax.Array, positions_BT: jax.Array | None
+    ) -> tuple[jax.Array, BlockInputs]:
+        """The embedded tokens and what every block takes with them. The mask is None when the block
+        starts at key 0 in every row (`positions_BT` None, with or without a KV cache): the top-left
+        is_causal is then right."""
         cache = self.blocks[0].attn.kv_cache
         mask_BTS = None
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(idx_BT.shape[1])[None], idx_BT.shape)
-        elif cache is not None:  # bottom-right causal over the cache: key s is visible from position p iff s <= p
+        # bottom-right causal over the cache: key s is visible from position p iff s <= p
+        elif cache is not None:
             mask_BTS = jnp.arange(cache.capacity) <= positions_BT[..., None]
         x_BTD = self.tok_emb(idx_BT)
-        # Under jit check_input cannot see values: a bad id (a negative one would wrap onto the vocabulary's end)
-        # or a position outside the cache gives NaN, never the logits of some other token or position.
+        # Under jit check_input cannot see values: a bad id (a negative one would wrap onto the
+        # vocabulary's end) or a position outside the cache gives NaN, never the logits of some
+        # other token or position.
         valid_BT = (idx_BT >= 0) & (idx_BT < self.cfg.vocab_size)
         if cache is not None:
             valid_BT &= (positions_BT >= 0) & (positions_BT < cache.capacity)
@@ -427,14 +497,15 @@ class GPT(nnx.Module):
             x_BTD = x_BTD + self.pos_emb(positions_BT)
         else:
             rope = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
-        return sharding.constrain(x_BTD, ("batch", None, None)), rope, positions_BT, mask_BTS
+        x_BTD = sharding.constrain(x_BTD, ("batch", None, None))
+        return x_BTD, BlockInputs(rope, positions_BT, mask_BTS, self.attn_backend)
 
     def trunk(self, idx_BT: jax.Array, positions_BT: jax.Array | None) -> tuple[jax.Array, list]:
         """Embedding and blocks: the residual stream before the final norm (and each layer's)."""
-        x_BTD, rope, positions_BT, mask_BTS = self.embed(idx_BT, positions_BT)
+        x_BTD, inputs = self.embed(idx_BT, positions_BT)
         hidden = [x_BTD]
         for block in self.blocks:
-            x_BTD = block(x_BTD, rope, self.attn_backend, positions_BT, mask_BTS)
+            x_BTD = block(x_BTD, inputs)
             x_BTD = sharding.constrain(x_BTD, ("batch", None, None))  # a no-op without a mesh
             hidden.append(x_BTD)
         return x_BTD, hidden
@@ -442,8 +513,7 @@ class GPT(nnx.Module):
     def head(self, x_BTD: jax.Array) -> jax.Array:
         """Final norm, unembedding (tied or not) and soft-cap, in fp32; any leading shape."""
         x_BTD = self.norm(x_BTD)
-        head = self.tok_emb.embedding if self.lm_head is None else self.lm_head.weight
-        logits_BTV = linear(x_BTD, head[...])
+        logits_BTV = self.tok_emb.attend(x_BTD) if self.lm_head is None else self.lm_head(x_BTD)
         logits_BTV = logits_BTV.astype(compute_dtype(x_BTD.dtype))
         cap = self.cfg.logit_softcap
         return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)
@@ -451,17 +521,12 @@ class GPT(nnx.Module):
 
 # ----------------------------------------------------------------------------- canonical state
 
-# NNX leaf names -> canonical (torch) leaf names: only nnx.Embed's table has a name of its own. Every
-# layout is already canonical (linear weights (out, in), see gptmod_jax/kernels.py), so nothing is transposed.
-_LEAF_TO_CANONICAL = {"embedding": "weight", "weight": "weight", "bias": "bias"}
-
 
 def _canonical_params(model: nnx.Module) -> dict[str, nnx.Param]:
-    out = {}
-    for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        *prefix, leaf = (str(k) for k in path)
-        out[".".join([*prefix, _LEAF_TO_CANONICAL[leaf]])] = p
-    return out
+    """Parameters by canonical name: the NNX paths already are torch's names and layouts."""
+    return {
+        ".".join(map(str, path)): p for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 def export_state(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -477,7 +542,8 @@ def load_state(model: nnx.Module, state: Mapping[str, np.ndarray]) -> nnx.Module
     params = _canonical_params(model)
     check_state({name: tuple(p.shape) for name, p in params.items()}, state)
     for name, p in params.items():
-        # A copy (on CPU a device array may alias a numpy buffer, which the caller can still mutate), placed
-        # where the parameter is: one device, or its shards under a mesh (gptmod_jax/sharding.py).
+        # A copy (on CPU a device array may alias a numpy buffer, which the caller can still
+        # mutate), placed where the parameter is: one device, or its shards under a mesh
+        # (gptmod_jax/sharding.py).
         p[...] = jax.device_put(np.array(state[name], dtype=p.dtype, copy=True), p[...].sharding)
     return model

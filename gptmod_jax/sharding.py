@@ -1,11 +1,12 @@
 """Past one device, the JAX way: logical axis names on every parameter and on the KV cache, a rules
 table from those names to the axes of a device mesh, and `jax.jit` (GSPMD) for everything else.
 
-    mesh = make_mesh("data=2,model=4")             # 8 devices; Auto axes, so shardings propagate
-    with use_mesh(mesh, "fsdp"):                    # jax.set_mesh + the rules table
-        model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))  # each parameter is created sharded (Flax >= 0.12)
-        gptmod_jax.load_state(model, state)         # canonical weights keep each parameter's sharding
-        tokens = gptmod_jax.generate(model, prompts, 64)   # or Trainer(model, tc).step(...)
+    mesh = make_mesh("data=2,model=4")  # 8 devices; Auto axes, so shardings propagate
+    with use_mesh(mesh, "fsdp"):  # jax.set_mesh + the rules table
+        # each parameter is created sharded (Flax >= 0.12)
+        model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+        gptmod_jax.load_state(model, state)  # canonical weights keep each parameter's sharding
+        tokens = gptmod_jax.generate(model, prompts, 64)  # or Trainer(model, tc).step(...)
 
 Logical axes (what each array dimension means):
     batch     rows of a batch: tokens, activations, the KV cache
@@ -25,9 +26,10 @@ Mesh axes: `data` and `model`. A rules table maps every logical axis to a mesh a
 The vocabulary stays replicated in every preset: GPT-2's 50257 rows divide by no mesh size, and JAX
 refuses uneven shards. With a padded vocabulary, map it yourself (`rules(..., vocab="model")`).
 
-More devices on `model` than KV heads (tiny: 2 KV heads on model=4): `use_mesh(mesh, rules, cfg=cfg)`
-replicates each KV head over model/n_kv_head devices, as vLLM (`num_kv_head_replicas`) and MaxText
-(heads over ("tensor", "autoregressive"), kv_heads over "tensor" only) do; see `replicate_kv_heads`.
+More devices on `model` than KV heads (tiny: 2 KV heads on model=4): `use_mesh(mesh, rules,
+cfg=cfg)` replicates each KV head over model/n_kv_head devices, as vLLM (`num_kv_head_replicas`) and
+MaxText (heads over ("tensor", "autoregressive"), kv_heads over "tensor" only) do; see
+`replicate_kv_heads`.
 
 A model built with no mesh active is placed as usual on one device (its variables carry the names
 but are not sharded), so nothing changes for single-device use.
@@ -53,34 +55,64 @@ Rules = tuple[tuple[str, Target], ...]
 KV_SUFFIX, REPLICA_SUFFIX = "_kv", "_rep"
 
 _PRESETS: dict[str, dict[str, str | None]] = {
-    "dp": {"batch": "data", "embed": None, "heads": None, "kv_heads": None, "mlp": None, "vocab": None},
-    "tp": {"batch": "data", "embed": None, "heads": "model", "kv_heads": "model", "mlp": "model", "vocab": None},
-    "fsdp": {"batch": "data", "embed": "data", "heads": "model", "kv_heads": "model", "mlp": "model", "vocab": None},
+    "dp": {
+        "batch": "data",
+        "embed": None,
+        "heads": None,
+        "kv_heads": None,
+        "mlp": None,
+        "vocab": None,
+    },
+    "tp": {
+        "batch": "data",
+        "embed": None,
+        "heads": "model",
+        "kv_heads": "model",
+        "mlp": "model",
+        "vocab": None,
+    },
+    "fsdp": {
+        "batch": "data",
+        "embed": "data",
+        "heads": "model",
+        "kv_heads": "model",
+        "mlp": "model",
+        "vocab": None,
+    },
 }
 PRESETS = tuple(_PRESETS)
 
 
 def rules(preset: str | Mapping[str, Target] = "dp", **overrides: Target) -> Rules:
-    """A complete rules table: a preset's (or a mapping's) entries, then `overrides` (axis=mesh axis or None).
+    """A complete rules table: a preset's (or a mapping's) entries, then
+    `overrides` (axis=mesh axis or None).
 
-    Every logical axis must be mapped (to a mesh axis, a tuple of them major to minor, or None), every
-    name must be known."""
+    Every logical axis must be mapped (to a mesh axis, a tuple of them major to minor, or None),
+    every name must be known."""
     if isinstance(preset, str):
         if preset not in _PRESETS:
-            raise ValueError(f"rules: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(
+                f"rules: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}"
+            )
         table = dict(_PRESETS[preset])
     else:
         table = dict(preset)
     table.update(overrides)
     unknown = sorted(set(table) - set(LOGICAL_AXES))
     if unknown:
-        raise ValueError(f"rules: unknown logical axis {unknown[0]!r}; the axes are {', '.join(LOGICAL_AXES)}")
+        raise ValueError(
+            f"rules: unknown logical axis {unknown[0]!r}; the axes are {', '.join(LOGICAL_AXES)}"
+        )
     missing = [a for a in LOGICAL_AXES if a not in table]
     if missing:
-        raise ValueError(f"rules: logical axis {missing[0]!r} is not mapped (give a mesh axis or None)")
+        raise ValueError(
+            f"rules: logical axis {missing[0]!r} is not mapped (give a mesh axis or None)"
+        )
     for axis, target in table.items():
         if not all(_known_axis(name) for name in _names(target)):
-            raise ValueError(f"rules: {axis}={target!r}: the mesh axes are {', '.join(MESH_AXES)} (or None)")
+            raise ValueError(
+                f"rules: {axis}={target!r}: the mesh axes are {', '.join(MESH_AXES)} (or None)"
+            )
     return tuple((a, table[a]) for a in LOGICAL_AXES)
 
 
@@ -90,7 +122,9 @@ def _names(target: Target) -> tuple[str, ...]:
 
 def _known_axis(name: object) -> bool:
     """A mesh axis, or one of the two that `replicate_kv_heads` factors a mesh axis into."""
-    return name in MESH_AXES or any(name == a + s for a in MESH_AXES for s in (KV_SUFFIX, REPLICA_SUFFIX))
+    return name in MESH_AXES or any(
+        name == a + s for a in MESH_AXES for s in (KV_SUFFIX, REPLICA_SUFFIX)
+    )
 
 
 def _axis_size(mesh: Mesh, target: Target) -> int:
@@ -111,7 +145,9 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or name not in MESH_AXES:
-            raise ValueError(f"mesh {text!r}: {part!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}")
+            raise ValueError(
+                f"mesh {text!r}: {part!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}"
+            )
         if name in seen:
             raise ValueError(f"mesh {text!r}: axis {name!r} is given twice")
         try:
@@ -132,24 +168,37 @@ def make_mesh(shape: str | Mapping[str, int], devices: list | None = None) -> Me
 
     Auto, explicitly: since JAX 0.9 `jax.make_mesh` defaults to Explicit axes, under which shardings
     no longer propagate through unannotated code (every op would need its output sharding)."""
-    sizes = parse_mesh(shape) if isinstance(shape, str) else {**dict.fromkeys(MESH_AXES, 1), **shape}
+    sizes = (
+        parse_mesh(shape) if isinstance(shape, str) else {**dict.fromkeys(MESH_AXES, 1), **shape}
+    )
     devices = jax.devices() if devices is None else devices
     n = math.prod(sizes[a] for a in MESH_AXES)
     if n != len(devices):
-        raise ValueError(f"mesh data={sizes['data']},model={sizes['model']}: {n} devices, but {len(devices)} are "
-                         f"available ({devices[0].platform}); the sizes must multiply to the device count")  # fmt: skip
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
-                         devices=devices)  # fmt: skip
+        raise ValueError(
+            f"mesh data={sizes['data']},model={sizes['model']}: {n} devices, but {len(devices)} "
+            f"are available ({devices[0].platform}); the sizes must multiply to the device count"
+        )
+    return jax.make_mesh(
+        tuple(sizes[a] for a in MESH_AXES),
+        MESH_AXES,
+        axis_types=(AxisType.Auto,) * 2,
+        devices=devices,
+    )
 
 
 def check_divisible(cfg: ModelConfig, mesh: Mesh, table: Rules, batch: int | None = None) -> None:
-    """Every sharded dimension must split evenly (JAX refuses uneven shards): raise naming the field.
+    """Every sharded dimension must split evenly (JAX refuses uneven
+    shards): raise naming the field.
 
-    The KV heads may instead be fewer than the devices of their axis if they divide it: `use_mesh(...,
-    cfg=cfg)` then replicates each over the surplus (`replicate_kv_heads`)."""
-    dims = {"embed": ("d_model", cfg.d_model), "heads": ("n_head", cfg.n_head),
-            "kv_heads": ("n_kv_head", cfg.n_kv_head), "mlp": ("d_ff", cfg.d_ff),
-            "vocab": ("vocab_size", cfg.vocab_size)}  # fmt: skip
+    The KV heads may instead be fewer than the devices of their axis if they divide it:
+    `use_mesh(..., cfg=cfg)` then replicates each over the surplus (`replicate_kv_heads`)."""
+    dims = {
+        "embed": ("d_model", cfg.d_model),
+        "heads": ("n_head", cfg.n_head),
+        "kv_heads": ("n_kv_head", cfg.n_kv_head),
+        "mlp": ("d_ff", cfg.d_ff),
+        "vocab": ("vocab_size", cfg.vocab_size),
+    }
     if batch is not None:
         dims["batch"] = ("batch", batch)
     for axis, target in table:
@@ -161,33 +210,38 @@ def check_divisible(cfg: ModelConfig, mesh: Mesh, table: Rules, batch: int | Non
             continue
         where = f"mesh axis {_axis_label(mesh, target)} (the rules shard {axis!r} over {target!r})"
         if axis == "kv_heads":  # neither split evenly nor replicated evenly
-            raise ValueError(f"{field}={size} neither divides nor is divisible by {where}: each device needs "
-                             f"whole KV heads, and the same number of copies of each; change the mesh or map "
-                             f"{axis!r} to None")  # fmt: skip
-        raise ValueError(f"{field}={size} is not divisible by {where}; change the mesh or map {axis!r} to None")
+            raise ValueError(
+                f"{field}={size} neither divides nor is divisible by {where}: each device "
+                "needs whole KV heads, and the same number of copies of each; change the "
+                f"mesh or map {axis!r} to None"
+            )
+        raise ValueError(
+            f"{field}={size} is not divisible by {where}; change the mesh or map {axis!r} to None"
+        )
 
 
 def replicate_kv_heads(cfg: ModelConfig, mesh: Mesh, table: Rules) -> tuple[Mesh, Rules]:
     """The mesh and rules that serve more devices on the KV heads' axis than there are KV heads.
 
-    Say `kv_heads` maps to `model`, of size M = K * R with K = n_kv_head. `model` is factored into two
-    axes over the same devices, `model_kv` (size K, major) and `model_rep` (R, minor): device m of `model`
-    is (m // R, m % R). Every entry that named `model` names both, major to minor, so each query-head and
-    MLP shard stays on the device it had; `kv_heads` names `model_kv` alone, so KV head k (its wk/wv rows
-    and its slice of the KV cache) sits on devices k*R .. k*R + R-1, replicated over `model_rep`. Those
-    hold exactly its query heads: with n_head = N divisible by M, device m holds query heads
-    m*N/M .. (m+1)*N/M - 1, which all read KV head h // (N/K) = m // R (the GQA map of
-    `reference_attention`). So attention stays on the device, and each device keeps one KV head's
-    weights and cache, as each rank does in vLLM (`num_kv_head_replicas` = R) and as MaxText's rules say
-    (heads over ("tensor", "autoregressive"), kv_heads over "tensor" only).
+    Say `kv_heads` maps to `model`, of size M = K * R with K = n_kv_head. `model` is factored into
+    two axes over the same devices, `model_kv` (size K, major) and `model_rep` (R, minor): device m
+    of `model` is (m // R, m % R). Every entry that named `model` names both, major to minor, so
+    each query-head and MLP shard stays on the device it had; `kv_heads` names `model_kv` alone, so
+    KV head k (its wk/wv rows and its slice of the KV cache) sits on devices k*R .. k*R + R-1,
+    replicated over `model_rep`. Those hold exactly its query heads: with n_head = N divisible by M,
+    device m holds query heads m*N/M .. (m+1)*N/M - 1, which all read KV head h // (N/K) = m // R
+    (the GQA map of `reference_attention`). So attention stays on the device, and each device keeps
+    one KV head's weights and cache, as each rank does in vLLM (`num_kv_head_replicas` = R) and as
+    MaxText's rules say (heads over ("tensor", "autoregressive"), kv_heads over "tensor" only).
 
-    Not chosen: `kv_heads` to None is as correct but keeps all K heads' wk/wv and cache on every device
-    (K times the cache); `kv_heads` left on `model` cuts each head's rows into R pieces and attention
-    then has to gather them (`check_heads` refuses it). In training, each copy of wk/wv gets the gradient
-    of its own query heads only, so XLA sums them over `model_rep` (an all-reduce the backward needs).
+    Not chosen: `kv_heads` to None is as correct but keeps all K heads' wk/wv and cache on every
+    device (K times the cache); `kv_heads` left on `model` cuts each head's rows into R pieces and
+    attention then has to gather them (`check_heads` refuses it). In training, each copy of wk/wv
+    gets the gradient of its own query heads only, so XLA sums them over `model_rep` (an all-reduce
+    the backward needs).
 
-    The user's mesh stays `data=N,model=M`: only the Mesh set inside `use_mesh` is factored. `mesh` and
-    `table` come back unchanged when the KV heads split evenly or are not sharded; cases neither
+    The user's mesh stays `data=N,model=M`: only the Mesh set inside `use_mesh` is factored. `mesh`
+    and `table` come back unchanged when the KV heads split evenly or are not sharded; cases neither
     splitting nor replication serves raise (`check_divisible`)."""
     check_divisible(cfg, mesh, table)
     target = dict(table)["kv_heads"]
@@ -196,9 +250,18 @@ def replicate_kv_heads(cfg: ModelConfig, mesh: Mesh, table: Rules) -> tuple[Mesh
     kv, rep = target + KV_SUFFIX, target + REPLICA_SUFFIX
     at = mesh.axis_names.index(target)
     names = (*mesh.axis_names[:at], kv, rep, *mesh.axis_names[at + 1 :])
-    shape = (*mesh.devices.shape[:at], cfg.n_kv_head, mesh.shape[target] // cfg.n_kv_head,
-             *mesh.devices.shape[at + 1 :])  # fmt: skip
-    types = (*mesh.axis_types[:at], mesh.axis_types[at], mesh.axis_types[at], *mesh.axis_types[at + 1 :])
+    shape = (
+        *mesh.devices.shape[:at],
+        cfg.n_kv_head,
+        mesh.shape[target] // cfg.n_kv_head,
+        *mesh.devices.shape[at + 1 :],
+    )
+    types = (
+        *mesh.axis_types[:at],
+        mesh.axis_types[at],
+        mesh.axis_types[at],
+        *mesh.axis_types[at + 1 :],
+    )
     factored = Mesh(mesh.devices.reshape(shape), names, axis_types=types)
     table = tuple((a, kv if a == "kv_heads" else (kv, rep) if t == target else t) for a, t in table)
     return factored, table
@@ -207,13 +270,16 @@ def replicate_kv_heads(cfg: ModelConfig, mesh: Mesh, table: Rules) -> tuple[Mesh
 def write_rows(
     k_BKHS: jax.Array, v_BKSH: jax.Array, pos_BT: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """KVCache.update's scatter under a mesh, one row at a time (vmap): the batch is then a batching axis of the
-    scatter and GSPMD writes each row on the devices that hold it, where a scatter indexed by row numbers
-    gathers every row's update onto every device (8 all-gathers per decode step on tiny; tests/sharded_worker.py
+    """KVCache.update's scatter under a mesh, one row at a time (vmap): the batch is
+    then a batching axis of the scatter and GSPMD writes each row on the devices that
+    hold it, where a scatter indexed by row numbers gathers every row's update onto
+    every device (8 all-gathers per decode step on tiny; tests/sharded_worker.py
     counts them). The same values as the indexed write, bit for bit."""
 
     def write_row(k_KHS, v_KSH, pos_T, k_TKH, v_TKH):
-        return k_KHS.at[:, :, pos_T].set(k_TKH.transpose(1, 2, 0)), v_KSH.at[:, pos_T].set(v_TKH.transpose(1, 0, 2))
+        return k_KHS.at[:, :, pos_T].set(k_TKH.transpose(1, 2, 0)), v_KSH.at[:, pos_T].set(
+            v_TKH.transpose(1, 0, 2)
+        )
 
     return jax.vmap(write_row)(k_BKHS, v_BKSH, pos_BT, k_BTKH, v_BTKH)
 
@@ -224,22 +290,27 @@ def mesh_active() -> bool:
 
 
 def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
-    """An nnx.Param with logical axis names. Flax shards a variable when it is created if its metadata
-    asks for it (eager sharding, the default since 0.12), which needs a mesh; so it asks only when a
-    mesh is active, and a model built without one stays on its device."""
+    """An nnx.Param with logical axis names. Flax shards a variable when it is created if its
+    metadata asks for it (eager sharding, the default since 0.12), which needs a mesh; so it asks
+    only when a mesh is active, and a model built without one stays on its device."""
     return nnx.Param(value, out_sharding=axes, eager_sharding=mesh_active())
 
 
 def cache(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Cache:
     """The same for a KV cache array, sharded only when created inside a jitted function (generation
     builds its cache there), where the names become a sharding constraint that XLA may relax for a
-    batch the mesh does not divide. Created eagerly (`setup_cache` at top level) it stays an ordinary
-    uncommitted array, which jit moves wherever the computation needs it."""
-    return nnx.Cache(value, out_sharding=axes, eager_sharding=mesh_active() and isinstance(value, jax.core.Tracer))
+    batch the mesh does not divide. Created eagerly (`setup_cache` at top level) it stays an
+    ordinary uncommitted array, which jit moves wherever the computation needs it."""
+    return nnx.Cache(
+        value,
+        out_sharding=axes,
+        eager_sharding=mesh_active() and isinstance(value, jax.core.Tracer),
+    )
 
 
 def initializer(init: nnx.Initializer, axes: tuple[str | None, ...]) -> nnx.Initializer:
-    """`nnx.with_partitioning` on the same terms, for the initialisers of Flax's own layers (nnx.Embed)."""
+    """`nnx.with_partitioning` on the same terms, for the initialisers of
+    Flax's own layers (nnx.Embed)."""
     return nnx.with_partitioning(init, axes, eager_sharding=mesh_active())
 
 
@@ -253,13 +324,15 @@ def current() -> tuple[Mesh, Rules] | None:
 
 
 @contextmanager
-def use_mesh(mesh: Mesh, table: str | Rules = "dp", cfg: ModelConfig | None = None) -> Iterator[Mesh]:
-    """Set `mesh` and a rules table (a preset name or `rules(...)`) for building, loading, generating and
-    training inside the block; yields the mesh set.
+def use_mesh(
+    mesh: Mesh, table: str | Rules = "dp", cfg: ModelConfig | None = None
+) -> Iterator[Mesh]:
+    """Set `mesh` and a rules table (a preset name or `rules(...)`) for building, loading,
+    generating and training inside the block; yields the mesh set.
 
-    With `cfg`, the dimensions are checked (`check_divisible`) and a KV-head axis larger than n_kv_head
-    is served by `replicate_kv_heads` (the mesh yielded is then its factored one). Without it a model
-    whose KV heads the mesh would split refuses to build (see `check_heads`)."""
+    With `cfg`, the dimensions are checked (`check_divisible`) and a KV-head axis larger than
+    n_kv_head is served by `replicate_kv_heads` (the mesh yielded is then its factored one). Without
+    it a model whose KV heads the mesh would split refuses to build (see `check_heads`)."""
     table = rules(table) if isinstance(table, str) else rules(dict(table))
     if cfg is not None:
         mesh, table = replicate_kv_heads(cfg, mesh, table)
@@ -268,8 +341,9 @@ def use_mesh(mesh: Mesh, table: str | Rules = "dp", cfg: ModelConfig | None = No
 
 
 def check_heads(cfg: ModelConfig) -> None:
-    """Under an active mesh, refuse KV heads that the rules would cut into pieces: Flax would shard wk/wv's
-    rows (n_kv_head * head_dim) regardless, part of a head per device, and attention would gather them."""
+    """Under an active mesh, refuse KV heads that the rules would cut into
+    pieces: Flax would shard wk/wv's rows (n_kv_head * head_dim) regardless,
+    part of a head per device, and attention would gather them."""
     placement = current()
     if placement is None:
         return
@@ -282,8 +356,10 @@ def check_heads(cfg: ModelConfig) -> None:
             if parts % cfg.n_kv_head == 0
             else "change the mesh or map 'kv_heads' to None"
         )
-        raise ValueError(f"n_kv_head={cfg.n_kv_head} KV heads cannot be split over mesh axis "
-                         f"{_axis_label(mesh, target)}; {hint}")  # fmt: skip
+        raise ValueError(
+            f"n_kv_head={cfg.n_kv_head} KV heads cannot be split over mesh axis "
+            f"{_axis_label(mesh, target)}; {hint}"
+        )
 
 
 def spec(axes: tuple[str | None, ...]) -> PartitionSpec:
@@ -295,7 +371,8 @@ def spec(axes: tuple[str | None, ...]) -> PartitionSpec:
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Pin an activation's sharding by logical `axes` (None: replicated) when a mesh is active; else x.
+    """Pin an activation's sharding by logical `axes` (None: replicated)
+    when a mesh is active; else x.
 
     The residual stream is pinned to (batch, -, -): left to itself, GSPMD meets FSDP's embed-sharded
     weights by sharding the activations' d_model instead of the batch, and all-reduces activations
@@ -304,8 +381,9 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 
 def gather(x: jax.Array) -> jax.Array:
-    """`x` whole on this host: as it is when this process holds every shard (one host, any mesh), else
-    all-gathered across the processes of a multi-host run (a collective: every process must call it)."""
+    """`x` whole on this host: as it is when this process holds every shard
+    (one host, any mesh), else all-gathered across the processes of a
+    multi-host run (a collective: every process must call it)."""
     if getattr(x, "is_fully_addressable", True):
         return x
     from jax.experimental import multihost_utils
@@ -314,7 +392,8 @@ def gather(x: jax.Array) -> jax.Array:
 
 
 def shard_batch(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """Place a host batch on the active mesh by its logical `axes` (unchanged when no mesh is active)."""
+    """Place a host batch on the active mesh by its logical `axes`
+    (unchanged when no mesh is active)."""
     if not mesh_active():
         return x
     return jax.device_put(x, NamedSharding(jax.sharding.get_mesh(), spec(axes)))

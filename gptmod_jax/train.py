@@ -1,15 +1,17 @@
 """Training in JAX: the twin of gptmod_torch/train.py.
 
-optax's AdamW (decoupled weight decay on 2-D linear weights only, `training.decays`) on the
-warmup-cosine schedule of `training.lr_at`, clipping by global norm, gradient accumulation as a
-`lax.scan` over micro-batches inside one jitted step whose parameters and optimizer state are donated,
-and bf16 compute from fp32 master weights. The loop, the checkpoints and the log are shared
-(gptmod/training.py). A Trainer built inside `gptmod_jax.sharding.use_mesh` keeps the model's parameter
-shardings (and so the optimizer state's), places each batch by its logical `batch` axis and runs every
-step under that mesh: data parallel, tensor parallel or FSDP as the rules table says, by GSPMD.
+optax's AdamW (decoupled weight decay on 2-D linear weights only, `training.decays`) on
+the warmup-cosine schedule of `training.lr_at`, clipping by global norm, gradient
+accumulation as a `lax.scan` over micro-batches inside one jitted step whose parameters
+and optimizer state are donated, and bf16 compute from fp32 master weights. The loop, the
+checkpoints and the log are shared (gptmod/training.py). A Trainer built inside
+`gptmod_jax.sharding.use_mesh` keeps the model's parameter shardings (and so the optimizer
+state's), places each batch by its logical `batch` axis and runs every step under that
+mesh: data parallel, tensor parallel or FSDP as the rules table says, by GSPMD.
 
-The trainable state is a flat dict keyed by canonical names, in canonical layout (the JAX twin stores
-linear weights (out, in), as torch does), so the optimizer's moments map onto canonical names as they are.
+The trainable state is a flat dict keyed by canonical names, in canonical
+layout (the JAX twin stores linear weights (out, in), as torch does), so the
+optimizer's moments map onto canonical names as they are.
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ def loss_fn(model: GPT, x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
 def make_optimizer(tc: TrainConfig, names: list[str]) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW with weight decay masked to `decays` names."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr)
-    adamw = optax.adamw(lambda count: schedule(count + 1), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
-                        weight_decay=tc.weight_decay, mask={n: decays(n) for n in names})  # fmt: skip
-    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
+    adamw = optax.adamw(
+        lambda count: schedule(count + 1),
+        b1=tc.beta1,
+        b2=tc.beta2,
+        eps=tc.eps,
+        weight_decay=tc.weight_decay,
+        mask={n: decays(n) for n in names},
+    )
+    return (
+        optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
+    )
 
 
 class Trainer:
@@ -59,8 +69,12 @@ class Trainer:
         for path, _ in leaves:
             *prefix, leaf = (str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
             self.names.append(".".join([*prefix, _LEAF_TO_CANONICAL[leaf]]))
-        # Copies (with the parameters' shardings): the step donates them, which must not delete the model's arrays.
-        self.params = {n: jnp.array(v, jnp.float32, copy=True) for n, (_, v) in zip(self.names, leaves, strict=True)}
+        # Copies (with the parameters' shardings): the step donates them,
+        # which must not delete the model's arrays.
+        self.params = {
+            n: jnp.array(v, jnp.float32, copy=True)
+            for n, (_, v) in zip(self.names, leaves, strict=True)
+        }
         self.tx = make_optimizer(tc, self.names)
         self.opt_state = self.tx.init(self.params)
         self.count = 0  # updates applied so far
@@ -75,8 +89,11 @@ class Trainer:
         return loss_fn(self._model(params), x_BT, y_BT)
 
     @partial(jax.jit, static_argnums=0)
-    def _grads(self, params: dict[str, jax.Array], x_ABT: jax.Array, y_ABT: jax.Array) -> tuple[jax.Array, dict]:
-        """Mean loss over the micro-batches and the gradient of that mean, one micro-batch at a time."""
+    def _grads(
+        self, params: dict[str, jax.Array], x_ABT: jax.Array, y_ABT: jax.Array
+    ) -> tuple[jax.Array, dict]:
+        """Mean loss over the micro-batches and the gradient of that mean,
+        one micro-batch at a time."""
 
         def micro(acc: tuple, xy: tuple) -> tuple[tuple, None]:
             loss, g = jax.value_and_grad(self._loss)(params, *xy)
@@ -97,7 +114,8 @@ class Trainer:
         return nullcontext() if self.placement is None else sharding.use_mesh(*self.placement)
 
     def _batch(self, a: np.ndarray, axes: tuple[str | None, ...]) -> jax.Array:
-        return sharding.shard_batch(jnp.asarray(a), axes)  # rows split over the mesh's batch axis, if any
+        # rows split over the mesh's batch axis, if any
+        return sharding.shard_batch(jnp.asarray(a), axes)
 
     def grads(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Mean loss and its gradient (not clipped), under canonical names and layout."""
@@ -107,8 +125,9 @@ class Trainer:
         return float(loss), self._canonical(g)
 
     def step(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> dict[str, Any]:
-        """One optimizer update from a (grad_accum, batch, time) batch; loss and grad_norm are returned on device,
-        unsynchronised (the shared loop reads the loss each step, which waits for the step)."""
+        """One optimizer update from a (grad_accum, batch, time) batch; loss
+        and grad_norm are returned on device, unsynchronised (the shared
+        loop reads the loss each step, which waits for the step)."""
         lr = lr_at(self.tc, self.count)
         with self._mesh():
             axes = (None, "batch", None)
@@ -134,14 +153,17 @@ class Trainer:
         return nnx.merge(self.graphdef, state, self.rest)
 
     def _canonical(self, tree: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-        # Copies, never views of buffers the step will donate; gathered to every host first on a multi-host mesh.
+        # Copies, never views of buffers the step will donate; gathered to
+        # every host first on a multi-host mesh.
         return {n: np.array(sharding.gather(tree[n]), dtype=np.float32) for n in self.names}
 
     def _from_canonical(self, state: Mapping[str, np.ndarray], what: str) -> dict[str, jax.Array]:
         check_state({n: tuple(self.params[n].shape) for n in self.names}, state, what=what)
         # Copies, placed like the parameters they replace (sharded under a mesh).
-        return {n: jax.device_put(np.array(state[n], np.float32, copy=True), self.params[n].sharding)
-                for n in self.names}  # fmt: skip
+        return {
+            n: jax.device_put(np.array(state[n], np.float32, copy=True), self.params[n].sharding)
+            for n in self.names
+        }
 
     def export_state(self) -> dict[str, np.ndarray]:
         return self._canonical(self.params)
@@ -158,9 +180,11 @@ class Trainer:
         count = jnp.asarray(int(optimizer["count"]), jnp.int32)
         mu = self._from_canonical(optimizer["m"], "optimizer first moments")
         nu = self._from_canonical(optimizer["v"], "optimizer second moments")
-        # Every count in the chain (Adam's bias correction, the schedule) is the number of updates so far.
+        # Every count in the chain (Adam's bias correction, the schedule) is
+        # the number of updates so far.
         state = optax.tree_utils.tree_set(self.opt_state, mu=mu, nu=nu, count=count)
-        self.opt_state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)  # one buffer per leaf: donated
+        # one buffer per leaf: donated
+        self.opt_state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
         self.count = int(optimizer["count"])
 
     def all_reduce_mean(self, value: float) -> float:
@@ -173,7 +197,10 @@ class Trainer:
 
 
 def _adam_state(opt_state: Any) -> optax.ScaleByAdamState:
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-             if isinstance(s, optax.ScaleByAdamState)]  # fmt: skip
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     (adam,) = found
     return adam

@@ -1,15 +1,16 @@
 """Generation in PyTorch: the twin of gptmod_jax/generate.py.
 
-The same static KV cache (preallocated per layer, written in place), one prefill pass over the
-right-padded prompts, then one `decode_one_token` per step. `compile=True` (or "default") runs that step
-through `torch.compile` (the static cache keeps its shapes fixed, so it compiles once per batch and cache
-size); `compile="reduce-overhead"` also captures it as a CUDA graph (CUDA only), so a batch-1 step costs
-one graph launch instead of hundreds of kernel launches; without it, generation runs eagerly.
-`use_cache=False` is the classic path without a cache, `recompute_logits` over the whole context every
-step, kept for measuring what the cache saves. `generate_stream` yields token by token; `generate`
-collects it.
-`eos_id` may be several stop ids (Llama 3 has three). `Session` keeps one conversation's KV cache across
-calls (chat): each call prefills only what the cache does not already hold.
+The same static KV cache (preallocated per layer, written in place), one prefill pass
+over the right-padded prompts, then one `decode_one_token` per step. `compile=True` (or
+"default") runs that step through `torch.compile` (the static cache keeps its shapes
+fixed, so it compiles once per batch and cache size); `compile="reduce-overhead"` also
+captures it as a CUDA graph (CUDA only), so a batch-1 step costs one graph launch
+instead of hundreds of kernel launches; without it, generation runs eagerly.
+`use_cache=False` is the classic path without a cache, `recompute_logits` over the whole context
+every step, kept for measuring what the cache saves. `generate_stream` yields token by token;
+`generate` collects it.
+`eos_id` may be several stop ids (Llama 3 has three). `Session` keeps one conversation's KV cache
+across calls (chat): each call prefills only what the cache does not already hold.
 """
 
 from __future__ import annotations
@@ -59,10 +60,12 @@ def is_stop(tok_B: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.Tensor:
 
 
 def filter_logits(logits_BV: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p as thresholds (ties kept), in fp32; disallowed -> -inf.
+    """Temperature, then top-k, top-p and min-p as thresholds (ties kept),
+    in fp32; disallowed -> -inf.
     The same arithmetic as the JAX twin, so both allow the very same tokens."""
-    # The maximum subtracted first: the top logit is then 0 and no temperature can overflow the others to inf
-    # (a tiny T sends them to -inf, which is the argmax, T's limit; see gptmod.sampling.GREEDY_BELOW).
+    # The maximum subtracted first: the top logit is then 0 and no temperature can overflow the
+    # others to inf (a tiny T sends them to -inf, which is the argmax, T's limit; see
+    # gptmod.sampling.GREEDY_BELOW).
     x_BV = logits_BV.float()
     x_BV = (x_BV - x_BV.amax(dim=-1, keepdim=True)) / knobs.temperature
     if flags.top_k:
@@ -73,21 +76,27 @@ def filter_logits(logits_BV: torch.Tensor, knobs: Knobs, flags: Flags) -> torch.
         probs_BV = x_BV.softmax(dim=-1)
         sorted_BV = torch.sort(probs_BV, dim=-1, descending=True).values
         mass_before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
-        cutoff_B1 = torch.where(mass_before_BV < knobs.top_p, sorted_BV, torch.inf).amin(dim=-1, keepdim=True)
+        cutoff_B1 = torch.where(mass_before_BV < knobs.top_p, sorted_BV, torch.inf).amin(
+            dim=-1, keepdim=True
+        )
         x_BV = torch.where(probs_BV >= cutoff_B1, x_BV, -torch.inf)
     if flags.min_p:
         probs_BV = x_BV.softmax(dim=-1)
-        x_BV = torch.where(probs_BV >= knobs.min_p * probs_BV.amax(dim=-1, keepdim=True), x_BV, -torch.inf)
+        x_BV = torch.where(
+            probs_BV >= knobs.min_p * probs_BV.amax(dim=-1, keepdim=True), x_BV, -torch.inf
+        )
     return x_BV
 
 
 def argmax(logits_BV: torch.Tensor) -> torch.Tensor:
-    """The first maximum over the vocabulary (a NaN counts as the maximum); the twin of JAX's, which spells
-    it as two reductions because XLA's CPU argmax is slow. torch's own is fast as it is."""
+    """The first maximum over the vocabulary (a NaN counts as the maximum); the twin of JAX's, which
+    spells it as two reductions because XLA's CPU argmax is slow. torch's own is fast as it is."""
     return logits_BV.argmax(dim=-1)
 
 
-def sample(logits_BV: torch.Tensor, generator: torch.Generator, knobs: Knobs, flags: Flags) -> torch.Tensor:
+def sample(
+    logits_BV: torch.Tensor, generator: torch.Generator, knobs: Knobs, flags: Flags
+) -> torch.Tensor:
     if flags.greedy:
         return argmax(logits_BV)
     probs_BV = filter_logits(logits_BV, knobs, flags).softmax(dim=-1)
@@ -97,11 +106,16 @@ def sample(logits_BV: torch.Tensor, generator: torch.Generator, knobs: Knobs, fl
 def prefill(
     model: GPT, tokens_BP: torch.Tensor, lens_B: torch.Tensor, start_B: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """All prompts in one pass (right-padded), each row's tokens at positions start..start+P-1 (start 0 by
-    default; a Session passes where its cache ends). Logits of each row's last real token, (B, V)."""
-    positions_BP = None  # every row from key 0: causal attention without a mask, which FlashAttention takes
+    """All prompts in one pass (right-padded), each row's tokens at
+    positions start..start+P-1 (start 0 by default; a Session passes where
+    its cache ends). Logits of each row's last real token, (B, V)."""
+    positions_BP = (
+        None  # every row from key 0: causal attention without a mask, which FlashAttention takes
+    )
     if start_B is not None:
-        positions_BP = torch.arange(tokens_BP.shape[1], device=tokens_BP.device)[None] + start_B[:, None]
+        positions_BP = (
+            torch.arange(tokens_BP.shape[1], device=tokens_BP.device)[None] + start_B[:, None]
+        )
     x_BPD, _ = model.trunk(tokens_BP, positions_BP)
     return model.head(x_BPD[torch.arange(tokens_BP.shape[0], device=tokens_BP.device), lens_B - 1])
 
@@ -112,11 +126,11 @@ def decode_one_token(model: GPT, tok_B: torch.Tensor, pos_B: torch.Tensor) -> to
     return model.head(x_B1D[:, 0])
 
 
-def recompute_logits(model: GPT, tokens_BL: torch.Tensor, last_B: torch.Tensor) -> torch.Tensor:
+def recompute_logits(model: GPT, tokens_BS: torch.Tensor, last_B: torch.Tensor) -> torch.Tensor:
     """The classic path without a KV cache: the whole context again, every step. Logits (B, V) at
     each row's last token; the causal mask keeps the padding after it out."""
-    x_BLD, _ = model.trunk(tokens_BL, None)
-    return model.head(x_BLD[torch.arange(tokens_BL.shape[0], device=tokens_BL.device), last_B])
+    x_BSD, _ = model.trunk(tokens_BS, None)
+    return model.head(x_BSD[torch.arange(tokens_BS.shape[0], device=tokens_BS.device), last_B])
 
 
 COMPILE_MODES = ("default", "reduce-overhead")
@@ -124,13 +138,16 @@ Compile = bool | str  # False (eager), True (= "default") or one of COMPILE_MODE
 
 
 def compile_mode(compile: Compile) -> str | None:
-    """The torch.compile mode that `compile` asks for (None: eager); anything else is a ValueError."""
+    """The torch.compile mode that `compile` asks for (None: eager);
+    anything else is a ValueError."""
     if isinstance(compile, bool):
         return "default" if compile else None
     if isinstance(compile, str) and compile in COMPILE_MODES:
         return compile
-    raise ValueError(f"compile={compile!r}: choose False (eager), True (= 'default') or one of "
-                     f"{', '.join(repr(m) for m in COMPILE_MODES)}")  # fmt: skip
+    raise ValueError(
+        f"compile={compile!r}: choose False (eager), True (= 'default') or one of "
+        f"{', '.join(repr(m) for m in COMPILE_MODES)}"
+    )
 
 
 def _device_type(model: GPT) -> str:
@@ -138,32 +155,42 @@ def _device_type(model: GPT) -> str:
 
 
 def _check_mode(model: GPT, mode: str | None) -> None:
-    """CUDA graphs need CUDA: "reduce-overhead" elsewhere is refused, never quietly run as plain compile."""
+    """CUDA graphs need CUDA: "reduce-overhead" elsewhere is refused, never
+    quietly run as plain compile."""
     if mode == "reduce-overhead" and _device_type(model) != "cuda":
-        raise ValueError(f"compile='reduce-overhead' captures CUDA graphs and needs the model on a CUDA device, but "
-                         f"it is on {model.tok_emb.weight.device}; use compile=True there")  # fmt: skip
+        raise ValueError(
+            "compile='reduce-overhead' captures CUDA graphs and needs the model on a CUDA "
+            f"device, but it is on {model.tok_emb.weight.device}; use compile=True there"
+        )
 
 
-# (step, mode) -> the compiled step; parity.mutations clears it, so a patched function is traced anew.
+# (step, mode) -> the compiled step; parity.mutations clears it, so a
+# patched function is traced anew.
 _compiled: dict[tuple[Callable, str], Callable] = {}
 
-# Graphs one compiled step may hold, one per (rows, cache length). Both are bucketed (powers of two, see
-# gptmod.sampling.plan), but a notebook or server still meets more than dynamo's default of 8, and with fullgraph
-# dynamo would then fail (FailOnRecompileLimitHit) rather than fall back: the limit is raised deliberately, for these
-# steps only (the process-wide setting is left alone). dynamo's accumulated_recompile_limit (256) still caps it.
+# Graphs one compiled step may hold, one per (rows, cache length). Both are bucketed (powers of two,
+# see gptmod.sampling.plan), but a notebook or server still meets more than dynamo's default of 8,
+# and with fullgraph dynamo would then fail (FailOnRecompileLimitHit) rather than fall back: the
+# limit is raised deliberately, for these steps only (the process-wide setting is left alone).
+# dynamo's accumulated_recompile_limit (256) still caps it.
 RECOMPILE_LIMIT = 64
 # The config's name: "recompile_limit" since torch 2.6, "cache_size_limit" (still an alias) before.
-_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+_LIMIT_NAME = (
+    "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+)
 
 
 def _step_fn(step: Callable, mode: str | None) -> Callable:
     if mode is None:
         return step
     if (step, mode) not in _compiled:
-        # fullgraph: a graph break inside the step would quietly cost the speed compile is for. dynamic=False:
-        # every input is a tensor of fixed shape and dtype (no Python int changes per step), so each batch and
-        # cache size is one graph, compiled (and under "reduce-overhead" captured) once.
-        compiled = _with_recompile_limit(torch.compile(step, fullgraph=True, dynamic=False, mode=mode))
+        # fullgraph: a graph break inside the step would quietly cost the speed
+        # compile is for. dynamic=False: every input is a tensor of fixed shape
+        # and dtype (no Python int changes per step), so each batch and cache size
+        # is one graph, compiled (and under "reduce-overhead" captured) once.
+        compiled = _with_recompile_limit(
+            torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+        )
         _compiled[step, mode] = _graph_step(compiled) if mode == "reduce-overhead" else compiled
     return _compiled[step, mode]
 
@@ -180,10 +207,10 @@ def _with_recompile_limit(compiled: Callable) -> Callable:
 
 
 def _graph_step(compiled: Callable) -> Callable:
-    """A CUDA-graph step, called once per decode step. cudagraph trees copy the inputs that are not parameters
-    or buffers (tokens, positions) into the graph's static placeholders, and the next replay overwrites the
-    outputs in place, so each call marks a new iteration and hands back a clone of its logits (B, V), which
-    stays valid whatever runs next."""
+    """A CUDA-graph step, called once per decode step. cudagraph trees copy the inputs that are not
+    parameters or buffers (tokens, positions) into the graph's static placeholders, and the next
+    replay overwrites the outputs in place, so each call marks a new iteration and hands back a
+    clone of its logits (B, V), which stays valid whatever runs next."""
 
     def step(*args: object) -> torch.Tensor:
         torch.compiler.cudagraph_mark_step_begin()
@@ -193,14 +220,17 @@ def _graph_step(compiled: Callable) -> Callable:
 
 
 # CUDA graphs read the KV cache at the addresses they were captured with (module buffers are static
-# inputs, mutated in place), and a new address re-records the graph. So under "reduce-overhead" each model
-# keeps one cache per (batch, capacity, dtype, device), allocated on first use and zeroed and reinstalled by
-# every later call, as gpt-fast keeps its caches; it is freed with the model.
-_graph_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, list[KVCache]]] = weakref.WeakKeyDictionary()
+# inputs, mutated in place), and a new address re-records the graph. So under "reduce-overhead" each
+# model keeps one cache per (batch, capacity, dtype, device), allocated on first use and zeroed and
+# reinstalled by every later call, as gpt-fast keeps its caches; it is freed with the model.
+_graph_caches: weakref.WeakKeyDictionary[GPT, dict[tuple, list[KVCache]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _setup_cache(model: GPT, batch: int, cache_len: int, mode: str | None) -> None:
-    """`model.setup_cache`, except under "reduce-overhead": the same buffers as the last call of this shape."""
+    """`model.setup_cache`, except under "reduce-overhead": the same buffers
+    as the last call of this shape."""
     if mode != "reduce-overhead":
         model.setup_cache(batch, cache_len)
         return
@@ -233,13 +263,16 @@ def generate_stream(
 ) -> Iterator[list[int | None]]:
     """Step-wise `generate`: yields one token per row per step (None for rows that have finished).
 
-    `compile=True` (or "default") compiles the step with torch.compile (first call pays the compile);
-    "reduce-overhead" also captures it as a CUDA graph (a CUDA model only). `use_cache=False` recomputes the
-    whole (padded) context every step instead of reading the KV cache."""
+    `compile=True` (or "default") compiles the step with torch.compile
+    (first call pays the compile); "reduce-overhead" also captures it as a
+    CUDA graph (a CUDA model only). `use_cache=False` recomputes the whole
+    (padded) context every step instead of reading the KV cache."""
     mode = compile_mode(compile)
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     if model.blocks[0].attn.kv_cache is not None:
-        raise ValueError("generate: the model already holds a KV cache; call model.clear_cache() first")
+        raise ValueError(
+            "generate: the model already holds a KV cache; call model.clear_cache() first"
+        )
     prompts = check_request(prompts, model.cfg, max_new_tokens, params)
     _check_mode(model, mode)
     p = plan(prompts, max_new_tokens, model.cfg)
@@ -254,23 +287,25 @@ def generate_stream(
         _setup_cache(model, p.rows, p.cache_len, mode)
     else:
         recompute = _step_fn(recompute_logits, mode)
-        tokens_BL = torch.zeros((p.rows, p.cache_len), dtype=torch.long, device=device)
-        tokens_BL[:, : p.prompt_len] = tokens_BP
+        tokens_BS = torch.zeros((p.rows, p.cache_len), dtype=torch.long, device=device)
+        tokens_BS[:, : p.prompt_len] = tokens_BP
         rows_B = torch.arange(p.rows, device=device)
     try:
         if use_cache:
             tok_B = sample(prefill(model, tokens_BP, lens_B), generator, knobs, flags)
         else:
-            tok_B = sample(recompute(model, tokens_BL, lens_B - 1), generator, knobs, flags)
+            tok_B = sample(recompute(model, tokens_BS, lens_B - 1), generator, knobs, flags)
         done = ~live_B  # padding rows: done from the start, never yielded
         for i in range(max_new_tokens):
             if i > 0 and use_cache:
                 tok_B = sample(decode(model, tok_B, lens_B + i - 1), generator, knobs, flags)
             elif i > 0:
-                tokens_BL[rows_B, lens_B + i - 1] = tok_B
-                tok_B = sample(recompute(model, tokens_BL, lens_B + i - 1), generator, knobs, flags)
+                tokens_BS[rows_B, lens_B + i - 1] = tok_B
+                tok_B = sample(recompute(model, tokens_BS, lens_B + i - 1), generator, knobs, flags)
             toks = tok_B.cpu().numpy()
-            yield [None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)]
+            yield [
+                None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)
+            ]
             if flags.eos:
                 done |= is_stop(tok_B, knobs, flags).cpu().numpy()
                 if done.all():
@@ -294,36 +329,55 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
-    Returns one list per prompt, ending at its first stop id inclusive when one is emitted (`eos_id`: an int,
-    a sequence of ints such as Llama 3's three, or None). `compile`: False (eager), True or "default"
-    (torch.compile of the decode step), "reduce-overhead" (that step as a CUDA graph; a CUDA model only).
-    `use_cache=False` recomputes the whole (padded) context every step instead of reading the KV
-    cache: the same tokens, at O(T^2) cost, for measuring what the cache saves."""
-    steps = list(generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, min_p, eos_id, seed,
-                                 compile, use_cache))  # fmt: skip
+    Returns one list per prompt, ending at its first stop id inclusive when one is
+    emitted (`eos_id`: an int, a sequence of ints such as Llama 3's three, or None).
+    `compile`: False (eager), True or "default" (torch.compile of the decode step),
+    "reduce-overhead" (that step as a CUDA graph; a CUDA model only). `use_cache=False`
+    recomputes the whole (padded) context every step instead of reading the KV cache:
+    the same tokens, at O(T^2) cost, for measuring what the cache saves."""
+    steps = list(
+        generate_stream(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            eos_id,
+            seed,
+            compile,
+            use_cache,
+        )
+    )
     rows = [[s[b] for s in steps if s[b] is not None] for b in range(len(steps[0]))]
     return trim(rows, [len(r) for r in rows], eos_id)
 
 
 class Session:
-    """A conversation that keeps its KV cache across calls (batch 1); the twin of gptmod_jax's Session.
+    """A conversation that keeps its KV cache across calls (batch 1); the
+    twin of gptmod_jax's Session.
 
-    Each `stream` gets the whole context so far as token ids, reuses the longest prefix of it that the cache
-    already holds, prefills only the rest (rewinding first where they diverge), and appends each token it
-    generates once that token is fed back. `tokens` is what the cache holds, in order; `last_prefill` and
-    `last_reused` say how the last call's context split between new and cached tokens.
+    Each `stream` gets the whole context so far as token ids, reuses the longest
+    prefix of it that the cache already holds, prefills only the rest (rewinding first
+    where they diverge), and appends each token it generates once that token is fed
+    back. `tokens` is what the cache holds, in order; `last_prefill` and `last_reused`
+    say how the last call's context split between new and cached tokens.
 
-    Rewinding is free: entries past len(tokens) stay in the cache, but key s is visible from position p only
-    when s <= p, and every position is written by a real token before any later query can see it.
+    Rewinding is free: entries past len(tokens) stay in the cache, but key s
+    is visible from position p only when s <= p, and every position is
+    written by a real token before any later query can see it.
 
-    Capacity: up to `max_len` positions (default cfg.max_seq_len), allocated lazily in powers of two from
-    SESSION_MIN_CAPACITY and grown by copying, so an 8192-context model does not preallocate its whole cache.
+    Capacity: up to `max_len` positions (default cfg.max_seq_len), allocated
+    lazily in powers of two from SESSION_MIN_CAPACITY and grown by copying,
+    so an 8192-context model does not preallocate its whole cache.
     A turn that would not fit raises ContextFullError: nothing is truncated.
 
-    The cache is the session's, installed on the model only while a step runs, so `generate` can use the
-    model between turns. `compile=True` (or "default") runs the decode step through torch.compile (one
-    compile per size); "reduce-overhead" captures it as a CUDA graph (a CUDA model only): the session's cache
-    keeps its addresses until it grows, and each growth captures the next size once."""
+    The cache is the session's, installed on the model only while a step runs, so `generate` can use
+    the model between turns. `compile=True` (or "default") runs the decode step through
+    torch.compile (one compile per size); "reduce-overhead" captures it as a CUDA graph (a CUDA
+    model only): the session's cache keeps its addresses until it grows, and each growth captures
+    the next size once."""
 
     def __init__(self, model: GPT, max_len: int | None = None, *, compile: Compile = False):
         self.model = model
@@ -348,7 +402,8 @@ class Session:
 
     @torch.no_grad()
     def feed(self, ids: Sequence[int]) -> np.ndarray:
-        """Make the cache hold `ids` (reusing what it already holds); the next token's logits, (V,)."""
+        """Make the cache hold `ids` (reusing what it already holds); the
+        next token's logits, (V,)."""
         ids = check_turn(ids, self.model.cfg, self.max_len, 0)
         knobs, flags = _split_params(SamplingParams())
         logits_1V, _ = self._extend(ids, 0, knobs, flags, None)
@@ -365,10 +420,13 @@ class Session:
         stop_ids: StopIds = (),
         seed: int = 0,
     ) -> Iterator[int]:
-        """Make the context `ids` (the whole conversation so far), then yield up to `max_new_tokens` sampled
-        tokens; a token in `stop_ids` is yielded and ends the reply. Validated now, run as it is iterated;
-        abandoning the iterator leaves the session consistent (the unfed last token is simply not cached)."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, as_stop_ids(stop_ids, "stop_ids"), seed)
+        """Make the context `ids` (the whole conversation so far), then yield up to `max_new_tokens`
+        sampled tokens; a token in `stop_ids` is yielded and ends the reply. Validated now, run as
+        it is iterated; abandoning the iterator leaves the session consistent (the unfed last token
+        is simply not cached)."""
+        params = SamplingParams(
+            temperature, top_k, top_p, min_p, as_stop_ids(stop_ids, "stop_ids"), seed
+        )
         ids = check_turn(ids, self.model.cfg, self.max_len, max_new_tokens, params)
         return self._stream(ids, max_new_tokens, params)
 
@@ -383,7 +441,9 @@ class Session:
         for i in range(max_new_tokens):
             if i > 0:  # feed the token yielded last, at the next position
                 with self._installed():
-                    logits_1V = decode(self.model, tok_1, torch.tensor([len(self.tokens)], device=device))
+                    logits_1V = decode(
+                        self.model, tok_1, torch.tensor([len(self.tokens)], device=device)
+                    )
                 self.tokens.append(tok)
                 tok_1 = sample(logits_1V, generator, knobs, flags)
                 tok = int(tok_1[0])
@@ -391,24 +451,39 @@ class Session:
             if tok in stops:
                 return
 
-    def _extend(self, ids: list[int], room: int, knobs: Knobs, flags: Flags, generator: torch.Generator | None):
-        """Make the cache hold `ids` with `room` positions to spare; (logits, first sampled token) after it."""
-        # At least the last token is prefilled, even when the cache holds all of `ids`: its logits are the answer.
+    def _extend(
+        self,
+        ids: list[int],
+        room: int,
+        knobs: Knobs,
+        flags: Flags,
+        generator: torch.Generator | None,
+    ):
+        """Make the cache hold `ids` with `room` positions to spare;
+        (logits, first sampled token) after it."""
+        # At least the last token is prefilled, even when the cache holds
+        # all of `ids`: its logits are the answer.
         reuse = min(common_prefix(self.tokens, ids), len(ids) - 1)
         self._reserve(len(ids) + room)
         new = ids[reuse:]
         device = self.model.tok_emb.weight.device
-        self.tokens = self.tokens[:reuse]  # rewind: what lies past it is invisible until overwritten
+        # rewind: what lies past it is invisible until overwritten
+        self.tokens = self.tokens[:reuse]
         with self._installed():
             # Eager torch takes any length, so the new part goes in unpadded.
-            logits_1V = prefill(self.model, torch.tensor([new], device=device), torch.tensor([len(new)], device=device),
-                                torch.tensor([reuse], device=device))  # fmt: skip
+            logits_1V = prefill(
+                self.model,
+                torch.tensor([new], device=device),
+                torch.tensor([len(new)], device=device),
+                torch.tensor([reuse], device=device),
+            )
         self.tokens = list(ids)
         self.last_prefill, self.last_reused = len(new), reuse
         return logits_1V, sample(logits_1V, generator, knobs, flags)
 
     def _reserve(self, needed: int) -> None:
-        """Grow the cache (copying what it holds) to hold `needed` positions; check_turn bounded it by max_len."""
+        """Grow the cache (copying what it holds) to hold `needed`
+        positions; check_turn bounded it by max_len."""
         if needed <= self.capacity:
             return
         with self._model_free():
@@ -417,15 +492,18 @@ class Session:
             self.model.clear_cache()
         for old, new in zip(self._caches, caches, strict=False):  # no old caches on the first call
             for name in ("k", "v"):
-                src = getattr(old, name)  # the same layout, shorter along the sequence axis: copy to the corner
+                # the same layout, shorter along the sequence axis: copy to the corner
+                src = getattr(old, name)
                 getattr(new, name)[tuple(slice(0, n) for n in src.shape)] = src
         self._caches = caches
 
     @contextlib.contextmanager
     def _model_free(self) -> Iterator[None]:
         if self.model.blocks[0].attn.kv_cache is not None:
-            raise ValueError("Session: the model already holds a KV cache (a generate running on it, or "
-                             "setup_cache); call model.clear_cache() or let that stream finish first")  # fmt: skip
+            raise ValueError(
+                "Session: the model already holds a KV cache (a generate running on it, or "
+                "setup_cache); call model.clear_cache() or let that stream finish first"
+            )
         yield
 
     @contextlib.contextmanager

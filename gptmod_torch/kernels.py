@@ -5,9 +5,12 @@ and streams weights at about half of what oneDNN (also inside PyTorch) reaches o
 project is measured on. Decoding at small batch is exactly that matrix-vector product, so the torch
 twin calls oneDNN's matmul there: the tied 50257x768 unembedding at batch 1 takes 13.0 ms with MKL
 and 5.8 ms with oneDNN on 2 cores (`python -m gptmod.bench` shows the effect on whole steps).
-Training (grad enabled), other dtypes and other devices keep `F.linear`.
+Training (grad enabled), other dtypes and other devices keep `F.linear`. `install` swaps the model's
+`Linear` and `Embedding` for subclasses that call `linear`; model.py itself keeps `F.linear`, the
+readable path (`GPT(cfg, kernels=False)` runs it everywhere).
 
-The JAX twin needs no counterpart: XLA's CPU dot already reads weights at the machine's bandwidth.
+The JAX twin has its own kernels.py for the same step: the few-row product turned around for XLA's
+CPU dot, and cached attention in the cache's own layouts.
 """
 
 from __future__ import annotations
@@ -16,13 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# oneDNN's fused linear (`mkldnn::_linear_pointwise`, what inductor emits for frozen CPU graphs), where
-# this build of PyTorch has it; None elsewhere, and `linear` is then `F.linear`.
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+from gptmod_torch.model import Embedding, Linear
+
+# oneDNN's fused linear (`mkldnn::_linear_pointwise`, what inductor emits for frozen CPU graphs),
+# where this build of PyTorch has it; None elsewhere, and `linear` is then `F.linear`.
+_ONEDNN_LINEAR = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
 
 
 @torch.library.custom_op("gptmod::onednn_linear", mutates_args=())
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
@@ -33,21 +44,44 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 def uses_onednn(x: torch.Tensor) -> bool:
     """Whether `linear` takes the oneDNN path for this input (fp32 on the CPU, no autograd)."""
-    return _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32 and (
-        not torch.is_grad_enabled())  # fmt: skip
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
+    return _ONEDNN_LINEAR is not None and cpu_fp32 and not torch.is_grad_enabled()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`: the same result, computed by oneDNN where `uses_onednn(x)`."""
     if not uses_onednn(x):
         return F.linear(x, weight, bias)
-    if torch.compiler.is_compiling():  # as a custom op: inductor would lower a plain linear to MKL again
+    # as a custom op: inductor would lower a plain linear to MKL again
+    if torch.compiler.is_compiling():
         return _onednn_linear(x, weight, bias)
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` (the same parameters, init and state names) computed by `linear`."""
+class OneDNNLinear(Linear):
+    """`Linear` (the same parameters) computed by `linear`: oneDNN where `uses_onednn`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class OneDNNEmbedding(Embedding):
+    """`Embedding` whose tied unembedding, the largest matmul of a decode step, runs on `linear`."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+SWAPS: dict[type[nn.Module], type[nn.Module]] = {Linear: OneDNNLinear, Embedding: OneDNNEmbedding}
+
+
+def install(model: nn.Module) -> nn.Module:
+    """Swap the fast classes of `SWAPS` in, in place: the same parameters, names and results (tests/
+    test_kernels.py), only the op that computes them changes. `GPT(cfg, kernels=False)` skips it."""
+    for module in model.modules():
+        fast = SWAPS.get(type(module))
+        if fast is not None:
+            module.__class__ = (
+                fast  # a subclass that adds no state: parameters and hooks stay as they are
+            )
+    return model

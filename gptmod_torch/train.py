@@ -1,15 +1,16 @@
 """Training in PyTorch: the twin of gptmod_jax/train.py.
 
 AdamW from torch.optim (decoupled weight decay on 2-D linear weights only, `training.decays`), the
-learning rate set before each update from `training.lr_at`, gradient clipping by global norm, gradient
-accumulation over micro-batches, and bf16 autocast with fp32 master weights. The loop, the checkpoints
-and the log are shared (gptmod/training.py).
+learning rate set before each update from `training.lr_at`, gradient clipping by global norm,
+gradient accumulation over micro-batches, and bf16 autocast with fp32 master weights. The loop, the
+checkpoints and the log are shared (gptmod/training.py).
 
-Under `torchrun` (torch.distributed initialised), `parallel="ddp"` wraps the model in
-DistributedDataParallel (gradients all-reduced) and `parallel="fsdp"` shards it with FSDP2's
-`fully_shard`, each block a unit (parameters all-gathered for use, gradients reduce-scattered). Each
-process then feeds its slice of the global batch; the logged loss is the mean over processes, and
-export/load work in full canonical tensors, so checkpoints are the same safetensors as a one-process run.
+Under `torchrun` (torch.distributed initialised), `parallel="ddp"` wraps the model
+in DistributedDataParallel (gradients all-reduced) and `parallel="fsdp"` shards it
+with FSDP2's `fully_shard`, each block a unit (parameters all-gathered for use,
+gradients reduce-scattered). Each process then feeds its slice of the global
+batch; the logged loss is the mean over processes, and export/load work in full
+canonical tensors, so checkpoints are the same safetensors as a one-process run.
 """
 
 from __future__ import annotations
@@ -28,28 +29,37 @@ from gptmod_torch.model import GPT, export_state, load_state
 
 
 def loss_fn(model: GPT, x_BT: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of the model's (soft-capped, fp32) logits, as logsumexp - the target's logit.
+    """Mean next-token cross-entropy of the model's (soft-capped, fp32)
+    logits, as logsumexp - the target's logit.
 
-    Not `F.cross_entropy`: on the CPU its fp32 log_softmax is 2e-5 off float64 over SmolLM2's 49152 logits (loss
-    8e-6 off, every gradient 20x further from float64 than JAX's), where `logsumexp` is 3e-8 off (parity's
-    "train grads (own weights)" row found it; random weights' small logits hide it)."""
-    logits_NV = model(x_BT).flatten(0, 1)
-    target_N = logits_NV.gather(1, y_BT.flatten()[:, None])[:, 0]
-    return (torch.logsumexp(logits_NV, dim=-1) - target_N).mean()
+    Not `F.cross_entropy`: on the CPU its fp32 log_softmax is 2e-5 off float64
+    over SmolLM2's 49152 logits (loss 8e-6 off, every gradient 20x further from
+    float64 than JAX's), where `logsumexp` is 3e-8 off (parity's "train grads
+    (own weights)" row found it; random weights' small logits hide it)."""
+    logits_RV = model(x_BT).flatten(0, 1)
+    target_R = logits_RV.gather(1, y_BT.flatten()[:, None])[:, 0]
+    return (torch.logsumexp(logits_RV, dim=-1) - target_R).mean()
 
 
 def make_optimizer(model: GPT, tc: TrainConfig) -> torch.optim.AdamW:
     """AdamW with two groups: decayed 2-D linear weights, and everything else undecayed."""
     decay = [p for n, p in model.named_parameters() if decays(n)]
     other = [p for n, p in model.named_parameters() if not decays(n)]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    # foreach=False: the per-parameter loop is torch's reference arithmetic; it is what the JAX twin matches.
-    return torch.optim.AdamW(groups, lr=lr_at(tc, 0), betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=False)
+    groups = [
+        {"params": decay, "weight_decay": tc.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
+    # foreach=False: the per-parameter loop is torch's reference arithmetic;
+    # it is what the JAX twin matches.
+    return torch.optim.AdamW(
+        groups, lr=lr_at(tc, 0), betas=(tc.beta1, tc.beta2), eps=tc.eps, foreach=False
+    )
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()  # fp64 stays fp64 (references)
+    # fp64 stays fp64 (references)
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
 def _ids(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -64,17 +74,24 @@ def _distributed() -> bool:
 
 
 def _wrap(model: GPT, parallel: str | None) -> torch.nn.Module:
-    """The module a step calls: the model itself, DDP around it, or the model sharded in place by FSDP2."""
+    """The module a step calls: the model itself, DDP around it, or the
+    model sharded in place by FSDP2."""
     if parallel is None:
         return model
     if parallel not in PARALLEL:
-        raise ValueError(f"parallel={parallel!r}: choose one of {', '.join(PARALLEL)} (or None for one process)")
+        raise ValueError(
+            f"parallel={parallel!r}: choose one of {', '.join(PARALLEL)} (or None for one process)"
+        )
     if not _distributed():
-        raise RuntimeError(f"parallel={parallel!r} needs torch.distributed initialised: launch with torchrun "
-                           "(the gptmod train command initialises it from torchrun's environment)")  # fmt: skip
+        raise RuntimeError(
+            f"parallel={parallel!r} needs torch.distributed initialised: launch with torchrun "
+            "(the gptmod train command initialises it from torchrun's environment)"
+        )
     if parallel == "ddp":
         device = next(model.parameters()).device
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     from torch.distributed.fsdp import fully_shard
 
     for block in model.blocks:  # one unit per block: its weights are gathered only while it runs
@@ -84,12 +101,14 @@ def _wrap(model: GPT, parallel: str | None) -> torch.nn.Module:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (a collective: every process must call it); a plain tensor as it is."""
+    """A DTensor's full value (a collective: every process must call it); a
+    plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _like(value: Any, p: torch.Tensor) -> torch.Tensor:
-    """A full canonical array as a tensor shaped and placed like `p` (this process's shard of a DTensor)."""
+    """A full canonical array as a tensor shaped and placed like `p` (this
+    process's shard of a DTensor)."""
     t = torch.as_tensor(np.array(value), dtype=p.dtype, device=p.device)
     if hasattr(p, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
@@ -101,13 +120,17 @@ def _like(value: Any, p: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """One model, its optimizer and the step count; the methods the shared loop calls."""
 
-    def __init__(self, model: GPT, tc: TrainConfig, *, compile: bool = False, parallel: str | None = None) -> None:
+    def __init__(
+        self, model: GPT, tc: TrainConfig, *, compile: bool = False, parallel: str | None = None
+    ) -> None:
         self.model, self.tc, self.parallel = model.train(), tc, parallel
-        self.module = _wrap(model, parallel)  # after fully_shard the parameters are DTensors: optimizer after
+        # after fully_shard the parameters are DTensors: optimizer after
+        self.module = _wrap(model, parallel)
         self.optimizer = make_optimizer(model, tc)
         self.count = 0  # updates applied so far
-        # compile=True: inductor fuses the soft-cap and cross-entropy passes over the (tokens, vocab) logits,
-        # which dominate eager time at GPT-2's vocabulary (about 1.6x faster on a CPU; compiles once, ~30 s).
+        # compile=True: inductor fuses the soft-cap and cross-entropy passes over the (tokens,
+        # vocab) logits, which dominate eager time at GPT-2's vocabulary (about 1.6x faster on a
+        # CPU; compiles once, ~30 s).
         self._loss = torch.compile(loss_fn) if compile else loss_fn
 
     def _autocast(self) -> Any:
@@ -117,7 +140,8 @@ class Trainer:
         return nullcontext()
 
     def _sync(self, last: bool) -> Any:
-        """Gradient synchronisation only on the last micro-batch of a step (DDP, FSDP2); one process: none."""
+        """Gradient synchronisation only on the last micro-batch of a step
+        (DDP, FSDP2); one process: none."""
         if self.parallel == "ddp" and not last:
             return self.module.no_sync()
         if self.parallel == "fsdp":
@@ -125,8 +149,8 @@ class Trainer:
         return nullcontext()
 
     def _backward(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> float:
-        """Mean loss over the micro-batches (and processes); leaves the gradient of that mean in .grad
-        (not yet clipped)."""
+        """Mean loss over the micro-batches (and processes); leaves the gradient of that mean in
+        .grad (not yet clipped)."""
         self.optimizer.zero_grad(set_to_none=True)
         device = next(self.model.parameters()).device
         total = 0.0
@@ -143,10 +167,13 @@ class Trainer:
         return loss, {n: _numpy(_full(p.grad)) for n, p in self.model.named_parameters()}
 
     def step(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> dict[str, Any]:
-        """One optimizer update from a (grad_accum, batch, time) batch; metrics are python floats."""
+        """One optimizer update from a (grad_accum, batch, time) batch;
+        metrics are python floats."""
         loss = self._backward(x_ABT, y_ABT)
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=False))
+        grad_norm = _full(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=False)
+        )
         lr = lr_at(self.tc, self.count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -165,7 +192,8 @@ class Trainer:
             self.model.train()
 
     def export_state(self) -> dict[str, np.ndarray]:
-        """The canonical state in full tensors (under FSDP a collective: every process must call it)."""
+        """The canonical state in full tensors (under FSDP a collective:
+        every process must call it)."""
         if self.parallel != "fsdp":
             return export_state(self.model)
         return {n: _numpy(_full(p)) for n, p in self.model.named_parameters()}
@@ -180,7 +208,8 @@ class Trainer:
                 p.copy_(_like(state[n], p))
 
     def export_optimizer(self) -> dict[str, Any]:
-        """AdamW's moments under canonical names (torch's names and layout are canonical) and the count."""
+        """AdamW's moments under canonical names (torch's names and layout
+        are canonical) and the count."""
         m, v = {}, {}
         for name, p in self.model.named_parameters():
             s = self.optimizer.state.get(p, {})
@@ -199,7 +228,8 @@ class Trainer:
         self.count = count
 
     def all_reduce_mean(self, value: float) -> float:
-        """Mean of a python float over the processes of torch.distributed (itself when not distributed)."""
+        """Mean of a python float over the processes of torch.distributed
+        (itself when not distributed)."""
         if not _distributed():
             return value
         t = torch.tensor([value], dtype=torch.float64)

@@ -16,38 +16,71 @@ from gptmod.weights import atomic_write_text
 from parity import generation, suite, text, trace, training
 from parity.suite import Case, Row
 
-CHECKS = ("modules", "trace", "logits", "text", "cached", "ragged", "greedy", "generate", "sampling", "divergence",
-          "roundtrip", "hf", "train")  # fmt: skip
+CHECKS = (
+    "modules",
+    "trace",
+    "logits",
+    "text",
+    "cached",
+    "ragged",
+    "greedy",
+    "generate",
+    "sampling",
+    "divergence",
+    "roundtrip",
+    "hf",
+    "train",
+)
 
 
 @dataclass
 class Options:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     device: str = "cpu"  # "cpu" | "cuda"
-    weights: str = "random"  # "random" | "random-outliers"; real weights arrive as states in run_suite's runs
+    weights: str = (
+        "random"  # "random" | "random-outliers"; real weights arrive as states in run_suite's runs
+    )
     seq_len: int = 128
     batch: int = 1
     seed: int = 0
     decode_steps: int = 16
     greedy_steps: int = 32
-    divergence_steps: int = 256  # greedy steps of bf16/fp16 against float64 (the `divergence` check)
-    sampling_steps: int = 8  # decode steps whose sampling distributions the `sampling` check compares
-    sampling_settings: tuple[dict[str, float], ...] = generation.SETTINGS  # the knob settings it compares
-    generate_paths: tuple[str, ...] = generation.PATHS  # the generate paths the `generate` check runs
+    divergence_steps: int = (
+        256  # greedy steps of bf16/fp16 against float64 (the `divergence` check)
+    )
+    sampling_steps: int = (
+        8  # decode steps whose sampling distributions the `sampling` check compares
+    )
+    # the knob settings it compares
+    sampling_settings: tuple[dict[str, float], ...] = generation.SETTINGS
+    # the generate paths the `generate` check runs
+    generate_paths: tuple[str, ...] = generation.PATHS
     train_steps: int = 200
     checks: tuple[str, ...] = CHECKS
-    fault: tuple[str, float] | None = None  # (canonical name, relative perturbation) in the JAX twin only
+    fault: tuple[str, float] | None = (
+        None  # (canonical name, relative perturbation) in the JAX twin only
+    )
     backends_torch: tuple[str, ...] = field(default_factory=tuple)
     backends_jax: tuple[str, ...] = field(default_factory=tuple)
-    text_ids: tuple[int, ...] = ()  # real text (a real model's tokenizer on a bundled play) instead of random ids
+    text_ids: tuple[
+        int, ...
+    ] = ()  # real text (a real model's tokenizer on a bundled play) instead of random ids
     text_name: str | None = None  # which play text_ids hold, for the report (None: random ids)
 
 
 def default_backends(device: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Every backend worth a row on the device; ones that can't run there become skipped rows."""
     if device == "cuda":
-        return ("sdpa", "flash", "cudnn", "efficient", "math", "reference"), ("xla", "cudnn", "reference")
-    return ("sdpa", "math", "flash", "reference", "efficient", "cudnn"), ("xla", "reference", "cudnn")
+        return ("sdpa", "flash", "cudnn", "efficient", "math", "reference"), (
+            "xla",
+            "cudnn",
+            "reference",
+        )
+    return ("sdpa", "math", "flash", "reference", "efficient", "cudnn"), (
+        "xla",
+        "reference",
+        "cudnn",
+    )
 
 
 def make_case(name: str, cfg: ModelConfig, dtype: str, opts: Options, state: dict | None) -> Case:
@@ -58,34 +91,64 @@ def make_case(name: str, cfg: ModelConfig, dtype: str, opts: Options, state: dic
     seq_len = min(opts.seq_len, cfg.max_seq_len)
     if opts.text_ids:  # consecutive windows of the text, one per row
         if len(opts.text_ids) < opts.batch * seq_len:
-            raise ValueError(f"parity: the text has {len(opts.text_ids)} tokens, fewer than batch x seq_len")
-        idx = np.asarray(opts.text_ids[: opts.batch * seq_len], dtype=np.int64).reshape(opts.batch, seq_len)
+            raise ValueError(
+                f"parity: the text has {len(opts.text_ids)} tokens, fewer than batch x seq_len"
+            )
+        idx = np.asarray(opts.text_ids[: opts.batch * seq_len], dtype=np.int64).reshape(
+            opts.batch, seq_len
+        )
     else:
-        idx = np.random.default_rng(opts.seed).integers(0, cfg.vocab_size, size=(opts.batch, seq_len))
+        idx = np.random.default_rng(opts.seed).integers(
+            0, cfg.vocab_size, size=(opts.batch, seq_len)
+        )
     return Case(name, cfg, dtype, suite.cast_state(state, dtype), idx, opts.device)
 
 
-def run_suite(runs: Iterable[tuple[str, ModelConfig, dict | None]], opts: Options, progress: bool = True) -> list[Row]:
-    """All checks for every (preset, dtype). `runs` holds (name, config, state or None for random)."""
+def run_suite(
+    runs: Iterable[tuple[str, ModelConfig, dict | None]], opts: Options, progress: bool = True
+) -> list[Row]:
+    """All checks for every (preset, dtype). `runs` holds (name, config,
+    state or None for random)."""
     runs = list(runs)
     bt, bj = default_backends(opts.device)
     bt, bj = opts.backends_torch or bt, opts.backends_jax or bj
     plan = []
     for name, cfg, state in runs:
         for dtype in opts.dtypes:
-            # bf16/fp16 matmuls are ~20x slower than fp32 on XLA's CPU backend: fewer greedy steps there.
-            n = opts.greedy_steps if dtype == "float32" or opts.device == "cuda" else max(4, opts.greedy_steps // 4)
+            # bf16/fp16 matmuls are ~20x slower than fp32 on XLA's CPU
+            # backend: fewer greedy steps there.
+            n = (
+                opts.greedy_steps
+                if dtype == "float32" or opts.device == "cuda"
+                else max(4, opts.greedy_steps // 4)
+            )
             checks: list[tuple[str, Callable[[Case], Iterable[Row]]]] = [
                 ("modules", lambda c: suite.check_modules(c, opts.fault)),
                 ("trace", lambda c: trace.check_trace(c, opts.fault)),
                 ("logits", lambda c: suite.check_logits_and_hidden(c, bt, bj, opts.fault)),
-                ("text", lambda c: text.check_text(c, opts.fault, opts.text_name if opts.text_ids else None)),
+                (
+                    "text",
+                    lambda c: text.check_text(
+                        c, opts.fault, opts.text_name if opts.text_ids else None
+                    ),
+                ),
                 ("cached", lambda c: suite.check_cached_decode(c, opts.decode_steps, opts.fault)),
                 ("ragged", lambda c: generation.check_ragged(c)),
                 ("greedy", lambda c, n=n: suite.check_greedy(c, n, opts.fault)),
-                ("generate", lambda c, n=n: generation.check_generate_paths(c, n, opts.generate_paths)),
-                ("sampling", lambda c: generation.check_sampling(c, opts.sampling_settings, opts.sampling_steps)),
-                ("divergence", lambda c: text.check_divergence(c, opts.divergence_steps, opts.fault)),
+                (
+                    "generate",
+                    lambda c, n=n: generation.check_generate_paths(c, n, opts.generate_paths),
+                ),
+                (
+                    "sampling",
+                    lambda c: generation.check_sampling(
+                        c, opts.sampling_settings, opts.sampling_steps
+                    ),
+                ),
+                (
+                    "divergence",
+                    lambda c: text.check_divergence(c, opts.divergence_steps, opts.fault),
+                ),
                 ("roundtrip", suite.check_round_trips),
                 ("hf", lambda c, n=n: suite.check_hf(c, opts.seed, n)),
                 (
@@ -98,10 +161,17 @@ def run_suite(runs: Iterable[tuple[str, ModelConfig, dict | None]], opts: Option
             plan.append((name, cfg, state, dtype, [(k, f) for k, f in checks if k in opts.checks]))
     rows: list[Row] = []
     # No ETA: checks differ in cost by 100x (the training curve's own bar shows its steps).
-    bar = tqdm(total=sum(len(p[-1]) for p in plan), desc="parity", unit="check", disable=not progress, leave=False,
-               bar_format="{desc}: {n}/{total} checks [{elapsed}] {postfix}")  # fmt: skip
+    bar = tqdm(
+        total=sum(len(p[-1]) for p in plan),
+        desc="parity",
+        unit="check",
+        disable=not progress,
+        leave=False,
+        bar_format="{desc}: {n}/{total} checks [{elapsed}] {postfix}",
+    )
     for name, cfg, state, dtype, checks in plan:
-        case = make_case(name, cfg, dtype, opts, state)  # its models are built once, freed after its checks
+        # its models are built once, freed after its checks
+        case = make_case(name, cfg, dtype, opts, state)
         for key, check in checks:
             bar.set_postfix_str(f"{name} {dtype} {key}")
             rows.extend(check(case))
@@ -114,13 +184,47 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2e}"
 
 
-HEADERS = ["check", "preset", "dtype", "torch", "jax", "e_torch", "e_jax", "|Δ|", "budget", "result", "note"]
-GROUP_HEADERS = ["check", "torch", "jax", "e_torch", "e_jax", "|Δ|", "budget", "share", "result", "note"]
+HEADERS = [
+    "check",
+    "preset",
+    "dtype",
+    "torch",
+    "jax",
+    "e_torch",
+    "e_jax",
+    "|Δ|",
+    "budget",
+    "result",
+    "note",
+]
+GROUP_HEADERS = [
+    "check",
+    "torch",
+    "jax",
+    "e_torch",
+    "e_jax",
+    "|Δ|",
+    "budget",
+    "share",
+    "result",
+    "note",
+]
 
 
 def _cells(r: Row) -> list[str]:
-    return [r.check, r.preset, r.dtype, r.backend_torch, r.backend_jax, _fmt(r.e_torch), _fmt(r.e_jax),
-            _fmt(r.diff), _fmt(r.budget), r.status, r.note]  # fmt: skip
+    return [
+        r.check,
+        r.preset,
+        r.dtype,
+        r.backend_torch,
+        r.backend_jax,
+        _fmt(r.e_torch),
+        _fmt(r.e_jax),
+        _fmt(r.diff),
+        _fmt(r.budget),
+        r.status,
+        r.note,
+    ]
 
 
 def _note(r: Row) -> str:
@@ -129,19 +233,32 @@ def _note(r: Row) -> str:
 
 def _group_cells(r: Row) -> list[str]:
     share = "-" if r.ratio is None else f"{r.ratio:.2f}"
-    return [r.check, r.backend_torch, r.backend_jax, _fmt(r.e_torch), _fmt(r.e_jax), _fmt(r.diff), _fmt(r.budget),
-            share, r.status, _note(r)]  # fmt: skip
+    return [
+        r.check,
+        r.backend_torch,
+        r.backend_jax,
+        _fmt(r.e_torch),
+        _fmt(r.e_jax),
+        _fmt(r.diff),
+        _fmt(r.budget),
+        share,
+        r.status,
+        _note(r),
+    ]
 
 
 def format_table(rows: list[Row], width: int | None = None) -> str:
-    """One block per (preset, dtype); the note column wraps so that lines fit `width` (default: the terminal's).
-    `share` is the row's worst share of its budget (Row.ratio): above 1 fails."""
+    """One block per (preset, dtype); the note column wraps so that lines fit `width` (default: the
+    terminal's). `share` is the row's worst share of its budget (Row.ratio): above 1 fails."""
     import shutil
     import textwrap
 
     width = width or shutil.get_terminal_size((150, 40)).columns
     table = [_group_cells(r) for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(GROUP_HEADERS)]
+    widths = [
+        max(len(h), *(len(t[i]) for t in table)) if table else len(h)
+        for i, h in enumerate(GROUP_HEADERS)
+    ]
     fixed = sum(widths[:-1]) + 2 * (len(widths) - 1)
     note_w = max(30, width - fixed - 2)
     widths[-1] = min(widths[-1], note_w)
@@ -154,7 +271,12 @@ def format_table(rows: list[Row], width: int | None = None) -> str:
     for r, cells in zip(rows, table, strict=True):
         groups.setdefault((r.preset, r.dtype), []).append(cells)
     for (preset, dtype), group in groups.items():
-        out += ["" if out else None, f"{preset} · {dtype}", line(GROUP_HEADERS), line(["-" * w for w in widths])]
+        out += [
+            "" if out else None,
+            f"{preset} · {dtype}",
+            line(GROUP_HEADERS),
+            line(["-" * w for w in widths]),
+        ]
         for cells in group:
             wrapped = textwrap.wrap(cells[-1], note_w) or [""]
             out.append(line([*cells[:-1], wrapped[0]]))
@@ -165,8 +287,10 @@ def format_table(rows: list[Row], width: int | None = None) -> str:
 def format_markdown(rows: list[Row], header: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in header["versions"].items())
     weights = header.get("judged", header.get("weights"))
-    lines = [f"# gptmod parity report\n\nweights: {weights}\n\ndevice: {header['device']}; {versions}; "
-             f"passed: {header['passed']}\n"]  # fmt: skip
+    lines = [
+        f"# gptmod parity report\n\nweights: {weights}\n\ndevice: {header['device']}; {versions}; "
+        f"passed: {header['passed']}\n"
+    ]
     lines.append("| " + " | ".join(HEADERS) + " |")
     lines.append("|" + "---|" * len(HEADERS))
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]

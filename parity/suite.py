@@ -1,15 +1,18 @@
 """The parity ladder: where, and by how much, the torch and JAX twins differ.
 
-Every numeric row runs the same (dtype-rounded) weights and tokens through torch, JAX and a float64
-torch reference, and reports e_torch and e_jax (each framework's max error against float64), |Δ|
-(torch vs JAX) and the budget. With scale = max|float64 value| and e_max = REL[dtype] * scale, a row passes when
-  1. e_torch <= e_max and e_jax <= e_max: each twin is within what the dtype's rounding explains, and
+Every numeric row runs the same (dtype-rounded) weights and tokens through
+torch, JAX and a float64 torch reference, and reports e_torch and e_jax (each
+framework's max error against float64), |Δ| (torch vs JAX) and the budget. With
+scale = max|float64 value| and e_max = REL[dtype] * scale, a row passes when
+  1. e_torch <= e_max and e_jax <= e_max: each twin is within what the
+     dtype's rounding explains, and
   2. |Δ| <= budget = max(e_max, ABS_FLOOR[dtype]): the twins agree to the same relative bound.
-Rule 1 is what catches a broken twin: judged against the other twin alone, a twin's own large error would raise the
-budget with it. Both bounds scale with the reference, never with an absolute number: a trained model's logits reach 35
-where random weights' stay below 3, and the same relative rounding error is then 10x larger in absolute terms.
-(The old rule |Δ| <= K * max(e_torch, e_jax) with K = 2 could never fail: |Δ| <= e_torch + e_jax by the triangle
-inequality.) Row.ratio is the worst of |Δ|/budget, e_torch/e_max and e_jax/e_max.
+Rule 1 is what catches a broken twin: judged against the other twin alone, a twin's own large error
+would raise the budget with it. Both bounds scale with the reference, never with an absolute number:
+a trained model's logits reach 35 where random weights' stay below 3, and the same relative rounding
+error is then 10x larger in absolute terms. (The old rule |Δ| <= K * max(e_torch, e_jax) with K = 2
+could never fail: |Δ| <= e_torch + e_jax by the triangle inequality.) Row.ratio is the worst of
+|Δ|/budget, e_torch/e_max and e_jax/e_max.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ TF32_LABEL = "float32 (tf32)"  # the dtype column of fp32 rows run with TF32 mat
 
 @contextlib.contextmanager
 def tf32_budget(on: bool = True) -> Iterator[None]:
-    """Judge fp32 rows as TF32 matmuls while inside: TF32 keeps fp16's 10 mantissa bits, so fp16's REL and
-    ABS_FLOOR. Swaps the float32 entries in place (every check reads these dicts at call time) and restores them."""
+    """Judge fp32 rows as TF32 matmuls while inside: TF32 keeps fp16's 10 mantissa bits, so fp16's
+    REL and ABS_FLOOR. Swaps the float32 entries in place (every check reads these dicts at call
+    time) and restores them."""
     saved = REL["float32"], ABS_FLOOR["float32"]
     if on:
         REL["float32"], ABS_FLOOR["float32"] = REL["float16"], ABS_FLOOR["float16"]
@@ -60,7 +64,9 @@ class Row:
     passed: bool | None  # None: skipped (see note)
     note: str = ""
     e_max: float | None = None  # rule 2's bound on e_torch and e_jax, where the row has one
-    where: str = ""  # where a failing row localises the fault (e.g. "block 3 mlp.w_gate"), if it can
+    where: str = (
+        ""  # where a failing row localises the fault (e.g. "block 3 mlp.w_gate"), if it can
+    )
 
     @property
     def status(self) -> str:
@@ -68,10 +74,15 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        """The row's worst share of its budget (> 1 fails): |Δ|/budget, or e/e_max for either twin."""
+        """The row's worst share of its budget (> 1 fails): |Δ|/budget, or
+        e/e_max for either twin."""
         shares = []
         if self.diff is not None and self.budget is not None:
-            shares.append(self.diff / self.budget if self.budget > 0 else (0.0 if self.diff == 0 else math.inf))
+            shares.append(
+                self.diff / self.budget
+                if self.budget > 0
+                else (0.0 if self.diff == 0 else math.inf)
+            )
         if self.e_max is not None and self.e_max > 0:
             shares += [e / self.e_max for e in (self.e_torch, self.e_jax) if e is not None]
         return max(shares) if shares else None
@@ -87,7 +98,8 @@ class Case:
     state: dict[str, np.ndarray]
     idx: np.ndarray
     device: str = "cpu"
-    models: dict = dataclasses.field(default_factory=dict, repr=False)  # built once per case, see torch_model
+    # built once per case, see torch_model
+    models: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def numeric_row(check, case, bt, bj, e_t, e_j, diff, scale, note="") -> Row:
@@ -113,7 +125,9 @@ def random_state(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     return gptmod_torch.export_state(gptmod_torch.GPT(cfg))
 
 
-def inject_outliers(state: dict[str, np.ndarray], cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+def inject_outliers(
+    state: dict[str, np.ndarray], cfg: ModelConfig, seed: int
+) -> dict[str, np.ndarray]:
     """Trained LLMs carry a few hidden channels with activations ~100x the rest ("outlier features",
     Dettmers et al. 2022; "massive activations", Sun et al. 2024), which is what stresses bf16. We
     reproduce that: 2 channels (chosen by `seed`) get 20x token-embedding columns (outliers in the
@@ -141,8 +155,11 @@ def cast_state(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray
 # ----------------------------------------------------------------------------- models
 
 
-def torch_model(case: Case, dtype: str, backend: str, device: str | None = None, fresh: bool = False):
-    """The case's weights in torch at `dtype`; built once per case and dtype (the backend is a run-time switch)."""
+def torch_model(
+    case: Case, dtype: str, backend: str, device: str | None = None, fresh: bool = False
+):
+    """The case's weights in torch at `dtype`; built once per case and dtype (the backend is a
+    run-time switch)."""
     import torch
 
     import gptmod_torch
@@ -156,7 +173,9 @@ def torch_model(case: Case, dtype: str, backend: str, device: str | None = None,
     return _model(case, ("torch", dtype, device), build, backend, fresh)
 
 
-def jax_model(case: Case, backend: str, fault: tuple[str, float] | None = None, fresh: bool = False):
+def jax_model(
+    case: Case, backend: str, fault: tuple[str, float] | None = None, fresh: bool = False
+):
     """The case's weights in JAX; `fault` perturbs one tensor (a deliberately broken twin)."""
     import jax.numpy as jnp
     from flax import nnx
@@ -176,7 +195,8 @@ def jax_model(case: Case, backend: str, fault: tuple[str, float] | None = None, 
 
 
 def _model(case: Case, key: tuple, build: Callable, backend: str, fresh: bool):
-    """Built once per case and key (or afresh, uncached); the attention backend is a run-time switch."""
+    """Built once per case and key (or afresh, uncached); the attention
+    backend is a run-time switch."""
     m = build() if fresh else case.models.get(key)
     if m is None:
         m = case.models[key] = build()
@@ -216,7 +236,9 @@ def unmet(framework: str, backend: str, case: Case) -> list[str]:
         import jax
 
         d = jax.devices()[0]
-        return jax_cudnn_unmet(d.platform, case.dtype, H, getattr(d, "compute_capability", None), False, True)
+        return jax_cudnn_unmet(
+            d.platform, case.dtype, H, getattr(d, "compute_capability", None), False, True
+        )
     return []
 
 
@@ -248,36 +270,75 @@ def check_modules(case: Case, fault=None) -> Iterator[Row]:
     rope_j = jm.rope_cos_sin(p_j, case.cfg, getattr(jnp, case.dtype)) if rope else None
     b_ref, b_t, b_j = ref_m.blocks[0], t_m.blocks[0], j_m.blocks[0]
     probes: list[tuple[str, Callable, Callable, Callable]] = [
-        ("norm", lambda: b_ref.attn_norm(x_ref), lambda: b_t.attn_norm(x_t), lambda: b_j.attn_norm(x_j)),
-        ("attention", lambda: b_ref.attn(x_ref, rope_ref, "math", p_ref), lambda: b_t.attn(x_t, rope_t, "sdpa", p_t),
-         lambda: b_j.attn(x_j, rope_j, "auto", p_j)),
+        (
+            "norm",
+            lambda: b_ref.attn_norm(x_ref),
+            lambda: b_t.attn_norm(x_t),
+            lambda: b_j.attn_norm(x_j),
+        ),
+        (
+            "attention",
+            lambda: b_ref.attn(x_ref, rope_ref, "math", p_ref),
+            lambda: b_t.attn(x_t, rope_t, "sdpa", p_t),
+            lambda: b_j.attn(x_j, rope_j, "auto", p_j),
+        ),
         ("mlp", lambda: b_ref.mlp(x_ref), lambda: b_t.mlp(x_t), lambda: b_j.mlp(x_j)),
-        ("block", lambda: b_ref(x_ref, rope_ref, "math", p_ref), lambda: b_t(x_t, rope_t, "sdpa", p_t),
-         lambda: b_j(x_j, rope_j, "auto", p_j)),
-    ]  # fmt: skip
+        (
+            "block",
+            lambda: b_ref(x_ref, rope_ref, "math", p_ref),
+            lambda: b_t(x_t, rope_t, "sdpa", p_t),
+            lambda: b_j(x_j, rope_j, "auto", p_j),
+        ),
+    ]
     if rope:
         q = rng.normal(size=(B, T, case.cfg.n_head, case.cfg.head_dim))
         q_t = torch.from_numpy(q).to(tdt).to(case.device)
         q_ref, q_j = q_t.double().cpu(), jnp.asarray(q, getattr(jnp, case.dtype))
-        probes.insert(1, ("rope", lambda: tm.apply_rope(q_ref, *rope_ref), lambda: tm.apply_rope(q_t, *rope_t),
-                          lambda: jm.apply_rope(q_j, *rope_j)))  # fmt: skip
+        probes.insert(
+            1,
+            (
+                "rope",
+                lambda: tm.apply_rope(q_ref, *rope_ref),
+                lambda: tm.apply_rope(q_t, *rope_t),
+                lambda: jm.apply_rope(q_j, *rope_j),
+            ),
+        )
     with torch.no_grad():
         for name, f_ref, f_t, f_j in probes:
             ref = f_ref().double().numpy()
             ot, oj = f_t().double().cpu().numpy(), np.asarray(f_j(), np.float64)
-            e_t, e_j, diff = (float(np.abs(a - b).max()) for a, b in ((ot, ref), (oj, ref), (ot, oj)))
-            yield numeric_row(f"module:{name}", case, "sdpa", "auto", e_t, e_j, diff, float(np.abs(ref).max()))
+            e_t, e_j, diff = (
+                float(np.abs(a - b).max()) for a, b in ((ot, ref), (oj, ref), (ot, oj))
+            )
+            yield numeric_row(
+                f"module:{name}", case, "sdpa", "auto", e_t, e_j, diff, float(np.abs(ref).max())
+            )
 
 
 def check_logits_and_hidden(case: Case, backends_t, backends_j, fault=None) -> Iterator[Row]:
-    """Whole-model logits for every backend pair, per-layer hidden states, top-k agreement and KL."""
-    ref_logits, ref_hidden = torch_run(torch_model(case, "float64", "math", "cpu"), case.idx, return_hidden=True)
+    """Whole-model logits for every backend pair, per-layer hidden states,
+    top-k agreement and KL."""
+    ref_logits, ref_hidden = torch_run(
+        torch_model(case, "float64", "math", "cpu"), case.idx, return_hidden=True
+    )
     scale = float(np.abs(ref_logits).max())
     out_t, out_j = {}, {}
     for b in backends_t:
         reasons = unmet("torch", b, case)
         if reasons:
-            yield Row("logits", case.name, case.dtype, b, "-", None, None, None, None, None, "; ".join(reasons))
+            yield Row(
+                "logits",
+                case.name,
+                case.dtype,
+                b,
+                "-",
+                None,
+                None,
+                None,
+                None,
+                None,
+                "; ".join(reasons),
+            )
             continue
         try:
             out_t[b] = torch_run(torch_model(case, case.dtype, b), case.idx, return_hidden=True)
@@ -286,7 +347,19 @@ def check_logits_and_hidden(case: Case, backends_t, backends_j, fault=None) -> I
     for b in backends_j:
         reasons = unmet("jax", b, case)
         if reasons:
-            yield Row("logits", case.name, case.dtype, "-", b, None, None, None, None, None, "; ".join(reasons))
+            yield Row(
+                "logits",
+                case.name,
+                case.dtype,
+                "-",
+                b,
+                None,
+                None,
+                None,
+                None,
+                None,
+                "; ".join(reasons),
+            )
             continue
         out_j[b] = jax_run(jax_model(case, b, fault), case.idx, return_hidden=True)
     if not out_t or not out_j:
@@ -296,22 +369,45 @@ def check_logits_and_hidden(case: Case, backends_t, backends_j, fault=None) -> I
     for bt, bj in pairs:
         lt, lj = out_t[bt][0], out_j[bj][0]
         e_t, e_j = float(np.abs(lt - ref_logits).max()), float(np.abs(lj - ref_logits).max())
-        yield numeric_row("logits", case, bt, bj, e_t, e_j, float(np.abs(lt - lj).max()), scale,
-                          f"max|logit|={scale:.3g}")  # fmt: skip
-    # Per-layer hidden states (default backends): name the first layer whose difference leaves its budget. The
-    # scale is the largest value the residual stream has held so far, not this layer's: the stream keeps the
-    # absolute rounding errors of its largest values, and a block that cancels them (SmolLM2's block 10 takes its
-    # residual from 760 down to 120 before block 11 builds 2.5e4 "massive activations") keeps those errors.
+        yield numeric_row(
+            "logits",
+            case,
+            bt,
+            bj,
+            e_t,
+            e_j,
+            float(np.abs(lt - lj).max()),
+            scale,
+            f"max|logit|={scale:.3g}",
+        )
+    # Per-layer hidden states (default backends): name the first layer whose difference leaves its
+    # budget. The scale is the largest value the residual stream has held so far, not this layer's:
+    # the stream keeps the absolute rounding errors of its largest values, and a block that cancels
+    # them (SmolLM2's block 10 takes its residual from 760 down to 120 before block 11 builds 2.5e4
+    # "massive activations") keeps those errors.
     (lt, ht), (lj, hj) = out_t[bt0], out_j[bj0]
     first_bad, worst, sc = None, (0.0, 0.0, 0.0, 1.0), 0.0
     for layer, (r, a, b) in enumerate(zip(ref_hidden, ht, hj, strict=True)):
         sc = max(sc, float(np.abs(r).max()))
-        e_t, e_j, diff = float(np.abs(a - r).max()), float(np.abs(b - r).max()), float(np.abs(a - b).max())
-        if first_bad is None and not numeric_row("hidden", case, bt0, bj0, e_t, e_j, diff, sc).passed:
+        e_t, e_j, diff = (
+            float(np.abs(a - r).max()),
+            float(np.abs(b - r).max()),
+            float(np.abs(a - b).max()),
+        )
+        if (
+            first_bad is None
+            and not numeric_row("hidden", case, bt0, bj0, e_t, e_j, diff, sc).passed
+        ):
             first_bad = layer
         if diff / sc > worst[2] / worst[3]:
             worst = (e_t, e_j, diff, sc)
-    where = "embedding" if first_bad == 0 else f"block {first_bad - 1}" if first_bad is not None else None
+    where = (
+        "embedding"
+        if first_bad == 0
+        else f"block {first_bad - 1}"
+        if first_bad is not None
+        else None
+    )
     row = numeric_row("hidden", case, bt0, bj0, *worst, note="worst layer (relative)")
     if where is not None:
         row.passed, row.note = False, f"first layer out of budget: {where} (hidden[{first_bad}])"
@@ -328,7 +424,8 @@ def _topk_kl_row(case, bt, bj, ref, lt, lj, scale) -> Row:
     agree = np.array([set(a) == set(b) for a, b in zip(top_t, top_j, strict=True)])
     e_max = REL[case.dtype] * scale
     sorted_ref = -np.sort(-ref2, axis=-1)
-    gap = sorted_ref[:, TOP_K - 1] - sorted_ref[:, TOP_K]  # how close the k-th and (k+1)-th are, exactly
+    # how close the k-th and (k+1)-th are, exactly
+    gap = sorted_ref[:, TOP_K - 1] - sorted_ref[:, TOP_K]
     unexplained = (~agree) & (gap > 2 * e_max)
 
     def log_softmax(x):
@@ -337,10 +434,13 @@ def _topk_kl_row(case, bt, bj, ref, lt, lj, scale) -> Row:
 
     lp_t, lp_j = log_softmax(lt2), log_softmax(lj2)
     kl = float((np.exp(lp_t) * (lp_t - lp_j)).sum(-1).mean())
-    kl_max = max(2 * e_max**2, 1e-12)  # what a logit error of e_max can produce, at most ~ e^2/2 per position
+    # what a logit error of e_max can produce, at most ~ e^2/2 per position
+    kl_max = max(2 * e_max**2, 1e-12)
     ok = not unexplained.any() and kl <= kl_max and math.isfinite(kl)
-    note = (f"top-{TOP_K} agree at {agree.mean():.1%} of {len(agree)} positions "
-            f"({(~agree).sum() - unexplained.sum()} near-ties); KL(torch||jax)={kl:.2e} <= {kl_max:.1e}")  # fmt: skip
+    note = (
+        f"top-{TOP_K} agree at {agree.mean():.1%} of {len(agree)} positions "
+        f"({(~agree).sum() - unexplained.sum()} near-ties); KL(torch||jax)={kl:.2e} <= {kl_max:.1e}"
+    )
     return Row(f"top{TOP_K}+kl", case.name, case.dtype, bt, bj, None, None, kl, kl_max, ok, note)
 
 
@@ -356,34 +456,54 @@ def check_cached_decode(case: Case, steps: int, fault=None) -> Iterator[Row]:
     full_t, full_j = torch_run(t_m, seq)[0], jax_run(j_m, seq)[0]
     ref = torch_run(torch_model(case, "float64", "math", "cpu"), seq)[0]
     cached = {}
-    for name, model, arr in (("torch", t_m, lambda a: torch.from_numpy(a).to(case.device)), ("jax", j_m, jnp.asarray)):
+    for name, model, arr in (
+        ("torch", t_m, lambda a: torch.from_numpy(a).to(case.device)),
+        ("jax", j_m, jnp.asarray),
+    ):
         model.setup_cache(1, T)
         try:
             rows = []
             for s, e in [(0, start)] + [(i, i + 1) for i in range(start, T)]:
                 pos = np.arange(s, e)[None]
-                out = torch_run(model, seq[:, s:e], positions_BT=arr(pos)) if name == "torch" else jax_run(
-                    model, seq[:, s:e], positions_BT=arr(pos))  # fmt: skip
+                out = (
+                    torch_run(model, seq[:, s:e], positions_BT=arr(pos))
+                    if name == "torch"
+                    else jax_run(model, seq[:, s:e], positions_BT=arr(pos))
+                )
                 rows.append(out[0, -1])
         finally:
             model.clear_cache()
         cached[name] = np.stack(rows)
     at = [start - 1, *range(start, T)]
-    # e: cached logits against float64 (like every row); and each framework's cached vs its own full forward.
+    # e: cached logits against float64 (like every row); and each
+    # framework's cached vs its own full forward.
     e_t, e_j = (float(np.abs(cached[n] - ref[at]).max()) for n in ("torch", "jax"))
-    self_t, self_j = float(np.abs(cached["torch"] - full_t[at]).max()), float(np.abs(cached["jax"] - full_j[at]).max())
+    self_t, self_j = (
+        float(np.abs(cached["torch"] - full_t[at]).max()),
+        float(np.abs(cached["jax"] - full_j[at]).max()),
+    )
     diff = float(np.abs(cached["torch"] - cached["jax"]).max())
     scale = float(np.abs(ref[at]).max())
-    row = numeric_row("cached-decode", case, "sdpa", "auto", e_t, e_j, diff, scale,
-                      f"{steps} steps after a {start}-token prefill; cached vs full forward: torch {self_t:.1e}, "
-                      f"jax {self_j:.1e}")  # fmt: skip
+    row = numeric_row(
+        "cached-decode",
+        case,
+        "sdpa",
+        "auto",
+        e_t,
+        e_j,
+        diff,
+        scale,
+        f"{steps} steps after a {start}-token prefill; cached vs full forward: torch "
+        f"{self_t:.1e}, jax {self_j:.1e}",
+    )
     if max(self_t, self_j) > REL[case.dtype] * scale:
         row.passed = False
     yield row
 
 
 def check_greedy(case: Case, steps: int, fault=None) -> Iterator[Row]:
-    """Cross-framework greedy tokens; a divergence at a near-tie is reported with its position and margin."""
+    """Cross-framework greedy tokens; a divergence at a near-tie is reported
+    with its position and margin."""
     import gptmod_jax
     import gptmod_torch
 
@@ -394,20 +514,38 @@ def check_greedy(case: Case, steps: int, fault=None) -> Iterator[Row]:
     same = next((i for i, (a, b) in enumerate(zip(out_t, out_j, strict=True)) if a != b), None)
     if same is None:
         yield Row(
-            "greedy", case.name, case.dtype, "sdpa", "auto", None, None, 0.0, 0.0, True, f"{steps} tokens identical"
+            "greedy",
+            case.name,
+            case.dtype,
+            "sdpa",
+            "auto",
+            None,
+            None,
+            0.0,
+            0.0,
+            True,
+            f"{steps} tokens identical",
         )
         return
-    ref = torch_run(torch_model(case, "float64", "math", "cpu"), np.array([prompt + out_t[:same]]))[0, -1]
+    ref = torch_run(torch_model(case, "float64", "math", "cpu"), np.array([prompt + out_t[:same]]))[
+        0, -1
+    ]
     margin = float(abs(ref[out_t[same]] - ref[out_j[same]]))
     e_max = REL[case.dtype] * float(np.abs(ref).max())
     tie = margin <= 2 * e_max
-    note = (f"diverge at step {same}: torch {out_t[same]} vs jax {out_j[same]}, float64 margin {margin:.2e} "
-            f"{'<=' if tie else '>'} {2 * e_max:.2e} ({'near-tie' if tie else 'not a tie'})")  # fmt: skip
-    yield Row("greedy", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie, note)
+    note = (
+        f"diverge at step {same}: torch {out_t[same]} vs jax {out_j[same]}, float64 margin "
+        f"{margin:.2e} {'<=' if tie else '>'} {2 * e_max:.2e} "
+        f"({'near-tie' if tie else 'not a tie'})"
+    )
+    yield Row(
+        "greedy", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie, note
+    )
 
 
 def check_round_trips(case: Case) -> Iterator[Row]:
-    """torch -> state -> jax -> state -> torch and back, bit for bit, through a safetensors file too."""
+    """torch -> state -> jax -> state -> torch and back, bit for bit,
+    through a safetensors file too."""
     import tempfile
     from pathlib import Path
 
@@ -424,29 +562,65 @@ def check_round_trips(case: Case) -> Iterator[Row]:
         gptmod_torch.load_state(torch_model(case, case.dtype, "sdpa", "cpu", fresh=True), s3)
     )
     for name, a, b in (("torch->jax", s1, s2), ("jax->file->torch", s2, s4)):
-        bad = [k for k in case.state if a[k].tobytes() != b[k].tobytes() or a[k].dtype != b[k].dtype]
-        yield Row(f"round-trip {name}", case.name, case.dtype, "-", "-", None, None, float(len(bad)), 0.0, not bad,
-                  "bit-exact" if not bad else f"{len(bad)} tensors differ, e.g. {bad[0]}")  # fmt: skip
+        bad = [
+            k for k in case.state if a[k].tobytes() != b[k].tobytes() or a[k].dtype != b[k].dtype
+        ]
+        yield Row(
+            f"round-trip {name}",
+            case.name,
+            case.dtype,
+            "-",
+            "-",
+            None,
+            None,
+            float(len(bad)),
+            0.0,
+            not bad,
+            "bit-exact" if not bad else f"{len(bad)} tensors differ, e.g. {bad[0]}",
+        )
 
 
 def check_hf(case: Case, seed: int, greedy_steps: int = 32) -> Iterator[Row]:
-    """transformers as an outside oracle: GPT2LMHeadModel for classic presets (its own random init, imported),
-    LlamaForCausalLM on the case's own weights for Llama-shaped configs (a real model such as SmolLM2 included):
-    logits in fp32, and greedy tokens against HF's greedy."""
+    """transformers as an outside oracle: GPT2LMHeadModel for classic presets (its own random init,
+    imported), LlamaForCausalLM on the case's own weights for Llama-shaped configs (a real model
+    such as SmolLM2 included): logits in fp32, and greedy tokens against HF's greedy."""
     from gptmod.hf_llama import llama_problems
 
     llama = not case.cfg.is_classic and not llama_problems(case.cfg)
     check = "hf-gpt2" if case.cfg.is_classic or not llama else "hf-llama"
     if not case.cfg.is_classic and not llama:
         why = "; ".join(llama_problems(case.cfg))
-        yield Row(check, case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, f"neither GPT-2 nor a "
-                  f"Llama: {why}")  # fmt: skip
+        yield Row(
+            check,
+            case.name,
+            case.dtype,
+            "sdpa",
+            "auto",
+            None,
+            None,
+            None,
+            None,
+            None,
+            f"neither GPT-2 nor a Llama: {why}",
+        )
         return
     if llama:
         yield from _check_hf_llama(case, greedy_steps)
         return
     if case.dtype != "float32":
-        yield Row(check, case.name, case.dtype, "sdpa", "auto", None, None, None, None, None, "HF oracle runs in fp32")
+        yield Row(
+            check,
+            case.name,
+            case.dtype,
+            "sdpa",
+            "auto",
+            None,
+            None,
+            None,
+            None,
+            None,
+            "HF oracle runs in fp32",
+        )
         return
     import torch
 
@@ -464,16 +638,28 @@ def check_hf(case: Case, seed: int, greedy_steps: int = 32) -> Iterator[Row]:
     e_t, e_j = float(np.abs(lt - ref).max()), float(np.abs(lj - ref).max())
     scale = float(np.abs(ref).max())
     bound = REL["float32"] * scale
-    yield Row("hf-gpt2", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()), bound,
-              e_t <= bound and e_j <= bound, f"e = vs HF GPT2LMHeadModel logits; budget {REL['float32']:g} of "
-              f"max|logit| {scale:.2g}", bound)  # fmt: skip
+    yield Row(
+        "hf-gpt2",
+        case.name,
+        case.dtype,
+        "sdpa",
+        "auto",
+        e_t,
+        e_j,
+        float(np.abs(lt - lj).max()),
+        bound,
+        e_t <= bound and e_j <= bound,
+        f"e = vs HF GPT2LMHeadModel logits; budget {REL['float32']:g} of max|logit| {scale:.2g}",
+        bound,
+    )
 
 
 def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
-    """HF Llama in fp32 on the case's weights (already rounded to its dtype). Logits (fp32 only): each twin within
-    REL[float32] of the logit scale of HF's. Greedy: both twins' tokens against HF's greedy, EOS off; in fp32 they
-    must agree, and a divergence is judged as in `check_greedy` (a near-tie of the float64 reference passes); in
-    bf16/fp16 the number of agreeing tokens is reported (informational: the oracle runs in fp32)."""
+    """HF Llama in fp32 on the case's weights (already rounded to its dtype). Logits (fp32 only):
+    each twin within REL[float32] of the logit scale of HF's. Greedy: both twins' tokens against
+    HF's greedy, EOS off; in fp32 they must agree, and a divergence is judged as in `check_greedy`
+    (a near-tie of the float64 reference passes); in bf16/fp16 the number of agreeing tokens is
+    reported (informational: the oracle runs in fp32)."""
     import torch
 
     import gptmod_jax
@@ -489,35 +675,91 @@ def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
         e_t, e_j = float(np.abs(lt - ref).max()), float(np.abs(lj - ref).max())
         scale = float(np.abs(ref).max())
         bound = REL["float32"] * scale
-        yield Row("hf-llama", case.name, case.dtype, "sdpa", "auto", e_t, e_j, float(np.abs(lt - lj).max()), bound,
-                  e_t <= bound and e_j <= bound, f"e = vs HF LlamaForCausalLM logits; budget {REL['float32']:g} of "
-                  f"max|logit| {scale:.1f}", bound)  # fmt: skip
+        yield Row(
+            "hf-llama",
+            case.name,
+            case.dtype,
+            "sdpa",
+            "auto",
+            e_t,
+            e_j,
+            float(np.abs(lt - lj).max()),
+            bound,
+            e_t <= bound and e_j <= bound,
+            f"e = vs HF LlamaForCausalLM logits; budget {REL['float32']:g} of "
+            f"max|logit| {scale:.1f}",
+            bound,
+        )
     prompt = case.idx[0, : min(16, case.idx.shape[1])].tolist()
     steps = min(steps, case.cfg.max_seq_len - len(prompt))
     with torch.no_grad():
         ids = torch.tensor([prompt])
-        theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
-    outs = {"torch": gptmod_torch.generate(torch_model(case, case.dtype, "sdpa"), [prompt], steps)[0],
-            "jax": gptmod_jax.generate(jax_model(case, "auto"), [prompt], steps)[0]}  # fmt: skip
+        theirs = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+    outs = {
+        "torch": gptmod_torch.generate(torch_model(case, case.dtype, "sdpa"), [prompt], steps)[0],
+        "jax": gptmod_jax.generate(jax_model(case, "auto"), [prompt], steps)[0],
+    }
     for fw, out in outs.items():
         first = next((i for i, (a, b) in enumerate(zip(out, theirs, strict=True)) if a != b), None)
         if case.dtype != "float32":
             agree = steps if first is None else first
-            yield Row(f"hf-llama greedy {fw}", case.name, case.dtype, "sdpa", "auto", None, None, None, None, None,
-                      f"{agree} of {steps} greedy tokens agree with HF's fp32 greedy (informational)")  # fmt: skip
+            yield Row(
+                f"hf-llama greedy {fw}",
+                case.name,
+                case.dtype,
+                "sdpa",
+                "auto",
+                None,
+                None,
+                None,
+                None,
+                None,
+                f"{agree} of {steps} greedy tokens agree with HF's fp32 greedy (informational)",
+            )
             continue
         if first is None:
-            yield Row(f"hf-llama greedy {fw}", case.name, case.dtype, "sdpa", "auto", None, None, 0.0, 0.0, True,
-                      f"{steps} tokens identical to HF's greedy")  # fmt: skip
+            yield Row(
+                f"hf-llama greedy {fw}",
+                case.name,
+                case.dtype,
+                "sdpa",
+                "auto",
+                None,
+                None,
+                0.0,
+                0.0,
+                True,
+                f"{steps} tokens identical to HF's greedy",
+            )
             continue
-        ref = torch_run(torch_model(case, "float64", "math", "cpu"), np.array([prompt + theirs[:first]]))[0, -1]
+        ref = torch_run(
+            torch_model(case, "float64", "math", "cpu"), np.array([prompt + theirs[:first]])
+        )[0, -1]
         margin = float(abs(ref[out[first]] - ref[theirs[first]]))
         e_max = REL[case.dtype] * float(np.abs(ref).max())
         tie = margin <= 2 * e_max
-        yield Row(f"hf-llama greedy {fw}", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie,
-                  f"diverge at step {first}: {fw} {out[first]} vs HF {theirs[first]}, float64 margin {margin:.2e} "
-                  f"({'near-tie' if tie else 'not a tie'})")  # fmt: skip
+        yield Row(
+            f"hf-llama greedy {fw}",
+            case.name,
+            case.dtype,
+            "sdpa",
+            "auto",
+            None,
+            None,
+            margin,
+            2 * e_max,
+            tie,
+            f"diverge at step {first}: {fw} {out[first]} vs HF {theirs[first]}, float64 margin "
+            f"{margin:.2e} ({'near-tie' if tie else 'not a tie'})",
+        )
 
 
 def versions() -> dict[str, str]:
@@ -526,5 +768,11 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "jax": jax.__version__,
-            "flax": flax.__version__, "transformers": transformers.__version__, "numpy": np.__version__}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }

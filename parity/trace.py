@@ -1,53 +1,61 @@
 """The per-op trace: where, op by op, the torch and JAX twins leave what their dtype explains.
 
-`run_trace(case)` answers "why does my JAX port disagree with PyTorch, and where?". A float64 reference (written
-here from DESIGN.md on the case's dtype-rounded weights, independent of both twins, so a patched twin never
-patches its own judge) runs the whole forward and records every op's input. The trace is TEACHER-FORCED: each
-op of each twin gets the reference's input rounded to the case's dtype, and so does a float64 evaluation of the
-op. The op's error is then its own: nothing accumulates from the ops before it, and the first op that leaves its
-budget is where the fault is. Each twin's ops are reached through its own module at call time
-(`block.attn_norm`, `block.attn.wq`, `jm.apply_rope`, `jm.attention`, `jm.cached_attention`, the MLP class's own
-activation, `GPT.embed`, `GPT.head`, `KVCache.update`), so a monkeypatched twin is traced as patched.
+`run_trace(case)` answers "why does my JAX port disagree with PyTorch, and where?". A float64
+reference (written here from DESIGN.md on the case's dtype-rounded weights, independent of both
+twins, so a patched twin never patches its own judge) runs the whole forward and records every op's
+input. The trace is TEACHER-FORCED: each op of each twin gets the reference's input rounded to the
+case's dtype, and so does a float64 evaluation of the op. The op's error is then its own: nothing
+accumulates from the ops before it, and the first op that leaves its budget is where the fault is.
+Each twin's ops are reached through its own module at call time (`block.attn_norm`, `block.attn.wq`,
+`jm.apply_rope`, `jm.attention`, `Attention.attend_cache`, the MLP class's own activation,
+`GPT.embed`, `GPT.head`, `KVCache.update`), so a monkeypatched twin is traced as patched.
 
-Forward ops (names as in the report): "embedding"; per block "attn_norm", "q", "k" (after RoPE; before it with
-learned positions), "v", "attention" (before wo), "wo", "resid_attn", "mlp_norm", "gate" (SwiGLU), "up", "act"
-(silu(gate) * up, or gelu_tanh(up)), "down", "resid"; then "norm" and "logits" (the head, soft-cap included).
-Decode ops: per block "attention (cached)": two rows of different lengths (a ragged batch), `decode_steps` tokens
-each, one at a time, through the twin's own cache path: `GPT.setup_cache`, `GPT.embed` at the decode positions
-(RoPE and the bottom-right mask), the reference's prefix keys and values written by the twin's `KVCache.update`,
-then the twin's `Attention` with its projections stubbed to hand over the reference's (rounded) q, k, v, so RoPE,
-the cache write, the mask and `cached_attention` are the twin's own.
+Forward ops (names as in the report): "embedding"; per block "attn_norm", "q", "k" (after RoPE;
+before it with learned positions), "v", "attention" (before wo), "wo", "resid_attn", "mlp_norm",
+"gate" (SwiGLU), "up", "act" (silu(gate) * up, or gelu_tanh(up)), "down", "resid"; then "norm" and
+"logits" (the head, soft-cap included). Decode ops: per block "attention (cached)": two rows of
+different lengths (a ragged batch), `decode_steps` tokens each, one at a time, through the twin's
+own cache path: `GPT.setup_cache`, `GPT.embed` at the decode positions (RoPE and the bottom-right
+mask), the reference's prefix keys and values written by the twin's `KVCache.update`, then the
+twin's `Attention` with its projections stubbed to hand over the reference's (rounded) q, k, v, so
+RoPE, the cache write, the mask and `cached_attention` are the twin's own.
 
-Budgets. u is the dtype's unit roundoff (fp32 2^-24, bf16 2^-8, fp16 2^-11) and u32 = 2^-24 (every twin computes
-in fp32 inside its ops: matmul accumulators, norms, RoPE, softmax, soft-cap). For every output element the
-reference computes beta, the worst-case error of a CORRECT implementation of the op, from float64 values of the
-op's own intermediates:
-  * the final rounding to the output dtype: half an ulp of the exact value, h(y) (exact, not u|y|: the twins round
-    correctly, and this is what keeps budgets tight enough to see one extra rounding);
-  * every rounding to the dtype a correct implementation may make INSIDE the op, charged h(t) of the intermediate
-    t times the output's sensitivity to it: the matmul before RoPE (q, k) and before the bias add (JAX adds it to
-    the rounded product), the logits before the soft-cap, jax.nn.silu's exp, 1 + e, reciprocal and product, and
-    GELU's chain (jax.nn computes elementwise chains in the input dtype, one rounding per op);
-  * attention probabilities, charged per twin, for what its kernel does: torch SDPA (CPU flash and math kernels,
-    FlashAttention and cuDNN on GPUs) and `jax.nn.dot_product_attention` round them to the dtype before the PV
-    product, unnormalised in flash kernels (exp(s - running max)), so u relative each: u * sum_s p_s |v_s|;
-    gptmod_jax's `cached_attention` on XLA writes its two products out and keeps scores, softmax and
-    probabilities in fp32 (DESIGN.md), so JAX's cached path has no such term and a softmax in bf16 there is a
-    fault (|Δ| is then measured in units of the larger of the two bounds);
-  * fp32 arithmetic, with the probabilistic bound for sums (Higham & Mary 2019): sqrt(n) u32 sum|x_i w_i| for a
-    length-n dot product (which covers cancellation, where |y| << sum|x_i w_i|), (sqrt(D) + 4) u32 on the norms'
-    reductions, (2|angle| + 4) u32 for RoPE's fp32 angles (pos x fp32(inv_freq) is itself rounded, and cos and sin
-    carry an ulp each), and the softmax's exponent and normaliser.
-An op's error e (for each twin against the reference, and |Δ| between the twins) is max over elements of
-|error| / beta: e = 1 means a twin reached the worst case a correct implementation can. The budget is 2 (twice
-the worst case, room for the probabilistic sqrt(n) terms); the diff's budget is 2 x 2, since by the triangle
-inequality |Δ| <= e_torch + e_jax always. ratio = max(e_torch, e_jax, diff / 2) / 2: a correct twin stays at
-<= 0.5 by construction, and a fault must at least double the worst case to show. Why elementwise and not a share
-of max|y|: a share of the op's scale hides a rounding fault on the many small elements under the few large ones.
-RMSNorm computed in bf16 adds four roundings, about 2 ulps on every element: under 1% of max|y|, invisible to any
-scale-relative bound bf16 needs elsewhere, but 2.5 to 3.4 times the correct worst case in ulps (ratio 1.25 to 1.7).
-Faults of one or two extra roundings therefore land at ratios of 1.2 to 1.6; structural faults (a wrong eps,
-RoPE layout or frequency, scale, GQA map, mask, cache row, activation) at 10 to 10^6.
+Budgets. u is the dtype's unit roundoff (fp32 2^-24, bf16 2^-8, fp16 2^-11) and u32 = 2^-24 (every
+twin computes in fp32 inside its ops: matmul accumulators, norms, RoPE, softmax, soft-cap). For
+every output element the reference computes beta, the worst-case error of a CORRECT implementation
+of the op, from float64 values of the op's own intermediates:
+  * the final rounding to the output dtype: half an ulp of the exact value,
+    h(y) (exact, not u|y|: the twins round correctly, and this is what keeps
+    budgets tight enough to see one extra rounding);
+  * every rounding to the dtype a correct implementation may make INSIDE the op, charged h(t) of the
+    intermediate t times the output's sensitivity to it: the matmul before RoPE (q, k) and before
+    the bias add (JAX adds it to the rounded product), the logits before the soft-cap, jax.nn.silu's
+    exp, 1 + e, reciprocal and product, and GELU's chain (jax.nn computes elementwise chains in the
+    input dtype, one rounding per op);
+  * attention probabilities, charged per twin, for what its kernel does: torch SDPA (CPU flash and
+    math kernels, FlashAttention and cuDNN on GPUs) and `jax.nn.dot_product_attention` round them to
+    the dtype before the PV product, unnormalised in flash kernels (exp(s - running max)), so u
+    relative each: u * sum_s p_s |v_s|; gptmod_jax's `cached_attention` on XLA writes its two
+    products out and keeps scores, softmax and probabilities in fp32 (DESIGN.md), so JAX's cached
+    path has no such term and a softmax in bf16 there is a fault (|Δ| is then measured in units of
+    the larger of the two bounds);
+  * fp32 arithmetic, with the probabilistic bound for sums (Higham & Mary 2019):
+    sqrt(n) u32 sum|x_i w_i| for a length-n dot product (which covers cancellation,
+    where |y| << sum|x_i w_i|), (sqrt(D) + 4) u32 on the norms' reductions, (2|angle|
+    + 4) u32 for RoPE's fp32 angles (pos x fp32(inv_freq) is itself rounded, and cos
+    and sin carry an ulp each), and the softmax's exponent and normaliser.
+An op's error e (for each twin against the reference, and |Δ| between the twins) is max over
+elements of |error| / beta: e = 1 means a twin reached the worst case a correct implementation can.
+The budget is 2 (twice the worst case, room for the probabilistic sqrt(n) terms); the diff's budget
+is 2 x 2, since by the triangle inequality |Δ| <= e_torch + e_jax always. ratio = max(e_torch,
+e_jax, diff / 2) / 2: a correct twin stays at <= 0.5 by construction, and a fault must at least
+double the worst case to show. Why elementwise and not a share of max|y|: a share of the op's scale
+hides a rounding fault on the many small elements under the few large ones. RMSNorm computed in bf16
+adds four roundings, about 2 ulps on every element: under 1% of max|y|, invisible to any
+scale-relative bound bf16 needs elsewhere, but 2.5 to 3.4 times the correct worst case in ulps
+(ratio 1.25 to 1.7). Faults of one or two extra roundings therefore land at ratios of 1.2 to 1.6;
+structural faults (a wrong eps, RoPE layout or frequency, scale, GQA map, mask, cache row,
+activation) at 10 to 10^6.
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ GELU_C, GELU_A = math.sqrt(2.0 / math.pi), 0.044715
 
 @dataclass
 class Entry:
-    """One op of one mode: each twin's error e (max over elements of |error| / beta) and the ratio to budget."""
+    """One op of one mode: each twin's error e (max over elements of |error|
+    / beta) and the ratio to budget."""
 
     mode: str  # "forward" | "decode"
     layer: int | None  # None: embedding, final norm, logits
@@ -96,7 +105,9 @@ class Entry:
     @property
     def culprit(self) -> str:
         """Which twin leaves the budget (or "torch vs jax" when only their difference does)."""
-        over = [n for n, e in (("torch", self.e_torch), ("jax", self.e_jax)) if not e <= self.budget]
+        over = [
+            n for n, e in (("torch", self.e_torch), ("jax", self.e_jax)) if not e <= self.budget
+        ]
         return " and ".join(over) if over else ("torch vs jax" if not self.passed else "")
 
     @property
@@ -112,7 +123,9 @@ class Trace:
     tokens: str  # what was fed
     backends: tuple[str, str]  # (torch, jax) attention backends
     entries: list[Entry] = field(default_factory=list)
-    weights: str = ""  # where the weights came from, when the caller says (e.g. "SmolLM2-135M-Instruct Q4_1")
+    weights: str = (
+        ""  # where the weights came from, when the caller says (e.g. "SmolLM2-135M-Instruct Q4_1")
+    )
     seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -120,7 +133,8 @@ class Trace:
         return [e for e in self.entries if mode is None or e.mode == mode]
 
     def first_bad(self, mode: str | None = None) -> Entry | None:
-        """The first op in forward order (the forward ops, then the cached decode) out of its budget."""
+        """The first op in forward order (the forward ops, then the cached
+        decode) out of its budget."""
         return next((e for e in self.select(mode) if not e.passed), None)
 
     def worst(self, mode: str | None = None) -> Entry | None:
@@ -142,7 +156,11 @@ def forward_ops(cfg) -> list[str]:
 
 
 def config_summary(cfg) -> str:
-    heads = f"{cfg.n_head}/{cfg.n_kv_head} heads" if cfg.n_kv_head != cfg.n_head else f"{cfg.n_head} heads"
+    heads = (
+        f"{cfg.n_head}/{cfg.n_kv_head} heads"
+        if cfg.n_kv_head != cfg.n_head
+        else f"{cfg.n_head} heads"
+    )
     pos = (
         f"rope θ {cfg.rope_theta:g}" + (" (llama3 scaling)" if cfg.rope_scaling else "")
         if cfg.pos == "rope"
@@ -150,9 +168,10 @@ def config_summary(cfg) -> str:
     )
     cap = f", soft-cap {cfg.logit_softcap:g}" if cfg.logit_softcap else ""
     return (
-        f"{cfg.n_layer} layers, d_model {cfg.d_model}, {heads} (head_dim {cfg.head_dim}), {pos}, {cfg.norm} "
-        f"eps {cfg.norm_eps:g}, {cfg.mlp} {cfg.d_ff}{', bias' if cfg.bias else ''}{cap}, vocab {cfg.vocab_size}"
-        f"{', tied' if cfg.tie_embeddings else ''}"
+        f"{cfg.n_layer} layers, d_model {cfg.d_model}, {heads} (head_dim {cfg.head_dim}), {pos}, "
+        f"{cfg.norm} eps {cfg.norm_eps:g}, {cfg.mlp} "
+        f"{cfg.d_ff}{', bias' if cfg.bias else ''}{cap}, vocab "
+        f"{cfg.vocab_size}{', tied' if cfg.tie_embeddings else ''}"
     )
 
 
@@ -160,7 +179,8 @@ def config_summary(cfg) -> str:
 
 
 def half_ulp(y, dtype: str):
-    """Half an ulp of `dtype` at each float64 value: the largest error of a correctly rounded result."""
+    """Half an ulp of `dtype` at each float64 value: the largest error of a
+    correctly rounded result."""
     import torch
 
     _, e = torch.frexp(y)  # |y| in [2^(e-1), 2^e); e = 0 for y = 0
@@ -170,33 +190,43 @@ def half_ulp(y, dtype: str):
 
 
 class _Reference:
-    """DESIGN.md's forward in float64 on the case's (dtype-rounded) weights: each op returns its exact output
-    and beta, its worst-case error bound for a correct implementation in `dtype` (see the module docstring)."""
+    """DESIGN.md's forward in float64 on the case's (dtype-rounded) weights: each op returns its
+    exact output and beta, its worst-case error bound for a correct implementation in `dtype` (see
+    the module docstring)."""
 
     def __init__(self, case: Case):
         import torch
 
         self.cfg, self.dtype = case.cfg, case.dtype
         self.u = 2.0 ** -PRECISION[case.dtype]
-        self.bounds = True  # False while the forward records values only (the bounds of big matmuls cost as much)
-        self.w = {k: torch.from_numpy(np.asarray(v).astype(np.float64)) for k, v in case.state.items()}
+        # False while the forward records values only (the bounds of big matmuls cost as much)
+        self.bounds = True
+        self.w = {
+            k: torch.from_numpy(np.asarray(v).astype(np.float64)) for k, v in case.state.items()
+        }
         cfg = case.cfg
-        inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
-        self.inv_freq = torch.from_numpy(inv if cfg.rope_scaling is None else cfg.rope_scaling.scale(inv))
+        inv = 1.0 / cfg.rope_theta ** (
+            np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim
+        )
+        self.inv_freq = torch.from_numpy(
+            inv if cfg.rope_scaling is None else cfg.rope_scaling.scale(inv)
+        )
 
     def h(self, y, dtype: str | None = None):
         return half_ulp(y, dtype or self.dtype)
 
     def rounded(self, y, inner, dtype: str | None = None):
-        """The bound of a result the twin rounds once to `dtype` after an error of at most `inner`: half an ulp at
-        the largest value it can hold (|y| + inner may cross into the next binade), plus `inner`."""
+        """The bound of a result the twin rounds once to `dtype` after an
+        error of at most `inner`: half an ulp at the largest value it can
+        hold (|y| + inner may cross into the next binade), plus `inner`."""
         return self.h(y.abs() + inner, dtype) + inner
 
     def held(self, y, inner, tw: _Twins):
-        """What a correct twin holds after rounding a result within `inner` of exact `y` to the dtype, and the bound
-        on its error: round(y) exactly, unless [y - inner, y + inner] straddles a rounding boundary, where it may
-        hold the neighbour (one ulp, plus `inner` where fp32 arithmetic is the dtype). Tighter than `rounded`,
-        which charges every element half an ulp: on trained q and k that charge alone hides a bf16 softmax."""
+        """What a correct twin holds after rounding a result within `inner` of exact `y` to the
+        dtype, and the bound on its error: round(y) exactly, unless [y - inner, y + inner] straddles
+        a rounding boundary, where it may hold the neighbour (one ulp, plus `inner` where fp32
+        arithmetic is the dtype). Tighter than `rounded`, which charges every element half an ulp:
+        on trained q and k that charge alone hides a bf16 softmax."""
         import torch
 
         r = tw.rounded(y)[2]
@@ -238,7 +268,8 @@ class _Reference:
         acc = U32 * math.sqrt(x.shape[-1]) * (x.abs() @ w.abs().T + (0 if b is None else b.abs()))
         if b is None:
             return z, acc
-        return z + b, self.rounded(z, acc)  # JAX rounds the product to the dtype before adding the bias
+        # JAX rounds the product to the dtype before adding the bias
+        return z + b, self.rounded(z, acc)
 
     def linear(self, prefix: str, x):
         y, inner = self.linear_parts(prefix, x)
@@ -248,8 +279,8 @@ class _Reference:
         return pos.double()[..., None] * self.inv_freq  # (B, T, H/2)
 
     def rope(self, z, theta, dz):
-        """Half-split rotation of z (B, T, heads, H) by `theta` (B, T, H/2): the output, the error propagated
-        from dz (z's own error, as the twin holds it) and RoPE's fp32 error."""
+        """Half-split rotation of z (B, T, heads, H) by `theta` (B, T, H/2): the output, the error
+        propagated from dz (z's own error, as the twin holds it) and RoPE's fp32 error."""
         import torch
 
         c, s = theta.cos()[:, :, None], theta.sin()[:, :, None]
@@ -261,7 +292,8 @@ class _Reference:
         return y, prop + torch.cat([fp32, fp32], dim=-1)
 
     def qk(self, prefix: str, x, theta, heads: int):
-        """q or k: the projection, then RoPE (when the config has it) on the dtype-rounded projection."""
+        """q or k: the projection, then RoPE (when the config has it) on the
+        dtype-rounded projection."""
         B, T, _ = x.shape
         H = self.cfg.head_dim
         z, inner = self.linear_parts(prefix, x)
@@ -272,10 +304,10 @@ class _Reference:
         return y, self.rounded(y, err)
 
     def attention(self, q, k, v, mask, rounds_probs: tuple[bool, bool], dq=None, dk=None):
-        """Causal attention; mask (B, T, S) (True = attend) or None for top-left causal. dq, dk: errors the twin
-        may have in q and k (the cached path applies RoPE itself). rounds_probs: whether each twin's kernel
-        (torch, jax) rounds the probabilities to the dtype before the PV product. Returns (y, (beta_torch,
-        beta_jax))."""
+        """Causal attention; mask (B, T, S) (True = attend) or None for top-left causal. dq, dk:
+        errors the twin may have in q and k (the cached path applies RoPE itself). rounds_probs:
+        whether each twin's kernel (torch, jax) rounds the probabilities to the dtype before the PV
+        product. Returns (y, (beta_torch, beta_jax))."""
         import torch
 
         B, T, N, H = q.shape
@@ -288,32 +320,48 @@ class _Reference:
         s = s.masked_fill(~m4, -math.inf)
         p = s.softmax(-1)
         y = torch.einsum("bnts,bsnh->btnh", p, vr)
-        ds = U32 * (math.sqrt(H) + 2) * torch.einsum("btnh,bsnh->bnts", q.abs(), kr.abs()) / math.sqrt(H)
+        ds = (
+            U32
+            * (math.sqrt(H) + 2)
+            * torch.einsum("btnh,bsnh->bnts", q.abs(), kr.abs())
+            / math.sqrt(H)
+        )
         if dq is not None:
             ds = ds + torch.einsum("btnh,bsnh->bnts", dq, kr.abs()) / math.sqrt(H)
         if dk is not None:
-            ds = ds + torch.einsum("btnh,bsnh->bnts", q.abs(), dk.repeat_interleave(N // K, dim=2)) / math.sqrt(H)
+            ds = ds + torch.einsum(
+                "btnh,bsnh->bnts", q.abs(), dk.repeat_interleave(N // K, dim=2)
+            ) / math.sqrt(H)
         gap = torch.where(m4, s - s.amax(-1, keepdim=True), torch.zeros_like(s)).abs()
         eps = U32 * (gap + math.sqrt(S) + 4)  # fp32 exp of the shifted score, normaliser
         wgt = p * (ds + eps)  # each probability's relative error, weighted by the probability
         absv = vr.abs()
-        inner = torch.einsum("bnts,bsnh->btnh", wgt, absv) + wgt.sum(-1).transpose(1, 2)[..., None] * y.abs()
+        inner = (
+            torch.einsum("bnts,bsnh->btnh", wgt, absv)
+            + wgt.sum(-1).transpose(1, 2)[..., None] * y.abs()
+        )
         inner = inner + U32 * math.sqrt(S) * torch.einsum("bnts,bsnh->btnh", p, absv)
-        # A kernel that rounds the probabilities may round them unnormalised (FlashAttention rounds
-        # exp(s - running max), torch's CPU flash kernel too): u relative each, not half an ulp of p.
+        # A kernel that rounds the probabilities may round them unnormalised
+        # (FlashAttention rounds exp(s - running max), torch's CPU flash
+        # kernel too): u relative each, not half an ulp of p.
         probs = self.u * torch.einsum("bnts,bsnh->btnh", p, absv)
-        return y, tuple(self.rounded(y, inner + probs) if r else self.rounded(y, inner) for r in rounds_probs)
+        return y, tuple(
+            self.rounded(y, inner + probs) if r else self.rounded(y, inner) for r in rounds_probs
+        )
 
     def add(self, a, b):
         y = a + b
-        return y, self.rounded(y, U32 * (a.abs() + b.abs()))  # XLA may round through fp32 first (double rounding)
+        # XLA may round through fp32 first (double rounding)
+        return y, self.rounded(y, U32 * (a.abs() + b.abs()))
 
     def act(self, gate, up):
-        """silu(gate) * up, or gelu_tanh(up) (gate None), with every rounding jax.nn makes in the dtype."""
+        """silu(gate) * up, or gelu_tanh(up) (gate None), with every
+        rounding jax.nn makes in the dtype."""
         import torch
 
         u = self.u
-        if gate is not None:  # jax.nn.silu in bf16: e = exp(-g), d = 1 + e, sg = 1 / d, si = g * sg, each rounded
+        # jax.nn.silu in bf16: e = exp(-g), d = 1 + e, sg = 1 / d, si = g * sg, each rounded
+        if gate is not None:
             e = torch.exp(-gate)
             sg = 1 / (1 + e)
             si = gate * sg
@@ -329,8 +377,8 @@ class _Reference:
         return y, self.rounded(y, x.abs() * dcdf)
 
     def logits(self, x):
-        """The head on the (rounded) final-norm output: the product, rounded to the dtype (the twins' linear
-        returns the model dtype), then the soft-cap in fp32; logits are fp32."""
+        """The head on the (rounded) final-norm output: the product, rounded to the dtype (the
+        twins' linear returns the model dtype), then the soft-cap in fp32; logits are fp32."""
         import torch
 
         w = self.w["tok_emb.weight" if self.cfg.tie_embeddings else "lm_head.weight"]
@@ -350,7 +398,8 @@ class _Reference:
     # --- the whole forward, recording every op's input
 
     def forward(self, idx) -> dict:
-        """The float64 forward (bounds skipped: only the values are kept), recording every op's input."""
+        """The float64 forward (bounds skipped: only the values are kept),
+        recording every op's input."""
         self.bounds = False
         try:
             return self._forward(idx)
@@ -409,7 +458,8 @@ class _Reference:
 
 
 class _Twins:
-    """Rounds float64 inputs to the dtype, calls an op of each twin, and returns both outputs in float64."""
+    """Rounds float64 inputs to the dtype, calls an op of each twin, and
+    returns both outputs in float64."""
 
     def __init__(self, case: Case, backend_torch: str, backend_jax: str, fault):
         import jax.numpy as jnp
@@ -423,10 +473,10 @@ class _Twins:
         self.device = self.tm_model.tok_emb.weight.device
 
     def rounds_probs(self, cached: bool) -> tuple[bool, bool]:
-        """Whether each twin's attention kernel rounds the probabilities to the dtype before the PV product:
-        torch SDPA does (its CPU flash and math kernels for bf16/fp16, FlashAttention and cuDNN on GPUs), and
-        so does `jax.nn.dot_product_attention` (xla and cudnn); the written-out "reference" backends and
-        gptmod_jax's `cached_attention` on XLA keep them in fp32."""
+        """Whether each twin's attention kernel rounds the probabilities to the dtype before the PV
+        product: torch SDPA does (its CPU flash and math kernels for bf16/fp16, FlashAttention and
+        cuDNN on GPUs), and so does `jax.nn.dot_product_attention` (xla and cudnn); the written-out
+        "reference" backends and gptmod_jax's `cached_attention` on XLA keep them in fp32."""
         import gptmod_jax.model as jm
 
         impl = jm.resolve_backend(self.bj, self.jdt, self.case.cfg.head_dim, cached)
@@ -447,16 +497,20 @@ class _Twins:
 
 
 def _stub(value):
-    """A stand-in for a projection inside a twin's module: hands over `value` whatever it is given."""
+    """A stand-in for a projection inside a twin's module: hands over
+    `value` whatever it is given."""
     return lambda _x: value
 
 
 def _measure(mode, layer, op, y, beta, out_t, out_j, note="") -> Entry:
-    """e = max |error| / beta per twin (beta: one bound, or (torch's, jax's)); |Δ| in units of the larger."""
+    """e = max |error| / beta per twin (beta: one bound, or (torch's,
+    jax's)); |Δ| in units of the larger."""
     import torch
 
     tiny = torch.finfo(torch.float64).tiny
-    beta_t, beta_j = (b.clamp_min(tiny) for b in (beta if isinstance(beta, tuple) else (beta, beta)))
+    beta_t, beta_j = (
+        b.clamp_min(tiny) for b in (beta if isinstance(beta, tuple) else (beta, beta))
+    )
     errs = []
     for out, beta in ((out_t, beta_t), (out_j, beta_j)):
         if out.shape != y.shape:
@@ -469,11 +523,17 @@ def _measure(mode, layer, op, y, beta, out_t, out_j, note="") -> Entry:
     (e_t, a_t), (e_j, a_j) = errs
     if out_t.shape == out_j.shape == y.shape:
         dd = (out_t - out_j).abs()
-        diff = (dd / torch.maximum(beta_t, beta_j)).max().item() if torch.isfinite(dd).all() else math.inf
+        diff = (
+            (dd / torch.maximum(beta_t, beta_j)).max().item()
+            if torch.isfinite(dd).all()
+            else math.inf
+        )
     else:
         diff = math.inf
     ratio = max(e_t, e_j, diff / K_DIFF) / BUDGET
-    return Entry(mode, layer, op, e_t, e_j, diff, BUDGET, ratio, y.abs().max().item(), a_t, a_j, note)
+    return Entry(
+        mode, layer, op, e_t, e_j, diff, BUDGET, ratio, y.abs().max().item(), a_t, a_j, note
+    )
 
 
 def run_trace(
@@ -486,10 +546,13 @@ def run_trace(
     modes: tuple[str, ...] = ("forward", "decode"),
     weights: str = "",
 ) -> Trace:
-    """Trace every op of both twins on `case`: the forward on case.idx, the cached decode on a ragged pair of
-    rows (see the module docstring). `fault` perturbs one tensor of the JAX twin (suite.jax_model)."""
+    """Trace every op of both twins on `case`: the forward on case.idx, the cached decode on a
+    ragged pair of rows (see the module docstring). `fault` perturbs one tensor of the JAX twin
+    (suite.jax_model)."""
     if not modes or set(modes) - {"forward", "decode"}:
-        raise ValueError(f"run_trace: modes={modes!r}: must be a non-empty subset of ('forward', 'decode')")
+        raise ValueError(
+            f"run_trace: modes={modes!r}: must be a non-empty subset of ('forward', 'decode')"
+        )
     import torch
 
     from parity.suite import versions
@@ -499,11 +562,13 @@ def run_trace(
     B, T = case.idx.shape
     if decode_steps + DECODE_RAGGED + 1 > T:
         raise ValueError(
-            f"run_trace: seq_len {T} is too short for {decode_steps} decode steps on a ragged pair of "
-            f"rows; it must be >= decode_steps + {DECODE_RAGGED + 1} = {decode_steps + DECODE_RAGGED + 1}"
+            f"run_trace: seq_len {T} is too short for {decode_steps} decode steps on a ragged "
+            f"pair of rows; it must be >= decode_steps + {DECODE_RAGGED + 1} = "
+            f"{decode_steps + DECODE_RAGGED + 1}"
         )
-    # One float64 pass covers both modes: the decode pair is case.idx's first two rows, or its row and the same
-    # row rotated by half its length (another token sequence, so a row mix-up in the cache shows).
+    # One float64 pass covers both modes: the decode pair is case.idx's
+    # first two rows, or its row and the same row rotated by half its length
+    # (another token sequence, so a row mix-up in the cache shows).
     idx = case.idx if B >= 2 else np.concatenate([case.idx, np.roll(case.idx[:1], T // 2, axis=1)])
     ref = _Reference(case)
     with torch.no_grad():
@@ -515,8 +580,8 @@ def run_trace(
     fed = [f"forward: {B} x {T} tokens"] if "forward" in modes else []
     if "decode" in modes:
         fed.append(
-            f"decode: 2 rows (ragged), {decode_steps} steps each from positions {T - decode_steps} and "
-            f"{T - decode_steps - DECODE_RAGGED}"
+            f"decode: 2 rows (ragged), {decode_steps} steps each from positions "
+            f"{T - decode_steps} and {T - decode_steps - DECODE_RAGGED}"
         )
     return Trace(
         case=case.name,
@@ -540,12 +605,14 @@ def _forward_entries(ref: _Reference, tw: _Twins, rec: dict, idx_np: np.ndarray)
     tmod, jmod = tw.tm_model, tw.jm_model
 
     def rows(x):
-        return x[:B]  # the forward mode runs case.idx; the reference pass may hold an extra decode row
+        # the forward mode runs case.idx; the reference pass may hold an extra decode row
+        return x[:B]
 
     # embedding: the twins' own GPT.embed, which also makes the RoPE tables the blocks use
     idx_t = torch.from_numpy(np.asarray(idx_np)).to(tw.device)
-    x_t, rope_t, _, _ = tmod.embed(idx_t, None)
-    x_j, rope_j, _, _ = jmod.embed(jnp.asarray(idx_np), None)
+    x_t, inputs_t = tmod.embed(idx_t, None)
+    x_j, inputs_j = jmod.embed(jnp.asarray(idx_np), None)
+    rope_t, rope_j = inputs_t.rope, inputs_j.rope
     y, beta = ref.embedding(torch.from_numpy(np.asarray(idx_np)), rows(rec["pos"]))
     yield _measure("forward", None, "embedding", y, beta, *tw.to64(x_t, x_j))
     theta = None if rec["theta"] is None else rows(rec["theta"])
@@ -561,7 +628,9 @@ def _forward_entries(ref: _Reference, tw: _Twins, rec: dict, idx_np: np.ndarray)
     yield _measure("forward", None, "logits", y, beta, *tw.to64(_head(tmod, xt), _head(jmod, xj)))
 
 
-def _block_entries(ref: _Reference, tw: _Twins, i: int, r: dict, bt, bj, theta, rope_t, rope_j, B: int, T: int):
+def _block_entries(
+    ref: _Reference, tw: _Twins, i: int, r: dict, bt, bj, theta, rope_t, rope_j, B: int, T: int
+):
     """The forward ops of block i: torch's block `bt`, JAX's `bj`, the reference's records `r`."""
     import jax.numpy as jnp
     import torch
@@ -575,18 +644,25 @@ def _block_entries(ref: _Reference, tw: _Twins, i: int, r: dict, bt, bj, theta, 
 
     def op(name, ref_fn, t_fn, j_fn, *inputs):
         """Round the inputs, run the op in the reference and in both twins, and measure."""
-        rt = [tw.rounded(x[:B]) for x in inputs]  # the reference pass may hold an extra (decode) row
+        # the reference pass may hold an extra (decode) row
+        rt = [tw.rounded(x[:B]) for x in inputs]
         y, beta = ref_fn(*(x[2] for x in rt))
         out = tw.to64(t_fn(*(x[0] for x in rt)), j_fn(*(x[1] for x in rt)))
         yield _measure("forward", i, name, y, beta, *out)
 
-    yield from op("attn_norm", lambda x: ref.norm(f"{p}.attn_norm", x), bt.attn_norm, bj.attn_norm, r["x"])
+    yield from op(
+        "attn_norm", lambda x: ref.norm(f"{p}.attn_norm", x), bt.attn_norm, bj.attn_norm, r["x"]
+    )
     for name, heads, pname in (("q", N, "wq"), ("k", K, "wk")):
         yield from op(
             name,
             lambda x, heads=heads, pname=pname: ref.qk(f"{p}.attn.{pname}", x, theta, heads),
-            lambda x, heads=heads, pname=pname: _rope_t(getattr(bt.attn, pname)(x), heads, H, rope_t),
-            lambda x, heads=heads, pname=pname: _rope_j(getattr(bj.attn, pname)(x), heads, H, rope_j),
+            lambda x, heads=heads, pname=pname: _rope_t(
+                getattr(bt.attn, pname)(x), heads, H, rope_t
+            ),
+            lambda x, heads=heads, pname=pname: _rope_j(
+                getattr(bj.attn, pname)(x), heads, H, rope_j
+            ),
             r["h1"],
         )
     yield from op(
@@ -607,9 +683,17 @@ def _block_entries(ref: _Reference, tw: _Twins, i: int, r: dict, bt, bj, theta, 
     )
     yield from op("wo", lambda a: ref.linear(f"{p}.attn.wo", a), bt.attn.wo, bj.attn.wo, r["att"])
     yield from op("resid_attn", ref.add, torch.add, jnp.add, r["x"], r["o"])
-    yield from op("mlp_norm", lambda x: ref.norm(f"{p}.mlp_norm", x), bt.mlp_norm, bj.mlp_norm, r["x_mid"])
+    yield from op(
+        "mlp_norm", lambda x: ref.norm(f"{p}.mlp_norm", x), bt.mlp_norm, bj.mlp_norm, r["x_mid"]
+    )
     if cfg.mlp == "swiglu":
-        yield from op("gate", lambda x: ref.linear(f"{p}.mlp.w_gate", x), bt.mlp.w_gate, bj.mlp.w_gate, r["h2"])
+        yield from op(
+            "gate",
+            lambda x: ref.linear(f"{p}.mlp.w_gate", x),
+            bt.mlp.w_gate,
+            bj.mlp.w_gate,
+            r["h2"],
+        )
     yield from op("up", lambda x: ref.linear(f"{p}.mlp.w_up", x), bt.mlp.w_up, bj.mlp.w_up, r["h2"])
     if cfg.mlp == "swiglu":
         yield from op(
@@ -628,7 +712,9 @@ def _block_entries(ref: _Reference, tw: _Twins, i: int, r: dict, bt, bj, theta, 
             lambda u: _mlp_act(bj.mlp, "__call__", None, u),
             r["up"],
         )
-    yield from op("down", lambda a: ref.linear(f"{p}.mlp.w_down", a), bt.mlp.w_down, bj.mlp.w_down, r["a"])
+    yield from op(
+        "down", lambda a: ref.linear(f"{p}.mlp.w_down", a), bt.mlp.w_down, bj.mlp.w_down, r["a"]
+    )
     yield from op("resid", ref.add, torch.add, jnp.add, r["x_mid"], r["d"])
 
 
@@ -655,9 +741,9 @@ def _rope_j(z, heads, H, rope):
 
 
 def _mlp_act(mlp, method: str, gate, up):
-    """The activation exactly as the twin's MLP class computes it: its own forward/__call__ (looked up on the
-    class now, so a patched class is traced as patched) with the projections stubbed to hand over the
-    reference's rounded gate/up, and w_down the identity."""
+    """The activation exactly as the twin's MLP class computes it: its own forward/__call__ (looked
+    up on the class now, so a patched class is traced as patched) with the projections stubbed to
+    hand over the reference's rounded gate/up, and w_down the identity."""
     proxy = types.SimpleNamespace(w_up=_stub(up), w_down=lambda a: a)
     if gate is not None:
         proxy.w_gate = _stub(gate)
@@ -665,19 +751,26 @@ def _mlp_act(mlp, method: str, gate, up):
 
 
 def _head(model, x):
-    """The twin's own GPT.head on the (rounded) final-norm output: its norm stubbed to the identity."""
-    proxy = types.SimpleNamespace(norm=lambda a: a, tok_emb=model.tok_emb, lm_head=model.lm_head, cfg=model.cfg)
+    """The twin's own GPT.head on the (rounded) final-norm output: its norm
+    stubbed to the identity."""
+    proxy = types.SimpleNamespace(
+        norm=lambda a: a, tok_emb=model.tok_emb, lm_head=model.lm_head, cfg=model.cfg
+    )
     return type(model).head(proxy, x)
 
 
-def _decode_entries(ref: _Reference, tw: _Twins, rec: dict, idx2: np.ndarray, steps: int) -> Iterator[Entry]:
-    """Per block, the twin's cached attention at `steps` positions of two rows of different lengths."""
+def _decode_entries(
+    ref: _Reference, tw: _Twins, rec: dict, idx2: np.ndarray, steps: int
+) -> Iterator[Entry]:
+    """Per block, the twin's cached attention at `steps` positions of two
+    rows of different lengths."""
     import jax.numpy as jnp
     import torch
 
     cfg = ref.cfg
     T = idx2.shape[1]
-    starts = [T - steps, T - steps - DECODE_RAGGED]  # row b decodes positions starts[b] .. starts[b] + steps - 1
+    # row b decodes positions starts[b] .. starts[b] + steps - 1
+    starts = [T - steps, T - steps - DECODE_RAGGED]
     pos_BS = torch.tensor([[s + j for j in range(steps)] for s in starts])  # (2, steps)
     theta = None if rec["theta"] is None else rec["theta"][:2]
     theta_dec = None if theta is None else torch.stack([theta[b, pos_BS[b]] for b in range(2)])
@@ -687,7 +780,8 @@ def _decode_entries(ref: _Reference, tw: _Twins, rec: dict, idx2: np.ndarray, st
     tmod.setup_cache(2, T)
     jmod.setup_cache(2, T)
     try:
-        # The twins' GPT.embed at each decode step: its RoPE tables and its bottom-right mask over the cache.
+        # The twins' GPT.embed at each decode step: its RoPE tables and its
+        # bottom-right mask over the cache.
         ids = torch.from_numpy(np.asarray(idx2))
         embeds_t, embeds_j = [], []
         for j in range(steps):
@@ -698,8 +792,9 @@ def _decode_entries(ref: _Reference, tw: _Twins, rec: dict, idx2: np.ndarray, st
         for i in range(cfg.n_layer):
             r = rec["blocks"][i]
             q_pre, k_pre, v, k_post = (r[n][:2] for n in ("q_pre", "k_pre", "v", "k"))
-            # The reference's keys: the prefix as the forward computed it, rounded (what the twin's cache gets);
-            # at decode positions, RoPE in float64 on the rounded pre-RoPE keys (what the twin rotates).
+            # The reference's keys: the prefix as the forward computed it,
+            # rounded (what the twin's cache gets); at decode positions, RoPE
+            # in float64 on the rounded pre-RoPE keys (what the twin rotates).
             qd_pre = torch.stack([q_pre[b, pos_BS[b]] for b in range(2)])
             qd_pre_r = tw.rounded(qd_pre)[2]
             k_ref, dk = tw.rounded(k_post)[2].clone(), torch.zeros_like(k_post)
@@ -710,19 +805,29 @@ def _decode_entries(ref: _Reference, tw: _Twins, rec: dict, idx2: np.ndarray, st
                     k_ref[b, pos_BS[b]] = tw.rounded(k_pre[b, pos_BS[b]])[2]
                 dk = None
             else:
-                # The twin rotates the rounded pre-RoPE q and k itself and rounds the result: the reference holds
-                # the correctly rounded rotation, and allows an ulp only where the rounding is ambiguous.
+                # The twin rotates the rounded pre-RoPE q and k itself and rounds the result: the
+                # reference holds the correctly rounded rotation, and allows an ulp only where the
+                # rounding is ambiguous.
                 q_ref, dq = ref.held(*ref.rope(qd_pre_r, theta_dec, torch.zeros_like(qd_pre_r)), tw)
                 for b in range(2):
-                    kb, dkb = ref.held(*ref.rope(
-                        tw.rounded(k_pre[b : b + 1, pos_BS[b]])[2],
-                        theta[b : b + 1, pos_BS[b]],
-                        torch.zeros_like(k_pre[b : b + 1, pos_BS[b]]),
-                    ), tw)  # fmt: skip
+                    kb, dkb = ref.held(
+                        *ref.rope(
+                            tw.rounded(k_pre[b : b + 1, pos_BS[b]])[2],
+                            theta[b : b + 1, pos_BS[b]],
+                            torch.zeros_like(k_pre[b : b + 1, pos_BS[b]]),
+                        ),
+                        tw,
+                    )
                     k_ref[b, pos_BS[b]], dk[b, pos_BS[b]] = kb[0], dkb[0]
-            y, beta = ref.attention(q_ref, k_ref, v_r, mask, tw.rounds_probs(cached=True), dq=dq, dk=dk)
-            out_t = _cached_twin(tw, "torch", tmod.blocks[i].attn, k_post, v, q_pre, k_pre, pos_BS, starts, embeds_t)
-            out_j = _cached_twin(tw, "jax", jmod.blocks[i].attn, k_post, v, q_pre, k_pre, pos_BS, starts, embeds_j)
+            y, beta = ref.attention(
+                q_ref, k_ref, v_r, mask, tw.rounds_probs(cached=True), dq=dq, dk=dk
+            )
+            out_t = _cached_twin(
+                tw, "torch", tmod.blocks[i].attn, k_post, v, q_pre, k_pre, pos_BS, starts, embeds_t
+            )
+            out_j = _cached_twin(
+                tw, "jax", jmod.blocks[i].attn, k_post, v, q_pre, k_pre, pos_BS, starts, embeds_j
+            )
             yield _measure("decode", i, "attention (cached)", y, beta, *tw.to64(out_t, out_j))
     finally:
         tmod.clear_cache()
@@ -730,8 +835,9 @@ def _decode_entries(ref: _Reference, tw: _Twins, rec: dict, idx2: np.ndarray, st
 
 
 def _cached_twin(tw: _Twins, fw: str, attn, k_post, v, q_pre, k_pre, pos_BS, starts, embeds):
-    """One twin's cached attention: the reference's rounded prefix written through its KVCache.update, then its
-    Attention (class method, stubbed projections) one step at a time. Returns (2, steps, N, H)."""
+    """One twin's cached attention: the reference's rounded prefix written through its
+    KVCache.update, then its Attention (class method, stubbed projections) one step at a time.
+    Returns (2, steps, N, H)."""
     import jax.numpy as jnp
     import torch
 
@@ -739,7 +845,8 @@ def _cached_twin(tw: _Twins, fw: str, attn, k_post, v, q_pre, k_pre, pos_BS, sta
     N, K, H = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     steps = pos_BS.shape[1]
     pick = 0 if fw == "torch" else 1
-    # Prefix positions 0..start-1 per row; the shorter row repeats its last position (same value) to fill.
+    # Prefix positions 0..start-1 per row; the shorter row repeats its last
+    # position (same value) to fill.
     L = max(starts)
     pre = torch.tensor([[min(j, s - 1) for j in range(L)] for s in starts])
     k_pre_w = torch.stack([k_post[b, pre[b]] for b in range(2)])
@@ -764,11 +871,16 @@ def _cached_twin(tw: _Twins, fw: str, attn, k_post, v, q_pre, k_pre, pos_BS, sta
             wv=_stub(vv),
             wo=lambda a, captured=captured: captured.append(a) or a,
         )
-        _, rope, positions, mask = embeds[j]
-        x_dummy = q[..., :1].expand(2, 1, cfg.d_model) if fw == "torch" else jnp.zeros((2, 1, cfg.d_model), tw.jdt)
-        backend = tw.tm_model.attn_backend if fw == "torch" else tw.jm_model.attn_backend
+        # the twin's own (kernels.py's)
+        proxy.attend_cache = types.MethodType(type(attn).attend_cache, proxy)
+        _, inputs = embeds[j]  # the twin's rope tables, positions, mask and backend
+        x_dummy = (
+            q[..., :1].expand(2, 1, cfg.d_model)
+            if fw == "torch"
+            else jnp.zeros((2, 1, cfg.d_model), tw.jdt)
+        )
         method = "forward" if fw == "torch" else "__call__"
-        getattr(type(attn), method)(proxy, x_dummy, rope, backend, positions, mask)
+        getattr(type(attn), method)(proxy, x_dummy, inputs)
         outs.append(captured[0].reshape(2, 1, N, H))
     return torch.cat(outs, dim=1) if fw == "torch" else jnp.concatenate(outs, axis=1)
 
@@ -776,9 +888,12 @@ def _cached_twin(tw: _Twins, fw: str, attn, k_post, v, q_pre, k_pre, pos_BS, sta
 # ----------------------------------------------------------------------------- rows for the suite
 
 
-def check_trace(case: Case, fault: tuple[str, float] | None = None, decode_steps: int = 4) -> Iterator[Row]:
-    """Rows "trace" (the forward ops) and "trace (decode)" (the cached attention): each with its worst op's
-    numbers (e in units of that op's worst-case bound beta: Row.budget bounds |Δ|, Row.e_max each twin), and
+def check_trace(
+    case: Case, fault: tuple[str, float] | None = None, decode_steps: int = 4
+) -> Iterator[Row]:
+    """Rows "trace" (the forward ops) and "trace (decode)" (the cached
+    attention): each with its worst op's numbers (e in units of that op's
+    worst-case bound beta: Row.budget bounds |Δ|, Row.e_max each twin), and
     when failing, `where` names the first op out of budget and the twin."""
     trace = run_trace(case, fault=fault, decode_steps=decode_steps)
     for mode, check in (("forward", "trace"), ("decode", "trace (decode)")):
@@ -786,11 +901,14 @@ def check_trace(case: Case, fault: tuple[str, float] | None = None, decode_steps
         if worst is None:
             continue
         note = (
-            f"worst: {worst.label} at {worst.ratio:.2f} of budget; e in units of the op's worst-case bound "
-            f"({len(trace.select(mode))} ops, {trace.seconds:.0f} s)"
+            f"worst: {worst.label} at {worst.ratio:.2f} of budget; e in units of the op's "
+            f"worst-case bound ({len(trace.select(mode))} ops, {trace.seconds:.0f} s)"
         )
         if bad is not None:
-            note = f"first op out of budget: {bad.label} ({bad.culprit}), {bad.ratio:.2f} of budget; " + note
+            note = (
+                f"first op out of budget: {bad.label} ({bad.culprit}), {bad.ratio:.2f} of budget; "
+                + note
+            )
         yield Row(
             check,
             case.name,
@@ -810,7 +928,19 @@ def check_trace(case: Case, fault: tuple[str, float] | None = None, decode_steps
 
 def rows_of(trace: Trace) -> list[dict]:
     """The entries as plain dicts (JSON)."""
-    return [{**dataclasses.asdict(e), "passed": e.passed, "culprit": e.culprit} for e in trace.entries]
+    return [
+        {**dataclasses.asdict(e), "passed": e.passed, "culprit": e.culprit} for e in trace.entries
+    ]
 
 
-__all__ = ["BUDGET", "K_DIFF", "Entry", "Trace", "check_trace", "forward_ops", "half_ulp", "rows_of", "run_trace"]
+__all__ = [
+    "BUDGET",
+    "K_DIFF",
+    "Entry",
+    "Trace",
+    "check_trace",
+    "forward_ops",
+    "half_ulp",
+    "rows_of",
+    "run_trace",
+]

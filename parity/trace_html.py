@@ -1,10 +1,12 @@
-"""The per-op trace as a self-contained HTML page (inline CSS, a table heatmap, a sortable table) and a PNG heatmap.
+"""The per-op trace as a self-contained HTML page (inline CSS, a table
+heatmap, a sortable table) and a PNG heatmap.
 
-`write_html(traces, path)`: one section per trace: its title (weights, config, dtype, versions), a banner naming
-the first op out of budget, a heatmap of blocks (rows) x ops (columns) coloured by ratio (error as a share of the
-op's budget, log scale; over budget in red, the first bad op outlined), and every entry in a table that sorts by
-any column. `write_png(trace, path)`: the same heatmap drawn with matplotlib (Agg). Both files are written
-atomically (a temporary file beside the target, fsynced, then renamed over it).
+`write_html(traces, path)`: one section per trace: its title (weights, config, dtype, versions), a
+banner naming the first op out of budget, a heatmap of blocks (rows) x ops (columns) coloured by
+ratio (error as a share of the op's budget, log scale; over budget in red, the first bad op
+outlined), and every entry in a table that sorts by any column. `write_png(trace, path)`: the same
+heatmap drawn with matplotlib (Agg). Both files are written atomically (a temporary file beside the
+target, fsynced, then renamed over it).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ CACHED = "attention (cached)"
 MODEL_OPS = ("embedding", "norm", "logits")
 # Colour stops on log10(ratio): within budget a light-to-deep blue, over budget orange to dark red.
 LOW, HIGH = -3.0, 3.0  # ratio 1e-3 and below: the lightest; 1e3 and above: the darkest red
-# Within budget stays light (correct twins sit near 0.5: the page must not be dark where all is well); anything
-# over budget is a saturated red from the first step, so a fault is seen at a glance.
+# Within budget stays light (correct twins sit near 0.5: the page must not
+# be dark where all is well); anything over budget is a saturated red from
+# the first step, so a fault is seen at a glance.
 BLUES = ((0.969, 0.984, 1.0), (0.871, 0.922, 0.969), (0.776, 0.859, 0.937), (0.420, 0.682, 0.839))
 REDS = ((0.957, 0.427, 0.263), (0.843, 0.188, 0.153), (0.647, 0.0, 0.149), (0.404, 0.0, 0.122))
 LEGEND = (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 10.0, 100.0, 1000.0)
@@ -71,9 +74,10 @@ def _cell(e: Entry | None, first: Entry | None, label: bool = False) -> str:
     rgb = ratio_rgb(e.ratio)
     cls = ["cell"] + (["over"] if not e.passed else []) + (["first"] if e is first else [])
     tip = (
-        f"{e.mode} {e.label}: ratio {_num(e.ratio)}; e_torch {_num(e.e_torch)}, e_jax {_num(e.e_jax)}, "
-        f"|Δ| {_num(e.diff)} (units of the op's worst-case bound; budget {_num(e.budget)}); max|ref| "
-        f"{e.scale:.3g}; max abs error torch {e.err_torch:.2e}, jax {e.err_jax:.2e}"
+        f"{e.mode} {e.label}: ratio {_num(e.ratio)}; e_torch {_num(e.e_torch)}, e_jax "
+        f"{_num(e.e_jax)}, |Δ| {_num(e.diff)} (units of the op's worst-case bound; "
+        f"budget {_num(e.budget)}); max|ref| {e.scale:.3g}; max abs error torch "
+        f"{e.err_torch:.2e}, jax {e.err_jax:.2e}"
     )
     text = _num(e.ratio) + (f"<small>{html.escape(e.op)}</small>" if label else "")
     return (
@@ -84,12 +88,14 @@ def _cell(e: Entry | None, first: Entry | None, label: bool = False) -> str:
 
 def _legend() -> str:
     cells = "".join(
-        f'<span class="sw" style="background:{_hex(ratio_rgb(r))};color:{_ink(ratio_rgb(r))}">{_num(r)}</span>'
+        '<span class="sw" '
+        f'style="background:{_hex(ratio_rgb(r))};color:{_ink(ratio_rgb(r))}">{_num(r)}</span>'
         for r in LEGEND
     )
     return (
         f'<div class="legend"><b>ratio</b> (error / budget, log scale): {cells} '
-        f'<span class="note">&le; 1 within budget (blue); &gt; 1 over (red); a correct twin stays near or below '
+        '<span class="note">&le; 1 within budget (blue); &gt; 1 over (red); a correct '
+        "twin stays near or below "
         f'0.5; <span class="firstmark">outlined</span>: the first op out of budget</span></div>'
     )
 
@@ -107,17 +113,21 @@ def _heatmap(trace: Trace) -> str:
     for layer in layers:
         cells = "".join(_cell(entries.get(("forward", layer, o)), first) for o in ops)
         if has_cached:
-            cells += _cell(entries.get(("decode", layer, CACHED)), first).replace("<td ", '<td data-sep="1" ', 1)
+            cells += _cell(entries.get(("decode", layer, CACHED)), first).replace(
+                "<td ", '<td data-sep="1" ', 1
+            )
         rows.append(f'<tr><th class="row">block {layer}</th>{cells}</tr>')
     model = "".join(
         f"<th>{o}</th>{_cell(entries[('forward', None, o)], first)}"
         for o in MODEL_OPS
         if ("forward", None, o) in entries
     )
-    # A tall grid (a real model's 30 blocks) repeats the op names below it: they have scrolled away by then.
+    # A tall grid (a real model's 30 blocks) repeats the op names below it:
+    # they have scrolled away by then.
     foot = f"<tfoot><tr><th></th>{head}</tr></tfoot>" if len(layers) > 12 else ""
     grid = (
-        f'<table class="heat"><thead><tr><th></th>{head}</tr></thead><tbody>{"".join(rows)}</tbody>{foot}</table>'
+        f'<table class="heat"><thead><tr><th></th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody>{foot}</table>"
         if layers
         else ""
     )
@@ -148,7 +158,9 @@ def _table(trace: Trace, tid: str) -> str:
         "abs err jax",
         "out of budget",
     ]
-    ths = "".join(f"<th onclick=\"sortTable('{tid}',{i})\">{html.escape(h)}</th>" for i, h in enumerate(head))
+    ths = "".join(
+        f"<th onclick=\"sortTable('{tid}',{i})\">{html.escape(h)}</th>" for i, h in enumerate(head)
+    )
     body = []
     for e in trace.entries:
         vals = [
@@ -182,13 +194,17 @@ def _table(trace: Trace, tid: str) -> str:
         rgb = ratio_rgb(e.ratio)
         ratio_style = f' style="background:{_hex(rgb)};color:{_ink(rgb)}"'
         tds = "".join(
-            f'<td data-k="{k if math.isfinite(k) else 1e308}"{ratio_style if c == 7 else ""}>{html.escape(v)}</td>'
+            f'<td data-k="{k if math.isfinite(k) else 1e308}"'
+            f"{ratio_style if c == 7 else ''}>{html.escape(v)}</td>"
             if k is not None
             else f"<td>{html.escape(v)}</td>"
             for c, (v, k) in enumerate(zip(vals, keys, strict=True))
         )
         body.append(f'<tr class="{"bad" if not e.passed else ""}">{tds}</tr>')
-    return f'<table class="entries" id="{tid}"><thead><tr>{ths}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (
+        '<table class="entries" '
+        f'id="{tid}"><thead><tr>{ths}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    )
 
 
 def _banner(trace: Trace) -> str:
@@ -196,13 +212,19 @@ def _banner(trace: Trace) -> str:
     if bad is not None:
         n = sum(not e.passed for e in trace.entries)
         return (
-            f'<div class="banner fail">FAIL: first op out of budget: <b>{html.escape(bad.label)}</b> '
-            f"({html.escape(bad.mode)}, {html.escape(bad.culprit)}) at <b>{_num(bad.ratio)}&times;</b> its budget "
-            f"(e_torch {_num(bad.e_torch)}, e_jax {_num(bad.e_jax)}); {n} of {len(trace.entries)} ops over "
-            f"budget. The fault is at the first one: every op is fed the float64 reference's own input, so "
-            f"errors do not carry over from op to op.</div>"
+            '<div class="banner fail">FAIL: first op out of budget: '
+            f"<b>{html.escape(bad.label)}</b> "
+            f"({html.escape(bad.mode)}, {html.escape(bad.culprit)}) at "
+            f"<b>{_num(bad.ratio)}&times;</b> its budget (e_torch {_num(bad.e_torch)}, e_jax "
+            f"{_num(bad.e_jax)}); {n} of {len(trace.entries)} ops over budget. The fault is at "
+            "the first one: every op is fed the float64 reference's own input, so errors do not "
+            "carry over from op to op.</div>"
         )
-    w = "" if worst is None else f"; worst: {html.escape(worst.label)} ({worst.mode}) at {_num(worst.ratio)}"
+    w = (
+        ""
+        if worst is None
+        else f"; worst: {html.escape(worst.label)} ({worst.mode}) at {_num(worst.ratio)}"
+    )
     return f'<div class="banner pass">PASS: all {len(trace.entries)} ops within budget{w}</div>'
 
 
@@ -211,8 +233,10 @@ def _section(trace: Trace, k: int) -> str:
     weights = f"<b>weights</b> {html.escape(trace.weights)}<br>" if trace.weights else ""
     return f"""<section id="t{k}">
 <h2>{html.escape(trace.case)} &middot; {html.escape(trace.dtype)}</h2>
-<p class="meta">{weights}<b>config</b> {html.escape(trace.config)}<br><b>input</b> {html.escape(trace.tokens)}<br>
-<b>attention backends</b> torch {html.escape(trace.backends[0])}, jax {html.escape(trace.backends[1])}
+<p class="meta">{weights}<b>config</b> {html.escape(trace.config)}<br><b>input</b> \
+{html.escape(trace.tokens)}<br>
+<b>attention backends</b> torch {html.escape(trace.backends[0])}, jax \
+{html.escape(trace.backends[1])}
 &middot; <b>versions</b> {vers} &middot; traced in {trace.seconds:.1f} s</p>
 {_banner(trace)}
 <h3>Ratio per op</h3>
@@ -224,17 +248,23 @@ def _section(trace: Trace, k: int) -> str:
 
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1a1a1a;max-width:1600px}
-h1{font-size:22px;margin:0 0 6px} h2{font-size:19px;margin:28px 0 4px;border-top:1px solid #ddd;padding-top:16px}
-h3{font-size:15px;margin:14px 0 6px} .meta{color:#444;margin:4px 0 10px} .intro{color:#333;max-width:1100px}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1a1a1a;\
+max-width:1600px}
+h1{font-size:22px;margin:0 0 6px} \
+h2{font-size:19px;margin:28px 0 4px;border-top:1px solid #ddd;padding-top:16px}
+h3{font-size:15px;margin:14px 0 6px} .meta{color:#444;margin:4px 0 10px} \
+.intro{color:#333;max-width:1100px}
 .banner{padding:10px 14px;border-radius:6px;margin:10px 0;font-size:15px}
 .banner.fail{background:#fde8e6;border:2px solid #c62828;color:#7f0000}
 .banner.pass{background:#e8f3ea;border:1px solid #4f8f5b;color:#1d4d27}
 .scroll{overflow-x:auto}
-table.heat{border-collapse:separate;border-spacing:2px;font-variant-numeric:tabular-nums;margin-bottom:8px}
-table.heat th{font-weight:600;font-size:12px;padding:2px 6px;white-space:nowrap;text-align:center;color:#333}
+table.heat{border-collapse:separate;border-spacing:2px;font-variant-numeric:tabular-nums;\
+margin-bottom:8px}
+table.heat th{font-weight:600;font-size:12px;padding:2px 6px;white-space:nowrap;text-align:center;\
+color:#333}
 table.heat th.row{text-align:right} table.heat th.sep,td[data-sep]{border-left:3px solid #888}
-table.heat td.cell{min-width:52px;height:20px;text-align:center;font-size:12px;border-radius:3px;padding:1px 4px}
+table.heat td.cell{min-width:52px;height:20px;text-align:center;font-size:12px;border-radius:3px;\
+padding:1px 4px}
 table.heat td.na{background:#f2f2f2}
 table.heat td.over{font-weight:700;box-shadow:inset 0 0 0 2px #5a0000}
 table.heat td.first{outline:3px solid #000;outline-offset:1px}
@@ -243,14 +273,18 @@ table.heat.model th{padding-left:14px}
 .legend .sw{display:inline-block;padding:2px 7px;margin:0 1px;border-radius:3px}
 .legend .note{color:#555;margin-left:8px} .firstmark{outline:2px solid #000;padding:0 3px}
 table.entries{border-collapse:collapse;font-size:12.5px;font-variant-numeric:tabular-nums}
-table.entries th{position:sticky;top:0;background:#f4f4f4;cursor:pointer;padding:4px 8px;border-bottom:2px solid #bbb;
+table.entries th{position:sticky;top:0;background:#f4f4f4;cursor:pointer;padding:4px 8px;\
+border-bottom:2px solid #bbb;
   white-space:nowrap;text-align:right}
 table.entries td{padding:2px 8px;border-bottom:1px solid #eee;text-align:right;white-space:nowrap}
-table.entries td:nth-child(3),table.entries th:nth-child(3),table.entries td:first-child{text-align:left}
+table.entries td:nth-child(3),table.entries th:nth-child(3),table.entries \
+td:first-child{text-align:left}
 table.entries tr.bad td{background:#fde8e6;color:#7f0000;font-weight:600}
 details summary{cursor:pointer;font-weight:600;margin:10px 0 6px}
-table.summary{border-collapse:collapse;margin:8px 0} table.summary td,table.summary th{padding:3px 10px;
-  border-bottom:1px solid #e4e4e4;text-align:left} .fail-t{color:#b71c1c;font-weight:700} .pass-t{color:#2e7d32}
+table.summary{border-collapse:collapse;margin:8px 0} table.summary td,table.summary th{padding:3px \
+10px;
+  border-bottom:1px solid #e4e4e4;text-align:left} .fail-t{color:#b71c1c;font-weight:700} \
+.pass-t{color:#2e7d32}
 """
 
 JS = """
@@ -266,22 +300,29 @@ def render_html(traces: list[Trace], title: str = "gptmod per-op parity trace") 
     summary = "".join(
         f'<tr><td><a href="#t{k}">{html.escape(t.case)}</a></td><td>{html.escape(t.dtype)}</td>'
         + (
-            f'<td class="fail-t">FAIL</td><td>{html.escape(b.label)} ({html.escape(b.mode)}, {html.escape(b.culprit)})'
+            f'<td class="fail-t">FAIL</td><td>{html.escape(b.label)} ({html.escape(b.mode)}, '
+            f"{html.escape(b.culprit)})"
             f" at {_num(b.ratio)}</td>"
             if (b := t.first_bad())
-            else f'<td class="pass-t">pass</td><td>worst {html.escape(t.worst().label)} at {_num(t.max_ratio())}</td>'
+            else f'<td class="pass-t">pass</td><td>worst {html.escape(t.worst().label)} at '
+            f"{_num(t.max_ratio())}</td>"
         )
         + "</tr>"
         for k, t in enumerate(traces)
     )
     sections = "\n".join(_section(t, k) for k, t in enumerate(traces))
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
+<html lang="en"><head><meta \
+charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p class="intro">Each op of the torch and JAX twins is fed the float64 reference's own input, rounded to the dtype
-(teacher forcing), so every error below is that op's own. <b>e</b> is the op's largest elementwise error in units of
-its worst-case bound for a correct implementation in the dtype (half an ulp of the result plus each rounding and
-fp32 sum inside the op; see parity/trace.py); the <b>budget</b> is twice that, and <b>ratio</b> = max(e_torch, e_jax,
+<p class="intro">Each op of the torch and JAX twins is fed the float64 reference's own input, \
+rounded to the dtype
+(teacher forcing), so every error below is that op's own. <b>e</b> is the op's largest elementwise \
+error in units of
+its worst-case bound for a correct implementation in the dtype (half an ulp of the result plus \
+each rounding and
+fp32 sum inside the op; see parity/trace.py); the <b>budget</b> is twice that, and <b>ratio</b> = \
+max(e_torch, e_jax,
 |&Delta;|/2) / budget.</p>
 <table class="summary"><tr><th>case</th><th>dtype</th><th>result</th><th></th></tr>{summary}</table>
 {sections}
@@ -289,10 +330,14 @@ fp32 sum inside the op; see parity/trace.py); the <b>budget</b> is twice that, a
 """
 
 
-def write_html(traces: list[Trace], path: str | os.PathLike, title: str = "gptmod per-op parity trace") -> Path:
+def write_html(
+    traces: list[Trace], path: str | os.PathLike, title: str = "gptmod per-op parity trace"
+) -> Path:
     """Write the traces as one self-contained HTML page, atomically."""
     if not traces:
-        raise ValueError("write_html: traces is empty; trace at least one case (parity.trace.run_trace)")
+        raise ValueError(
+            "write_html: traces is empty; trace at least one case (parity.trace.run_trace)"
+        )
     path = Path(path)
     atomic_write_text(path, render_html(traces, title))
     return path
@@ -310,7 +355,9 @@ def write_png(trace: Trace, path: str | os.PathLike) -> Path:
     entries = {(e.mode, e.layer, e.op): e for e in trace.entries}
     layers = sorted({e.layer for e in trace.entries if e.layer is not None})
     ops = [o for o in forward_ops(_cfg_like(trace)) if any(k[2] == o for k in entries)]
-    cols = [("forward", o) for o in ops] + ([("decode", CACHED)] if any(k[0] == "decode" for k in entries) else [])
+    cols = [("forward", o) for o in ops] + (
+        [("decode", CACHED)] if any(k[0] == "decode" for k in entries) else []
+    )
     grid = np.full((max(len(layers), 1), len(cols)), np.nan)
     for r, layer in enumerate(layers):
         for c, (mode, op) in enumerate(cols):
@@ -321,10 +368,15 @@ def write_png(trace: Trace, path: str | os.PathLike) -> Path:
     levels = np.linspace(LOW, HIGH, 61)
     colors = [_hex(ratio_rgb(10 ** ((a + b) / 2))) for a, b in itertools.pairwise(levels)]
     cmap = ListedColormap(colors).with_extremes(bad="#eeeeee")
-    fig, ax = plt.subplots(figsize=(2.0 + 0.72 * len(cols), max(3.6, 2.4 + 0.27 * len(layers))), dpi=110)
+    fig, ax = plt.subplots(
+        figsize=(2.0 + 0.72 * len(cols), max(3.6, 2.4 + 0.27 * len(layers))), dpi=110
+    )
     try:
-        im = ax.imshow(np.clip(grid, LOW, HIGH), cmap=cmap, norm=BoundaryNorm(levels, cmap.N), aspect="auto")
-        for r, layer in enumerate(layers):  # the ratio in every cell: the colour alone is hard to read back
+        im = ax.imshow(
+            np.clip(grid, LOW, HIGH), cmap=cmap, norm=BoundaryNorm(levels, cmap.N), aspect="auto"
+        )
+        # the ratio in every cell: the colour alone is hard to read back
+        for r, layer in enumerate(layers):
             for c, (mode, op) in enumerate(cols):
                 e = entries.get((mode, layer, op))
                 if e is not None:
@@ -346,21 +398,32 @@ def write_png(trace: Trace, path: str | os.PathLike) -> Path:
             ha="right",
             fontsize=8,
         )
-        ax.set_yticks(range(len(layers)), [f"block {i}" for i in layers], fontsize=7 if len(layers) > 16 else 8)
+        ax.set_yticks(
+            range(len(layers)),
+            [f"block {i}" for i in layers],
+            fontsize=7 if len(layers) > 16 else 8,
+        )
         first = trace.first_bad()
         if first is not None and first.layer is not None:
             c = next(c for c, (m, o) in enumerate(cols) if (m, o) == (first.mode, first.op))
-            ax.add_patch(plt.Rectangle((c - 0.5, first.layer - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
+            ax.add_patch(
+                plt.Rectangle((c - 0.5, first.layer - 0.5), 1, 1, fill=False, lw=2.5, ec="black")
+            )
         worst = trace.worst()
         bad = (
-            f"\nFAIL: first over budget: {first.label} ({first.mode}, {first.culprit}) at {_num(first.ratio)}"
+            f"\nFAIL: first over budget: {first.label} ({first.mode}, "
+            f"{first.culprit}) at {_num(first.ratio)}"
             if first is not None
             else f"\nPASS: worst {worst.label} ({worst.mode}) at {_num(worst.ratio)}"
         )
         model = ", ".join(
-            f"{o} {_num(entries[('forward', None, o)].ratio)}" for o in MODEL_OPS if ("forward", None, o) in entries
+            f"{o} {_num(entries[('forward', None, o)].ratio)}"
+            for o in MODEL_OPS
+            if ("forward", None, o) in entries
         )
-        ax.set_title(f"{trace.case} {trace.dtype}: ratio = error / budget (log){bad}\n{model}", fontsize=9)
+        ax.set_title(
+            f"{trace.case} {trace.dtype}: ratio = error / budget (log){bad}\n{model}", fontsize=9
+        )
         bar = fig.colorbar(
             im,
             ax=ax,

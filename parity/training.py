@@ -1,18 +1,24 @@
-"""Training parity: gradients, AdamW steps and a loss curve, torch against JAX against a float64 torch reference.
+"""Training parity: gradients, AdamW steps and a loss curve, torch against
+JAX against a float64 torch reference.
 
-The optimizer and curve rows run on a reduced copy of the case's config (2 layers, d_model 128, every switch kept,
-RANDOM weights, said so in their names) in fp32 with real tokens (bundled Shakespeare), so that 200 optimizer steps
-in three trainers take a minute or two. When the case carries weights of its own (a checkpoint, a real model), the
-loss and gradient rows run on those weights and that config instead, on the case's own tokens: that is the question a
-user with a checkpoint asks, and one backward pass costs seconds where 200 steps of a full-size model would take hours.
-Budgets (each framework's error e against float64, and |torch - JAX| within the same bound, as everywhere):
-- loss and gradients: e <= 2e-5 * scale, scale = max|float64 gradient|, floored at 1e-3 of the largest gradient
-  anywhere (gradients that are zero in exact arithmetic, such as the key bias, are only rounding noise);
-- parameters after 10 AdamW steps: |p - p_float64| <= 1e-3 * |p_float64 - p_start| per tensor (Frobenius): a
-  share of the update. Not elementwise: Adam normalises each element's step, so an element whose gradient is
-  rounding noise (near eps) moves by up to lr in a random direction in every precision;
-- the 200-step loss curve: e <= 5% of the loss. Training is chaotic, so fp32 and float64 trajectories drift
-  apart; the real test is that torch and JAX drift no further apart than each drifts from float64.
+The optimizer and curve rows run on a reduced copy of the case's config (2 layers,
+d_model 128, every switch kept, RANDOM weights, said so in their names) in fp32 with real
+tokens (bundled Shakespeare), so that 200 optimizer steps in three trainers take a minute
+or two. When the case carries weights of its own (a checkpoint, a real model), the loss
+and gradient rows run on those weights and that config instead, on the case's own tokens:
+that is the question a user with a checkpoint asks, and one backward pass costs seconds
+where 200 steps of a full-size model would take hours. Budgets (each framework's error e
+against float64, and |torch - JAX| within the same bound, as everywhere):
+- loss and gradients: e <= 2e-5 * scale, scale = max|float64 gradient|, floored at 1e-3 of the
+  largest gradient anywhere (gradients that are zero in exact arithmetic, such as the key bias, are
+  only rounding noise);
+- parameters after 10 AdamW steps: |p - p_float64| <= 1e-3 * |p_float64 -
+  p_start| per tensor (Frobenius): a share of the update. Not elementwise: Adam
+  normalises each element's step, so an element whose gradient is rounding
+  noise (near eps) moves by up to lr in a random direction in every precision;
+- the 200-step loss curve: e <= 5% of the loss. Training is chaotic, so fp32 and float64
+  trajectories drift apart; the real test is that torch and JAX drift no further apart than each
+  drifts from float64.
 """
 
 from __future__ import annotations
@@ -28,18 +34,27 @@ from gptmod.config import ModelConfig
 from gptmod.training import TrainConfig, lr_at
 from parity.suite import ABS_FLOOR, Case, Row
 
-TC = TrainConfig(steps=200, warmup_steps=20, batch_size=2, grad_accum=2, block_size=32, lr=1e-3, min_lr=1e-4,
-                 log_every=1)  # fmt: skip
+TC = TrainConfig(
+    steps=200,
+    warmup_steps=20,
+    batch_size=2,
+    grad_accum=2,
+    block_size=32,
+    lr=1e-3,
+    min_lr=1e-4,
+    log_every=1,
+)
 GRAD_REL, ADAM_REL, CURVE_REL = 2e-5, 1e-3, 5e-2
-# A checkpoint's own gradients: every weight gradient is a sum over the batch's N tokens, whose rounding error may grow
-# like N * u (u = 2^-24, fp32's unit roundoff; the worst-case bound for a sum of N terms, relative to the sum of their
-# magnitudes), while the terms cancel (a trained norm gain's nearly do) after a backward pass as deep as the model. So
-# the budget is GRAD_OWN_PER_TOKEN_U * N * u of each tensor's scale; the factor is the cancellation and depth a trained
-# model shows. Measured on SmolLM2 (30 layers, Hamlet), the worse twin (JAX) at 5.8e-5, 1.1e-4 and 1.1e-4 of scale
-# over 63, 127 and 255 tokens (attn_norm gains of blocks 7, 24 and 20): the row at 0.36, 0.30 and 0.14 of this
-# budget, where the fixed 1e-4 it replaced failed the correct twins at 127 tokens (1.10). A twin that loses precision
-# stays far above: torch's
-# F.cross_entropy put every gradient at 7.6e-4 of scale over 63 tokens, 4x this budget, and this row caught it.
+# A checkpoint's own gradients: every weight gradient is a sum over the batch's N tokens, whose
+# rounding error may grow like N * u (u = 2^-24, fp32's unit roundoff; the worst-case bound for a
+# sum of N terms, relative to the sum of their magnitudes), while the terms cancel (a trained norm
+# gain's nearly do) after a backward pass as deep as the model. So the budget is
+# GRAD_OWN_PER_TOKEN_U * N * u of each tensor's scale; the factor is the cancellation and depth a
+# trained model shows. Measured on SmolLM2 (30 layers, Hamlet), the worse twin (JAX) at 5.8e-5,
+# 1.1e-4 and 1.1e-4 of scale over 63, 127 and 255 tokens (attn_norm gains of blocks 7, 24 and 20):
+# the row at 0.36, 0.30 and 0.14 of this budget, where the fixed 1e-4 it replaced failed the correct
+# twins at 127 tokens (1.10). A twin that loses precision stays far above: torch's F.cross_entropy
+# put every gradient at 7.6e-4 of scale over 63 tokens, 4x this budget, and this row caught it.
 GRAD_OWN_PER_TOKEN_U = 48
 FP32_U = 2.0**-24
 
@@ -53,11 +68,16 @@ def small(cfg: ModelConfig) -> ModelConfig:
     """The case's switches at training-parity size."""
     n_kv = 4 if cfg.n_kv_head == cfg.n_head else max(1, 4 * cfg.n_kv_head // cfg.n_head)
     d_ff = 256 if cfg.mlp == "swiglu" else 512
-    return dataclasses.replace(cfg, n_layer=2, d_model=128, n_head=4, n_kv_head=n_kv, d_ff=d_ff, max_seq_len=128)
+    return dataclasses.replace(
+        cfg, n_layer=2, d_model=128, n_head=4, n_kv_head=n_kv, d_ff=d_ff, max_seq_len=128
+    )
 
 
-def _trainers(cfg: ModelConfig, tc: TrainConfig, seed: int, state: dict[str, np.ndarray] | None = None) -> tuple:
-    """torch, JAX and float64 torch trainers from the same fp32 weights (`state`, or a seeded random init)."""
+def _trainers(
+    cfg: ModelConfig, tc: TrainConfig, seed: int, state: dict[str, np.ndarray] | None = None
+) -> tuple:
+    """torch, JAX and float64 torch trainers from the same fp32 weights
+    (`state`, or a seeded random init)."""
     import torch
     from flax import nnx
 
@@ -76,8 +96,11 @@ def _trainers(cfg: ModelConfig, tc: TrainConfig, seed: int, state: dict[str, np.
     return t, j, r
 
 
-def _abs_errors(t: dict, j: dict, r: dict, floor: float = 0.0) -> dict[str, tuple[float, float, float, float]]:
-    """Per tensor: (e_torch, e_jax, |torch - JAX|, scale) as max absolute errors; scale = max|ref|, >= floor."""
+def _abs_errors(
+    t: dict, j: dict, r: dict, floor: float = 0.0
+) -> dict[str, tuple[float, float, float, float]]:
+    """Per tensor: (e_torch, e_jax, |torch - JAX|, scale) as max absolute
+    errors; scale = max|ref|, >= floor."""
     out = {}
     for name in r:
         e_t, e_j = float(np.abs(t[name] - r[name]).max()), float(np.abs(j[name] - r[name]).max())
@@ -86,39 +109,74 @@ def _abs_errors(t: dict, j: dict, r: dict, floor: float = 0.0) -> dict[str, tupl
     return out
 
 
-def _worst_row(check: str, case: Case, errors: dict[str, tuple[float, float, float, float]], rel: float,
-               note: str = "") -> Row:  # fmt: skip
-    """One row for a family of tensors (errors with their scales): the worst tensor, judged as in
-    parity.suite.numeric_row (each e <= rel * scale, and |Δ| <= the same, floored at ABS_FLOOR * scale)."""
+def _worst_row(
+    check: str,
+    case: Case,
+    errors: dict[str, tuple[float, float, float, float]],
+    rel: float,
+    note: str = "",
+) -> Row:
+    """One row for a family of tensors (errors with their scales): the worst
+    tensor, judged as in parity.suite.numeric_row (each e <= rel * scale,
+    and |Δ| <= the same, floored at ABS_FLOOR * scale)."""
     results = []
     for name, (e_t, e_j, d, s) in errors.items():
         budget = max(ABS_FLOOR["float32"] * s, rel * s)
         failed = not (d <= budget and max(e_t, e_j) <= rel * s)
-        results.append((failed, max(e_t, e_j) / (rel * s) if s > 0 else 0.0, name, (e_t, e_j, d, budget, rel * s)))
-    failed, ratio, worst, (e_t, e_j, d, budget, e_max) = max(results)  # a failing tensor first, then the nearest miss
+        results.append(
+            (
+                failed,
+                max(e_t, e_j) / (rel * s) if s > 0 else 0.0,
+                name,
+                (e_t, e_j, d, budget, rel * s),
+            )
+        )
+    # a failing tensor first, then the nearest miss
+    failed, ratio, worst, (e_t, e_j, d, budget, e_max) = max(results)
     note = f"worst: {worst} at {ratio:.2f} of its budget; {note}".rstrip("; ")
-    return Row(check, case.name, case.dtype, "sdpa", "auto", e_t, e_j, d, budget, not failed, note, e_max,
-               where=worst if failed else "")  # fmt: skip
+    return Row(
+        check,
+        case.name,
+        case.dtype,
+        "sdpa",
+        "auto",
+        e_t,
+        e_j,
+        d,
+        budget,
+        not failed,
+        note,
+        e_max,
+        where=worst if failed else "",
+    )
 
 
-def update_errors(t: dict, j: dict, r: dict, start: dict, travel: float) -> dict[str, tuple[float, float, float]]:
-    """Per tensor: (e_torch, e_jax, |torch - JAX|) after optimizer steps, as shares of the float64 update
-    |p_float64 - p_start| (Frobenius). A tensor that float64 leaves still (its gradient is zero in exact
-    arithmetic, e.g. the key bias) is measured against `travel` * sqrt(size) instead: the furthest Adam can
-    move it, which fp32 rounding noise does move it towards."""
+def update_errors(
+    t: dict, j: dict, r: dict, start: dict, travel: float
+) -> dict[str, tuple[float, float, float]]:
+    """Per tensor: (e_torch, e_jax, |torch - JAX|) after optimizer steps, as shares of the float64
+    update |p_float64 - p_start| (Frobenius). A tensor that float64 leaves still (its gradient is
+    zero in exact arithmetic, e.g. the key bias) is measured against `travel` * sqrt(size) instead:
+    the furthest Adam can move it, which fp32 rounding noise does move it towards."""
     out = {}
     for name in r:
         step = float(np.linalg.norm(r[name] - start[name]))
-        step = max(step, travel * np.sqrt(r[name].size) if step < 1e-6 * travel * np.sqrt(r[name].size) else 0.0)
+        step = max(
+            step,
+            travel * np.sqrt(r[name].size) if step < 1e-6 * travel * np.sqrt(r[name].size) else 0.0,
+        )
         e_t, e_j = (float(np.linalg.norm(p[name] - r[name])) / step for p in (t, j))
         out[name] = (e_t, e_j, float(np.linalg.norm(t[name].astype(np.float64) - j[name])) / step)
     return out
 
 
 def check_own_grads(case: Case, seed: int = 0) -> Iterator[Row]:
-    """Loss and gradients of the case's own weights and config on its own tokens (case.idx), fp32 vs float64."""
+    """Loss and gradients of the case's own weights and config on its own
+    tokens (case.idx), fp32 vs float64."""
     B, T = case.idx.shape
-    tc = dataclasses.replace(TC, steps=1, warmup_steps=0, batch_size=B, grad_accum=1, block_size=T - 1)
+    tc = dataclasses.replace(
+        TC, steps=1, warmup_steps=0, batch_size=B, grad_accum=1, block_size=T - 1
+    )
     t, j, r = _trainers(case.cfg, tc, seed, case.state)
     x, y = case.idx[None, :, :-1], case.idx[None, :, 1:]
     (lt, gt), (lj, gj), (lr, gr) = t.grads(x, y), j.grads(x, y), r.grads(x, y)
@@ -127,18 +185,41 @@ def check_own_grads(case: Case, seed: int = 0) -> Iterator[Row]:
     yield _worst_row("train loss (own weights)", case, loss, GRAD_REL, note=note)
     floor = 1e-3 * max(float(np.abs(g).max()) for g in gr.values())
     errors = _abs_errors(gt, gj, gr, floor)
-    yield _worst_row(f"train grads ({len(gr)}, own weights)", case, errors, grad_own_rel(B * (T - 1)), note=note)
+    yield _worst_row(
+        f"train grads ({len(gr)}, own weights)", case, errors, grad_own_rel(B * (T - 1)), note=note
+    )
 
 
-def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: Path | None = None,
-                   own_weights: bool = False, progress: bool = False) -> Iterator[Row]:  # fmt: skip
-    """Gradients, 10 AdamW steps, and a `steps`-step loss curve on bundled Shakespeare, on a random 2-layer copy
-    of the case's switches; with `own_weights`, the loss and gradients of the case's own weights first."""
+def check_training(
+    case: Case,
+    steps: int = TC.steps,
+    seed: int = 0,
+    data_dir: Path | None = None,
+    own_weights: bool = False,
+    progress: bool = False,
+) -> Iterator[Row]:
+    """Gradients, 10 AdamW steps, and a `steps`-step loss curve on bundled Shakespeare, on a random
+    2-layer copy of the case's switches; with `own_weights`, the loss and gradients of the case's
+    own weights first."""
     if case.dtype != "float32":
-        yield Row("train", case.name, case.dtype, "-", "-", None, None, None, None, None, "training parity is fp32")
+        yield Row(
+            "train",
+            case.name,
+            case.dtype,
+            "-",
+            "-",
+            None,
+            None,
+            None,
+            None,
+            None,
+            "training parity is fp32",
+        )
         return
     if case.device != "cpu":
-        yield Row("train", case.name, case.dtype, "-", "-", None, None, None, None, None, "CPU only")
+        yield Row(
+            "train", case.name, case.dtype, "-", "-", None, None, None, None, None, "CPU only"
+        )
         return
     if own_weights:
         yield from check_own_grads(case, seed)
@@ -151,8 +232,13 @@ def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: P
         if data_dir is None:
             data_dir = Path(tmp) / "shk"
             prepare("bundled", data_dir, val_fraction=0.0, progress=False)
-        loader = TokenLoader(data_dir, "train", block_size=tc.block_size, batch_size=tc.batch_size * tc.grad_accum,
-                             seed=seed)  # fmt: skip
+        loader = TokenLoader(
+            data_dir,
+            "train",
+            block_size=tc.block_size,
+            batch_size=tc.batch_size * tc.grad_accum,
+            seed=seed,
+        )
         shape = (tc.grad_accum, tc.batch_size, tc.block_size)
         t, j, r = _trainers(cfg, tc, seed)
         start = r.export_state()
@@ -161,17 +247,23 @@ def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: P
         loss = _abs_errors({"loss": np.array(lt)}, {"loss": np.array(lj)}, {"loss": np.array(lr)})
         yield _worst_row("train loss", case, loss, GRAD_REL, note=size)
         floor = 1e-3 * max(float(np.abs(g).max()) for g in gr.values())
-        yield _worst_row(f"train grads ({len(gr)})", case, _abs_errors(gt, gj, gr, floor), GRAD_REL, note=size)
+        yield _worst_row(
+            f"train grads ({len(gr)})", case, _abs_errors(gt, gj, gr, floor), GRAD_REL, note=size
+        )
         losses: dict[str, list[float]] = {"t": [], "j": [], "r": []}
         from tqdm import tqdm
 
-        for step in tqdm(range(tc.steps), desc="train curve", unit="step", leave=False, disable=not progress):
+        for step in tqdm(
+            range(tc.steps), desc="train curve", unit="step", leave=False, disable=not progress
+        ):
             x, y = (a.reshape(shape) for a in loader.batch(step))
             for key, trainer in (("t", t), ("j", j), ("r", r)):
                 losses[key].append(float(trainer.step(x, y)["loss"]))
             if step + 1 == 10:
                 travel = sum(lr_at(tc, s) for s in range(10))
-                errors = update_errors(t.export_state(), j.export_state(), r.export_state(), start, travel)
+                errors = update_errors(
+                    t.export_state(), j.export_state(), r.export_state(), start, travel
+                )
                 shares = {n: (*e, 1.0) for n, e in errors.items()}  # already relative: scale 1
                 yield _worst_row(
                     "train params @10 AdamW",
@@ -182,10 +274,23 @@ def check_training(case: Case, steps: int = TC.steps, seed: int = 0, data_dir: P
                 )
     curve = {k: np.array(v) for k, v in losses.items()}
     gap = float(np.abs(curve["t"] - curve["j"]).max())
-    e_t, e_j = float(np.abs(curve["t"] - curve["r"]).max()), float(np.abs(curve["j"] - curve["r"]).max())
+    e_t, e_j = (
+        float(np.abs(curve["t"] - curve["r"]).max()),
+        float(np.abs(curve["j"] - curve["r"]).max()),
+    )
     scale = float(curve["r"].min())
     ok = max(e_t, e_j) <= CURVE_REL * scale and gap <= CURVE_REL * scale
-    yield Row(f"train curve {tc.steps} steps", case.name, case.dtype, "sdpa", "auto", e_t, e_j, gap,
-              CURVE_REL * scale, ok,
-              f"max |loss gap| {gap:.2e}; loss {curve['r'][0]:.3f} -> {curve['r'][-1]:.3f}; {size}",
-              CURVE_REL * scale)  # fmt: skip
+    yield Row(
+        f"train curve {tc.steps} steps",
+        case.name,
+        case.dtype,
+        "sdpa",
+        "auto",
+        e_t,
+        e_j,
+        gap,
+        CURVE_REL * scale,
+        ok,
+        f"max |loss gap| {gap:.2e}; loss {curve['r'][0]:.3f} -> {curve['r'][-1]:.3f}; {size}",
+        CURVE_REL * scale,
+    )

@@ -1,10 +1,12 @@
-"""A scripted sweep of bad command-line inputs: every `gptmod` subcommand fed bad numbers, missing and wrong files,
-corrupt checkpoints, bad --weights specs and conflicting flags, each in its own `python -m gptmod.cli` subprocess.
+"""A scripted sweep of bad command-line inputs: every `gptmod` subcommand fed bad numbers, missing
+and wrong files, corrupt checkpoints, bad --weights specs and conflicting flags, each in its own
+`python -m gptmod.cli` subprocess.
 
-The CLI contract (docs/DESIGN.md): an expected failure is one line on stderr and exit code 2, never a traceback;
-Ctrl-C exits 130. Each probe records its exit code and whether stderr holds "Traceback"; a probe fails when it
-shows a traceback, times out, or exits with a code other than the one it expects (2, or 0 for the few probes
-that must succeed). Runs offline (HF_HUB_OFFLINE=1) in a temporary folder, on tiny fixtures.
+The CLI contract (docs/DESIGN.md): an expected failure is one line on stderr and exit code 2, never
+a traceback; Ctrl-C exits 130. Each probe records its exit code and whether stderr holds
+"Traceback"; a probe fails when it shows a traceback, times out, or exits with a code other than the
+one it expects (2, or 0 for the few probes that must succeed). Runs offline (HF_HUB_OFFLINE=1) in a
+temporary folder, on tiny fixtures.
 
     python scripts/cli_error_sweep.py [--jobs 2] [--only SUBSTRING] [--verbose]
 
@@ -32,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Probe:
-    """One CLI call: `argv` after `gptmod`, the exit code it must give, and its stdin (None: empty)."""
+    """One CLI call: `argv` after `gptmod`, the exit code it must give, and
+    its stdin (None: empty)."""
 
     name: str
     argv: tuple[str, ...]
@@ -68,17 +71,26 @@ def _random_state(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     from gptmod import weights
 
     rng = np.random.default_rng(seed)
-    return {k: (rng.standard_normal(s) * 0.02).astype(np.float32) if len(s) == 2 else np.ones(s, np.float32)
-            for k, s in weights.canonical_shapes(cfg).items()}  # fmt: skip
+    return {
+        k: (rng.standard_normal(s) * 0.02).astype(np.float32)
+        if len(s) == 2
+        else np.ones(s, np.float32)
+        for k, s in weights.canonical_shapes(cfg).items()
+    }
 
 
 def _raw_checkpoint(path: Path, state: dict[str, np.ndarray], cfg, **meta: str) -> None:
-    """A gptmod-format file written past `weights.save`'s checks (bad dtypes, NaN), as a foreign tool might."""
+    """A gptmod-format file written past `weights.save`'s checks (bad
+    dtypes, NaN), as a foreign tool might."""
     from safetensors.numpy import save_file
 
     from gptmod import weights
 
-    save_file(state, str(path), metadata={"format": weights.FORMAT, "gptmod_config": cfg.to_json(), **meta})
+    save_file(
+        state,
+        str(path),
+        metadata={"format": weights.FORMAT, "gptmod_config": cfg.to_json(), **meta},
+    )
 
 
 def make_fixtures(d: Path) -> None:
@@ -92,7 +104,8 @@ def make_fixtures(d: Path) -> None:
     weights.save(d / "tiny.safetensors", state, cfg)
     llama = _tiny_cfg(logit_softcap=None)  # what a Llama (HF export) can express
     weights.save(d / "llama.safetensors", _random_state(llama), llama)
-    # Padded vocabulary: untied head whose real-token rows are 0 and padding rows +-v, so greedy picks a padding id.
+    # Padded vocabulary: untied head whose real-token rows are 0 and padding
+    # rows +-v, so greedy picks a padding id.
     pad_cfg = _tiny_cfg(vocab_size=50304, tie_embeddings=False)
     pad = _random_state(pad_cfg)
     v = np.random.default_rng(1).standard_normal(pad_cfg.d_model).astype(np.float32)
@@ -106,10 +119,16 @@ def make_fixtures(d: Path) -> None:
     # HF GPT-2 folders with one broken side file each (the weights themselves are fine).
     from gptmod import hf, hf_gpt2
 
-    hf_tensors, hf_config = hf_gpt2.to_hf_gpt2(_random_state(classic), classic), hf_gpt2.config_to_hf(classic)
-    broken = {"hf-bad-tokenizer": {"tokenizer.json": "{not json"},
-              "hf-bad-tokenizer-config": {"tokenizer.json": "", "tokenizer_config.json": "{not json"},
-              "hf-latin1-template": {"chat_template.jinja": "caf\xe9"}, "hf-ok": {}}  # fmt: skip
+    hf_tensors, hf_config = (
+        hf_gpt2.to_hf_gpt2(_random_state(classic), classic),
+        hf_gpt2.config_to_hf(classic),
+    )
+    broken = {
+        "hf-bad-tokenizer": {"tokenizer.json": "{not json"},
+        "hf-bad-tokenizer-config": {"tokenizer.json": "", "tokenizer_config.json": "{not json"},
+        "hf-latin1-template": {"chat_template.jinja": "caf\xe9"},
+        "hf-ok": {},
+    }
     for name, files in broken.items():
         hf.write_folder(d / name, hf_tensors, hf_config)
         for file, text in files.items():
@@ -117,15 +136,32 @@ def make_fixtures(d: Path) -> None:
     (d / "hf-bad-tokenizer-config" / "tokenizer.json").unlink()
     (d / "hf-latin1-config").mkdir()
     (d / "hf-latin1-config" / "config.json").write_bytes(b'{"model_type": "caf\xe9"}')
-    _raw_checkpoint(d / "nan.safetensors", {**state, "norm.weight": np.full_like(state["norm.weight"], np.nan)}, cfg)
+    _raw_checkpoint(
+        d / "nan.safetensors",
+        {**state, "norm.weight": np.full_like(state["norm.weight"], np.nan)},
+        cfg,
+    )
     _raw_checkpoint(d / "f64.safetensors", {k: v.astype(np.float64) for k, v in state.items()}, cfg)
-    _raw_checkpoint(d / "int8.safetensors", {**state, "tok_emb.weight": state["tok_emb.weight"].astype(np.int8)}, cfg)
-    _raw_checkpoint(d / "wrong-shape.safetensors", {**state, "norm.weight": np.ones(3, np.float32)}, cfg)
+    _raw_checkpoint(
+        d / "int8.safetensors",
+        {**state, "tok_emb.weight": state["tok_emb.weight"].astype(np.int8)},
+        cfg,
+    )
+    _raw_checkpoint(
+        d / "wrong-shape.safetensors", {**state, "norm.weight": np.ones(3, np.float32)}, cfg
+    )
     from safetensors.numpy import save_file
 
-    save_file(state, str(d / "bad-config.safetensors"), metadata={"format": weights.FORMAT, "gptmod_config": "{no"})
-    save_file(state, str(d / "foreign-config.safetensors"),
-              metadata={"format": weights.FORMAT, "gptmod_config": json.dumps({"vocab_size": -4})})  # fmt: skip
+    save_file(
+        state,
+        str(d / "bad-config.safetensors"),
+        metadata={"format": weights.FORMAT, "gptmod_config": "{no"},
+    )
+    save_file(
+        state,
+        str(d / "foreign-config.safetensors"),
+        metadata={"format": weights.FORMAT, "gptmod_config": json.dumps({"vocab_size": -4})},
+    )
     save_file({"x": np.zeros(2, np.float32)}, str(d / "not-gptmod.safetensors"))
     raw = (d / "tiny.safetensors").read_bytes()
     (d / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
@@ -137,19 +173,28 @@ def make_fixtures(d: Path) -> None:
     (d / "evil").mkdir()
     torch.save({"wte.weight": torch.zeros(2), "x": _Payload()}, d / "evil" / "pytorch_model.bin")
     (d / "evil" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 2}))
-    configs = {"badjson": "{not json", "listjson": "[1, 2]", "llama-noweights": '{"model_type": "llama"}'}
+    configs = {
+        "badjson": "{not json",
+        "listjson": "[1, 2]",
+        "llama-noweights": '{"model_type": "llama"}',
+    }
     for name, text in configs.items():
         (d / name).mkdir()
         (d / name / "config.json").write_text(text)
     (d / "emptydir").mkdir()
-    # A training run as `gptmod train` lays it out (gptmod.training.save_checkpoint), written by hand.
+    # A training run as `gptmod train` lays it out
+    # (gptmod.training.save_checkpoint), written by hand.
     run = d / "run"
     step = run / "step_0000002"
     step.mkdir(parents=True)
     weights.save(step / "model.safetensors", state, cfg, metadata={"step": "2"})
-    (step / "trainer.json").write_text(json.dumps({"format": "gptmod-train-v1", "step": 2, "framework": "torch"}))
+    (step / "trainer.json").write_text(
+        json.dumps({"format": "gptmod-train-v1", "step": 2, "framework": "torch"})
+    )
     (run / "latest").write_text("step_0000002\n")
-    (run / "log.jsonl").write_text('{"step": 1, "loss": 10.0}\n{"step": 2, "loss": 9.0, "val_loss": 9.5}\n')
+    (run / "log.jsonl").write_text(
+        '{"step": 1, "loss": 10.0}\n{"step": 2, "loss": 9.0, "val_loss": 9.5}\n'
+    )
     dangling = d / "run-dangling"
     dangling.mkdir()
     (dangling / "latest").write_text("step_0000009\n")
@@ -173,7 +218,15 @@ def make_fixtures(d: Path) -> None:
 
 
 def _classic() -> dict:
-    return dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, logit_softcap=None, n_kv_head=2, d_ff=64)
+    return dict(
+        pos="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        logit_softcap=None,
+        n_kv_head=2,
+        d_ff=64,
+    )
 
 
 class _Payload:
@@ -184,10 +237,13 @@ class _Payload:
 
 
 def probes() -> list[Probe]:
-    """Every probe, grouped by subcommand. Paths are relative to the fixture folder (the probes' cwd)."""
+    """Every probe, grouped by subcommand. Paths are relative to the fixture
+    folder (the probes' cwd)."""
     out: list[Probe] = []
 
-    def add(name: str, *argv: str, expect: int = 2, stdin: str | None = None, timeout: float = 120.0) -> None:
+    def add(
+        name: str, *argv: str, expect: int = 2, stdin: str | None = None, timeout: float = 120.0
+    ) -> None:
         out.append(Probe(name, tuple(argv), expect, stdin, timeout))
 
     tiny = ("--weights", "tiny.safetensors")
@@ -211,21 +267,71 @@ def probes() -> list[Probe]:
             add(f"generate {flag} {v}", *gen, flag, v)
     # ---- generate: inputs and flags
     add("generate no prompt", "generate", *tiny)
-    add("generate prompt and batch file", "generate", *tiny, "--prompt", "x", "--batch-file", "prompts.txt")
+    add(
+        "generate prompt and batch file",
+        "generate",
+        *tiny,
+        "--prompt",
+        "x",
+        "--batch-file",
+        "prompts.txt",
+    )
     add("generate empty prompt", "generate", *tiny, "--prompt", "")
     add("generate batch-file missing", "generate", *tiny, "--batch-file", "missing.txt")
     add("generate batch-file dir", "generate", *tiny, "--batch-file", "emptydir")
     add("generate batch-file fifo", "generate", *tiny, "--batch-file", "fifo.txt", timeout=30)
     add("generate batch-file latin1", "generate", *tiny, "--batch-file", "latin1.txt")
     add("generate batch-file blank", "generate", *tiny, "--batch-file", "blank.txt")
-    add("generate batch-file ok", "generate", *tiny, "--batch-file", "prompts.txt", "--max-new-tokens", "2", expect=0)
-    add("generate padded vocab (jax)", "generate", "--weights", "pad.safetensors", "--prompt", "hi",
-        "--max-new-tokens", "3")  # fmt: skip
-    add("generate padded vocab (torch)", "generate", "--framework", "torch", "--weights", "pad.safetensors",
-        "--prompt", "hi", "--max-new-tokens", "3")  # fmt: skip
-    add("generate padded vocab batch", "generate", "--weights", "pad.safetensors", "--batch-file", "prompts.txt",
-        "--max-new-tokens", "3")  # fmt: skip
-    add("generate small vocab, no tokenizer", "generate", "--weights", "small-vocab.safetensors", "--prompt", "x")
+    add(
+        "generate batch-file ok",
+        "generate",
+        *tiny,
+        "--batch-file",
+        "prompts.txt",
+        "--max-new-tokens",
+        "2",
+        expect=0,
+    )
+    add(
+        "generate padded vocab (jax)",
+        "generate",
+        "--weights",
+        "pad.safetensors",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+    )
+    add(
+        "generate padded vocab (torch)",
+        "generate",
+        "--framework",
+        "torch",
+        "--weights",
+        "pad.safetensors",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+    )
+    add(
+        "generate padded vocab batch",
+        "generate",
+        "--weights",
+        "pad.safetensors",
+        "--batch-file",
+        "prompts.txt",
+        "--max-new-tokens",
+        "3",
+    )
+    add(
+        "generate small vocab, no tokenizer",
+        "generate",
+        "--weights",
+        "small-vocab.safetensors",
+        "--prompt",
+        "x",
+    )
     add("generate unknown backend torch", *gen, "--framework", "torch", "--backend", "nope")
     add("generate unknown backend jax", *gen, "--backend", "nope")
     add("generate --compile with jax", *gen, "--compile")
@@ -240,24 +346,100 @@ def probes() -> list[Probe]:
     add("generate --preset unknown", "generate", "--preset", "nope", "--prompt", "x")
     add("generate --dtype unknown", *gen, "--dtype", "float64")
     # ---- --weights specs (generate and info)
-    for spec in ("nope.safetensors", "nope.gguf", "nope.bin", "./nope", "~/nope-gptmod", "/nonexistent/x",
-                 "a/b/c", "bad name!", "emptydir", "run-dangling", "run-steps-only", "badjson", "listjson",
-                 "llama-noweights", "evil", "garbage.safetensors", "truncated.safetensors", "empty.safetensors",
-                 "not-gptmod.safetensors", "bad-config.safetensors", "foreign-config.safetensors",
-                 "wrong-shape.safetensors", "f64.safetensors", "int8.safetensors", "garbage.gguf", "garbage.bin",
-                 "evil.bin", "latin1.txt", "fifo.txt", "gpt2", "owner/name"):  # fmt: skip
-        add(f"generate --weights {spec}", "generate", "--weights", spec, "--prompt", "x", "--max-new-tokens", "1",
-            timeout=60)  # fmt: skip
-    for spec in ("nope.safetensors", "emptydir", "garbage.safetensors", "int8.safetensors", "evil", "gpt2"):
+    for spec in (
+        "nope.safetensors",
+        "nope.gguf",
+        "nope.bin",
+        "./nope",
+        "~/nope-gptmod",
+        "/nonexistent/x",
+        "a/b/c",
+        "bad name!",
+        "emptydir",
+        "run-dangling",
+        "run-steps-only",
+        "badjson",
+        "listjson",
+        "llama-noweights",
+        "evil",
+        "garbage.safetensors",
+        "truncated.safetensors",
+        "empty.safetensors",
+        "not-gptmod.safetensors",
+        "bad-config.safetensors",
+        "foreign-config.safetensors",
+        "wrong-shape.safetensors",
+        "f64.safetensors",
+        "int8.safetensors",
+        "garbage.gguf",
+        "garbage.bin",
+        "evil.bin",
+        "latin1.txt",
+        "fifo.txt",
+        "gpt2",
+        "owner/name",
+    ):
+        add(
+            f"generate --weights {spec}",
+            "generate",
+            "--weights",
+            spec,
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "1",
+            timeout=60,
+        )
+    for spec in (
+        "nope.safetensors",
+        "emptydir",
+        "garbage.safetensors",
+        "int8.safetensors",
+        "evil",
+        "gpt2",
+    ):
         add(f"info --weights {spec}", "info", "--weights", spec)
-    for spec in ("hf-bad-tokenizer", "hf-bad-tokenizer-config", "hf-latin1-template", "hf-latin1-config"):
+    for spec in (
+        "hf-bad-tokenizer",
+        "hf-bad-tokenizer-config",
+        "hf-latin1-template",
+        "hf-latin1-config",
+    ):
         add(f"info --weights {spec}", "info", "--weights", spec)
     add("info hf-ok", "info", "--weights", "hf-ok", expect=0)
-    add("generate run folder", "generate", "--weights", "run", "--prompt", "x", "--max-new-tokens", "1", expect=0)
-    add("generate step folder", "generate", "--weights", "run/step_0000002", "--prompt", "x", "--max-new-tokens", "1",
-        expect=0)  # fmt: skip
-    add("generate nan checkpoint (warns)", "generate", "--weights", "nan.safetensors", "--prompt", "x",
-        "--max-new-tokens", "1", expect=0)  # fmt: skip
+    add(
+        "generate run folder",
+        "generate",
+        "--weights",
+        "run",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "1",
+        expect=0,
+    )
+    add(
+        "generate step folder",
+        "generate",
+        "--weights",
+        "run/step_0000002",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "1",
+        expect=0,
+    )
+    add(
+        "generate nan checkpoint (warns)",
+        "generate",
+        "--weights",
+        "nan.safetensors",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "1",
+        expect=0,
+    )
     # ---- info
     add("info ok", "info", "tiny.safetensors", expect=0)
     add("info run folder", "info", "run", expect=0)
@@ -276,28 +458,106 @@ def probes() -> list[Probe]:
     add("convert out folder missing", *conv, "--out", "nodir/out.safetensors")
     add("convert out is a dir", *conv, "--out", "emptydir")
     add("convert missing --out", *conv)
-    add("convert --preset and --config", *conv, "--preset", "gpt2", "--config", "bad.json", "--out", "o.safetensors")
-    add("convert --config bad json", "convert", "--from", "evil", "--config", "bad.json", "--out", "o.safetensors")
-    add("convert --config missing", "convert", "--from", "evil", "--config", "missing.json", "--out", "o.safetensors")
-    add("convert --config bad value", "convert", "--from", "evil", "--config", "cfg-bad-value.json", "--out",
-        "o.safetensors")  # fmt: skip
+    add(
+        "convert --preset and --config",
+        *conv,
+        "--preset",
+        "gpt2",
+        "--config",
+        "bad.json",
+        "--out",
+        "o.safetensors",
+    )
+    add(
+        "convert --config bad json",
+        "convert",
+        "--from",
+        "evil",
+        "--config",
+        "bad.json",
+        "--out",
+        "o.safetensors",
+    )
+    add(
+        "convert --config missing",
+        "convert",
+        "--from",
+        "evil",
+        "--config",
+        "missing.json",
+        "--out",
+        "o.safetensors",
+    )
+    add(
+        "convert --config bad value",
+        "convert",
+        "--from",
+        "evil",
+        "--config",
+        "cfg-bad-value.json",
+        "--out",
+        "o.safetensors",
+    )
     add("convert gptmod into preset", *conv, "--preset", "gpt2", "--out", "o.safetensors")
     add("convert --dtype unknown", *conv, "--dtype", "int8", "--out", "o.safetensors")
     add("convert --seed -1", *conv, "--seed", "-1", "--out", "o.safetensors")
-    for src in ("garbage.safetensors", "evil.bin", "garbage.bin", "evil", "latin1.txt", "nope.safetensors",
-                "nan.safetensors", "int8.safetensors"):  # fmt: skip
+    for src in (
+        "garbage.safetensors",
+        "evil.bin",
+        "garbage.bin",
+        "evil",
+        "latin1.txt",
+        "nope.safetensors",
+        "nan.safetensors",
+        "int8.safetensors",
+    ):
         add(f"convert --from {src}", "convert", "--from", src, "--out", "o.safetensors")
     # ---- export
-    add("export hf ok", "export", "--weights", "llama.safetensors", "--to", "hf", "exported", expect=0)
+    add(
+        "export hf ok",
+        "export",
+        "--weights",
+        "llama.safetensors",
+        "--to",
+        "hf",
+        "exported",
+        expect=0,
+    )
     add("export hf softcap", "export", *tiny, "--to", "hf", "softcapped")
     add("export unknown format", "export", *tiny, "--to", "onnx", "x.onnx")
     add("export hf into non-empty dir", "export", *tiny, "--to", "hf", "nonempty-dir")
-    add("export gguf of a classic config", "export", "--weights", "classic.safetensors", "--to", "gguf", "x.gguf")
+    add(
+        "export gguf of a classic config",
+        "export",
+        "--weights",
+        "classic.safetensors",
+        "--to",
+        "gguf",
+        "x.gguf",
+    )
     add("export hf q8_0", "export", *tiny, "--to", "hf", "q8dir", "--dtype", "q8_0")
     add("export gguf bfloat16", "export", *tiny, "--to", "gguf", "x.gguf", "--dtype", "bfloat16")
     add("export --max-shard-mb 0", "export", *tiny, "--to", "hf", "shard0", "--max-shard-mb", "0")
-    add("export --max-shard-mb nan", "export", *tiny, "--to", "hf", "shardnan", "--max-shard-mb", "nan")
-    add("export --max-shard-mb -1", "export", *tiny, "--to", "hf", "shardneg", "--max-shard-mb", "-1")
+    add(
+        "export --max-shard-mb nan",
+        "export",
+        *tiny,
+        "--to",
+        "hf",
+        "shardnan",
+        "--max-shard-mb",
+        "nan",
+    )
+    add(
+        "export --max-shard-mb -1",
+        "export",
+        *tiny,
+        "--to",
+        "hf",
+        "shardneg",
+        "--max-shard-mb",
+        "-1",
+    )
     add("export parent missing", "export", *tiny, "--to", "hf", "nodir/sub")
     add("export gguf into a dir", "export", *tiny, "--to", "gguf", "emptydir")
     add("export missing weights", "export", "--weights", "nope.safetensors", "--to", "hf", "x")
@@ -322,8 +582,24 @@ def probes() -> list[Probe]:
     for inp in ("missing.txt", "latin1.txt", "fifo.txt", "emptydir", "empty.txt"):
         add(f"prepare --input {inp}", "prepare", "--input", inp, "--out", f"data-{inp}", timeout=60)
     for v in ("1.5", "-0.1", "nan", "1"):
-        add(f"prepare --val-fraction {v}", "prepare", "--input", "ok.txt", "--out", "d", "--val-fraction", v)
-    add("prepare --out existing non-data dir", "prepare", "--input", "ok.txt", "--out", "nonempty-dir")
+        add(
+            f"prepare --val-fraction {v}",
+            "prepare",
+            "--input",
+            "ok.txt",
+            "--out",
+            "d",
+            "--val-fraction",
+            v,
+        )
+    add(
+        "prepare --out existing non-data dir",
+        "prepare",
+        "--input",
+        "ok.txt",
+        "--out",
+        "nonempty-dir",
+    )
     add("prepare --out is a file", "prepare", "--input", "ok.txt", "--out", "ok.txt")
     # ---- train (all fail before a step)
     trn = ("train", "--preset", "tiny", "--out", "trainrun")
@@ -331,16 +607,64 @@ def probes() -> list[Probe]:
     add("train data empty dir", *trn, "--data", "emptydir")
     add("train data bad manifest", *trn, "--data", "data-bad")
     add("train manifest lacks keys", *trn, "--data", "data-nokeys")
-    for flag, v in (("--steps", "0"), ("--steps", "-1"), ("--lr", "-1"), ("--lr", "nan"), ("--eps", "0"),
-                    ("--batch-size", "0"), ("--block-size", "100000"), ("--beta1", "1"), ("--dtype", "int8"),
-                    ("--warmup-steps", "5000"), ("--seed", "-1"), ("--steps", "abc")):  # fmt: skip
+    for flag, v in (
+        ("--steps", "0"),
+        ("--steps", "-1"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--eps", "0"),
+        ("--batch-size", "0"),
+        ("--block-size", "100000"),
+        ("--beta1", "1"),
+        ("--dtype", "int8"),
+        ("--warmup-steps", "5000"),
+        ("--seed", "-1"),
+        ("--steps", "abc"),
+    ):
         add(f"train {flag} {v}", *trn, "--data", "data-bad", flag, v)
     add("train --init missing", *trn, "--data", "data-bad", "--init", "nope.safetensors")
-    add("train --preset and --config", "train", "--preset", "tiny", "--config", "bad.json", "--data", "data-bad",
-        "--out", "trainrun")  # fmt: skip
-    add("train --config bad json", "train", "--config", "bad.json", "--data", "data-bad", "--out", "trainrun")
-    add("train --parallel without torchrun", *trn, "--data", "data-bad", "--framework", "torch", "--parallel", "ddp")
-    add("train --mesh with torch", *trn, "--data", "data-bad", "--framework", "torch", "--mesh", "data=1")
+    add(
+        "train --preset and --config",
+        "train",
+        "--preset",
+        "tiny",
+        "--config",
+        "bad.json",
+        "--data",
+        "data-bad",
+        "--out",
+        "trainrun",
+    )
+    add(
+        "train --config bad json",
+        "train",
+        "--config",
+        "bad.json",
+        "--data",
+        "data-bad",
+        "--out",
+        "trainrun",
+    )
+    add(
+        "train --parallel without torchrun",
+        *trn,
+        "--data",
+        "data-bad",
+        "--framework",
+        "torch",
+        "--parallel",
+        "ddp",
+    )
+    add(
+        "train --mesh with torch",
+        *trn,
+        "--data",
+        "data-bad",
+        "--framework",
+        "torch",
+        "--mesh",
+        "data=1",
+    )
     # ---- plot
     add("plot missing log", "plot", "missing.jsonl", "--out", "x.png")
     add("plot bad log", "plot", "bad-log.jsonl", "--out", "x.png")
@@ -377,15 +701,30 @@ def probes() -> list[Probe]:
 
 
 def run_probe(probe: Probe, cwd: Path) -> Result:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1",
-           "PYTHONWARNINGS": "default"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "TQDM_DISABLE": "1",
+        "PYTHONWARNINGS": "default",
+    }
     start = time.perf_counter()
     try:
-        r = subprocess.run([sys.executable, "-m", "gptmod.cli", *probe.argv], cwd=cwd, capture_output=True, text=True,
-                           input=probe.stdin or "", timeout=probe.timeout, env=env)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "gptmod.cli", *probe.argv],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            input=probe.stdin or "",
+            timeout=probe.timeout,
+            env=env,
+        )
         rc, err = r.returncode, r.stderr
     except subprocess.TimeoutExpired as e:
-        rc, err = None, (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or "")
+        rc, err = (
+            None,
+            (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""),
+        )
     lines = [ln for ln in err.splitlines() if ln.strip()]
     first = next((ln for ln in lines if "error" in ln or "Error" in ln), lines[-1] if lines else "")
     return Result(probe, rc, "Traceback" in err, first.strip()[:160], time.perf_counter() - start)
@@ -397,15 +736,20 @@ def summarize(results: list[Result]) -> str:
     wrong_rc = sum(r.rc != r.probe.expect for r in results if r.probe.expect != 0)
     bad_successes = sum(r.rc != 0 for r in results if r.probe.expect == 0)
     timeouts = sum(r.rc is None for r in results)
-    lines = ["| probes run | tracebacks | rc != expected 2 | expected successes failing | timeouts |",
-             "|---|---|---|---|---|",
-             f"| {len(results)} | {tracebacks} | {wrong_rc} | {bad_successes} | {timeouts} |"]  # fmt: skip
+    lines = [
+        "| probes run | tracebacks | rc != expected 2 | expected successes failing | timeouts |",
+        "|---|---|---|---|---|",
+        f"| {len(results)} | {tracebacks} | {wrong_rc} | {bad_successes} | {timeouts} |",
+    ]
     if failing:
         lines += ["", "failing probes:"]
         for r in failing:
             why = "timeout" if r.rc is None else f"rc {r.rc} (expected {r.probe.expect})"
             tb = ", traceback" if r.traceback else ""
-            lines.append(f"  - {r.probe.name}: {why}{tb}: gptmod {' '.join(r.probe.argv)}\n      {r.first_line}")
+            lines.append(
+                f"  - {r.probe.name}: {why}{tb}: gptmod "
+                f"{' '.join(r.probe.argv)}\n      {r.first_line}"
+            )
     return "\n".join(lines)
 
 
@@ -413,7 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cli_error_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=2, help="probes run at once (default 2)")
     p.add_argument("--only", help="run only the probes whose name contains this")
-    p.add_argument("--verbose", action="store_true", help="print every probe's result, not only the failures")
+    p.add_argument(
+        "--verbose", action="store_true", help="print every probe's result, not only the failures"
+    )
     args = p.parse_args(argv)
     selected = [pr for pr in probes() if args.only is None or args.only in pr.name]
     with tempfile.TemporaryDirectory(prefix="gptmod-sweep-") as tmp:

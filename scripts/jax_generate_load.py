@@ -1,7 +1,8 @@
 """Load test of JAX generation: many `generate` calls at random batch sizes and prompt lengths.
 
-Prints how many executables the jitted generation function holds and the process RSS before and after, so
-a per-shape compile cache that grows without bound shows up (issue 17). Tiny random model, CPU is enough:
+Prints how many executables the jitted generation function holds and the
+process RSS before and after, so a per-shape compile cache that grows
+without bound shows up (issue 17). Tiny random model, CPU is enough:
 
     python scripts/jax_generate_load.py [--calls 300] [--max-batch 16] [--seed 0]
 """
@@ -21,7 +22,8 @@ from flax import nnx
 import gptmod_jax
 from gptmod.config import load_preset
 
-jg = importlib.import_module("gptmod_jax.generate")  # the package exports the function under the same name
+# the package exports the function under the same name
+jg = importlib.import_module("gptmod_jax.generate")
 
 
 def rss_mb() -> float:
@@ -34,7 +36,8 @@ def rss_mb() -> float:
 
 
 class CompileCounter:
-    """Counts XLA compilations through jax.monitoring's duration events (public API in jax 0.4.x-0.12)."""
+    """Counts XLA compilations through jax.monitoring's duration events
+    (public API in jax 0.4.x-0.12)."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -48,7 +51,8 @@ class CompileCounter:
 
 
 def executables() -> int | None:
-    """Entries in the jitted generate's executable cache (None where jax does not expose `_cache_size`)."""
+    """Entries in the jitted generate's executable cache (None where jax
+    does not expose `_cache_size`)."""
     size = getattr(jg._generate, "_cache_size", None)
     return size() if callable(size) else None
 
@@ -65,20 +69,28 @@ def main() -> int:
     model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
     rng = random.Random(args.seed)
     counter = CompileCounter()
-    jg.generate(model, [[1, 2, 3]], 2)  # warm up: the first executable and jax's own start-up allocations
+    # warm up: the first executable and jax's own start-up allocations
+    jg.generate(model, [[1, 2, 3]], 2)
     rss0, exe0, comp0 = rss_mb(), executables(), counter.n
     start = time.perf_counter()
     batches = set()
     for _ in range(args.calls):
         b = rng.randint(1, args.max_batch)
         batches.add(b)
-        prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(1, args.max_prompt))] for _ in range(b)]
+        prompts = [
+            [rng.randrange(cfg.vocab_size) for _ in range(rng.randint(1, args.max_prompt))]
+            for _ in range(b)
+        ]
         jg.generate(model, prompts, args.max_new_tokens)
     elapsed = time.perf_counter() - start
     rss1, exe1 = rss_mb(), executables()
-    print(f"jax {jax.__version__}: {args.calls} calls, batch sizes 1-{args.max_batch} ({len(batches)} distinct), "
-          f"prompt lengths 1-{args.max_prompt}, {elapsed:.1f} s")  # fmt: skip
-    print(f"executables of generate's jitted function: {exe0} after warm-up -> {exe1} after the calls")
+    print(
+        f"jax {jax.__version__}: {args.calls} calls, batch sizes 1-{args.max_batch} "
+        f"({len(batches)} distinct), prompt lengths 1-{args.max_prompt}, {elapsed:.1f} s"
+    )
+    print(
+        f"executables of generate's jitted function: {exe0} after warm-up -> {exe1} after the calls"
+    )
     print(f"XLA compilations during the calls: {counter.n - comp0}")
     print(f"RSS: {rss0:.0f} MB -> {rss1:.0f} MB ({rss1 - rss0:+.0f} MB)")
     return 0

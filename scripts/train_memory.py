@@ -1,11 +1,14 @@
-"""Peak memory of a training step in each twin, and where it goes (issue 17: "JAX training took 4.8 GB").
+"""Peak memory of a training step in each twin, and where it goes (issue 17:
+"JAX training took 4.8 GB").
 
-Each twin runs in its own process: build the preset, take a few steps of the default recipe on random tokens,
-and report the process's peak RSS over its RSS before the trainer was built. For JAX it also prints XLA's own
-account of the compiled step (`memory_analysis`: arguments, outputs, temporaries), and for both the size of one
-micro-batch's fp32 logits, the tensor that dominates: tokens x vocab x 4 bytes.
+Each twin runs in its own process: build the preset, take a few steps of the default recipe on
+random tokens, and report the process's peak RSS over its RSS before the trainer was built. For JAX
+it also prints XLA's own account of the compiled step (`memory_analysis`: arguments, outputs,
+temporaries), and for both the size of one micro-batch's fp32 logits, the tensor that dominates:
+tokens x vocab x 4 bytes.
 
-    python scripts/train_memory.py [--preset shakespeare-small] [--batch-size 16] [--grad-accum 1] [--steps 3]
+    python scripts/train_memory.py [--preset shakespeare-small] [--batch-size 16]
+        [--grad-accum 1] [--steps 3]
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ def one(framework: str, preset: str, batch: int, accum: int, steps: int, block: 
     from gptmod.config import load_preset
 
     cfg = load_preset(preset)
-    tc = training.TrainConfig(steps=max(steps, 2), warmup_steps=1, batch_size=batch, grad_accum=accum,
-                              block_size=block)  # fmt: skip
+    tc = training.TrainConfig(
+        steps=max(steps, 2), warmup_steps=1, batch_size=batch, grad_accum=accum, block_size=block
+    )
     state = training.init_state(cfg, 0)
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (accum, batch, block), dtype=np.int64).astype(np.int32)
@@ -56,25 +60,34 @@ def one(framework: str, preset: str, batch: int, accum: int, steps: int, block: 
 
         torch.manual_seed(0)
         base = rss_mb()
-        trainer = Trainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc, compile=True)  # as the CLI
+        # as the CLI
+        trainer = Trainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc, compile=True)
     for _ in range(steps):
         float(trainer.step(x, y)["loss"])
     peak = peak_mb()
-    out.update(base_rss_mb=base, peak_rss_mb=peak, step_peak_over_base_mb=peak - base,
-               params_m=sum(v.size for v in state.values()) / 1e6,
-               logits_mb=batch * block * cfg.vocab_size * 4 / 1e6)  # fmt: skip
+    out.update(
+        base_rss_mb=base,
+        peak_rss_mb=peak,
+        step_peak_over_base_mb=peak - base,
+        params_m=sum(v.size for v in state.values()) / 1e6,
+        logits_mb=batch * block * cfg.vocab_size * 4 / 1e6,
+    )
     if framework == "jax":  # after the peak is read: this second compile must not count in it
         import jax.numpy as jnp
 
-        lowered = Trainer._step.lower(trainer, trainer.params, trainer.opt_state, jnp.asarray(x), jnp.asarray(y))
+        lowered = Trainer._step.lower(
+            trainer, trainer.params, trainer.opt_state, jnp.asarray(x), jnp.asarray(y)
+        )
         m = lowered.compile().memory_analysis()
         if m is not None:
-            out["xla_mb"] = {k: getattr(m, f"{k}_size_in_bytes") / 1e6 for k in ("argument", "output", "temp")}
+            out["xla_mb"] = {
+                k: getattr(m, f"{k}_size_in_bytes") / 1e6 for k in ("argument", "output", "temp")
+            }
     return out
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--preset", default="shakespeare-small")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -86,14 +99,37 @@ def main() -> int:
         print(json.dumps(one(a.one, a.preset, a.batch_size, a.grad_accum, a.steps, a.block_size)))
         return 0
     for fw in ("jax", "torch"):
-        sizes = [f"--batch-size={a.batch_size}", f"--grad-accum={a.grad_accum}", f"--block-size={a.block_size}"]
-        cmd = [sys.executable, __file__, "--one", fw, "--preset", a.preset, *sizes, "--steps", str(a.steps)]
-        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        sizes = [
+            f"--batch-size={a.batch_size}",
+            f"--grad-accum={a.grad_accum}",
+            f"--block-size={a.block_size}",
+        ]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            fw,
+            "--preset",
+            a.preset,
+            *sizes,
+            "--steps",
+            str(a.steps),
+        ]
+        r = json.loads(
+            subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+        )
         xla = r.get("xla_mb")
-        extra = f"; XLA: arguments {xla['argument']:.0f} MB, temporaries {xla['temp']:.0f} MB" if xla else ""
-        print(f"{fw:5s} {a.preset} batch {a.batch_size}x{a.grad_accum} block {a.block_size}: peak RSS "
-              f"{r['peak_rss_mb']:.0f} MB, {r['step_peak_over_base_mb']:.0f} MB over the process before the "
-              f"trainer; one micro-batch's fp32 logits {r['logits_mb']:.0f} MB{extra}")  # fmt: skip
+        extra = (
+            f"; XLA: arguments {xla['argument']:.0f} MB, temporaries {xla['temp']:.0f} MB"
+            if xla
+            else ""
+        )
+        print(
+            f"{fw:5s} {a.preset} batch {a.batch_size}x{a.grad_accum} block {a.block_size}: "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['step_peak_over_base_mb']:.0f} MB over "
+            "the process before the trainer; one micro-batch's fp32 logits "
+            f"{r['logits_mb']:.0f} MB{extra}"
+        )
     return 0
 
 

@@ -1,14 +1,15 @@
 """What the training loop's per-step loss read costs in JAX (issue 17, the progress bar).
 
-The loop reads each step's loss (`float(metrics["loss"])`) so the bar counts finished steps. That read waits
-for the step, so the host can no longer load and dispatch step s+1's batch while step s runs. This times the
-same steps both ways, on the bundled plays and the default preset, in alternating rounds so that the machine's
-drift hits both alike:
+The loop reads each step's loss (`float(metrics["loss"])`) so the bar counts finished steps. That
+read waits for the step, so the host can no longer load and dispatch step s+1's batch while step s
+runs. This times the same steps both ways, on the bundled plays and the default preset, in
+alternating rounds so that the machine's drift hits both alike:
 
     each   read every step's loss (what the loop does)
     every  read only every --log-every steps (what it did before), dispatching ahead in between
 
-    python scripts/train_sync_cost.py [--preset shakespeare-small] [--steps 10] [--rounds 3] [--log-every 10]
+    python scripts/train_sync_cost.py [--preset shakespeare-small] [--steps 10]
+        [--rounds 3] [--log-every 10]
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from gptmod.data import TokenLoader, prepare
 from gptmod_jax.train import Trainer
 
 
-def timed(trainer: Trainer, data: TokenLoader, tc: training.TrainConfig, start: int, n: int, every: int) -> float:
-    """Seconds per step over steps [start, start + n), reading the loss every `every` steps and at the end."""
+def timed(
+    trainer: Trainer, data: TokenLoader, tc: training.TrainConfig, start: int, n: int, every: int
+) -> float:
+    """Seconds per step over steps [start, start + n), reading the loss
+    every `every` steps and at the end."""
     shape = (tc.grad_accum, tc.batch_size, tc.block_size)
     t0 = time.perf_counter()
     for s in range(start, start + n):
@@ -51,8 +55,12 @@ def main() -> int:
     tc = training.TrainConfig(steps=10_000, warmup_steps=10)
     with tempfile.TemporaryDirectory() as tmp:
         prepare("bundled", Path(tmp) / "shk", progress=False)  # the eight bundled plays
-        data = TokenLoader(Path(tmp) / "shk", "train", block_size=tc.block_size, batch_size=tc.batch_size, seed=0)
-        model = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), training.init_state(cfg, 0))
+        data = TokenLoader(
+            Path(tmp) / "shk", "train", block_size=tc.block_size, batch_size=tc.batch_size, seed=0
+        )
+        model = gptmod_jax.load_state(
+            gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), training.init_state(cfg, 0)
+        )
         trainer = Trainer(model, tc)
         step = 0
         timed(trainer, data, tc, step, 2, 1)  # compile
@@ -60,17 +68,28 @@ def main() -> int:
         per = {"each": [], "every": []}
         for r in range(a.rounds):
             for mode in ("each", "every") if r % 2 == 0 else ("every", "each"):
-                per[mode].append(timed(trainer, data, tc, step, a.steps, 1 if mode == "each" else a.log_every))
+                per[mode].append(
+                    timed(trainer, data, tc, step, a.steps, 1 if mode == "each" else a.log_every)
+                )
                 step += a.steps
     each, every = statistics.median(per["each"]), statistics.median(per["every"])
-    print(f"{a.preset}, batch {tc.batch_size} x block {tc.block_size}, {a.rounds} rounds of {a.steps} steps:")
+    print(
+        f"{a.preset}, batch {tc.batch_size} x block {tc.block_size}, {a.rounds} "
+        f"rounds of {a.steps} steps:"
+    )
 
     def ms(ts: list[float]) -> str:
         return ", ".join(f"{t * 1e3:.0f}" for t in ts)
 
     print(f"  read each step:      {each * 1e3:8.1f} ms/step  (rounds: {ms(per['each'])})")
-    print(f"  read every {a.log_every:<3d} steps: {every * 1e3:8.1f} ms/step  (rounds: {ms(per['every'])})")
-    print(f"  cost of the per-step read: {100 * (each / every - 1):+.1f}% of a step (median of rounds)")
+    print(
+        f"  read every {a.log_every:<3d} steps: {every * 1e3:8.1f} ms/step  "
+        f"(rounds: {ms(per['every'])})"
+    )
+    print(
+        f"  cost of the per-step read: {100 * (each / every - 1):+.1f}% "
+        "of a step (median of rounds)"
+    )
     return 0
 
 

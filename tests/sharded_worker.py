@@ -4,8 +4,8 @@ it builds the model sharded on a 2x4 mesh from the same canonical weights as an 
 prints, as one JSON object, how far the sharded forward, generation and training are from the
 unsharded ones, the shardings the parameters got, and the collectives in one compiled train step.
 
-With the argument `kv` it checks KV-head replication instead (`kv_replication`): tiny, 2 KV heads, on
-data=2,model=4, where each KV head is replicated over two devices."""
+With the argument `kv` it checks KV-head replication instead (`kv_replication`): tiny, 2 KV heads,
+on data=2,model=4, where each KV head is replicated over two devices."""
 
 from __future__ import annotations
 
@@ -28,7 +28,12 @@ from gptmod_jax.train import Trainer
 jg = importlib.import_module("gptmod_jax.generate")
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [120, 8], [33, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9], [7, 7, 7]]
+PROMPTS = [
+    [5, 17, 99, 3, 250, 41, 7],
+    [120, 8],
+    [33, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9],
+    [7, 7, 7],
+]
 
 
 def collectives(hlo: str) -> dict[str, int]:
@@ -40,11 +45,12 @@ def main() -> None:
     if sys.argv[1:] == ["kv"]:
         json.dump(kv_replication(), sys.stdout)
         return
-    # n_kv_head 4 so that tensor parallelism over model=4 splits whole kv heads; an untied head with biases
-    # puts every kind of parameter (lm_head, bias vectors) under the rules.
+    # n_kv_head 4 so that tensor parallelism over model=4 splits whole kv heads; an untied head with
+    # biases puts every kind of parameter (lm_head, bias vectors) under the rules.
     cfg = dataclasses.replace(load_preset("tiny"), n_kv_head=4, tie_embeddings=False, bias=True)
     ref = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
-    state = {k: v * 4 if v.ndim == 2 else v for k, v in gptmod_jax.export_state(ref).items()}  # varied tokens
+    # varied tokens
+    state = {k: v * 4 if v.ndim == 2 else v for k, v in gptmod_jax.export_state(ref).items()}
     gptmod_jax.load_state(ref, state)
     rng = np.random.default_rng(0)
     idx = rng.integers(0, cfg.vocab_size, (8, 24))
@@ -52,9 +58,13 @@ def main() -> None:
     want_tokens = jg.generate(ref, PROMPTS, 10)
     kw = dict(temperature=0.8, top_k=40, seed=3)
     want_sampled = jg.generate(ref, PROMPTS, 8, **kw)
-    tc = TrainConfig(steps=10, batch_size=8, block_size=24, warmup_steps=1, lr=1e-3, weight_decay=0.1)
-    batches = [(rng.integers(0, cfg.vocab_size, (2, 8, 24)), rng.integers(0, cfg.vocab_size, (2, 8, 24)))
-               for _ in range(3)]  # fmt: skip
+    tc = TrainConfig(
+        steps=10, batch_size=8, block_size=24, warmup_steps=1, lr=1e-3, weight_decay=0.1
+    )
+    batches = [
+        (rng.integers(0, cfg.vocab_size, (2, 8, 24)), rng.integers(0, cfg.vocab_size, (2, 8, 24)))
+        for _ in range(3)
+    ]
     base = Trainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc)
     want_loss, want_grads = base.grads(*batches[0])
     want_steps = [float(base.step(*b)["loss"]) for b in batches]
@@ -68,10 +78,14 @@ def main() -> None:
             model = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(1)), state)
             r["specs"] = {
                 name: [list(p) if isinstance(p, tuple) else p for p in v.sharding.spec]
-                for name, v in ((n, p[...]) for n, p in gptmod_jax.model._canonical_params(model).items())
+                for name, v in (
+                    (n, p[...]) for n, p in gptmod_jax.model._canonical_params(model).items()
+                )
             }
-            r["shard_shapes"] = {name: list(p[...].addressable_shards[0].data.shape)
-                                 for name, p in gptmod_jax.model._canonical_params(model).items()}  # fmt: skip
+            r["shard_shapes"] = {
+                name: list(p[...].addressable_shards[0].data.shape)
+                for name, p in gptmod_jax.model._canonical_params(model).items()
+            }
             got = np.asarray(model(sharding.shard_batch(idx, ("batch", None))), np.float64)
             r["logits_max_abs_diff"] = float(np.abs(got - want_logits).max())
             r["logits_max_abs"] = float(np.abs(want_logits).max())
@@ -82,40 +96,65 @@ def main() -> None:
             trainer = Trainer(model, tc)
             loss, grads = trainer.grads(*batches[0])
             r["grad_loss_diff"] = abs(loss - want_loss)
-            r["grad_max_rel_diff"] = max(float(np.abs(grads[n] - want_grads[n]).max() / np.abs(want_grads[n]).max())
-                                         for n in grads if np.abs(want_grads[n]).max() > 0)  # fmt: skip
+            r["grad_max_rel_diff"] = max(
+                float(np.abs(grads[n] - want_grads[n]).max() / np.abs(want_grads[n]).max())
+                for n in grads
+                if np.abs(want_grads[n]).max() > 0
+            )
             x = trainer._batch(batches[0][0], (None, "batch", None))
-            hlo = Trainer._step.lower(trainer, trainer.params, trainer.opt_state, x, x).compile().as_text()
+            hlo = (
+                Trainer._step.lower(trainer, trainer.params, trainer.opt_state, x, x)
+                .compile()
+                .as_text()
+            )
             r["collectives"] = collectives(hlo)
-            r["hlo_param_shapes"] = sorted(set(re.findall(r"= (f32\[[0-9,]*\])[^ ]* parameter\(", hlo)))
+            r["hlo_param_shapes"] = sorted(
+                set(re.findall(r"= (f32\[[0-9,]*\])[^ ]* parameter\(", hlo))
+            )
             r["step_losses"] = [float(trainer.step(*b)["loss"]) for b in batches]
-            r["opt_spec_w_up"] = str(optax_moment(trainer, "blocks.0.mlp.w_up.weight").sharding.spec)
+            r["opt_spec_w_up"] = str(
+                optax_moment(trainer, "blocks.0.mlp.w_up.weight").sharding.spec
+            )
         got_state = trainer.export_state()
-        r["step_loss_max_diff"] = float(np.abs(np.array(r["step_losses"]) - np.array(want_steps)).max())
-        r["param_abs_diff"] = {n: float(np.abs(got_state[n] - want_state[n]).max()) for n in got_state}
+        r["step_loss_max_diff"] = float(
+            np.abs(np.array(r["step_losses"]) - np.array(want_steps)).max()
+        )
+        r["param_abs_diff"] = {
+            n: float(np.abs(got_state[n] - want_state[n]).max()) for n in got_state
+        }
         out["presets"][preset] = r
     out["adam_travel"] = tc.lr * len(batches)  # the most any parameter can move in these steps
     json.dump(out, sys.stdout)
 
 
 def kv_replication() -> dict:
-    """tiny (4 query, 2 KV heads) on data=2,model=4 under tp and fsdp, built with `use_mesh(..., cfg=cfg)`:
-    how far logits, greedy tokens and a train step are from one device; where wk and the cache sit; and
-    the collectives of a compiled forward and decode step beside a 4-KV-head twin of tiny, whose KV heads
-    split evenly over model=4 (one per device, no replication)."""
+    """tiny (4 query, 2 KV heads) on data=2,model=4 under tp and fsdp, built
+    with `use_mesh(..., cfg=cfg)`:
+    how far logits, greedy tokens and a train step are from one device; where wk and the cache sit;
+    and the collectives of a compiled forward and decode step beside a 4-KV-head twin of tiny, whose
+    KV heads split evenly over model=4 (one per device, no replication)."""
     cfg = load_preset("tiny")
     ref = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
     # Larger weights (the tied embedding aside) for varied greedy tokens.
-    state = {k: v * 8 if v.ndim == 2 and "emb" not in k else v for k, v in gptmod_jax.export_state(ref).items()}
+    state = {
+        k: v * 8 if v.ndim == 2 and "emb" not in k else v
+        for k, v in gptmod_jax.export_state(ref).items()
+    }
     gptmod_jax.load_state(ref, state)
     rng = np.random.default_rng(1)
     idx = rng.integers(0, cfg.vocab_size, (8, 24))
     want_logits = np.asarray(ref(idx), np.float64)
     want_tokens = jg.generate(ref, PROMPTS, 10)
-    tc = TrainConfig(steps=10, batch_size=8, block_size=24, warmup_steps=1, lr=1e-3, weight_decay=0.1)
-    batch = (rng.integers(0, cfg.vocab_size, (1, 8, 24)), rng.integers(0, cfg.vocab_size, (1, 8, 24)))
+    tc = TrainConfig(
+        steps=10, batch_size=8, block_size=24, warmup_steps=1, lr=1e-3, weight_decay=0.1
+    )
+    batch = (
+        rng.integers(0, cfg.vocab_size, (1, 8, 24)),
+        rng.integers(0, cfg.vocab_size, (1, 8, 24)),
+    )
     base = Trainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc)
-    want_losses = [float(base.step(*batch)["loss"]) for _ in range(2)]  # the second loss follows an update
+    # the second loss follows an update
+    want_losses = [float(base.step(*batch)["loss"]) for _ in range(2)]
     mesh = sharding.make_mesh("data=2,model=4")
     out: dict = {"cfg": cfg.to_dict(), "want_tokens": want_tokens, "presets": {}}
     for preset in ("tp", "fsdp"):
@@ -124,17 +163,24 @@ def kv_replication() -> dict:
             model = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(1)), state)
             attn = model.blocks[0].attn
             r["mesh"] = {name: int(size) for name, size in factored.shape.items()}
-            r["wq_spec"], r["wk_spec"] = str(attn.wq.weight[...].sharding.spec), str(attn.wk.weight[...].sharding.spec)
+            r["wq_spec"], r["wk_spec"] = (
+                str(attn.wq.weight[...].sharding.spec),
+                str(attn.wk.weight[...].sharding.spec),
+            )
             r["wk_shard_rows"] = int(attn.wk.weight[...].addressable_shards[0].data.shape[0])
             x = sharding.shard_batch(idx, ("batch", None))
             got = np.asarray(model(x), np.float64)
             r["logits_max_abs_diff"] = float(np.abs(got - want_logits).max())
             r["logits_max_abs"] = float(np.abs(want_logits).max())
             r["tokens_equal"] = jg.generate(model, PROMPTS, 10) == want_tokens
-            if preset == "tp":  # the collectives of a forward and of a decode step; where the cache's keys sit
+            # the collectives of a forward and of a decode step; where the cache's keys sit
+            if preset == "tp":
                 decode = decode_step(model)
                 cache_k = decode.output_shardings[1]["blocks"][0]["attn"]["kv_cache"]["k"]
-                r["cache_spec"], r["cache_shard_heads"] = str(cache_k.spec), cache_k.shard_shape((8, 2, 16, 32))[1]
+                r["cache_spec"], r["cache_shard_heads"] = (
+                    str(cache_k.spec),
+                    cache_k.shard_shape((8, 2, 16, 32))[1],
+                )
                 r["collectives"] = {
                     "forward": collectives(forward_hlo(model, x)),
                     "decode": collectives(decode.as_text()),
@@ -143,14 +189,18 @@ def kv_replication() -> dict:
             r["step_losses"] = [float(trainer.step(*batch)["loss"]) for _ in range(2)]
         r["step_loss_max_diff"] = float(np.abs(np.subtract(r["step_losses"], want_losses)).max())
         out["presets"][preset] = r
-    # The same mesh and rules, KV heads that split evenly (one per device): what attention costs without replication.
+    # The same mesh and rules, KV heads that split evenly (one per device): what attention costs
+    # without replication.
     even = dataclasses.replace(cfg, n_kv_head=4)
     with sharding.use_mesh(mesh, "tp", cfg=even):
         model = gptmod_jax.GPT(even, rngs=nnx.Rngs(0))
         x = sharding.shard_batch(idx, ("batch", None))
-        out["even_collectives"] = {"forward": collectives(forward_hlo(model, x)),
-                                   "decode": collectives(decode_step(model).as_text())}  # fmt: skip
-    # Without cfg, use_mesh cannot factor the mesh: building tiny there refuses rather than cut KV heads in pieces.
+        out["even_collectives"] = {
+            "forward": collectives(forward_hlo(model, x)),
+            "decode": collectives(decode_step(model).as_text()),
+        }
+    # Without cfg, use_mesh cannot factor the mesh: building tiny there
+    # refuses rather than cut KV heads in pieces.
     with sharding.use_mesh(mesh, "tp"):
         try:
             gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
@@ -162,11 +212,14 @@ def kv_replication() -> dict:
 
 def forward_hlo(model: gptmod_jax.GPT, x: jax.Array) -> str:
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).compile().as_text()
+    return (
+        jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).compile().as_text()
+    )
 
 
 def decode_step(model: gptmod_jax.GPT, batch: int = 8, max_len: int = 32) -> jax.stages.Compiled:
-    """One cached decode step, compiled (the cache built inside the jit, as `generate` builds it)."""
+    """One cached decode step, compiled (the cache built inside the jit, as
+    `generate` builds it)."""
     graphdef, params = nnx.split(model, nnx.Param)
 
     def step(params, tok_B, pos_B):

@@ -19,14 +19,40 @@ from gptmod.config import load_preset
 
 TINY_OK = ["--preset", "tiny", "--new-tokens", "8", "--prompt-len", "16", "--contexts", "64"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TOP_KEYS = {"device", "preset", "dtype", "bandwidth_gb_s", "bandwidth_samples_gb_s", "bandwidth_method", "weight_bytes",
-            "roofline_tok_s", "versions", "rows", "scaling", "compile", "targets"}  # fmt: skip
-ROW_KEYS = {"framework", "mode", "batch", "prompt_len", "new_tokens", "prefill_tok_s", "decode_tok_s", "step_us",
-            "ttft_s", "compile_s", "peak_mem_mb", "roofline_fraction"}  # fmt: skip
+TOP_KEYS = {
+    "device",
+    "preset",
+    "dtype",
+    "bandwidth_gb_s",
+    "bandwidth_samples_gb_s",
+    "bandwidth_method",
+    "weight_bytes",
+    "roofline_tok_s",
+    "versions",
+    "rows",
+    "scaling",
+    "compile",
+    "targets",
+}
+ROW_KEYS = {
+    "framework",
+    "mode",
+    "batch",
+    "prompt_len",
+    "new_tokens",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "step_us",
+    "ttft_s",
+    "compile_s",
+    "peak_mem_mb",
+    "roofline_fraction",
+}
 
 
 def fake_generate(base_s: float, per_token_s: float, first_call_extra_s: float = 0.0):
-    """A generate(n) that costs base + per_token * n seconds, plus `first_call_extra_s` once (a compile)."""
+    """A generate(n) that costs base + per_token * n seconds, plus
+    `first_call_extra_s` once (a compile)."""
     calls: list[int] = []
 
     def run(n: int) -> None:
@@ -38,27 +64,40 @@ def fake_generate(base_s: float, per_token_s: float, first_call_extra_s: float =
 
 def test_measure_cell_follows_the_definitions():
     run, calls = fake_generate(0.02, 0.01, first_call_extra_s=0.25)
-    row = bench.measure_cell(run, "jax", batch=4, prompt_len=10, new_tokens=8, repeats=3, roofline_tok_s=1e3)
+    row = bench.measure_cell(
+        run, "jax", batch=4, prompt_len=10, new_tokens=8, repeats=3, roofline_tok_s=1e3
+    )
     assert calls == [8] * 4 + [1] * 4  # warm-up + 3 timed, for n and for 1
-    assert (row.framework, row.mode, row.batch, row.prompt_len, row.new_tokens) == ("jax", "jit", 4, 10, 8)
+    assert (row.framework, row.mode, row.batch, row.prompt_len, row.new_tokens) == (
+        "jax",
+        "jit",
+        4,
+        10,
+        8,
+    )
     assert row.ttft_s == pytest.approx(0.03, rel=0.15)
     assert row.prefill_tok_s == pytest.approx(4 * 10 / row.ttft_s)
-    assert row.decode_tok_s == pytest.approx(4 * 7 / 0.07, rel=0.15)  # batch * (n - 1) / (t(n) - t(1))
-    assert row.step_us == pytest.approx(1e4, rel=0.15)  # (t(n) - t(1)) / (n - 1): 10 ms, whatever the batch
+    # batch * (n - 1) / (t(n) - t(1))
+    assert row.decode_tok_s == pytest.approx(4 * 7 / 0.07, rel=0.15)
+    # (t(n) - t(1)) / (n - 1): 10 ms, whatever the batch
+    assert row.step_us == pytest.approx(1e4, rel=0.15)
     assert row.step_us == pytest.approx(1e6 * row.batch / row.decode_tok_s)
     assert row.compile_s == pytest.approx(0.25, abs=0.03)  # the warm-up's extra cost
     assert row.roofline_fraction is None  # batch 4: the roofline is a batch-1 ceiling
 
     run, _ = fake_generate(0.0, 0.01)
-    row = bench.measure_cell(run, "torch-eager", batch=1, prompt_len=5, new_tokens=5, repeats=1, roofline_tok_s=200.0)
+    row = bench.measure_cell(
+        run, "torch-eager", batch=1, prompt_len=5, new_tokens=5, repeats=1, roofline_tok_s=200.0
+    )
     assert row.compile_s is None and (row.framework, row.mode) == ("torch", "eager")
     assert row.decode_tok_s == pytest.approx(100.0, rel=0.15)
     assert row.roofline_fraction == pytest.approx(row.decode_tok_s / 200.0)
 
 
 def test_rss_peak_sees_a_temporary_allocation():
-    # A fresh anonymous mapping, not np.ones: an allocator that caches freed memory (numpy's, or one another
-    # library loaded into this process) may hand back pages that are resident already, and RSS would not grow.
+    # A fresh anonymous mapping, not np.ones: an allocator that caches freed
+    # memory (numpy's, or one another library loaded into this process) may
+    # hand back pages that are resident already, and RSS would not grow.
     with bench.rss_peak() as mem:
         block = mmap.mmap(-1, 200_000_000)
         np.frombuffer(block, np.uint8)[::4096] = 1  # a byte in every page, so each is resident
@@ -76,7 +115,8 @@ def test_peak_memory_counts_a_block_an_earlier_call_freed():
 
     work()  # the first call: glibc may keep this block on its heap for the next one
     assert 40 < bench.peak_memory(work, bench.rss_peak) < 120
-    assert 40 < bench.peak_memory(work, bench.rss_peak) < 120  # and again: nothing is silently reused
+    # and again: nothing is silently reused
+    assert 40 < bench.peak_memory(work, bench.rss_peak) < 120
 
 
 def test_bandwidth_and_weight_bytes():
@@ -90,8 +130,19 @@ def test_bandwidth_and_weight_bytes():
     assert bench.weight_bytes(model.to(torch.bfloat16)) == 2 * cfg.num_params()
 
 
-def _row(framework: str, mode: str, batch: int, decode: float, *, prompt_len: int = 32, fraction=None, compile_s=None):
-    return bench.Row(framework, mode, batch, prompt_len, 64, 1.0, decode, None, 1.0, compile_s, 0.0, fraction)
+def _row(
+    framework: str,
+    mode: str,
+    batch: int,
+    decode: float,
+    *,
+    prompt_len: int = 32,
+    fraction=None,
+    compile_s=None,
+):
+    return bench.Row(
+        framework, mode, batch, prompt_len, 64, 1.0, decode, None, 1.0, compile_s, 0.0, fraction
+    )
 
 
 def test_targets_judge_hand_made_rows():
@@ -102,7 +153,9 @@ def test_targets_judge_hand_made_rows():
         _row("hf", "generate", 1, 40.0),
         _row("jax", "jit", 8, 400.0, compile_s=3.0),
         _row("hf", "generate", 8, 400.0),
-        _row("jax", "jit", 1, 1.0, prompt_len=512, fraction=0.001),  # other prompt lengths are not judged
+        _row(
+            "jax", "jit", 1, 1.0, prompt_len=512, fraction=0.001
+        ),  # other prompt lengths are not judged
     ]
     got = {t.name: (t.value, t.threshold, t.met) for t in bench.targets(rows)}
     assert got == {
@@ -115,18 +168,44 @@ def test_targets_judge_hand_made_rows():
     }
     # Rows that were not measured leave their targets out instead of failing them.
     only_jax = bench.targets([_row("jax", "jit", 1, 10.0, fraction=0.3, compile_s=2.0)])
-    assert [(t.name, t.met) for t in only_jax] == [("jax decode >= 40% of roofline (batch 1)", False),
-                                                   ("jax generate compile <= 10 s", True)]  # fmt: skip
+    assert [(t.name, t.met) for t in only_jax] == [
+        ("jax decode >= 40% of roofline (batch 1)", False),
+        ("jax generate compile <= 10 s", True),
+    ]
 
 
 def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     out, plots = tmp_path / "bench.json", tmp_path / "plots" / "new"
     frameworks = ["jax", "jax-scan", "torch-eager", "hf"]
-    # 40 new tokens and 3 repeats: t(new_tokens) - t(1) must stand clear of the noise of a loaded machine.
-    code = bench.main(["--preset", "tiny", "--frameworks", ",".join(frameworks), "--batch", "1", "--batch", "8",
-                       "--prompt-len", "32", "--new-tokens", "40", "--repeats", "3",
-                       "--contexts", "64", "--compile-depths", "1", "2", "--json", str(out),
-                       "--plot", str(plots)])  # fmt: skip
+    # 40 new tokens and 3 repeats: t(new_tokens) - t(1) must stand clear of
+    # the noise of a loaded machine.
+    code = bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--frameworks",
+            ",".join(frameworks),
+            "--batch",
+            "1",
+            "--batch",
+            "8",
+            "--prompt-len",
+            "32",
+            "--new-tokens",
+            "40",
+            "--repeats",
+            "3",
+            "--contexts",
+            "64",
+            "--compile-depths",
+            "1",
+            "2",
+            "--json",
+            str(out),
+            "--plot",
+            str(plots),
+        ]
+    )
     assert code == 0
     r = json.loads(out.read_text())
     assert set(r) == TOP_KEYS
@@ -135,13 +214,22 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     assert set(r["versions"]) == {"torch", "jax", "flax", "transformers"}
     assert r["weight_bytes"] == 4 * cfg.num_params()
     assert r["roofline_tok_s"] == pytest.approx(r["bandwidth_gb_s"] * 1e9 / r["weight_bytes"])
-    assert len(r["bandwidth_samples_gb_s"]) == 2 and r["bandwidth_gb_s"] == max(r["bandwidth_samples_gb_s"])
+    assert len(r["bandwidth_samples_gb_s"]) == 2 and r["bandwidth_gb_s"] == max(
+        r["bandwidth_samples_gb_s"]
+    )
     assert r["bandwidth_method"] == "sum"  # the CPU's read bandwidth (a GPU run: "copy")
-    assert [(c["n_layer"], c["scan_layers"]) for c in r["compile"]] == [(1, False), (1, True), (2, False), (2, True)]
+    assert [(c["n_layer"], c["scan_layers"]) for c in r["compile"]] == [
+        (1, False),
+        (1, True),
+        (2, False),
+        (2, True),
+    ]
     assert all(c["trace_s"] > 0 and c["compile_s"] > 0 for c in r["compile"])
 
     cells = [(x["framework"], x["mode"], x["batch"], x["prompt_len"]) for x in r["rows"]]
-    assert sorted(cells) == sorted((*bench.FRAMEWORKS[f], b, 32) for f in frameworks for b in (1, 8))
+    assert sorted(cells) == sorted(
+        (*bench.FRAMEWORKS[f], b, 32) for f in frameworks for b in (1, 8)
+    )
     for x in r["rows"]:
         assert set(x) == ROW_KEYS and x["new_tokens"] == 40
         for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
@@ -156,25 +244,34 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
             assert x["roofline_fraction"] is None
 
     assert sorted((s["framework"], s["context"], s["cache"]) for s in r["scaling"]) == sorted(
-        (f, 64, k) for f in ("jax", "torch") for k in (True, False))  # fmt: skip
+        (f, 64, k) for f in ("jax", "torch") for k in (True, False)
+    )
     assert all(s["per_token_s"] is None or s["per_token_s"] > 0 for s in r["scaling"])
     names = {t["name"] for t in r["targets"]}
     assert {"jax decode >= 2x hf (batch 1)", "jax generate compile <= 10 s"} <= names
     for t in r["targets"]:
         assert set(t) == {"name", "value", "threshold", "met"}
-        assert t["met"] == (t["value"] <= t["threshold"] if "<=" in t["name"] else t["value"] >= t["threshold"])
+        assert t["met"] == (
+            t["value"] <= t["threshold"] if "<=" in t["name"] else t["value"] >= t["threshold"]
+        )
 
     expected = {"decode_vs_batch.png", "ttft.png", "scaling_context.png"}
     assert {p.name for p in plots.iterdir()} == expected
     assert all((plots / name).read_bytes()[:8] == PNG_MAGIC for name in expected)
     text = capsys.readouterr().out
-    assert "decode tok/s" in text and "µs/step" in text and "% roofline" in text and "met" in text.lower()
+    assert (
+        "decode tok/s" in text
+        and "µs/step" in text
+        and "% roofline" in text
+        and "met" in text.lower()
+    )
 
 
 def test_torch_compile_cell_reports_its_compile_time():
     cfg = load_preset("tiny")
     models = bench.build_models(cfg, ["torch-compile"])
-    # Enough tokens and repeats that the decode span (full minus first-token median) clears timer noise.
+    # Enough tokens and repeats that the decode span (full minus first-token
+    # median) clears timer noise.
     row, again = bench.run_grid(models, ["torch-compile"], [1, 1], [8], new_tokens=24, repeats=3)
     assert (row.framework, row.mode) == ("torch", "compile")
     assert row.compile_s > 0.5 and row.decode_tok_s > 0
@@ -188,16 +285,26 @@ def test_torch_compile_cell_reports_its_compile_time():
         (["--batch", "0"], "--batch 0: must be >= 1"),
         (["--repeats", "0"], "--repeats 0: must be >= 1"),
         (["--prompt-len", "250"], "--prompt-len 250: must be >= 1 with prompt_len + new_tokens"),
-        (["--contexts", "300"], "--contexts 300: must be in (scaling new tokens=16, max_seq_len=256]"),
+        (
+            ["--contexts", "300"],
+            "--contexts 300: must be in (scaling new tokens=16, max_seq_len=256]",
+        ),
         (["--contexts", "4"], "--contexts 4: must be in"),
-        (["--frameworks", "jax,tf"], "argument --frameworks: 'jax,tf': choose a comma-separated subset of"),
+        (
+            ["--frameworks", "jax,tf"],
+            "argument --frameworks: 'jax,tf': choose a comma-separated subset of",
+        ),
         (["--preset", "nope"], "--preset: invalid choice"),
         (["--config", "/nonexistent.json"], "--config /nonexistent.json: no such file"),
-        (["--json", "/nonexistent/out.json"], "--json /nonexistent/out.json: folder /nonexistent does not exist"),
+        (
+            ["--json", "/nonexistent/out.json"],
+            "--json /nonexistent/out.json: folder /nonexistent does not exist",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_flag(args, needle, capsys):
-    # Valid small settings for tiny (max_seq_len 256) first, so only the flag under test can be refused.
+    # Valid small settings for tiny (max_seq_len 256) first, so only the
+    # flag under test can be refused.
     base = [] if "--preset" in args or "--config" in args else TINY_OK
     with pytest.raises(SystemExit) as e:
         bench.main([*base, *args])
@@ -208,25 +315,37 @@ def test_bad_arguments_exit_2_naming_the_flag(args, needle, capsys):
 def test_copy_bandwidth_and_the_roofline_arithmetic(monkeypatch):
     assert bench.copy_gb_s(10**9, 3, 2.0) == 3.0  # 3 copies read and write 1 GB each: 6 GB in 2 s
     assert bench.roofline_tok_s(4000.0, 2 * 10**9) == 2000.0  # 4 TB/s over 2 GB of weights per step
-    bw = bench.measure_copy_bandwidth(16 << 20, "cpu", passes=2, copies=2)  # the same copies, host-timed
+    # the same copies, host-timed
+    bw = bench.measure_copy_bandwidth(16 << 20, "cpu", passes=2, copies=2)
     assert math.isfinite(bw) and bw > 0.1
     seen = []
-    monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda n, d: seen.append(("copy", n, d)) or 4000.0)
+    monkeypatch.setattr(
+        bench, "measure_copy_bandwidth", lambda n, d: seen.append(("copy", n, d)) or 4000.0
+    )
     monkeypatch.setattr(bench, "measure_bandwidth", lambda n, d: seen.append(("sum", n, d)) or 20.0)
     assert (bench.bandwidth("gpu"), bench.bandwidth("cpu")) == (4000.0, 20.0)
     assert seen == [("copy", bench.BANDWIDTH_BYTES, "gpu"), ("sum", bench.BANDWIDTH_BYTES, "cpu")]
 
 
 def test_cudagraphs_framework_is_gpu_only():
-    assert bench.FRAMEWORKS["torch-cudagraphs"] == ("torch", "cudagraphs") and "cudagraphs" in bench.COMPILED
+    assert (
+        bench.FRAMEWORKS["torch-cudagraphs"] == ("torch", "cudagraphs")
+        and "cudagraphs" in bench.COMPILED
+    )
     for defaults in (bench.FULL, bench.QUICK):
         on_cpu = bench.select_frameworks(None, defaults["frameworks"], "cpu")
         on_gpu = bench.select_frameworks(None, defaults["frameworks"], "gpu")
         assert "torch-cudagraphs" not in on_cpu and "torch-compile" in on_cpu
         assert on_gpu == defaults["frameworks"] and "torch-cudagraphs" in on_gpu
-    assert bench.select_frameworks(["hf", "torch-cudagraphs"], [], "gpu") == ["hf", "torch-cudagraphs"]
-    with pytest.raises(ValueError, match=r"^--frameworks torch-cudagraphs: CUDA graphs need --device gpu \(the "
-                       r"device is cpu\)$"):  # fmt: skip
+    assert bench.select_frameworks(["hf", "torch-cudagraphs"], [], "gpu") == [
+        "hf",
+        "torch-cudagraphs",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"^--frameworks torch-cudagraphs: CUDA graphs need --device "
+        r"gpu \(the device is cpu\)$",
+    ):
         bench.select_frameworks(["jax", "torch-cudagraphs"], [], "cpu")
 
 
@@ -235,36 +354,68 @@ def test_cudagraphs_on_the_cpu_is_a_one_line_error(capsys):
         bench.main([*TINY_OK, "--frameworks", "torch-eager,torch-cudagraphs"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "gptmod bench: error: --frameworks torch-cudagraphs: CUDA graphs need --device gpu (the " \
-                      "device is cpu)"  # fmt: skip
+    assert (
+        err[-1] == "gptmod bench: error: --frameworks torch-cudagraphs: CUDA graphs need "
+        "--device gpu (the device is cpu)"
+    )
 
 
 def test_torch_runners_pass_their_compile_mode(monkeypatch):
     import importlib
 
-    tg = importlib.import_module("gptmod_torch.generate")  # the package exports the function under that name
+    # the package exports the function under that name
+    tg = importlib.import_module("gptmod_torch.generate")
     seen = []
-    monkeypatch.setattr(tg, "generate", lambda model, ids, n, compile, **kw: seen.append((model, n, compile, kw)))
+    monkeypatch.setattr(
+        tg, "generate", lambda model, ids, n, compile, **kw: seen.append((model, n, compile, kw))
+    )
     models = bench.Models(load_preset("tiny"), "cpu", torch_model="M")
     ids = np.zeros((1, 4), np.int64)
     for name in ("torch-eager", "torch-compile", "torch-cudagraphs"):
         bench.runner(models, name, ids)(3)
     bench.runner(models, "torch-cudagraphs", ids, use_cache=False)(2)
-    assert seen == [("M", 3, False, {}), ("M", 3, "default", {}), ("M", 3, "reduce-overhead", {}),
-                    ("M", 2, "reduce-overhead", {"use_cache": False})]  # fmt: skip
+    assert seen == [
+        ("M", 3, False, {}),
+        ("M", 3, "default", {}),
+        ("M", 3, "reduce-overhead", {}),
+        ("M", 2, "reduce-overhead", {"use_cache": False}),
+    ]
 
 
 def test_report_names_the_gpu_copy_bandwidth_and_step_time():
     row = bench.Row("torch", "cudagraphs", 1, 32, 64, 1e4, 2000.0, 500.0, 0.01, 3.0, 10.0, 0.4)
-    result = {"device": "H200", "preset": "gpt2", "dtype": "bfloat16", "bandwidth_gb_s": 4000.0,
-              "bandwidth_samples_gb_s": [3900.0, 4000.0], "bandwidth_method": "copy", "weight_bytes": 2 * 10**8,
-              "roofline_tok_s": 20000.0, "rows": [dataclasses.asdict(row)], "scaling": [], "compile": []}  # fmt: skip
+    result = {
+        "device": "H200",
+        "preset": "gpt2",
+        "dtype": "bfloat16",
+        "bandwidth_gb_s": 4000.0,
+        "bandwidth_samples_gb_s": [3900.0, 4000.0],
+        "bandwidth_method": "copy",
+        "weight_bytes": 2 * 10**8,
+        "roofline_tok_s": 20000.0,
+        "rows": [dataclasses.asdict(row)],
+        "scaling": [],
+        "compile": [],
+    }
     lines = bench.format_report(result).splitlines()
     assert "HBM copy bandwidth 3900.0/4000.0 GB/s (start/end)" in lines[0]
     header, cells = lines[2].split(), lines[4].split()
     assert header[5:12] == ["prefill", "tok/s", "decode", "tok/s", "µs/step", "TTFT", "s"]
-    assert cells == ["torch", "cudagraphs", "1", "32", "64", "10000", "2000.0", "500", "0.010", "3.0", "10", "40.0",
-                     "-"]  # fmt: skip
+    assert cells == [
+        "torch",
+        "cudagraphs",
+        "1",
+        "32",
+        "64",
+        "10000",
+        "2000.0",
+        "500",
+        "0.010",
+        "3.0",
+        "10",
+        "40.0",
+        "-",
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
@@ -284,29 +435,68 @@ def test_cli_forwards_bench(capsys):
 
 
 def test_real_weights_run_in_every_framework_hf_included(tmp_path, capsys):
-    """--weights: the checkpoint's own config, and the same weights in torch, JAX and HF (HF's logits are ours)."""
+    """--weights: the checkpoint's own config, and the same weights in torch, JAX and HF (HF's
+    logits are ours)."""
     from gptmod import hf_llama, weights
     from gptmod.config import ModelConfig
 
-    cfg = ModelConfig(vocab_size=300, max_seq_len=128, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
-                      pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=300,
+        max_seq_len=128,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=32,
+        d_ff=64,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+    )
     rng = np.random.default_rng(0)
-    state = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in weights.canonical_shapes(cfg).items()}
+    state = {
+        k: (rng.standard_normal(s) * 0.1).astype(np.float32)
+        for k, s in weights.canonical_shapes(cfg).items()
+    }
     weights.save(tmp_path / "m.safetensors", state, cfg)
     hf = bench.hf_model(cfg, state)
     ids = torch.tensor([[1, 5, 7, 9, 200]])
     models = bench.build_models(cfg, ["torch-eager", "hf"], state=state)
     with torch.no_grad():
         ours, theirs = models.torch_model(ids), hf(ids).logits
-    assert torch.allclose(ours, theirs, atol=1e-5) and hf.model.embed_tokens.weight.shape == (300, 32)
+    assert torch.allclose(ours, theirs, atol=1e-5) and hf.model.embed_tokens.weight.shape == (
+        300,
+        32,
+    )
     assert type(hf).__name__ == "LlamaForCausalLM" and hf_llama.llama_problems(cfg) == []
     out = tmp_path / "b.json"
-    code = bench.main(["--weights", str(tmp_path / "m.safetensors"), "--frameworks", "jax,hf", "--batch", "1",
-                       "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--no-scaling",
-                       "--no-compile-table", "--contexts", "64", "--json", str(out)])  # fmt: skip
+    code = bench.main(
+        [
+            "--weights",
+            str(tmp_path / "m.safetensors"),
+            "--frameworks",
+            "jax,hf",
+            "--batch",
+            "1",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--no-scaling",
+            "--no-compile-table",
+            "--contexts",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     r = json.loads(out.read_text())
-    assert r["preset"] == str(tmp_path / "m.safetensors") and r["weight_bytes"] == 4 * cfg.num_params()
+    assert (
+        r["preset"] == str(tmp_path / "m.safetensors") and r["weight_bytes"] == 4 * cfg.num_params()
+    )
     assert [row["framework"] for row in r["rows"]] == ["jax", "hf"]
     assert bench.main(["--weights", str(tmp_path / "missing.gguf")]) == 2
     assert "gptmod bench: error: --weights" in capsys.readouterr().err

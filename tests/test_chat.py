@@ -1,5 +1,6 @@
-"""Chat: template rendering against transformers' apply_chat_template, the Session's KV cache across turns on the
-real SmolLM2 in both twins, and `gptmod chat` in-process (piped stdin, errors, Ctrl-C)."""
+"""Chat: template rendering against transformers' apply_chat_template, the
+Session's KV cache across turns on the real SmolLM2 in both twins, and
+`gptmod chat` in-process (piped stdin, errors, Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -34,17 +35,23 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def smol():
-    """(SmolLM2 through gptmod.pretrained.load, transformers' tokenizer of the same GGUF: the oracle)."""
+    """(SmolLM2 through gptmod.pretrained.load, transformers' tokenizer of
+    the same GGUF: the oracle)."""
     from transformers import AutoTokenizer
 
     path = smollm2_gguf_path()
-    return pretrained.load("smollm2"), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return pretrained.load("smollm2"), AutoTokenizer.from_pretrained(
+        path.parent, gguf_file=path.name
+    )
 
 
 @pytest.fixture(scope="module")
 def smol_models(smol):
     p, _ = smol
-    return {fw: build_model(fw, p.cfg, p.state, "sdpa" if fw == "torch" else "auto", 0) for fw in ("torch", "jax")}
+    return {
+        fw: build_model(fw, p.cfg, p.state, "sdpa" if fw == "torch" else "auto", 0)
+        for fw in ("torch", "jax")
+    }
 
 
 CONVERSATIONS = {
@@ -70,43 +77,69 @@ def test_render_gives_the_ids_of_apply_chat_template(smol, name):
     p, hf_tok = smol
     messages = CONVERSATIONS[name]
     for gen_prompt in (True, False):
-        text = chat.render(p.chat_template, messages, add_generation_prompt=gen_prompt, bos_token=hf_tok.bos_token,
-                           eos_token=hf_tok.eos_token)  # fmt: skip
+        text = chat.render(
+            p.chat_template,
+            messages,
+            add_generation_prompt=gen_prompt,
+            bos_token=hf_tok.bos_token,
+            eos_token=hf_tok.eos_token,
+        )
         ours = hf_tok(text, add_special_tokens=False)["input_ids"]
-        theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=True)
+        theirs = hf_tok.apply_chat_template(
+            messages, add_generation_prompt=gen_prompt, tokenize=True
+        )
         theirs = theirs["input_ids"] if isinstance(theirs, Mapping) else theirs
         assert ours == theirs
     assert text.endswith("<|im_end|>\n") and "<|im_start|>assistant\n" not in text[-25:]
-    # The rendering is the same through the Chat helper, with the tokenizer's own special-token texts.
+    # The rendering is the same through the Chat helper, with the
+    # tokenizer's own special-token texts.
     session = types.SimpleNamespace()
     c = chat.Chat(session, p.tokenizer, p.chat_template, [2])
     assert c.specials == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
-    assert c.context(messages) == hf_tok.apply_chat_template(messages, add_generation_prompt=True,
-                                                             tokenize=True)["input_ids"]  # fmt: skip
+    assert (
+        c.context(messages)
+        == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+    )
 
 
 def test_render_environment_matches_transformers():
     msgs = [{"role": "user", "content": "a<b>&'c"}, {"role": "assistant", "content": "x"}]
     # trim_blocks + lstrip_blocks: a block tag's own line leaves nothing behind.
-    t = "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    {% endif %}\n{% endfor %}"
+    t = (
+        "{% for m in messages %}\n    {% if m.role == 'user' %}\nU:{{ m.content }}\n    "
+        "{% endif %}\n{% endfor %}"
+    )
     assert chat.render(t, msgs) == "U:a<b>&'c\n"
     # tojson keeps <, >, & and ' as they are (Jinja's own would escape them), and takes indent.
-    assert chat.render("{{ messages[0] | tojson }}", msgs) == '{"role": "user", "content": "a<b>&\'c"}'
+    assert (
+        chat.render("{{ messages[0] | tojson }}", msgs) == '{"role": "user", "content": "a<b>&\'c"}'
+    )
     assert chat.render("{{ {'a': 1} | tojson(indent=2) }}", msgs) == '{\n  "a": 1\n}'
     # loop controls, namespace, dict, the generation marker, extra variables, bos/eos tokens.
-    t = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
-         "{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ dict(a=1)['a'] }}|{% generation %}G{% endgeneration %}"
-         "|{{ bos_token }}{{ eos_token }}|{{ when }}|{{ add_generation_prompt }}")  # fmt: skip
-    assert chat.render(t, msgs, bos_token="<s>", eos_token="</s>", when="today") == "1|1|G|<s></s>|today|True"
+    t = (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 1 %}{% "
+        "break %}{% endif %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|{{ "
+        "dict(a=1)['a'] }}|{% generation %}G{% endgeneration %}|{{ bos_token }}{{ eos_token "
+        "}}|{{ when }}|{{ add_generation_prompt }}"
+    )
+    assert (
+        chat.render(t, msgs, bos_token="<s>", eos_token="</s>", when="today")
+        == "1|1|G|<s></s>|today|True"
+    )
     assert len(chat.render("{{ strftime_now('%Y-%m-%d') }}", msgs)) == 10
-    with pytest.raises(chat.ChatTemplateError, match="chat template: Conversation roles must alternate"):
+    with pytest.raises(
+        chat.ChatTemplateError, match="chat template: Conversation roles must alternate"
+    ):
         chat.render("{{ raise_exception('Conversation roles must alternate') }}", msgs)
 
 
 def test_render_is_sandboxed_and_refuses_bad_input():
     msgs = [{"role": "user", "content": "x"}]
     with pytest.raises(
-        chat.ChatTemplateError, match="chat template: access to attribute '__class__' of 'str' object is unsafe"
+        chat.ChatTemplateError,
+        match="chat template: access to attribute '__class__' of 'str' object is unsafe",
     ):
         chat.render("{{ ''.__class__.__mro__ }}", msgs)
     with pytest.raises(chat.ChatTemplateError, match="namespace attribute '_x'"):
@@ -123,7 +156,12 @@ def test_render_is_sandboxed_and_refuses_bad_input():
 
 class _Vocab:
     def __init__(self, specials):
-        self.specials, self.bos_id, self.eos_id, self.special_tokens = specials, None, None, dict(specials)
+        self.specials, self.bos_id, self.eos_id, self.special_tokens = (
+            specials,
+            None,
+            None,
+            dict(specials),
+        )
 
     def token_id(self, text):
         if text not in self.specials:
@@ -133,14 +171,18 @@ class _Vocab:
 
 def test_stop_ids_are_eos_plus_the_end_of_turn_tokens_the_template_writes(smol):
     p, _ = smol
-    assert chat.chat_stop_ids(p.chat_template, p.tokenizer, p.eos_ids) == [2]  # <|im_end|> is SmolLM2's eos
-    llama3 = "{{ '<|start_header_id|>' + m + '<|end_header_id|>' }}{{ '<|eot_id|>' }}{{ '<|eom_id|>' }}"
+    # <|im_end|> is SmolLM2's eos
+    assert chat.chat_stop_ids(p.chat_template, p.tokenizer, p.eos_ids) == [2]
+    llama3 = (
+        "{{ '<|start_header_id|>' + m + '<|end_header_id|>' }}{{ '<|eot_id|>' }}{{ '<|eom_id|>' }}"
+    )
     vocab = _Vocab({"<|eot_id|>": 128009, "<|eom_id|>": 128008, "<|im_end|>": 7})
     assert chat.chat_stop_ids(llama3, vocab, [128001, 128009]) == [128001, 128009, 128008]
-    assert chat.chat_stop_ids("{{ '<|im_end|>' }}", _Vocab({}), [0]) == [0]  # not in the vocabulary: not a stop
+    # not in the vocabulary: not a stop
+    assert chat.chat_stop_ids("{{ '<|im_end|>' }}", _Vocab({}), [0]) == [0]
 
 
-# ----------------------------------------------------------------------------- the Session on the real model
+# -------------------------------------------------------------------- the Session on the real model
 
 
 def _fresh_logits(framework, model, ids):
@@ -160,17 +202,22 @@ def test_real_model_session_reuses_the_cache_across_turns(smol, smol_models, fra
     reply = list(session.stream(ids1, 6, stop_ids=[2]))
     assert session.capacity == 256 and (session.last_prefill, session.last_reused) == (len(ids1), 0)
     # Turn 2: the whole conversation again; the cache holds all but the reply's last (unfed) token.
-    turn2 = [*turn1, {"role": "assistant", "content": hf_tok.decode(reply)},
-             {"role": "user", "content": "And of Italy?"}]  # fmt: skip
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": hf_tok.decode(reply)},
+        {"role": "user", "content": "And of Italy?"},
+    ]
     ids2 = hf_tok.apply_chat_template(turn2, add_generation_prompt=True, tokenize=True)["input_ids"]
     fed = ids1 + reply[:-1]
     reused = next(i for i, (a, b) in enumerate(zip([*fed, -1], ids2, strict=False)) if a != b)
     assert reused >= len(ids1)  # at least the first turn's prompt
     reply2 = list(session.stream(ids2, 5, stop_ids=[2]))
     assert (session.last_reused, session.last_prefill) == (reused, len(ids2) - reused)
-    # A fresh session prefills the whole context (the same shapes as turn 1: nothing new to compile).
+    # A fresh session prefills the whole context (the same shapes as turn 1:
+    # nothing new to compile).
     assert reply2 == list(gen.Session(model).stream(ids2, 5, stop_ids=[2]))
-    # Logits after the reused prefix equal a fresh prefill's within fp32 noise (the parity budget: 2e-5 relative).
+    # Logits after the reused prefix equal a fresh prefill's within fp32
+    # noise (the parity budget: 2e-5 relative).
     ctx = ids2 + reply2[:2]
     got = session.feed(ctx)
     assert session.last_reused == len(ids2) + 1 and session.last_prefill == 1
@@ -191,42 +238,59 @@ def _args(argv):
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_cli_chat_answers_piped_messages_and_reuses_the_cache(smol, framework, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\nAnd what is it famous for?\n"))
-    rc = gptmod.cli.main(["chat", "--weights", "smollm2", "--framework", framework, "--max-new-tokens", "16"])
+    rc = gptmod.cli.main(
+        ["chat", "--weights", "smollm2", "--framework", framework, "--max-new-tokens", "16"]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     replies = out.splitlines()
     assert "Paris" in replies[0] and "<|im_end|>" not in out
-    stats = re.findall(r"\[(\d+) tokens, first after .* prefilled (\d+), reused (\d+) from the cache\]", err)
+    stats = re.findall(
+        r"\[(\d+) tokens, first after .* prefilled (\d+), reused (\d+) from the cache\]", err
+    )
     assert len(stats) == 2, err  # the empty line is no message
     (n1, pre1, reuse1), (n2, pre2, reuse2) = ([int(x) for x in row] for row in stats)
     assert reuse1 == 0 and pre1 > 20 and 1 <= n1 <= 16 and 1 <= n2 <= 16
     assert reuse2 >= pre1 and pre2 < reuse2  # turn 2 prefills only its new part
+    # the measured figures, shown with -s
     print(
-        f"\n[{framework}]\n" + "\n".join(line for line in err.splitlines() if "prefilled" in line), file=sys.__stderr__
-    )  # the measured figures, shown with -s
+        f"\n[{framework}]\n" + "\n".join(line for line in err.splitlines() if "prefilled" in line),
+        file=sys.__stderr__,
+    )
 
 
 def test_cli_chat_errors_are_one_line_with_exit_code_2(smol, monkeypatch, capsys):
     p, _ = smol
     rc = gptmod.cli.main(["chat", "--weights", "smollm2", "--temperature", "-1"])
-    assert rc == 2 and "gptmod chat: error: temperature=-1.0: must be a finite number >= 0" in capsys.readouterr().err
+    assert (
+        rc == 2
+        and "gptmod chat: error: temperature=-1.0: must be a finite number >= 0"
+        in capsys.readouterr().err
+    )
     rc = gptmod.cli.main(["chat", "--weights", "smollm2", "--framework", "jax", "--compile"])
     assert rc == 2 and "--compile is for --framework torch" in capsys.readouterr().err
     rc = gptmod.cli.main(["chat", "--weights", "no-such.gguf"])
-    assert rc == 2 and "gptmod chat: error: checkpoint not found: no-such.gguf" in capsys.readouterr().err
+    assert (
+        rc == 2
+        and "gptmod chat: error: checkpoint not found: no-such.gguf" in capsys.readouterr().err
+    )
     # A checkpoint without a chat template.
     no_template = dataclasses.replace(p, chat_template=None)
     monkeypatch.setattr(pretrained, "load", lambda source, **kw: no_template)
     rc = gptmod.cli.main(["chat", "--weights", "x"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "--weights x: the checkpoint has no chat template" in err
+    assert (
+        rc == 2
+        and err.count("\n") == 1
+        and "--weights x: the checkpoint has no chat template" in err
+    )
     with pytest.raises(CLIError, match="--max-new-tokens 0: must be >= 1"):
         chat.cmd_chat(_args(["--weights", "x", "--max-new-tokens", "0"]))
 
 
 def test_cli_chat_notes_ignored_filters_once_without_a_raw_warning(smol, monkeypatch, capsys):
-    """Greedy with --top-k: one note in the CLI's words, as `generate` gives, and no raw IgnoredFiltersWarning
-    from the library on each turn."""
+    """Greedy with --top-k: one note in the CLI's words, as `generate` gives, and no raw
+    IgnoredFiltersWarning from the library on each turn."""
     import warnings
 
     from gptmod.sampling import IgnoredFiltersWarning
@@ -237,7 +301,17 @@ def test_cli_chat_notes_ignored_filters_once_without_a_raw_warning(smol, monkeyp
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rc = gptmod.cli.main(
-            ["chat", "--weights", "x", "--framework", "torch", "--top-k", "5", "--max-new-tokens", "2"]
+            [
+                "chat",
+                "--weights",
+                "x",
+                "--framework",
+                "torch",
+                "--top-k",
+                "5",
+                "--max-new-tokens",
+                "2",
+            ]
         )
     err = capsys.readouterr().err
     assert rc == 0, err
@@ -251,7 +325,8 @@ def test_cli_chat_notes_ignored_filters_once_without_a_raw_warning(smol, monkeyp
 
 
 class CharTokenizer:
-    """A character tokenizer with ChatML's two specials: enough to drive Chat without a real vocabulary."""
+    """A character tokenizer with ChatML's two specials: enough to drive
+    Chat without a real vocabulary."""
 
     def __init__(self):
         self.specials = self.special_tokens = {"<|im_start|>": 1, "<|im_end|>": 2}
@@ -277,8 +352,10 @@ class CharTokenizer:
         return types.SimpleNamespace(push=lambda i: self.decode([i]), flush=lambda: "")
 
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # fmt: skip
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' "
+    "}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -305,15 +382,22 @@ class _InterruptingOut(io.StringIO):
 def test_ctrl_c_stops_the_reply_and_the_conversation_goes_on(tiny):
     cfg, state = tiny
     model = build_model("torch", cfg, state, "sdpa", 0)
-    c = chat.Chat(tg.Session(model), CharTokenizer(), CHATML, [2], system="Be brief.", max_new_tokens=12)
+    c = chat.Chat(
+        tg.Session(model), CharTokenizer(), CHATML, [2], system="Be brief.", max_new_tokens=12
+    )
     stdin, out, err = io.StringIO("first\nsecond\n"), _InterruptingOut(at=4), io.StringIO()
     assert chat.converse(c, stdin, out, err) == 0
     assert "[reply interrupted; the part shown stays in the conversation]" in err.getvalue()
     roles = [m["role"] for m in c.messages]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
-    # The first reply: three pieces written, the fourth streamed when Ctrl-C came; the conversation keeps those.
+    # The first reply: three pieces written, the fourth streamed when Ctrl-C
+    # came; the conversation keeps those.
     shown = out.getvalue().split("\n")[0]
-    assert len(shown) == 3 and c.messages[2]["content"][:3] == shown and len(c.messages[2]["content"]) == 4
+    assert (
+        len(shown) == 3
+        and c.messages[2]["content"][:3] == shown
+        and len(c.messages[2]["content"]) == 4
+    )
     assert len(c.messages[4]["content"]) >= 1
     assert err.getvalue().count("prefilled") == 2
     # The second turn reused the first one from the cache: everything up to the partial reply.
@@ -328,10 +412,18 @@ def test_ctrl_c_stops_the_reply_and_the_conversation_goes_on(tiny):
 
 def test_a_reply_never_started_still_keeps_the_roles_alternating(tiny):
     cfg, state = tiny
-    c = chat.Chat(tg.Session(build_model("torch", cfg, state, "sdpa", 0)), CharTokenizer(), CHATML, [2],
-                  max_new_tokens=6)  # fmt: skip
+    c = chat.Chat(
+        tg.Session(build_model("torch", cfg, state, "sdpa", 0)),
+        CharTokenizer(),
+        CHATML,
+        [2],
+        max_new_tokens=6,
+    )
     c.reply("first").close()  # Ctrl-C right after the request was accepted, before any token
-    assert c.messages == [{"role": "user", "content": "first"}, {"role": "assistant", "content": ""}]
+    assert c.messages == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": ""},
+    ]
     assert c.last is None
     text = "".join(c.reply("second"))
     assert [m["role"] for m in c.messages] == ["user", "assistant", "user", "assistant"]
@@ -344,7 +436,11 @@ def test_chat_refuses_a_conversation_past_the_context_and_keeps_it_unchanged(tin
     c = chat.Chat(jg.Session(model, max_len=48), CharTokenizer(), CHATML, [2], max_new_tokens=8)
     text = "".join(c.reply("hi"))
     assert c.messages[-1] == {"role": "assistant", "content": text}
-    assert 1 <= c.last.generated <= 8 and c.last.ttft_s > 0 and c.last.prefilled == len(c.context(c.messages[:1]))
+    assert (
+        1 <= c.last.generated <= 8
+        and c.last.ttft_s > 0
+        and c.last.prefilled == len(c.context(c.messages[:1]))
+    )
     before = list(c.messages)
     with pytest.raises(ContextFullError, match=r"exceed the session's capacity max_len=48"):
         c.reply("a much longer message that does not fit")
@@ -352,6 +448,11 @@ def test_chat_refuses_a_conversation_past_the_context_and_keeps_it_unchanged(tin
 
 
 def test_turn_stats_line():
-    line = chat.TurnStats(prefilled=5, reused=40, generated=11, ttft_s=0.25, decode_tok_s=31.04).line()
-    assert line == "[11 tokens, first after 0.25 s, then 31.0 tok/s; prefilled 5, reused 40 from the cache]"
+    line = chat.TurnStats(
+        prefilled=5, reused=40, generated=11, ttft_s=0.25, decode_tok_s=31.04
+    ).line()
+    assert (
+        line
+        == "[11 tokens, first after 0.25 s, then 31.0 tok/s; prefilled 5, reused 40 from the cache]"
+    )
     assert "then -;" in chat.TurnStats(3, 0, 1, 0.1, float("nan")).line()

@@ -16,13 +16,25 @@ from gptmod.config import ModelConfig, load_preset
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptmod.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gptmod.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_generate_streams_prompt_and_continuation(framework):
-    r = run("generate", "--framework", framework, "--preset", "tiny", "--prompt", "Hello world",
-            "--max-new-tokens", "6", "--no-eos")  # fmt: skip
+    r = run(
+        "generate",
+        "--framework",
+        framework,
+        "--preset",
+        "tiny",
+        "--prompt",
+        "Hello world",
+        "--max-new-tokens",
+        "6",
+        "--no-eos",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello world") and len(r.stdout) > len("Hello world\n")
     assert "6 tokens in" in r.stderr and "tokens/s" in r.stderr
@@ -35,20 +47,49 @@ def test_same_greedy_text_from_both_frameworks_on_a_checkpoint(tmp_path):
 
     cfg = load_preset("tiny")
     torch.manual_seed(0)
-    state = {k: v * 8 if v.ndim == 2 else v for k, v in gptmod_torch.export_state(gptmod_torch.GPT(cfg)).items()}
+    state = {
+        k: v * 8 if v.ndim == 2 else v
+        for k, v in gptmod_torch.export_state(gptmod_torch.GPT(cfg)).items()
+    }
     weights.save(tmp_path / "m.safetensors", state, cfg)
-    outs = [run("generate", "--framework", fw, "--weights", str(tmp_path / "m.safetensors"), "--prompt", "The king",
-                "--max-new-tokens", "16", "--no-eos") for fw in ("jax", "torch")]  # fmt: skip
+    outs = [
+        run(
+            "generate",
+            "--framework",
+            fw,
+            "--weights",
+            str(tmp_path / "m.safetensors"),
+            "--prompt",
+            "The king",
+            "--max-new-tokens",
+            "16",
+            "--no-eos",
+        )
+        for fw in ("jax", "torch")
+    ]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     assert outs[0].stdout == outs[1].stdout
     info = run("info", str(tmp_path / "m.safetensors"))
-    assert info.returncode == 0 and f"parameters: {cfg.num_params():,}" in info.stdout and "float32" in info.stdout
+    assert (
+        info.returncode == 0
+        and f"parameters: {cfg.num_params():,}" in info.stdout
+        and "float32" in info.stdout
+    )
 
 
 def test_batch_file(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("First prompt\n\nA second, longer prompt here\n")
-    r = run("generate", "--preset", "tiny", "--batch-file", str(prompts), "--max-new-tokens", "4", "--no-eos")
+    r = run(
+        "generate",
+        "--preset",
+        "tiny",
+        "--batch-file",
+        str(prompts),
+        "--max-new-tokens",
+        "4",
+        "--no-eos",
+    )
     assert r.returncode == 0, r.stderr
     assert "--- [0] First prompt" in r.stdout and "--- [1] A second, longer prompt here" in r.stdout
 
@@ -56,10 +97,22 @@ def test_batch_file(tmp_path):
 @pytest.mark.parametrize(
     ("args", "msg"),
     [
-        (["generate", "--preset", "tiny", "--prompt", "x", "--top-p", "2"], "top_p=2.0: must be in (0, 1]"),
-        (["generate", "--preset", "tiny", "--prompt", "x", "--max-new-tokens", "300"], "exceeds the cache capacity"),
-        (["generate", "--preset", "tiny"], "give exactly one of --prompt TEXT or --batch-file FILE"),
-        (["generate", "--preset", "tiny", "--prompt", "x", "--backend", "sdpa"], "'sdpa' is not a jax backend"),
+        (
+            ["generate", "--preset", "tiny", "--prompt", "x", "--top-p", "2"],
+            "top_p=2.0: must be in (0, 1]",
+        ),
+        (
+            ["generate", "--preset", "tiny", "--prompt", "x", "--max-new-tokens", "300"],
+            "exceeds the cache capacity",
+        ),
+        (
+            ["generate", "--preset", "tiny"],
+            "give exactly one of --prompt TEXT or --batch-file FILE",
+        ),
+        (
+            ["generate", "--preset", "tiny", "--prompt", "x", "--backend", "sdpa"],
+            "'sdpa' is not a jax backend",
+        ),
         (["generate", "--weights", "no/such/dir/x", "--prompt", "x"], "no such file or folder"),
         (["info", "missing.safetensors"], "checkpoint not found: missing.safetensors"),
     ],
@@ -76,13 +129,29 @@ def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(np.random.default_rng(0).bytes(100))
     r = run("info", str(bad))
-    assert r.returncode == 2 and "not a valid safetensors file" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2
+        and "not a valid safetensors file" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
 
 def test_help_is_complete():
     r = run("generate", "--help")
-    for flag in ("--framework", "--preset", "--weights", "--prompt", "--batch-file", "--max-new-tokens",
-                 "--temperature", "--top-k", "--top-p", "--min-p", "--seed", "--compile"):  # fmt: skip
+    for flag in (
+        "--framework",
+        "--preset",
+        "--weights",
+        "--prompt",
+        "--batch-file",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--seed",
+        "--compile",
+    ):
         assert flag in r.stdout
     assert run("--help").returncode == 0
 
@@ -92,10 +161,25 @@ def test_help_is_complete_for_every_command():
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"generate", "chat", "convert", "info", "export", "transfer-report", "side-by-side",
-                                "prepare", "train", "eval", "plot", "parity", "bench", "gpu-check"}  # fmt: skip
+    assert set(sub.choices) == {
+        "generate",
+        "chat",
+        "convert",
+        "info",
+        "export",
+        "transfer-report",
+        "side-by-side",
+        "prepare",
+        "train",
+        "eval",
+        "plot",
+        "parity",
+        "bench",
+        "gpu-check",
+    }
     for name, p in sub.choices.items():
-        if name in ("parity", "bench", "gpu-check"):  # their own parsers (gpu-check's: tests/test_gpu_check.py)
+        # their own parsers (gpu-check's: tests/test_gpu_check.py)
+        if name in ("parity", "bench", "gpu-check"):
             continue
         r = run(name, "--help")
         assert r.returncode == 0 and p.description, name
@@ -110,23 +194,40 @@ def test_help_is_complete_for_every_command():
 
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
-    """A random-weight Hugging Face GPT-2 folder (config.json + model.safetensors), and a modern config that fits."""
+    """A random-weight Hugging Face GPT-2 folder (config.json + model.safetensors), and a modern
+    config that fits."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128)).save_pretrained(root / "gpt2-tiny")
-    modern = dataclasses.replace(load_preset("modern-gpt2"), n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=160,
-                                 max_seq_len=256)  # fmt: skip
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128)).save_pretrained(
+        root / "gpt2-tiny"
+    )
+    modern = dataclasses.replace(
+        load_preset("modern-gpt2"),
+        n_layer=2,
+        d_model=64,
+        n_head=4,
+        n_kv_head=2,
+        d_ff=160,
+        max_seq_len=256,
+    )
     modern.to_json(root / "modern-tiny.json")
     return root
 
 
 def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path):
     out = tmp_path / "modern.safetensors"
-    r = run("convert", "--from", str(gpt2_folder / "gpt2-tiny"), "--config", str(gpt2_folder / "modern-tiny.json"),
-            "--out", str(out))  # fmt: skip
+    r = run(
+        "convert",
+        "--from",
+        str(gpt2_folder / "gpt2-tiny"),
+        "--config",
+        str(gpt2_folder / "modern-tiny.json"),
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "blocks.1.mlp.w_gate.weight" in r.stdout and "dropped wpe.weight" in r.stdout
     assert "transfer: 100%" in r.stderr  # the progress bar ran to the end
@@ -136,44 +237,89 @@ def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path):
     assert [row["target"] for row in report["rows"]] == list(state)
     assert set(report["counts"]) == {"copied", "transformed", "new"}
     n = sum(v.size for v in state.values())
-    assert r.stdout.rstrip().splitlines()[-1].startswith(f"{len(state)} target tensors, {n:,} parameters: ")
+    assert (
+        r.stdout.rstrip()
+        .splitlines()[-1]
+        .startswith(f"{len(state)} target tensors, {n:,} parameters: ")
+    )
     info = run("info", str(out))
-    assert info.returncode == 0 and "mlp: swiglu" in info.stdout and f"parameters: {cfg.num_params():,}" in info.stdout
+    assert (
+        info.returncode == 0
+        and "mlp: swiglu" in info.stdout
+        and f"parameters: {cfg.num_params():,}" in info.stdout
+    )
     assert f"transfer: {len(state)} target tensors" in info.stdout
-    gen = run("generate", "--weights", str(out), "--prompt", "To be", "--max-new-tokens", "3", "--no-eos")
+    gen = run(
+        "generate", "--weights", str(out), "--prompt", "To be", "--max-new-tokens", "3", "--no-eos"
+    )
     assert gen.returncode == 0 and gen.stdout.startswith("To be"), gen.stderr
     classic = tmp_path / "classic.safetensors"
-    cfg_classic = dataclasses.replace(load_preset("gpt2"), n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=256,
-                                      max_seq_len=128)  # fmt: skip
+    cfg_classic = dataclasses.replace(
+        load_preset("gpt2"), n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=256, max_seq_len=128
+    )
     cfg_classic.to_json(tmp_path / "classic.json")
-    r = run("convert", "--from", str(gpt2_folder / "gpt2-tiny"), "--config", str(tmp_path / "classic.json"),
-            "--out", str(classic), "--dtype", "bfloat16")  # fmt: skip
+    r = run(
+        "convert",
+        "--from",
+        str(gpt2_folder / "gpt2-tiny"),
+        "--config",
+        str(tmp_path / "classic.json"),
+        "--out",
+        str(classic),
+        "--dtype",
+        "bfloat16",
+    )
     assert r.returncode == 0, r.stderr
-    assert "36 copied (100.0% of parameters); 0 source tensor(s) dropped" in r.stdout  # save_pretrained omits lm_head
+    # save_pretrained omits lm_head
+    assert "36 copied (100.0% of parameters); 0 source tensor(s) dropped" in r.stdout
     assert "bfloat16" in run("info", str(classic)).stdout
 
 
 def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path):
-    """Random weights: the figures mean nothing, so check the mechanics, and that the GPT-2 row is HF's loss."""
+    """Random weights: the figures mean nothing, so check the mechanics, and
+    that the GPT-2 row is HF's loss."""
     import torch
     from transformers import GPT2LMHeadModel
 
     from gptmod import corpus, tokenizer
 
-    r = run("transfer-report", "--weights", str(gpt2_folder / "gpt2-tiny"), "--config",
-            str(gpt2_folder / "modern-tiny.json"), "--tokens", "256", "--seq-len", "64", "--json",
-            str(tmp_path / "r.json"))  # fmt: skip
+    r = run(
+        "transfer-report",
+        "--weights",
+        str(gpt2_folder / "gpt2-tiny"),
+        "--config",
+        str(gpt2_folder / "modern-tiny.json"),
+        "--tokens",
+        "256",
+        "--seq-len",
+        "64",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     names = [row["variant"] for row in data["rows"]]
-    assert names == ["GPT-2", "pos=rope", "norm=rmsnorm", "n_kv_head=2", "mlp=swiglu", "mlp=swiglu, zero gate",
-                     "mlp=swiglu, d_ff=160", "bias=False", "logit_softcap=30.0", "modern (all switches)",
-                     "random init (modern)"]  # fmt: skip
+    assert names == [
+        "GPT-2",
+        "pos=rope",
+        "norm=rmsnorm",
+        "n_kv_head=2",
+        "mlp=swiglu",
+        "mlp=swiglu, zero gate",
+        "mlp=swiglu, d_ff=160",
+        "bias=False",
+        "logit_softcap=30.0",
+        "modern (all switches)",
+        "random init (modern)",
+    ]
     for name in names:
         assert f"\n{name} | " in r.stdout
     rows = {row["variant"]: row for row in data["rows"]}
     assert rows["GPT-2"]["recovered"] == 1.0 and rows["random init (modern)"]["recovered"] == 0.0
-    assert rows["GPT-2"]["params"]["copied"] == 1.0 and rows["random init (modern)"]["params"]["new"] == 1.0
+    assert (
+        rows["GPT-2"]["params"]["copied"] == 1.0
+        and rows["random init (modern)"]["params"]["new"] == 1.0
+    )
     assert data["tokens"] == 256 and len(data["gate_rel_error"]) == 2
     # The GPT-2 row is Hugging Face's own loss on the same four windows of Hamlet.
     ids = torch.tensor(tokenizer.encode(corpus.bundled_text("hamlet"))[: 4 * 65]).view(4, 65)
@@ -187,24 +333,51 @@ def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path):
 @pytest.mark.parametrize(
     ("args", "msg"),
     [
-        (["convert", "--from", "no/such/dir", "--preset", "gpt2", "--out", "x.safetensors"], "no such file or folder"),
+        (
+            ["convert", "--from", "no/such/dir", "--preset", "gpt2", "--out", "x.safetensors"],
+            "no such file or folder",
+        ),
         (["convert", "--from", "gpt2", "--out", "x.bin"], "the file name must end in .safetensors"),
-        (["convert", "--from", "gpt2", "--out", "no/such/dir/x.safetensors"], "folder no/such/dir does not exist"),
-        (["convert", "--from", "gpt2", "--preset", "gpt2", "--config", "c.json", "--out", "x.safetensors"],
-         "give --preset or --config, not both"),
+        (
+            ["convert", "--from", "gpt2", "--out", "no/such/dir/x.safetensors"],
+            "folder no/such/dir does not exist",
+        ),
+        (
+            [
+                "convert",
+                "--from",
+                "gpt2",
+                "--preset",
+                "gpt2",
+                "--config",
+                "c.json",
+                "--out",
+                "x.safetensors",
+            ],
+            "give --preset or --config, not both",
+        ),
         (["transfer-report", "--weights", "no/such/folder"], "no such file or folder"),
         (["side-by-side", "--out", "no/such/dir/x.html"], "folder no/such/dir does not exist"),
     ],
-)  # fmt: skip
+)
 def test_more_errors_are_one_line(args, msg):
     r = run(*args)
     assert r.returncode == 2, r.stderr
-    assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (
+        msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_convert_size_mismatch_is_one_line(gpt2_folder, tmp_path):
-    r = run("convert", "--from", str(gpt2_folder / "gpt2-tiny"), "--preset", "gpt2", "--out",
-            str(tmp_path / "x.safetensors"))  # fmt: skip
+    r = run(
+        "convert",
+        "--from",
+        str(gpt2_folder / "gpt2-tiny"),
+        "--preset",
+        "gpt2",
+        "--out",
+        str(tmp_path / "x.safetensors"),
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     err = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(err) == 1 and "d_model: cfg has 768, the source has 64" in err[0]
@@ -212,16 +385,45 @@ def test_convert_size_mismatch_is_one_line(gpt2_folder, tmp_path):
 
 
 def test_prepare_train_resume_plot_generate(tmp_path):
-    """The training path as a user drives it: shards, a short run, a rerun that resumes, a plot, generation."""
+    """The training path as a user drives it: shards, a short run, a rerun
+    that resumes, a plot, generation."""
     text = tmp_path / "play.txt"
-    text.write_text("".join(f"KING. My lord, line {i} of the play.\nQUEEN. Aye, my lord.\n" for i in range(300)))
-    r = run("prepare", "--input", str(text), "--out", str(tmp_path / "data"), "--val-fraction", "0.1")
+    text.write_text(
+        "".join(f"KING. My lord, line {i} of the play.\nQUEEN. Aye, my lord.\n" for i in range(300))
+    )
+    r = run(
+        "prepare", "--input", str(text), "--out", str(tmp_path / "data"), "--val-fraction", "0.1"
+    )
     assert r.returncode == 0, r.stderr
     assert "1 document(s); train:" in r.stdout and (tmp_path / "data" / "manifest.json").is_file()
-    args = ["train", "--framework", "torch", "--no-compile", "--config", str(tmp_path / "cfg.json"), "--data",
-            str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--steps", "6", "--warmup-steps", "1",
-            "--batch-size", "2", "--block-size", "32", "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
-            "--ckpt-every", "3"]  # fmt: skip
+    args = [
+        "train",
+        "--framework",
+        "torch",
+        "--no-compile",
+        "--config",
+        str(tmp_path / "cfg.json"),
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "6",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "32",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+        "--ckpt-every",
+        "3",
+    ]
     dataclasses.replace(load_preset("tiny"), max_seq_len=64).to_json(tmp_path / "cfg.json")
     r = run(*args)
     assert r.returncode == 0, r.stderr
@@ -231,14 +433,32 @@ def test_prepare_train_resume_plot_generate(tmp_path):
     assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 6]
     # The same command again resumes from the last checkpoint and has nothing left to do.
     r = run(*args)
-    assert r.returncode == 0 and "resuming from" in r.stderr and "step_0000006" in r.stderr, r.stderr
+    assert r.returncode == 0 and "resuming from" in r.stderr and "step_0000006" in r.stderr, (
+        r.stderr
+    )
     assert "nothing to do" in r.stdout and "already at step 6" in r.stdout
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 6
-    r = run("plot", str(tmp_path / "run"), str(tmp_path / "run" / "log.jsonl"), "--out", str(tmp_path / "l.png"))
-    assert r.returncode == 0 and "max |train loss gap| between the first two logs: 0" in r.stdout, r.stdout
+    r = run(
+        "plot",
+        str(tmp_path / "run"),
+        str(tmp_path / "run" / "log.jsonl"),
+        "--out",
+        str(tmp_path / "l.png"),
+    )
+    assert r.returncode == 0 and "max |train loss gap| between the first two logs: 0" in r.stdout, (
+        r.stdout
+    )
     assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    gen = run("generate", "--weights", str(tmp_path / "run" / "model.safetensors"), "--prompt", "KING.",
-              "--max-new-tokens", "4", "--no-eos")  # fmt: skip
+    gen = run(
+        "generate",
+        "--weights",
+        str(tmp_path / "run" / "model.safetensors"),
+        "--prompt",
+        "KING.",
+        "--max-new-tokens",
+        "4",
+        "--no-eos",
+    )
     assert gen.returncode == 0 and gen.stdout.startswith("KING."), gen.stderr
 
 
@@ -246,8 +466,14 @@ def test_prepare_train_resume_plot_generate(tmp_path):
     ("args", "msg"),
     [
         (["train", "--data", "nowhere", "--out", "r"], "--data nowhere: no manifest.json there"),
-        (["train", "--data", ".", "--out", "r", "--block-size", "4096"], "exceeds the model's max_seq_len=256"),
-        (["train", "--data", ".", "--out", "r", "--lr", "-1"], "TrainConfig.lr=-1.0: must be a finite number >= 0"),
+        (
+            ["train", "--data", ".", "--out", "r", "--block-size", "4096"],
+            "exceeds the model's max_seq_len=256",
+        ),
+        (
+            ["train", "--data", ".", "--out", "r", "--lr", "-1"],
+            "TrainConfig.lr=-1.0: must be a finite number >= 0",
+        ),
         (["prepare", "--input", "missing.txt", "--out", "d"], "missing.txt"),
         (["plot", "nolog.jsonl"], "no training log at nolog.jsonl"),
     ],
@@ -255,18 +481,41 @@ def test_prepare_train_resume_plot_generate(tmp_path):
 def test_training_errors_are_one_line(args, msg):
     r = run(*args)
     assert r.returncode == 2, r.stderr
-    assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (
+        msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_uptraining_starts_from_transferred_gpt2(gpt2_folder, tmp_path):
-    """--init with GPT-2 weights: the partial transfer is the starting point (its first loss is the transfer's)."""
+    """--init with GPT-2 weights: the partial transfer is the starting point
+    (its first loss is the transfer's)."""
     from gptmod import data, weights
 
     data.prepare("bundled", tmp_path / "data", progress=False)
     cfg_file = gpt2_folder / "modern-tiny.json"
-    r = run("train", "--framework", "jax", "--config", str(cfg_file), "--data", str(tmp_path / "data"),
-            "--out", str(tmp_path / "run"), "--init", str(gpt2_folder / "gpt2-tiny"), "--steps", "2",
-            "--warmup-steps", "1", "--batch-size", "2", "--block-size", "32", "--log-every", "1")  # fmt: skip
+    r = run(
+        "train",
+        "--framework",
+        "jax",
+        "--config",
+        str(cfg_file),
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "run"),
+        "--init",
+        str(gpt2_folder / "gpt2-tiny"),
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "32",
+        "--log-every",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     trained, cfg = weights.load(tmp_path / "run" / "model.safetensors")
     transferred, _ = hf_gpt2.from_hf_gpt2(gpt2_folder / "gpt2-tiny", cfg)

@@ -24,7 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
         ({"n_head": 12, "n_kv_head": 5}, "n_kv_head=5", "divisible"),
         ({"n_head": 4, "n_kv_head": 8}, "n_kv_head=8", "<= n_head"),
         ({"d_model": 100, "n_head": 12, "n_kv_head": 12}, "d_model=100", "divisible by n_head"),
-        ({"d_model": 36, "n_head": 12, "n_kv_head": 12, "pos": "rope"}, "pos='rope'", "even head_dim"),
+        (
+            {"d_model": 36, "n_head": 12, "n_kv_head": 12, "pos": "rope"},
+            "pos='rope'",
+            "even head_dim",
+        ),
         ({"pos": "alibi"}, "pos='alibi'", "'learned', 'rope'"),
         ({"norm": "batchnorm"}, "norm='batchnorm'", "'layernorm', 'rmsnorm'"),
         ({"mlp": "relu"}, "mlp='relu'", "'gelu', 'swiglu'"),
@@ -58,7 +62,14 @@ def test_frozen():
 
 
 def test_presets_have_the_documented_shapes():
-    assert set(list_presets()) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "modern-gpt2", "tiny"}
+    assert set(list_presets()) >= {
+        "gpt2",
+        "gpt2-medium",
+        "gpt2-large",
+        "gpt2-xl",
+        "modern-gpt2",
+        "tiny",
+    }
     sizes = {
         "gpt2": (12, 12, 768),
         "gpt2-medium": (24, 16, 1024),
@@ -67,8 +78,18 @@ def test_presets_have_the_documented_shapes():
     }
     for name, (n_layer, n_head, d_model) in sizes.items():
         cfg = load_preset(name)
-        assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff) == (n_layer, n_head, d_model, 4 * d_model)
-        assert cfg.is_classic and cfg.norm_eps == 1e-5 and cfg.vocab_size == 50257 and cfg.max_seq_len == 1024
+        assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff) == (
+            n_layer,
+            n_head,
+            d_model,
+            4 * d_model,
+        )
+        assert (
+            cfg.is_classic
+            and cfg.norm_eps == 1e-5
+            and cfg.vocab_size == 50257
+            and cfg.max_seq_len == 1024
+        )
     # Hugging Face's published parameter count of GPT-2 small.
     assert load_preset("gpt2").num_params() == 124_439_808
     m = load_preset("modern-gpt2")
@@ -114,7 +135,8 @@ def test_json_errors(tmp_path):
 
 
 def test_presets_found_after_non_editable_install(tmp_path):
-    """The wheel carries configs/ as gptmod/configs, and load_preset finds it outside the checkout."""
+    """The wheel carries configs/ as gptmod/configs, and load_preset finds
+    it outside the checkout."""
     subprocess.run(
         [
             sys.executable,
@@ -136,13 +158,19 @@ def test_presets_found_after_non_editable_install(tmp_path):
         assert {f"gptmod/configs/{p}.json" for p in list_presets()} <= names
         assert {"gptmod/assets/gpt2.tiktoken", "gptmod/assets/shakespeare/hamlet.txt"} <= names
         zf.extractall(tmp_path / "site")
-    code = ("import gptmod.config as c, gptmod.tokenizer as t, gptmod.corpus as s; print(c.__file__); "
-            "print(c.load_preset('modern-gpt2').n_kv_head); print(t.encode('Hello world') == [15496, 995]); "
-            "print(len(s.bundled_files()))")  # fmt: skip
+    code = (
+        "import gptmod.config as c, gptmod.tokenizer as t, gptmod.corpus as s; print(c.__file__); "
+        "print(c.load_preset('modern-gpt2').n_kv_head); print(t.encode('Hello world') == [15496, "
+        "995]); print(len(s.bundled_files()))"
+    )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out[0].startswith(str(tmp_path / "site")) and out[1:] == ["4", "True", "8"]
 
 
@@ -150,18 +178,26 @@ def test_rope_scaling_is_validated_and_round_trips():
     from gptmod.config import RopeScaling
 
     cfg = ModelConfig(pos="rope", rope_scaling=RopeScaling(factor=32.0))
-    assert ModelConfig.from_json(cfg.to_json()) == cfg and hash(cfg) == hash(ModelConfig.from_json(cfg.to_json()))
-    for kw, msg in (({"kind": "yarn"}, r"rope_scaling.kind='yarn': must be one of 'llama3'"),
-                    ({"factor": 0.5}, r"rope_scaling.factor=0.5: must be >= 1"),
-                    ({"low_freq_factor": 4.0}, r"high_freq_factor=4.0: must be > low_freq_factor=4.0"),
-                    ({"original_max_seq_len": 0}, r"original_max_seq_len=0: must be an int >= 1")):  # fmt: skip
+    assert ModelConfig.from_json(cfg.to_json()) == cfg and hash(cfg) == hash(
+        ModelConfig.from_json(cfg.to_json())
+    )
+    for kw, msg in (
+        ({"kind": "yarn"}, r"rope_scaling.kind='yarn': must be one of 'llama3'"),
+        ({"factor": 0.5}, r"rope_scaling.factor=0.5: must be >= 1"),
+        ({"low_freq_factor": 4.0}, r"high_freq_factor=4.0: must be > low_freq_factor=4.0"),
+        ({"original_max_seq_len": 0}, r"original_max_seq_len=0: must be an int >= 1"),
+    ):
         with pytest.raises(ValueError, match=msg):
             RopeScaling(**kw)
-    with pytest.raises(ValueError, match="rope_scaling is set but pos='learned': it needs pos='rope'"):
+    with pytest.raises(
+        ValueError, match="rope_scaling is set but pos='learned': it needs pos='rope'"
+    ):
         ModelConfig(rope_scaling=RopeScaling())
     with pytest.raises(ValueError, match=r"rope_scaling: unknown field\(s\) \['type'\]"):
         ModelConfig.from_dict({**cfg.to_dict(), "rope_scaling": {"type": "llama3"}})
-    with pytest.raises(ValueError, match=re.escape("rope_scaling={'factor': 8.0}: must be a RopeScaling or None")):
+    with pytest.raises(
+        ValueError, match=re.escape("rope_scaling={'factor': 8.0}: must be a RopeScaling or None")
+    ):
         ModelConfig(pos="rope", rope_scaling={"factor": 8.0})
     # Frequencies shorter than original/high are kept, longer than original/low divided by factor.
     inv = np.array([1.0, 1e-5])

@@ -1,5 +1,5 @@
-"""Token shards: exact round trip, per-document split, atomic writes, and a loader that is deterministic,
-resumable, rank-sharded and refuses damaged shards by name."""
+"""Token shards: exact round trip, per-document split, atomic writes, and a loader that is
+deterministic, resumable, rank-sharded and refuses damaged shards by name."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from gptmod.data import TokenLoader, prepare
 
 EOT = tokenizer.EOT_ID
 TEXTS = {
-    "a.txt": "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 6,
+    "a.txt": "To be, or not to be, that is the question:\nWhether 'tis "
+    "nobler in the mind to suffer\n" * 6,
     "b.txt": "Double, double toil and trouble;\nFire burn and cauldron bubble.\n" * 9,
 }
 
@@ -34,8 +35,8 @@ def split_tokens(out: Path, split: str) -> np.ndarray:
 
 
 def synthetic(tmp_path: Path, sizes: list[int], name: str = "syn") -> Path:
-    """A shard folder whose train shard i holds the consecutive ids 10000*i, 10000*i + 1, ...: a window's
-    shard and offset can be read off its first id."""
+    """A shard folder whose train shard i holds the consecutive ids 10000*i, 10000*i + 1, ...: a
+    window's shard and offset can be read off its first id."""
     out = tmp_path / name
     m = prepare(write_texts(tmp_path / f"{name}_src"), out, val_fraction=0, progress=False)
     for e in m["splits"]["train"]["shards"]:
@@ -53,7 +54,13 @@ def synthetic(tmp_path: Path, sizes: list[int], name: str = "syn") -> Path:
 
 
 def test_round_trip_and_split_at_the_right_token(tmp_path):
-    m = prepare(write_texts(tmp_path / "src"), tmp_path / "out", val_fraction=0.25, shard_tokens=50, progress=False)
+    m = prepare(
+        write_texts(tmp_path / "src"),
+        tmp_path / "out",
+        val_fraction=0.25,
+        shard_tokens=50,
+        progress=False,
+    )
     ids = {n: tokenizer.encode(t) for n, t in TEXTS.items()}
     cuts = {n: len(v) - int(len(v) * 0.25) for n, v in ids.items()}
     train = [t for n in TEXTS for t in [*ids[n][: cuts[n]], EOT]]
@@ -77,14 +84,24 @@ def test_manifest_contents(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
     assert m["format"] == data.FORMAT and m["dtype"] == "uint16" and m["vocab_size"] == 50257
     assert m["tokenizer_sha256"] == tokenizer.RANKS_SHA256 and m["eot_id"] == EOT
-    assert [d["source"] for d in m["documents"]] == [str((src / n).resolve()) for n in sorted(TEXTS)]
+    assert [d["source"] for d in m["documents"]] == [
+        str((src / n).resolve()) for n in sorted(TEXTS)
+    ]
     for d, text in zip(m["documents"], TEXTS.values(), strict=True):
         n = len(tokenizer.encode(text))
-        assert d["tokens"] == n and d["val_tokens"] == int(n * 0.1) + 1 and d["train_tokens"] + d["val_tokens"] == n + 2
+        assert (
+            d["tokens"] == n
+            and d["val_tokens"] == int(n * 0.1) + 1
+            and d["train_tokens"] + d["val_tokens"] == n + 2
+        )
     for split in ("train", "val"):
         assert m["splits"][split]["tokens"] == sum(d[f"{split}_tokens"] for d in m["documents"])
         assert m["splits"][split]["tokens"] == len(split_tokens(tmp_path / "out", split))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "train_000.npy", "val_000.npy"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json",
+        "train_000.npy",
+        "val_000.npy",
+    ]
 
 
 def test_inputs_folder_list_and_bundled(tmp_path, monkeypatch):
@@ -98,7 +115,9 @@ def test_inputs_folder_list_and_bundled(tmp_path, monkeypatch):
     m = prepare("bundled", tmp_path / "plays", val_fraction=0, progress=False)
     plays = corpus.bundled_files()
     assert [d["source"] for d in m["documents"]] == [f"bundled:{p}" for p in plays]
-    whole = [t for f in plays.values() for t in [*tokenizer.encode(f.read_text(encoding="utf-8")), EOT]]
+    whole = [
+        t for f in plays.values() for t in [*tokenizer.encode(f.read_text(encoding="utf-8")), EOT]
+    ]
     assert split_tokens(tmp_path / "plays", "train").tolist() == whole
 
 
@@ -119,7 +138,12 @@ def test_progress_bar_goes_to_stderr(tmp_path, capsys):
     ],
 )
 def test_prepare_rejects_bad_arguments(tmp_path, kwargs, error, match):
-    kwargs = {"inputs": write_texts(tmp_path / "src"), "out_dir": tmp_path / "out", "progress": False, **kwargs}
+    kwargs = {
+        "inputs": write_texts(tmp_path / "src"),
+        "out_dir": tmp_path / "out",
+        "progress": False,
+        **kwargs,
+    }
     with pytest.raises(error, match=match):
         prepare(**kwargs)
     assert not (tmp_path / "out").exists()
@@ -136,7 +160,8 @@ def test_prepare_names_the_bad_input_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text"):
         prepare(tmp_path / "latin1.txt", tmp_path / "out", progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "eot", "latin1.txt"]  # no temp folder left
+    # no temp folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "eot", "latin1.txt"]
 
 
 def test_overwrite_rules(tmp_path):
@@ -144,20 +169,28 @@ def test_overwrite_rules(tmp_path):
     foreign = tmp_path / "foreign"
     write_texts(foreign, {"keep.txt": "mine"})
     for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match=f"{foreign}: folder is not empty and is not a gptmod shard folder"):
+        with pytest.raises(
+            FileExistsError,
+            match=f"{foreign}: folder is not empty and is not a gptmod shard folder",
+        ):
             prepare(src, foreign, overwrite=overwrite, progress=False)
     assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
     out = tmp_path / "out"
     out.mkdir()  # an empty folder is fine
     prepare(src, out, val_fraction=0, progress=False)
-    with pytest.raises(FileExistsError, match=f"{out}: holds token shards already; pass overwrite=True"):
+    with pytest.raises(
+        FileExistsError, match=f"{out}: holds token shards already; pass overwrite=True"
+    ):
         prepare(src, out, progress=False)
-    (out / "notes.txt").write_text("mine")  # a shard folder with a user's file in it is not replaced either
+    # a shard folder with a user's file in it is not replaced either
+    (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"it holds 'notes.txt'"):
         prepare(src, out, overwrite=True, progress=False)
     (out / "notes.txt").unlink()
     m = prepare(src, out, val_fraction=0.5, overwrite=True, progress=False)
-    assert json.loads((out / "manifest.json").read_text())["val_fraction"] == 0.5 == m["val_fraction"]
+    assert (
+        json.loads((out / "manifest.json").read_text())["val_fraction"] == 0.5 == m["val_fraction"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out", "src"]
 
 
@@ -217,7 +250,8 @@ def test_batches_are_shifted_windows_within_one_shard(tmp_path):
     for x, y in (loader.batch(s) for s in range(200)):
         assert x.shape == y.shape == (16, 8) and x.dtype == y.dtype == np.int32
         assert x.flags.c_contiguous and y.flags.c_contiguous
-        np.testing.assert_array_equal(y, x + 1)  # consecutive ids: y is x shifted and no window crosses a shard
+        # consecutive ids: y is x shifted and no window crosses a shard
+        np.testing.assert_array_equal(y, x + 1)
         shard, start = x[:, 0] // 10000, x[:, 0] % 10000
         assert np.all(start + 8 < np.array([40, 120, 9, 60])[shard])
         counts += np.bincount(shard, minlength=4)
@@ -231,7 +265,9 @@ def test_determinism_and_resume(tmp_path):
     b = TokenLoader(out, "train", block_size=16, batch_size=4, seed=7)
     np.testing.assert_array_equal(a.batch(5)[0], b.batch(5)[0])
     assert not np.array_equal(a.batch(5)[0], a.batch(6)[0])
-    assert not np.array_equal(a.batch(5)[0], TokenLoader(out, "train", block_size=16, batch_size=4, seed=8).batch(5)[0])
+    assert not np.array_equal(
+        a.batch(5)[0], TokenLoader(out, "train", block_size=16, batch_size=4, seed=8).batch(5)[0]
+    )
     head = [x for (x, _), _ in zip(a, range(10), strict=False)]
     tail = [x for (x, _), _ in zip(b.batches(6), range(4), strict=False)]
     for x, t in zip(head[6:], tail, strict=True):
@@ -241,12 +277,19 @@ def test_determinism_and_resume(tmp_path):
 def test_two_ranks_see_exactly_the_global_batch(tmp_path):
     out = synthetic(tmp_path, [500, 300])
     whole = TokenLoader(out, "train", block_size=16, batch_size=6, seed=1)
-    ranks = [TokenLoader(out, "train", block_size=16, batch_size=3, seed=1, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        TokenLoader(out, "train", block_size=16, batch_size=3, seed=1, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     assert ranks[0].tokens_per_step == whole.tokens_per_step
     for step in (0, 1, 99):
         for i in (0, 1):
-            np.testing.assert_array_equal(np.concatenate([r.batch(step)[i] for r in ranks]), whole.batch(step)[i])
-    for got, want in zip(zip(*(r.eval_batches(3) for r in ranks), strict=True), whole.eval_batches(3), strict=True):
+            np.testing.assert_array_equal(
+                np.concatenate([r.batch(step)[i] for r in ranks]), whole.batch(step)[i]
+            )
+    for got, want in zip(
+        zip(*(r.eval_batches(3) for r in ranks), strict=True), whole.eval_batches(3), strict=True
+    ):
         np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), want[0])
 
 
@@ -255,13 +298,16 @@ def test_eval_batches_are_fixed_and_span_the_split(tmp_path):
     loader = TokenLoader(out, "train", block_size=16, batch_size=4, seed=1)
     first = [x for x, _ in loader.eval_batches(5)]
     loader.batch(3)
-    again = [x for x, _ in TokenLoader(out, "train", block_size=16, batch_size=4, seed=2).eval_batches(5)]
+    again = [
+        x for x, _ in TokenLoader(out, "train", block_size=16, batch_size=4, seed=2).eval_batches(5)
+    ]
     assert len(first) == 5
     for x, y in zip(first, again, strict=True):
         np.testing.assert_array_equal(x, y)
     starts = np.sort(np.concatenate([x[:, 0] for x in first]))
     assert len(set(starts.tolist())) == 20 and starts[0] == 0 and starts[-1] == 10000 + 300 - 17
-    assert {int(s) for s in first[0][:, 0] // 10000} == {0, 1}  # one batch already reaches both shards
+    # one batch already reaches both shards
+    assert {int(s) for s in first[0][:, 0] // 10000} == {0, 1}
 
 
 def test_prepared_val_split_loads(tmp_path):
@@ -284,14 +330,18 @@ def edit_manifest(out: Path, **changes) -> None:
 
 
 def test_damaged_folders_are_refused_by_name(tmp_path):
-    load = lambda out, **kw: TokenLoader(out, kw.pop("split", "train"), block_size=8, batch_size=2, seed=0, **kw)
+    load = lambda out, **kw: TokenLoader(
+        out, kw.pop("split", "train"), block_size=8, batch_size=2, seed=0, **kw
+    )
     out = synthetic(tmp_path, [100, 50])
     shard = out / "train_001.npy"
     manifest = out / "manifest.json"
     good = shard.read_bytes()
 
     np.save(shard, np.arange(50, dtype=np.float32))
-    with pytest.raises(ValueError, match=f"{shard}: dtype float32, shape \\(50,\\): a shard must be 1-D uint16"):
+    with pytest.raises(
+        ValueError, match=f"{shard}: dtype float32, shape \\(50,\\): a shard must be 1-D uint16"
+    ):
         load(out)
     bad = np.arange(50, dtype=np.uint16)
     bad[7] = 60000
@@ -310,7 +360,9 @@ def test_damaged_folders_are_refused_by_name(tmp_path):
     shard.write_bytes(good)
     load(out)
 
-    with pytest.raises(ValueError, match=f"block_size=100: .* the largest, {out / 'train_000.npy'}, has 100"):
+    with pytest.raises(
+        ValueError, match=f"block_size=100: .* the largest, {out / 'train_000.npy'}, has 100"
+    ):
         TokenLoader(out, "train", block_size=100, batch_size=2, seed=0)
     TokenLoader(out, "train", block_size=99, batch_size=2, seed=0)
     with pytest.raises(ValueError, match=r"split='test': must be one of 'train', 'val'"):
@@ -319,7 +371,9 @@ def test_damaged_folders_are_refused_by_name(tmp_path):
         load(out, split="val")
 
     edit_manifest(out, tokenizer_sha256="0" * 64)
-    with pytest.raises(ValueError, match=f"{manifest}: tokenizer_sha256='0+': must be '{tokenizer.RANKS_SHA256}'"):
+    with pytest.raises(
+        ValueError, match=f"{manifest}: tokenizer_sha256='0+': must be '{tokenizer.RANKS_SHA256}'"
+    ):
         load(out)
     edit_manifest(out, tokenizer_sha256=tokenizer.RANKS_SHA256, dtype="uint32")
     with pytest.raises(ValueError, match=f"{manifest}: dtype='uint32': must be 'uint16'"):

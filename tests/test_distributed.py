@@ -1,9 +1,10 @@
-"""Past one device. JAX: on 8 simulated CPU devices (a subprocess, tests/sharded_worker.py), the
-sharded forward, generation and train step equal the unsharded ones for every rules preset, the
-parameters carry the shardings their rules give, and a compiled train step holds the collectives each
-kind of parallelism needs and no replicated full-size weights. Torch: a 2-process torchrun (gloo) run
-of `gptmod train` under DDP and under FSDP2 logs the losses of the one-process run with the same
-global batch, ends with the same parameters, writes checkpoints that load anywhere, and resumes exactly.
+"""Past one device. JAX: on 8 simulated CPU devices (a subprocess, tests/sharded_worker.py),
+the sharded forward, generation and train step equal the unsharded ones for every rules
+preset, the parameters carry the shardings their rules give, and a compiled train step holds
+the collectives each kind of parallelism needs and no replicated full-size weights. Torch: a
+2-process torchrun (gloo) run of `gptmod train` under DDP and under FSDP2 logs the losses of
+the one-process run with the same global batch, ends with the same parameters, writes
+checkpoints that load anywhere, and resumes exactly.
 The rules, mesh and launch checks fail with errors that name the field, the value and the rule."""
 
 from __future__ import annotations
@@ -29,15 +30,25 @@ MESH_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFO
 MESH_ENV_FULL = {**os.environ, **MESH_ENV}
 
 
-# ----------------------------------------------------------------------------- JAX, 8 simulated devices
+# ------------------------------------------------------------------------- JAX, 8 simulated devices
 
 
 def test_on_8_devices_every_rules_table_equals_one_device():
-    # One test reading one subprocess: a fixture shared by several tests would run the subprocess once per
-    # pytest-xdist worker (grouping with --dist loadgroup does not work with pytest 9.2, pytest-xdist issue 1386).
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_worker.py")], env=env, capture_output=True,
-                       text=True, timeout=1200)  # fmt: skip
+    # One test reading one subprocess: a fixture shared by several tests would run the subprocess
+    # once per pytest-xdist worker (grouping with --dist loadgroup does not work with pytest 9.2,
+    # pytest-xdist issue 1386).
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharded_worker.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     sharded = json.loads(r.stdout)
     for preset in sharding.PRESETS:
@@ -47,41 +58,63 @@ def test_on_8_devices_every_rules_table_equals_one_device():
 
 
 def test_on_8_devices_kv_heads_replicate_over_a_larger_model_axis():
-    # tiny has 2 KV heads for 4 query heads; on data=2,model=4 each KV head sits on the 2 devices of its query heads.
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_worker.py"), "kv"], env=MESH_ENV_FULL,
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    # tiny has 2 KV heads for 4 query heads; on data=2,model=4 each KV head
+    # sits on the 2 devices of its query heads.
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharded_worker.py"), "kv"],
+        env=MESH_ENV_FULL,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     kv = json.loads(r.stdout)
     assert min(len(set(row)) for row in kv["want_tokens"]) >= 4, "degenerate tokens prove little"
     for preset in ("tp", "fsdp"):
         p = kv["presets"][preset]
         assert p["mesh"] == {"data": 2, "model_kv": 2, "model_rep": 2}, preset
-        assert p["logits_max_abs_diff"] <= 2e-5 * p["logits_max_abs"], preset  # fp32, another reduction order
+        # fp32, another reduction order
+        assert p["logits_max_abs_diff"] <= 2e-5 * p["logits_max_abs"], preset
         assert p["tokens_equal"], preset
-        assert p["step_loss_max_diff"] <= 1e-5, preset  # the second step's loss follows a sharded update
-        assert p["wk_shard_rows"] == kv["cfg"]["d_model"] // kv["cfg"]["n_head"], preset  # one whole KV head
+        # the second step's loss follows a sharded update
+        assert p["step_loss_max_diff"] <= 1e-5, preset
+        # one whole KV head
+        assert p["wk_shard_rows"] == kv["cfg"]["d_model"] // kv["cfg"]["n_head"], preset
     tp = kv["presets"]["tp"]
-    assert tp["wq_spec"] == "P(('model_kv', 'model_rep'), None)" and tp["wk_spec"] == "P('model_kv', None)"
+    assert (
+        tp["wq_spec"] == "P(('model_kv', 'model_rep'), None)"
+        and tp["wk_spec"] == "P('model_kv', None)"
+    )
     assert tp["cache_spec"] == "P('data', 'model_kv')" and tp["cache_shard_heads"] == 1
-    # Replication adds no collective: a forward and a decode step compile to the collectives of a model whose 4 KV
-    # heads split evenly over model=4, i.e. tp's two all-reduces per layer (after wo and after w_down), nothing else.
+    # Replication adds no collective: a forward and a decode step compile to the collectives of a
+    # model whose 4 KV heads split evenly over model=4, i.e. tp's two all-reduces per layer (after
+    # wo and after w_down), nothing else.
     assert tp["collectives"] == kv["even_collectives"]
     n_layer = kv["cfg"]["n_layer"]
     for step in ("forward", "decode"):
-        assert tp["collectives"][step] == {**dict.fromkeys(tp["collectives"][step], 0), "all-reduce": 2 * n_layer}
-    assert kv["refusal"] == ("n_kv_head=2 KV heads cannot be split over mesh axis model=4; "
-                             "use_mesh(mesh, rules, cfg=cfg) to replicate them")  # fmt: skip
+        assert tp["collectives"][step] == {
+            **dict.fromkeys(tp["collectives"][step], 0),
+            "all-reduce": 2 * n_layer,
+        }
+    assert kv["refusal"] == (
+        "n_kv_head=2 KV heads cannot be split over mesh axis model=4; "
+        "use_mesh(mesh, rules, cfg=cfg) to replicate them"
+    )
 
 
 def _sharded_equals_unsharded(sharded: dict, preset: str) -> None:
     r = sharded["presets"][preset]
-    assert r["logits_max_abs_diff"] <= 2e-5 * r["logits_max_abs"], preset  # fp32 rounding, other reduction order
-    assert min(len(set(row)) for row in sharded["want_tokens"]) >= 4, "degenerate tokens prove little"
+    # fp32 rounding, other reduction order
+    assert r["logits_max_abs_diff"] <= 2e-5 * r["logits_max_abs"], preset
+    assert min(len(set(row)) for row in sharded["want_tokens"]) >= 4, (
+        "degenerate tokens prove little"
+    )
     assert r["tokens_equal"] and r["sampled_equal"] and r["stream_equal"], preset
     assert r["grad_loss_diff"] <= 1e-5 and r["grad_max_rel_diff"] <= 1e-5
     assert r["step_loss_max_diff"] <= 1e-5
-    # Adam turns rounding noise in a near-zero gradient into a step of up to lr, so after the steps the
-    # parameters are judged against the most they can move (embedding rows of tokens seen once, mostly).
+    # Adam turns rounding noise in a near-zero gradient into a step of up to
+    # lr, so after the steps the parameters are judged against the most they
+    # can move (embedding rows of tokens seen once, mostly).
     travel = sharded["adam_travel"]
     worst = max(r["param_abs_diff"], key=r["param_abs_diff"].get)
     assert r["param_abs_diff"][worst] <= 0.1 * travel, (preset, worst)
@@ -90,16 +123,31 @@ def _sharded_equals_unsharded(sharded: dict, preset: str) -> None:
 def _parameters_are_sharded_as_their_rules_say(sharded: dict) -> None:
     cfg = sharded["cfg"]
     dp, tp, fsdp = (sharded["presets"][p]["specs"] for p in ("dp", "tp", "fsdp"))
-    assert all(all(a is None for a in spec) for spec in dp.values())  # data parallel: every weight replicated
-    assert tp["blocks.0.attn.wq.weight"] == ["model", None] and tp["blocks.0.attn.wo.weight"] == [None, "model"]
-    assert tp["blocks.1.mlp.w_down.weight"] == [None, "model"] and tp["blocks.1.mlp.w_up.bias"] == ["model"]
+    # data parallel: every weight replicated
+    assert all(all(a is None for a in spec) for spec in dp.values())
+    assert tp["blocks.0.attn.wq.weight"] == ["model", None] and tp["blocks.0.attn.wo.weight"] == [
+        None,
+        "model",
+    ]
+    assert tp["blocks.1.mlp.w_down.weight"] == [None, "model"] and tp["blocks.1.mlp.w_up.bias"] == [
+        "model"
+    ]
     assert tp["blocks.0.attn.wk.weight"] == ["model", None]
-    assert tp["tok_emb.weight"] == [None, None]  # the vocabulary stays replicated (50257 divides by nothing)
-    assert fsdp["blocks.0.mlp.w_gate.weight"] == ["model", "data"] and fsdp["lm_head.weight"] == [None, "data"]
-    assert fsdp["blocks.0.attn_norm.weight"] == ["data"] and fsdp["tok_emb.weight"] == [None, "data"]
+    # the vocabulary stays replicated (50257 divides by nothing)
+    assert tp["tok_emb.weight"] == [None, None]
+    assert fsdp["blocks.0.mlp.w_gate.weight"] == ["model", "data"] and fsdp["lm_head.weight"] == [
+        None,
+        "data",
+    ]
+    assert fsdp["blocks.0.attn_norm.weight"] == ["data"] and fsdp["tok_emb.weight"] == [
+        None,
+        "data",
+    ]
     shapes = sharded["presets"]["fsdp"]["shard_shapes"]
-    assert shapes["blocks.0.mlp.w_up.weight"] == [cfg["d_ff"] // 4, cfg["d_model"] // 2]  # 1/8 of the weight
-    assert sharded["presets"]["fsdp"]["opt_spec_w_up"] == "P('model', 'data')"  # Adam's moments follow
+    # 1/8 of the weight
+    assert shapes["blocks.0.mlp.w_up.weight"] == [cfg["d_ff"] // 4, cfg["d_model"] // 2]
+    # Adam's moments follow
+    assert sharded["presets"]["fsdp"]["opt_spec_w_up"] == "P('model', 'data')"
 
 
 def _compiled_train_step_has_the_expected_collectives(sharded: dict) -> None:
@@ -107,31 +155,41 @@ def _compiled_train_step_has_the_expected_collectives(sharded: dict) -> None:
     c = {p: sharded["presets"][p]["collectives"] for p in sharding.PRESETS}
     # Data parallel: the gradients all-reduced (combined into one op), nothing gathered.
     assert c["dp"]["all-reduce"] >= 1 and c["dp"]["all-gather"] == 0
-    # Tensor parallel: all-reduces of the row-parallel outputs (attention and MLP, forward and backward);
-    # weights are never gathered.
+    # Tensor parallel: all-reduces of the row-parallel outputs (attention and MLP, forward and
+    # backward); weights are never gathered.
     assert c["tp"]["all-reduce"] >= 2 * cfg["n_layer"] and c["tp"]["all-gather"] == 0
-    # FSDP: weights all-gathered for use in the forward and again in the backward. The CPU pipeline spells
-    # the gradient reduce-scatter as an all-reduce and a slice (GPU and TPU fuse them: ReduceScatterCreator).
+    # FSDP: weights all-gathered for use in the forward and again in the backward. The CPU pipeline
+    # spells the gradient reduce-scatter as an all-reduce and a slice (GPU and TPU fuse them:
+    # ReduceScatterCreator).
     assert c["fsdp"]["all-gather"] >= 2 * 7 * cfg["n_layer"] and c["fsdp"]["all-reduce"] >= 1
-    # No unexpected full replication: the compiled step takes no full-size MLP weight under tp or fsdp.
+    # No unexpected full replication: the compiled step takes no full-size
+    # MLP weight under tp or fsdp.
     full_w_up = f"f32[{cfg['d_ff']},{cfg['d_model']}]"
     assert full_w_up in sharded["presets"]["dp"]["hlo_param_shapes"]
     for preset in ("tp", "fsdp"):
         assert full_w_up not in sharded["presets"][preset]["hlo_param_shapes"], preset
 
 
-# ----------------------------------------------------------------------------- JAX, checks in-process
+# --------------------------------------------------------------------------- JAX, checks in-process
 
 
 def test_write_rows_equals_the_indexed_cache_write_bit_for_bit():
-    """The mesh path of KVCache.update (a vmapped scatter) writes what the readable indexed write does."""
+    """The mesh path of KVCache.update (a vmapped scatter) writes what the
+    readable indexed write does."""
     import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     b, k, h, s, t = 3, 2, 4, 16, 5
-    k_cache, v_cache = jnp.asarray(rng.normal(size=(b, k, h, s))), jnp.asarray(rng.normal(size=(b, k, s, h)))
-    pos = jnp.asarray(np.stack([rng.permutation(s)[:t] for _ in range(b)]))  # each row at its own positions
-    k_new, v_new = jnp.asarray(rng.normal(size=(b, t, k, h))), jnp.asarray(rng.normal(size=(b, t, k, h)))
+    k_cache, v_cache = (
+        jnp.asarray(rng.normal(size=(b, k, h, s))),
+        jnp.asarray(rng.normal(size=(b, k, s, h))),
+    )
+    # each row at its own positions
+    pos = jnp.asarray(np.stack([rng.permutation(s)[:t] for _ in range(b)]))
+    k_new, v_new = (
+        jnp.asarray(rng.normal(size=(b, t, k, h))),
+        jnp.asarray(rng.normal(size=(b, t, k, h))),
+    )
     rows = jnp.arange(b)[:, None]
     want_k, want_v = k_cache.at[rows, :, :, pos].set(k_new), v_cache.at[rows, :, pos].set(v_new)
     got_k, got_v = sharding.write_rows(k_cache, v_cache, pos, k_new, v_new)
@@ -144,8 +202,11 @@ def test_rules_tables_are_complete_and_checked():
     for preset in sharding.PRESETS:
         assert [a for a, _ in sharding.rules(preset)] == list(sharding.LOGICAL_AXES)
     assert dict(sharding.rules("tp", vocab="model"))["vocab"] == "model"
-    for kw, msg in [(dict(preset="zp"), "unknown preset 'zp'"), (dict(length="data"), "unknown logical axis 'length'"),
-                    (dict(heads="tensor"), "heads='tensor': the mesh axes are data, model")]:  # fmt: skip
+    for kw, msg in [
+        (dict(preset="zp"), "unknown preset 'zp'"),
+        (dict(length="data"), "unknown logical axis 'length'"),
+        (dict(heads="tensor"), "heads='tensor': the mesh axes are data, model"),
+    ]:
         preset = kw.pop("preset", "dp")
         with pytest.raises(ValueError, match=msg):
             sharding.rules(preset, **kw)
@@ -173,23 +234,35 @@ def test_mesh_size_and_divisibility_are_checked():
     with pytest.raises(ValueError, match=r"mesh data=2,model=1: 2 devices, but 1 are available"):
         sharding.make_mesh("data=2")
     mesh = sharding.make_mesh("data=1")
-    assert dict(mesh.shape) == {"data": 1, "model": 1} and all(t.name == "Auto" for t in mesh.axis_types)
+    assert dict(mesh.shape) == {"data": 1, "model": 1} and all(
+        t.name == "Auto" for t in mesh.axis_types
+    )
 
-    class FakeMesh:  # check_divisible reads only the axis sizes; 8 real devices are the subprocess's business
+    # check_divisible reads only the axis sizes; 8 real devices are the subprocess's business
+    class FakeMesh:
         shape: ClassVar[dict[str, int]] = {"data": 2, "model": 4}
 
     cfg = load_preset("tiny")  # n_head 4, n_kv_head 2
-    sharding.check_divisible(cfg, FakeMesh(), sharding.rules("tp"))  # model=4: each KV head replicated twice
+    # model=4: each KV head replicated twice
+    sharding.check_divisible(cfg, FakeMesh(), sharding.rules("tp"))
     FakeMesh.shape = {"data": 1, "model": 8}
-    with pytest.raises(ValueError, match=r"n_head=4 is not divisible by mesh axis model=8 \(the rules shard "
-                       r"'heads' over 'model'\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"n_head=4 is not divisible by mesh axis model=8 \(the rules shard "
+        r"'heads' over 'model'\)",
+    ):
         sharding.check_divisible(cfg, FakeMesh(), sharding.rules("tp"))
-    FakeMesh.shape = {"data": 1, "model": 3}  # 6 query heads split over 3; 2 KV heads neither split nor replicate
+    # 6 query heads split over 3; 2 KV heads neither split nor replicate
+    FakeMesh.shape = {"data": 1, "model": 3}
     six = dataclasses.replace(cfg, n_head=6, d_model=96, d_ff=192)
-    with pytest.raises(ValueError, match=r"n_kv_head=2 neither divides nor is divisible by mesh axis model=3 "
-                       r"\(the rules shard 'kv_heads' over 'model'\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"n_kv_head=2 neither divides nor is divisible by mesh axis model=3 "
+        r"\(the rules shard 'kv_heads' over 'model'\)",
+    ):
         sharding.check_divisible(six, FakeMesh(), sharding.rules("tp"))
-    sharding.check_divisible(six, FakeMesh(), sharding.rules("tp", kv_heads=None))  # replicated everywhere
+    # replicated everywhere
+    sharding.check_divisible(six, FakeMesh(), sharding.rules("tp", kv_heads=None))
     FakeMesh.shape = {"data": 2, "model": 4}
     with pytest.raises(ValueError, match="batch=3 is not divisible by mesh axis data=2"):
         sharding.check_divisible(cfg, FakeMesh(), sharding.rules("dp"), batch=3)
@@ -214,20 +287,49 @@ def test_one_device_mesh_builds_the_same_model():
     assert not sharding.mesh_active()
 
 
-# ----------------------------------------------------------------------------- torch, torchrun with gloo
+# ------------------------------------------------------------------------ torch, torchrun with gloo
 
-TRAIN = ["--framework", "torch", "--preset", "tiny", "--steps", "4", "--block-size", "32", "--log-every", "1",
-         "--eval-every", "0", "--eval-batches", "2", "--warmup-steps", "1", "--ckpt-every", "2", "--grad-accum", "2",
-         "--no-compile"]  # fmt: skip
+TRAIN = [
+    "--framework",
+    "torch",
+    "--preset",
+    "tiny",
+    "--steps",
+    "4",
+    "--block-size",
+    "32",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "0",
+    "--eval-batches",
+    "2",
+    "--warmup-steps",
+    "1",
+    "--ckpt-every",
+    "2",
+    "--grad-accum",
+    "2",
+    "--no-compile",
+]
 
 
 def _gptmod(*args: str, procs: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if procs == 1:
         cmd = [sys.executable, "-m", "gptmod.cli", *args]
-    else:  # --standalone: torchrun finds a free port itself, so parallel test workers do not collide
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               "-m", "gptmod.cli", *args]  # fmt: skip
+    # --standalone: torchrun finds a free port itself, so parallel test workers do not collide
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "gptmod.cli",
+            *args,
+        ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -255,12 +357,24 @@ def test_torchrun_ddp_and_fsdp_equal_one_process_and_resume(shards, tmp_path):
     want, (a, cfg_a) = _losses(single), weights.load(single / "model.safetensors")
     for parallel in ("ddp", "fsdp"):
         run = tmp_path / parallel
-        args = ["train", *TRAIN, "--batch-size", "2", "--parallel", parallel, "--data", str(shards), "--out", str(run)]
+        args = [
+            "train",
+            *TRAIN,
+            "--batch-size",
+            "2",
+            "--parallel",
+            parallel,
+            "--data",
+            str(shards),
+            "--out",
+            str(run),
+        ]
         r = _gptmod(*args, procs=2)
         assert r.stdout.count("done: 4 steps") == 1, parallel  # rank 0 alone reports
         got = _losses(run)
         assert len(got) == 4 and np.abs(np.subtract(got, want)).max() <= 1e-5, (parallel, got, want)
-        b, cfg_b = weights.load(run / "model.safetensors")  # canonical full tensors, whatever the sharding was
+        # canonical full tensors, whatever the sharding was
+        b, cfg_b = weights.load(run / "model.safetensors")
         assert cfg_a == cfg_b and set(a) == set(b) and _max_diff(a, b) <= 1e-5, parallel
     # The checkpoint of a sharded run loads in the other framework too.
     from flax import nnx
@@ -268,7 +382,8 @@ def test_torchrun_ddp_and_fsdp_equal_one_process_and_resume(shards, tmp_path):
     import gptmod_jax
 
     gptmod_jax.load_state(gptmod_jax.GPT(cfg_b, rngs=nnx.Rngs(0)), b)
-    # As if the FSDP run had died after its step-2 checkpoint: the same command continues from there.
+    # As if the FSDP run had died after its step-2 checkpoint: the same
+    # command continues from there.
     shutil.rmtree(run / "step_0000004")
     (run / "model.safetensors").unlink()
     (run / "latest").write_text("step_0000002\n")
@@ -279,47 +394,112 @@ def test_torchrun_ddp_and_fsdp_equal_one_process_and_resume(shards, tmp_path):
     assert [row["step"] for row in training.RunLog.read(run / "log.jsonl")] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize(("args", "msg"), [
-    (["--parallel", "ddp"], "--parallel ddp needs several processes: launch with torchrun"),
-    (["--mesh", "data=1", "--framework", "torch"], "--mesh is for --framework jax"),
-    (["--rules", "tp"], "--rules/--rule need --mesh"),
-    (["--mesh", "data=1", "--rule", "vocab"], "--rule 'vocab': expected AXIS=MESH_AXIS"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--parallel", "ddp"], "--parallel ddp needs several processes: launch with torchrun"),
+        (["--mesh", "data=1", "--framework", "torch"], "--mesh is for --framework jax"),
+        (["--rules", "tp"], "--rules/--rule need --mesh"),
+        (["--mesh", "data=1", "--rule", "vocab"], "--rule 'vocab': expected AXIS=MESH_AXIS"),
+    ],
+)
 def test_launch_errors_name_the_option(args, msg, shards, tmp_path):
-    cmd = ["train", *[a for a in TRAIN if a != "--framework" and a != "torch"], "--data", str(shards),
-           "--out", str(tmp_path / "run"), *args]  # fmt: skip
+    cmd = [
+        "train",
+        *[a for a in TRAIN if a != "--framework" and a != "torch"],
+        "--data",
+        str(shards),
+        "--out",
+        str(tmp_path / "run"),
+        *args,
+    ]
     if "--framework" not in args:
         cmd += ["--framework", "jax" if "--mesh" in args or "--rules" in args else "torch"]
-    r = subprocess.run([sys.executable, "-m", "gptmod.cli", *cmd], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "gptmod.cli", *cmd], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
 def _jax_cli(*args: str, mesh: bool) -> subprocess.CompletedProcess:
     env = {**os.environ, **(MESH_ENV if mesh else {})}
-    r = subprocess.run([sys.executable, "-m", "gptmod.cli", *args], env=env, capture_output=True, text=True,
-                       timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "gptmod.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return r
 
 
 def test_cli_generate_and_train_on_a_mesh_match_one_device(shards, tmp_path):
-    gen = ["generate", "--preset", "tiny", "--prompt", "To be, or not to be", "--max-new-tokens", "12"]
-    # tiny has 4 query and 2 kv heads: a model axis of 2 splits both evenly, one of 4 replicates each KV head twice.
+    gen = [
+        "generate",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "To be, or not to be",
+        "--max-new-tokens",
+        "12",
+    ]
+    # tiny has 4 query and 2 kv heads: a model axis of 2 splits both evenly,
+    # one of 4 replicates each KV head twice.
     want = _jax_cli(*gen, mesh=False).stdout
     assert _jax_cli(*gen, "--mesh", "data=4,model=2", mesh=True).stdout == want
     assert _jax_cli(*gen, "--mesh", "data=2,model=4", mesh=True).stdout == want
     # What replication cannot serve stays a one-line error: 8 devices on `model` for 4 query heads.
-    r = subprocess.run([sys.executable, "-m", "gptmod.cli", *gen, "--mesh", "model=8"], env=MESH_ENV_FULL,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert r.returncode == 2 and "n_head=4 is not divisible by mesh axis model=8" in r.stderr, r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "gptmod.cli", *gen, "--mesh", "model=8"],
+        env=MESH_ENV_FULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "n_head=4 is not divisible by mesh axis model=8" in r.stderr, (
+        r.stderr
+    )
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    train = ["train", "--framework", "jax", "--preset", "tiny", "--data", str(shards), "--steps", "3",
-             "--batch-size", "8", "--block-size", "32", "--log-every", "1", "--eval-every", "0", "--eval-batches", "1",
-             "--warmup-steps", "1", "--ckpt-every", "0"]  # fmt: skip
+    train = [
+        "train",
+        "--framework",
+        "jax",
+        "--preset",
+        "tiny",
+        "--data",
+        str(shards),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--block-size",
+        "32",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--ckpt-every",
+        "0",
+    ]
     _jax_cli(*train, "--out", str(tmp_path / "one"), mesh=False)
-    _jax_cli(*train, "--out", str(tmp_path / "mesh"), "--mesh", "data=4,model=2", "--rules", "fsdp", mesh=True)
+    _jax_cli(
+        *train,
+        "--out",
+        str(tmp_path / "mesh"),
+        "--mesh",
+        "data=4,model=2",
+        "--rules",
+        "fsdp",
+        mesh=True,
+    )
     want, got = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
     assert len(got) == 3 and np.abs(np.subtract(got, want)).max() <= 1e-5
     a, _ = weights.load(tmp_path / "one" / "model.safetensors")
-    b, _ = weights.load(tmp_path / "mesh" / "model.safetensors")  # gathered from the shards: canonical, whole
+    # gathered from the shards: canonical, whole
+    b, _ = weights.load(tmp_path / "mesh" / "model.safetensors")
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}

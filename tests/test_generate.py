@@ -50,7 +50,8 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [120, 8], [33, 1, 4, 1, 5, 9, 2, 6, 5, 3,
 
 
 def _torch_cached_steps(model, seq, prefill_chunks):
-    """Prefill `seq[:n]` in chunks, then decode the rest one token at a time; logits at each new token."""
+    """Prefill `seq[:n]` in chunks, then decode the rest one token at a
+    time; logits at each new token."""
     model.setup_cache(1, len(seq))
     out, start = [], 0
     try:
@@ -83,7 +84,8 @@ def _jax_cached_steps(model, seq, prefill_chunks):
 @pytest.mark.parametrize("name", ["tiny", "modern-gpt2", "gpt2"])
 def test_cached_decode_equals_full_forward(name, chunks):
     cfg = _cfg(name)
-    state = {k: v * 2 if v.ndim == 2 else v for k, v in torch_pair_state(cfg).items()}  # logits O(1), not O(10)
+    # logits O(1), not O(10)
+    state = {k: v * 2 if v.ndim == 2 else v for k, v in torch_pair_state(cfg).items()}
     tm, jm = torch_model(cfg, state), jax_model(cfg, state)
     seq = list(np.random.default_rng(0).integers(0, cfg.vocab_size, 40))
     ends = chunks + list(range(chunks[-1] + 1, len(seq) + 1))
@@ -104,9 +106,12 @@ def test_cache_is_not_part_of_the_state():
     keys_t, keys_j = set(gptmod_torch.export_state(tm)), set(gptmod_jax.export_state(jm))
     tm.setup_cache(2, 32)
     jm.setup_cache(2, 32)
-    assert set(gptmod_torch.export_state(tm)) == keys_t and set(gptmod_jax.export_state(jm)) == keys_j
+    assert (
+        set(gptmod_torch.export_state(tm)) == keys_t and set(gptmod_jax.export_state(jm)) == keys_j
+    )
     assert tuple(tm.blocks[1].attn.kv_cache.k.shape) == (2, cfg.n_kv_head, 32, cfg.head_dim)
-    # JAX keeps keys transposed, (B, K, H, S), the layout XLA's CPU dot reads fastest (cached_attention).
+    # JAX keeps keys transposed, (B, K, H, S), the layout XLA's CPU dot
+    # reads fastest (cached_attention).
     assert tuple(jm.blocks[1].attn.kv_cache.k.shape) == (2, cfg.n_kv_head, cfg.head_dim, 32)
     assert tuple(jm.blocks[1].attn.kv_cache.v.shape) == (2, cfg.n_kv_head, 32, cfg.head_dim)
 
@@ -161,7 +166,9 @@ def test_sampling_reproducible_and_seed_matters(framework):
     cfg = _cfg("tiny")
     state = _state(cfg)
     gen, model = (
-        (tg.generate, torch_model(cfg, state)) if framework == "torch" else (jg.generate, jax_model(cfg, state))
+        (tg.generate, torch_model(cfg, state))
+        if framework == "torch"
+        else (jg.generate, jax_model(cfg, state))
     )
     kw = dict(temperature=1.0, top_k=200, top_p=0.95, min_p=0.01)
     a = gen(model, PROMPTS, 32, seed=7, **kw)
@@ -188,8 +195,11 @@ def test_stream_equals_one_shot(framework):
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_eos_stops_each_row(pair, framework):
     _, tm, jm = pair
-    gen, stream, model = (tg.generate, tg.generate_stream, tm) if framework == "torch" else (
-        jg.generate, jg.generate_stream, jm)  # fmt: skip
+    gen, stream, model = (
+        (tg.generate, tg.generate_stream, tm)
+        if framework == "torch"
+        else (jg.generate, jg.generate_stream, jm)
+    )
     free = gen(model, PROMPTS, 16)
     eos = free[0][3]  # row 0 emits it at step 3; the others may or may not
     out = gen(model, PROMPTS, 16, eos_id=eos)
@@ -205,8 +215,11 @@ def test_eos_stops_each_row(pair, framework):
 def test_recompute_without_cache_gives_the_cached_tokens(pair, framework):
     # use_cache=False is the O(T^2) path the benchmark compares against: same model, same tokens.
     _, tm, jm = pair
-    gen, stream, model = (tg.generate, tg.generate_stream, tm) if framework == "torch" else (
-        jg.generate, jg.generate_stream, jm)  # fmt: skip
+    gen, stream, model = (
+        (tg.generate, tg.generate_stream, tm)
+        if framework == "torch"
+        else (jg.generate, jg.generate_stream, jm)
+    )
     cached = gen(model, PROMPTS, 20)
     assert gen(model, PROMPTS, 20, use_cache=False) == cached
     kw = dict(temperature=0.9, top_k=50, seed=3)
@@ -214,7 +227,9 @@ def test_recompute_without_cache_gives_the_cached_tokens(pair, framework):
     steps = list(stream(model, PROMPTS, 12, use_cache=False, **kw))
     assert [[s[b] for s in steps] for b in range(3)] == sampled
     eos = cached[0][3]
-    assert gen(model, PROMPTS, 20, eos_id=eos, use_cache=False) == gen(model, PROMPTS, 20, eos_id=eos)
+    assert gen(model, PROMPTS, 20, eos_id=eos, use_cache=False) == gen(
+        model, PROMPTS, 20, eos_id=eos
+    )
     assert model.blocks[0].attn.kv_cache is None
 
 
@@ -222,14 +237,21 @@ def test_jax_scanned_layers_give_the_same_tokens(pair):
     _, _, jm = pair
     assert jg.generate(jm, PROMPTS, 24, scan_layers=True) == jg.generate(jm, PROMPTS, 24)
     kw = dict(temperature=0.9, top_k=50, top_p=0.95, seed=3)
-    assert jg.generate(jm, PROMPTS, 16, scan_layers=True, **kw) == jg.generate(jm, PROMPTS, 16, **kw)
-    assert jg.generate(jm, PROMPTS, 12, scan_layers=True, use_cache=False) == jg.generate(jm, PROMPTS, 12)
+    assert jg.generate(jm, PROMPTS, 16, scan_layers=True, **kw) == jg.generate(
+        jm, PROMPTS, 16, **kw
+    )
+    assert jg.generate(jm, PROMPTS, 12, scan_layers=True, use_cache=False) == jg.generate(
+        jm, PROMPTS, 12
+    )
     eos = jg.generate(jm, PROMPTS, 8)[0][3]
-    assert jg.generate(jm, PROMPTS, 8, eos_id=eos, scan_layers=True) == jg.generate(jm, PROMPTS, 8, eos_id=eos)
+    assert jg.generate(jm, PROMPTS, 8, eos_id=eos, scan_layers=True) == jg.generate(
+        jm, PROMPTS, 8, eos_id=eos
+    )
 
 
 def test_jax_scanned_program_holds_one_block():
-    # The point of scanning is compile time: the lowered program has one block's matmuls, not n_layer copies.
+    # The point of scanning is compile time: the lowered program has one
+    # block's matmuls, not n_layer copies.
     from gptmod.sampling import plan
 
     cfg = dataclasses.replace(_cfg("tiny"), n_layer=6)
@@ -255,7 +277,8 @@ def test_jax_scanned_program_holds_one_block():
         return lowered.as_text().count("stablehlo.dot_general")
 
     unrolled, scanned = dots(False), dots(True)
-    # Per block: q, k, v, o, gate, up, down and the two attention products, in prefill and in the decode step.
+    # Per block: q, k, v, o, gate, up, down and the two attention products,
+    # in prefill and in the decode step.
     assert unrolled >= 2 * 9 * cfg.n_layer
     assert scanned <= unrolled / cfg.n_layer + 4
 
@@ -269,8 +292,10 @@ def test_jax_prompt_buckets_reuse_compilations():
     assert jg._generate._cache_size() == n0
     jg.generate(model, [list(range(1, 18))], 8)  # a 17-token prompt: the 32-bucket compiles once
     assert jg._generate._cache_size() == n0 + 1
-    jg.generate(model, [[1, 2]], 8, temperature=0.5, top_k=3)  # sampling with top-k: another program
-    jg.generate(model, [[1, 2, 3, 4]], 9, temperature=0.8, top_k=7, seed=5)  # new values: the same program
+    # sampling with top-k: another program
+    jg.generate(model, [[1, 2]], 8, temperature=0.5, top_k=3)
+    # new values: the same program
+    jg.generate(model, [[1, 2, 3, 4]], 9, temperature=0.8, top_k=7, seed=5)
     assert jg._generate._cache_size() == n0 + 2
 
 
@@ -298,8 +323,12 @@ FILTERS = [
 def test_filters_allow_the_same_tokens_in_both(kw):
     logits = np.random.default_rng(0).normal(scale=3.0, size=(6, 1000)).astype(np.float32)
     params = SamplingParams(**kw)
-    allowed_t = np.isfinite(tg.filter_logits(torch.from_numpy(logits), *tg._split_params(params)).numpy())
-    allowed_j = np.isfinite(np.asarray(jg.filter_logits(jnp.asarray(logits), *jg._split_params(params))))
+    allowed_t = np.isfinite(
+        tg.filter_logits(torch.from_numpy(logits), *tg._split_params(params)).numpy()
+    )
+    allowed_j = np.isfinite(
+        np.asarray(jg.filter_logits(jnp.asarray(logits), *jg._split_params(params)))
+    )
     assert np.array_equal(allowed_t, allowed_j)
     probs = np.exp(logits.astype(np.float64) / kw["temperature"])
     probs /= probs.sum(-1, keepdims=True)
@@ -342,7 +371,12 @@ def test_bad_sampling_values(framework, kw, msg):
 @pytest.mark.parametrize(
     ("prompts", "max_new", "msg"),
     [
-        ([[1, 2]], 255, r"2 prompt tokens \+ max_new_tokens=255 = 257 exceeds the cache capacity max_seq_len=256"),
+        (
+            [[1, 2]],
+            255,
+            r"2 prompt tokens \+ max_new_tokens=255 = 257 exceeds the "
+            r"cache capacity max_seq_len=256",
+        ),
         ([[1, 50257]], 4, r"prompts\[0\]: token id 50257 is out of range"),
         ([[1], [-3]], 4, r"prompts\[1\]: token id -3 is out of range"),
         ([[1], []], 4, r"prompts\[1\]: expected a non-empty list"),
@@ -366,8 +400,15 @@ def test_bad_requests(framework, prompts, max_new, msg):
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_argmax_is_the_first_maximum_and_nan_wins(framework):
-    logits = np.array([[0.0, 3.0, 1.0, 3.0], [np.nan, 1.0, np.nan, 2.0], [-1.0, -2.0, 5.0, np.nan],
-                       [2.0, 2.0, 2.0, 2.0]], np.float32)  # fmt: skip
+    logits = np.array(
+        [
+            [0.0, 3.0, 1.0, 3.0],
+            [np.nan, 1.0, np.nan, 2.0],
+            [-1.0, -2.0, 5.0, np.nan],
+            [2.0, 2.0, 2.0, 2.0],
+        ],
+        np.float32,
+    )
     if framework == "torch":
         got = tg.argmax(torch.from_numpy(logits)).tolist()
     else:
@@ -404,7 +445,9 @@ def test_several_stop_ids_end_each_row_at_the_first_of_them(tiny_pair, framework
         assert row == (free_row[: cuts[0] + 1] if cuts else free_row)
     assert len(out[1]) == 1 and out[0][-1] in stops
     assert gen.generate(model, PROMPTS, 16, eos_id=(b, a)) == out
-    assert gen.generate(model, PROMPTS, 16, eos_id=[np.int64(a)]) == gen.generate(model, PROMPTS, 16, eos_id=a)
+    assert gen.generate(model, PROMPTS, 16, eos_id=[np.int64(a)]) == gen.generate(
+        model, PROMPTS, 16, eos_id=a
+    )
     assert gen.generate(model, PROMPTS, 16, eos_id=[]) == free
     steps = list(gen.generate_stream(model, PROMPTS, 16, eos_id=[a, b]))
     assert [[s[r] for s in steps if s[r] is not None] for r in range(3)] == out
@@ -422,7 +465,9 @@ def test_jax_stop_ids_are_traced_not_compiled_in():
     jg.generate(model, [[1, 2, 3]], 8, eos_id=list(range(5)))
     assert jg._generate._cache_size() == n0 + 1  # five: the next size, (8,)
     assert SamplingParams(eos_id=[np.int32(2), 5]).knob_values()[-1] == (2, 5, -1, -1)
-    assert SamplingParams(eos_id=np.int64(3)).eos_id == 3 and SamplingParams(eos_id=None).eos_ids == ()
+    assert (
+        SamplingParams(eos_id=np.int64(3)).eos_id == 3 and SamplingParams(eos_id=None).eos_ids == ()
+    )
 
 
 @pytest.mark.parametrize(
@@ -448,7 +493,7 @@ def test_bad_stop_ids(framework, eos_id, msg):
         gen.Session(model).stream([1, 2], 4, stop_ids=eos_id)
 
 
-# ----------------------------------------------------------------------------- sessions: the cache across turns
+# ----------------------------------------------------------------- sessions: the cache across turns
 
 
 def _full_logits(framework, model, ids):
@@ -468,7 +513,9 @@ A, B, C = [5, 17, 99, 3, 250, 41, 7], [120, 8, 66], [33, 1, 4, 1, 5]
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
-def test_session_reuses_the_prefix_with_the_tokens_and_logits_of_a_fresh_prefill(tiny_pair, framework):
+def test_session_reuses_the_prefix_with_the_tokens_and_logits_of_a_fresh_prefill(
+    tiny_pair, framework
+):
     gen, model = _twin(framework, tiny_pair)
     s = gen.Session(model)
     r1 = list(s.stream(A, 10))
@@ -485,7 +532,8 @@ def test_session_reuses_the_prefix_with_the_tokens_and_logits_of_a_fresh_prefill
     assert (s.last_reused, s.last_prefill) == (len(ctx3) - 1, 1) and s.tokens == ctx3
     assert _close(got, _full_logits(framework, model, ctx3))
     assert _close(got, gen.Session(model).feed(ctx3))
-    assert model.blocks[0].attn.kv_cache is None  # the cache is the session's, not left on the model
+    # the cache is the session's, not left on the model
+    assert model.blocks[0].attn.kv_cache is None
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
@@ -511,13 +559,16 @@ def test_session_stop_ids_and_an_abandoned_stream(tiny_pair, framework):
     s = gen.Session(model)
     reply = list(s.stream(A, 12, stop_ids=[stop, 50000]))
     assert reply == free[: free.index(stop) + 1] and s.tokens == A + reply[:-1]
-    # Stop iterating after three tokens: the cache holds what was fed, and the next turn builds on it.
+    # Stop iterating after three tokens: the cache holds what was fed, and
+    # the next turn builds on it.
     it = s.stream([*A, 9, 9], 10)
     part = [next(it) for _ in range(3)]
     it.close()
     assert s.tokens == [*A, 9, 9, *part[:2]]
     ctx = [*A, 9, 9, *part, 3]
-    assert list(s.stream(ctx, 6)) == gen.generate(model, [ctx], 6)[0] and s.last_reused == len(A) + 4
+    assert (
+        list(s.stream(ctx, 6)) == gen.generate(model, [ctx], 6)[0] and s.last_reused == len(A) + 4
+    )
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
@@ -555,16 +606,22 @@ def test_session_cache_grows_lazily_and_a_full_context_is_refused(framework):
     assert s.capacity == 256  # not max_seq_len
     long = A + r1 + list(np.random.default_rng(1).integers(0, cfg.vocab_size, 300))
     r2 = list(s.stream(long, 4))
-    assert s.capacity == 512 and s.last_reused == len(A) + 3  # the cached prefix survived the growth
+    # the cached prefix survived the growth
+    assert s.capacity == 512 and s.last_reused == len(A) + 3
     assert r2 == gen.generate(model, [long], 4)[0]
     assert _close(s.feed(long + r2), _full_logits(framework, model, long + r2))
     small = gen.Session(model, max_len=40)
-    with pytest.raises(ContextFullError, match=r"the conversation's 30 tokens \+ max_new_tokens=11 = 41 exceed the "
-                       r"session's capacity max_len=40"):  # fmt: skip
+    with pytest.raises(
+        ContextFullError,
+        match=r"the conversation's 30 tokens \+ max_new_tokens=11 = 41 exceed the "
+        r"session's capacity max_len=40",
+    ):
         small.stream(list(range(1, 31)), 11)
     assert small.capacity == 0 and small.tokens == []  # refused before anything ran
     assert len(list(small.stream(list(range(1, 31)), 10))) == 10 and small.capacity == 40
-    with pytest.raises(ValueError, match=r"max_len=2000: must be an int in \[1, max_seq_len=1024\]"):
+    with pytest.raises(
+        ValueError, match=r"max_len=2000: must be an int in \[1, max_seq_len=1024\]"
+    ):
         gen.Session(model, max_len=2000)
     with pytest.raises(ValueError, match="ids: expected a non-empty list of token ids"):
         s.stream([], 4)
@@ -579,9 +636,12 @@ def test_session_leaves_the_model_free_between_turns(tiny_pair, framework):
     gen, model = _twin(framework, tiny_pair)
     s = gen.Session(model)
     r1 = list(s.stream(A, 8))
-    assert gen.generate(model, PROMPTS, 4) == gen.generate(model, PROMPTS, 4)  # generate still runs in between
+    # generate still runs in between
+    assert gen.generate(model, PROMPTS, 4) == gen.generate(model, PROMPTS, 4)
     ctx = A + r1 + B
-    assert list(s.stream(ctx, 8)) == gen.generate(model, [ctx], 8)[0] and s.last_reused == len(A) + 7
+    assert (
+        list(s.stream(ctx, 8)) == gen.generate(model, [ctx], 8)[0] and s.last_reused == len(A) + 7
+    )
     model.setup_cache(1, 16)
     try:
         with pytest.raises(ValueError, match="Session: the model already holds a KV cache"):
@@ -614,7 +674,8 @@ def test_jax_session_recovers_a_cache_lost_to_an_interrupted_step():
     model = jax_model(cfg, _state(cfg))
     s = jg.Session(model)
     r1 = list(s.stream(A, 6))
-    for x in jax.tree.leaves(s._cache):  # what a Ctrl-C between donating the cache and receiving it leaves
+    # what a Ctrl-C between donating the cache and receiving it leaves
+    for x in jax.tree.leaves(s._cache):
         x.delete()
     ctx = A + r1 + B
     assert list(s.stream(ctx, 6)) == jg.generate(model, [ctx], 6)[0]
@@ -630,11 +691,18 @@ def test_torch_compiled_session_matches_eager(tiny_pair):
     assert out[True] == out[False] and out[True][-1] == len(A)
 
 
-# ----------------------------------------------------------------------------- compile modes (CUDA graphs)
+# ---------------------------------------------------------------------- compile modes (CUDA graphs)
 
 
-@pytest.mark.parametrize(("compile", "mode"), [(False, None), (True, "default"), ("default", "default"),
-                                               ("reduce-overhead", "reduce-overhead")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("compile", "mode"),
+    [
+        (False, None),
+        (True, "default"),
+        ("default", "default"),
+        ("reduce-overhead", "reduce-overhead"),
+    ],
+)
 def test_compile_modes(compile, mode):
     assert tg.compile_mode(compile) == mode
 
@@ -643,8 +711,14 @@ def test_compile_modes(compile, mode):
 def test_an_unknown_compile_mode_is_refused_naming_it(compile):
     cfg = _cfg("tiny")
     model = torch_model(cfg, _state(cfg))
-    msg = rf"compile={compile!r}: choose False \(eager\), True \(= 'default'\) or one of 'default', 'reduce-overhead'"
-    for call in (lambda: tg.generate(model, PROMPTS, 4, compile=compile), lambda: tg.Session(model, compile=compile)):
+    msg = (
+        rf"compile={compile!r}: choose False \(eager\), True \(= 'default'\) or one of "
+        r"'default', 'reduce-overhead'"
+    )
+    for call in (
+        lambda: tg.generate(model, PROMPTS, 4, compile=compile),
+        lambda: tg.Session(model, compile=compile),
+    ):
         with pytest.raises(ValueError, match=msg):
             call()
     assert model.blocks[0].attn.kv_cache is None
@@ -653,10 +727,15 @@ def test_an_unknown_compile_mode_is_refused_naming_it(compile):
 def test_reduce_overhead_refuses_a_model_off_cuda():
     cfg = _cfg("tiny")
     model = torch_model(cfg, _state(cfg))
-    msg = "compile='reduce-overhead' captures CUDA graphs and needs the model on a CUDA device, but it is on cpu"
-    calls = (lambda: tg.generate(model, PROMPTS, 4, compile="reduce-overhead"),
-             lambda: next(tg.generate_stream(model, PROMPTS, 4, compile="reduce-overhead")),
-             lambda: tg.Session(model, compile="reduce-overhead"))  # fmt: skip
+    msg = (
+        "compile='reduce-overhead' captures CUDA graphs and needs the model on a "
+        "CUDA device, but it is on cpu"
+    )
+    calls = (
+        lambda: tg.generate(model, PROMPTS, 4, compile="reduce-overhead"),
+        lambda: next(tg.generate_stream(model, PROMPTS, 4, compile="reduce-overhead")),
+        lambda: tg.Session(model, compile="reduce-overhead"),
+    )
     for call in calls:
         with pytest.raises(ValueError, match=msg):
             call()
@@ -664,9 +743,10 @@ def test_reduce_overhead_refuses_a_model_off_cuda():
 
 
 class FakeCompiler:
-    """torch.compile stand-in that records its kwargs and, for mode="reduce-overhead", imitates a CUDA-graph
-    replay: the step runs eagerly, its output is copied into one static buffer per shape and that buffer is
-    returned, so the next replay overwrites what an earlier call returned (as cudagraph trees do)."""
+    """torch.compile stand-in that records its kwargs and, for mode="reduce-overhead", imitates a
+    CUDA-graph replay: the step runs eagerly, its output is copied into one static buffer per shape
+    and that buffer is returned, so the next replay overwrites what an earlier call returned (as
+    cudagraph trees do)."""
 
     def __init__(self):
         self.calls: list[dict] = []
@@ -707,17 +787,22 @@ def test_compile_true_is_default_mode_and_is_compiled_once(fake_compiler):
     for compile in (True, "default", True):
         assert tg.generate(model, PROMPTS, 6, compile=compile) == eager
     assert list(tg.Session(model, compile="default").stream(PROMPTS[0], 6)) == eager[0]
-    assert fake_compiler.calls == [dict(fullgraph=True, dynamic=False, mode="default")]  # one step, one compile
+    # one step, one compile
+    assert fake_compiler.calls == [dict(fullgraph=True, dynamic=False, mode="default")]
     tg.generate(model, PROMPTS, 6, compile=True, use_cache=False)
-    assert fake_compiler.calls[1:] == [dict(fullgraph=True, dynamic=False, mode="default")]  # the recompute step
+    # the recompute step
+    assert fake_compiler.calls[1:] == [dict(fullgraph=True, dynamic=False, mode="default")]
     assert fake_compiler.marks == []  # no CUDA-graph step boundaries outside "reduce-overhead"
 
 
-def test_cudagraph_step_marks_each_step_and_returns_what_the_next_replay_cannot_overwrite(fake_compiler):
+def test_cudagraph_step_marks_each_step_and_returns_what_the_next_replay_cannot_overwrite(
+    fake_compiler,
+):
     compiled = fake_compiler.compile(lambda x: x * 2, mode="reduce-overhead")
     raw_1 = compiled(torch.ones(3))
     compiled(torch.zeros(3))
-    assert raw_1.tolist() == [0.0, 0.0, 0.0]  # the fake is honest: a replay overwrites its earlier output
+    # the fake is honest: a replay overwrites its earlier output
+    assert raw_1.tolist() == [0.0, 0.0, 0.0]
     step = tg._graph_step(compiled)
     out_1 = step(torch.ones(3))
     out_2 = step(torch.full((3,), 5.0))
@@ -726,32 +811,42 @@ def test_cudagraph_step_marks_each_step_and_returns_what_the_next_replay_cannot_
 
 
 @pytest.mark.parametrize("kw", [{}, dict(temperature=0.9, top_k=20, seed=3)])
-def test_reduce_overhead_generate_replays_with_stable_cache_addresses(fake_compiler, monkeypatch, kw):
+def test_reduce_overhead_generate_replays_with_stable_cache_addresses(
+    fake_compiler, monkeypatch, kw
+):
     cfg = _cfg("tiny")
     model = torch_model(cfg, _state(cfg))
     eager = tg.generate(model, PROMPTS, 9, **kw)
-    monkeypatch.setattr(tg, "_device_type", lambda model: "cuda")  # the CUDA check passes; the rest runs on the CPU
+    # the CUDA check passes; the rest runs on the CPU
+    monkeypatch.setattr(tg, "_device_type", lambda model: "cuda")
     ptrs = []
     install = tg._setup_cache
 
     def spy(model, batch, cache_len, mode):
         install(model, batch, cache_len, mode)
-        ptrs.append([(b.attn.kv_cache.k.data_ptr(), b.attn.kv_cache.v.data_ptr()) for b in model.blocks])
+        ptrs.append(
+            [(b.attn.kv_cache.k.data_ptr(), b.attn.kv_cache.v.data_ptr()) for b in model.blocks]
+        )
 
     monkeypatch.setattr(tg, "_setup_cache", spy)
     for _ in range(3):
         assert tg.generate(model, PROMPTS, 9, compile="reduce-overhead", **kw) == eager
     assert fake_compiler.calls == [dict(fullgraph=True, dynamic=False, mode="reduce-overhead")]
-    assert ptrs[0] == ptrs[1] == ptrs[2]  # the same buffers every call: the captured graph stays valid
-    assert fake_compiler.marks == list(range(3 * 8))  # one mark before each of the 8 decode steps per call
-    assert model.blocks[0].attn.kv_cache is None  # off the model between calls, as after any generate
+    # the same buffers every call: the captured graph stays valid
+    assert ptrs[0] == ptrs[1] == ptrs[2]
+    # one mark before each of the 8 decode steps per call
+    assert fake_compiler.marks == list(range(3 * 8))
+    # off the model between calls, as after any generate
+    assert model.blocks[0].attn.kv_cache is None
     # A reused cache is zeroed: nothing from the last call survives past what this one wrote.
     (caches,) = tg._graph_caches[model].values()
     assert all(int(c.k.count_nonzero()) > 0 for c in caches)  # (the last call wrote them)
-    tg._setup_cache(model, batch_bucket(len(PROMPTS)), caches[0].capacity, "reduce-overhead")  # rows run: bucketed
+    # rows run: bucketed
+    tg._setup_cache(model, batch_bucket(len(PROMPTS)), caches[0].capacity, "reduce-overhead")
     assert all(int(c.k.count_nonzero()) == int(c.v.count_nonzero()) == 0 for c in caches)
     model.clear_cache()
-    tg.generate(model, PROMPTS[:1], 9, compile="reduce-overhead", **kw)  # another batch: another cache of its own
+    # another batch: another cache of its own
+    tg.generate(model, PROMPTS[:1], 9, compile="reduce-overhead", **kw)
     assert len(tg._graph_caches[model]) == 2
 
 
@@ -762,27 +857,46 @@ def test_reduce_overhead_session_and_stream_match_eager(fake_compiler, monkeypat
     monkeypatch.setattr(tg, "_device_type", lambda model: "cuda")
     s = tg.Session(tm, compile="reduce-overhead")
     assert [list(s.stream(A, 8)), list(s.stream([*A, 3, 4], 8))] == want
-    assert list(tg.generate_stream(tm, [A], 5, compile="reduce-overhead")) == [[t] for t in want[0][:5]]
+    assert list(tg.generate_stream(tm, [A], 5, compile="reduce-overhead")) == [
+        [t] for t in want[0][:5]
+    ]
     assert [c["mode"] for c in fake_compiler.calls] == ["reduce-overhead"]
 
 
-@pytest.mark.parametrize(("framework", "backend"), [("torch", "sdpa"), ("jax", "auto"), ("jax", "reference")])
-def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(framework, backend, monkeypatch):
-    """prefill without start_B hands cached_attention no mask, and it runs plain causal attention over the cache's
-    first T keys (FlashAttention and cuDNN take it; JAX's XLA path, "auto" on a CPU, keeps its own einsum with the
-    causal mask). Stale keys after T cannot leak in. Its logits and cache equal the masked prefill's (explicit
-    positions 0..T-1), which the full forward is tested against."""
+@pytest.mark.parametrize(
+    ("framework", "backend"), [("torch", "sdpa"), ("jax", "auto"), ("jax", "reference")]
+)
+def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(
+    framework, backend, monkeypatch
+):
+    """prefill without start_B hands cached_attention no mask, and it runs plain
+    causal attention over the cache's first T keys (FlashAttention and cuDNN take it;
+    JAX's XLA path, "auto" on a CPU, keeps its own einsum with the causal mask). Stale
+    keys after T cannot leak in. Its logits and cache equal the masked prefill's
+    (explicit positions 0..T-1), which the full forward is tested against."""
     cfg = reduced("tiny")
     state = torch_pair_state(cfg)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 9))
-    lens = np.array([9, 6])  # ragged: row 1's padding is after its last token, so causal alone suffices
+    # ragged: row 1's padding is after its last token, so causal alone suffices
+    lens = np.array([9, 6])
     twin = tg if framework == "torch" else jg
     mod = importlib.import_module(f"gptmod_{framework}.model")
-    masks, attention_masks = [], []  # the mask each layer's cached_attention and attention were given
-    cached, attention = mod.cached_attention, mod.attention
-    monkeypatch.setattr(mod, "cached_attention", lambda *a, **kw: masks.append(kw["mask_BTS"]) or cached(*a, **kw))
-    monkeypatch.setattr(mod, "attention",
-                        lambda *a, **kw: attention_masks.append(kw.get("mask_BTS")) or attention(*a, **kw))  # fmt: skip
+    # The cached attention the default model runs: JAX's is kernels.py's
+    # (the cache layouts), torch's model.py's.
+    cached_mod = importlib.import_module("gptmod_jax.kernels") if framework == "jax" else mod
+    # the mask each layer's cached_attention and attention were given
+    masks, attention_masks = ([], [])
+    cached, attention = cached_mod.cached_attention, mod.attention
+    monkeypatch.setattr(
+        cached_mod,
+        "cached_attention",
+        lambda *a, **kw: masks.append(kw["mask_BTS"]) or cached(*a, **kw),
+    )
+    monkeypatch.setattr(
+        mod,
+        "attention",
+        lambda *a, **kw: attention_masks.append(kw.get("mask_BTS")) or attention(*a, **kw),
+    )
 
     def run(start):
         if framework == "torch":
@@ -792,8 +906,12 @@ def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(f
                 block.attn.kv_cache.k.fill_(1e3)
                 block.attn.kv_cache.v.fill_(1e3)
             with torch.no_grad():
-                logits = twin.prefill(model, torch.from_numpy(tokens), torch.from_numpy(lens),
-                                      None if start is None else torch.from_numpy(start))  # fmt: skip
+                logits = twin.prefill(
+                    model,
+                    torch.from_numpy(tokens),
+                    torch.from_numpy(lens),
+                    None if start is None else torch.from_numpy(start),
+                )
             k = model.blocks[0].attn.kv_cache.k[:, :, :9]
             return logits.numpy(), k.numpy()
         model = jax_model(cfg, state, backend=backend)
@@ -819,10 +937,15 @@ def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(f
 
 
 def test_jax_generate_lowers_in_float16_on_the_cpu():
-    """float16 under jit on the CPU: jax.nn.dot_product_attention's XLA path cannot lower it there (F16_F16_F32
-    dot_general), so the cached prefill keeps the twin's own XLA attention and generate runs. (use_cache=False,
-    which goes through dot_product_attention, still cannot: a known limit of float16 on the CPU.)"""
+    """float16 under jit on the CPU: jax.nn.dot_product_attention's XLA path cannot lower it there
+    (F16_F16_F32 dot_general), so the cached prefill keeps the twin's own XLA attention and generate
+    runs. (use_cache=False, which goes through dot_product_attention, still cannot: a known limit of
+    float16 on the CPU.)"""
     cfg = reduced("tiny")
-    model = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), dtype=jnp.float16), torch_pair_state(cfg))
+    model = gptmod_jax.load_state(
+        gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), dtype=jnp.float16), torch_pair_state(cfg)
+    )
     out = jg.generate(model, [[5, 9, 2, 7], [3, 1]], 6)
-    assert [len(row) for row in out] == [6, 6] and all(0 <= t < cfg.vocab_size for row in out for t in row)
+    assert [len(row) for row in out] == [6, 6] and all(
+        0 <= t < cfg.vocab_size for row in out for t in row
+    )

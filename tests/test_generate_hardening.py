@@ -1,5 +1,6 @@
-"""Issue 17, generation: batch buckets (torch.compile, JAX executables), NaN instead of wrong logits under jit,
-tiny temperatures, named errors, ignored-filter warnings, the CLI's "compiling…" line and seed bounds."""
+"""Issue 17, generation: batch buckets (torch.compile, JAX executables), NaN
+instead of wrong logits under jit, tiny temperatures, named errors,
+ignored-filter warnings, the CLI's "compiling…" line and seed bounds."""
 
 from __future__ import annotations
 
@@ -20,8 +21,16 @@ from gptmod.sampling import IgnoredFiltersWarning, SamplingParams
 jg = importlib.import_module("gptmod_jax.generate")
 tg = importlib.import_module("gptmod_torch.generate")
 
-CFG = ModelConfig(vocab_size=97, max_seq_len=64, n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=32,
-                  tie_embeddings=False)  # fmt: skip
+CFG = ModelConfig(
+    vocab_size=97,
+    max_seq_len=64,
+    n_layer=1,
+    n_head=2,
+    n_kv_head=1,
+    d_model=16,
+    d_ff=32,
+    tie_embeddings=False,
+)
 PROMPTS = [[5, 17, 9], [3], [1, 2, 3, 4, 5]]
 
 
@@ -37,7 +46,7 @@ def models():
     return tm, jm
 
 
-# ----------------------------------------------------------------------------- 1. torch.compile, 12 batch sizes
+# ----------------------------------------------------------------- 1. torch.compile, 12 batch sizes
 
 
 def test_torch_compile_twelve_batch_sizes_match_eager(models):
@@ -49,14 +58,17 @@ def test_torch_compile_twelve_batch_sizes_match_eager(models):
 
 def test_torch_compiled_step_runs_with_raised_recompile_limit():
     seen = []
-    step = tg._with_recompile_limit(lambda: seen.append(getattr(torch._dynamo.config, tg._LIMIT_NAME)))
+    step = tg._with_recompile_limit(
+        lambda: seen.append(getattr(torch._dynamo.config, tg._LIMIT_NAME))
+    )
     before = getattr(torch._dynamo.config, tg._LIMIT_NAME)
     step()
     assert seen == [max(tg.RECOMPILE_LIMIT, before)] and seen[0] >= 64
-    assert getattr(torch._dynamo.config, tg._LIMIT_NAME) == before  # the process-wide setting is left alone
+    # the process-wide setting is left alone
+    assert getattr(torch._dynamo.config, tg._LIMIT_NAME) == before
 
 
-# ----------------------------------------------------------------------------- 2. bad ids / positions under jit
+# ----------------------------------------------------------------- 2. bad ids / positions under jit
 
 
 @nnx.jit
@@ -73,7 +85,9 @@ def _jit_forward_nocache(model, idx):
 def test_jax_jit_bad_token_id_gives_nan(models, bad):
     _, jm = models
     logits = np.asarray(_jit_forward_nocache(jm, jnp.array([[4, bad, 7], [4, 5, 7]], jnp.int32)))
-    assert np.isnan(logits[0, 1:]).all()  # the bad token and everything that attends to it (masked 0 * NaN too)
+    assert np.isnan(
+        logits[0, 1:]
+    ).all()  # the bad token and everything that attends to it (masked 0 * NaN too)
     assert np.isfinite(logits[1]).all()  # other rows are untouched
 
 
@@ -82,7 +96,9 @@ def test_jax_jit_cache_position_out_of_range_gives_nan(models, bad):
     _, jm = models
     jm.setup_cache(1, 8)
     try:
-        logits = np.asarray(_jit_forward(jm, jnp.array([[4]], jnp.int32), jnp.array([[bad]], jnp.int32)))
+        logits = np.asarray(
+            _jit_forward(jm, jnp.array([[4]], jnp.int32), jnp.array([[bad]], jnp.int32))
+        )
         cache = jm.blocks[0].attn.kv_cache
         k, v = np.asarray(cache.k[...]), np.asarray(cache.v[...])
     finally:
@@ -94,7 +110,9 @@ def test_jax_jit_cache_position_out_of_range_gives_nan(models, bad):
 @pytest.mark.parametrize("bad", [-1, CFG.vocab_size])
 def test_torch_bad_token_id_is_a_named_error(models, bad):
     tm, _ = models
-    with pytest.raises(ValueError, match=rf"idx: token id {bad} is out of range \[0, vocab_size=97\)"):
+    with pytest.raises(
+        ValueError, match=rf"idx: token id {bad} is out of range \[0, vocab_size=97\)"
+    ):
         tm(torch.tensor([[4, bad, 7]]))
 
 
@@ -104,7 +122,9 @@ def test_cache_position_out_of_range_is_a_named_error_eager(models, bad):
     for m, arr in ((tm, torch.tensor), (jm, jnp.array)):
         m.setup_cache(1, 8)
         try:
-            with pytest.raises(ValueError, match=rf"positions: {bad}\.\.{bad} exceed the KV cache capacity 8"):
+            with pytest.raises(
+                ValueError, match=rf"positions: {bad}\.\.{bad} exceed the KV cache capacity 8"
+            ):
                 m(arr([[4]]), arr([[bad]]))
         finally:
             m.clear_cache()
@@ -123,7 +143,9 @@ def test_tiny_temperature_is_argmax(models, gen, t):
 
 
 def test_greedy_threshold_is_documented_value():
-    assert SamplingParams(temperature=1e-38).greedy and not SamplingParams(temperature=1.2e-38).greedy
+    assert (
+        SamplingParams(temperature=1e-38).greedy and not SamplingParams(temperature=1.2e-38).greedy
+    )
 
 
 # ----------------------------------------------------------------------------- 4. JAX batch buckets
@@ -142,8 +164,11 @@ def test_jax_batch_sizes_in_one_bucket_share_an_executable(models):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_padding_rows_do_not_change_real_rows(models, gen, temperature):
     m = models[0] if gen is tg else models[1]
-    three = gen.generate(m, PROMPTS, 6, temperature=temperature, seed=4)  # rows run: 4, one of them padding
-    four = gen.generate(m, [*PROMPTS, [60, 61, 62, 63, 64, 65, 66]], 6, temperature=temperature, seed=4)
+    # rows run: 4, one of them padding
+    three = gen.generate(m, PROMPTS, 6, temperature=temperature, seed=4)
+    four = gen.generate(
+        m, [*PROMPTS, [60, 61, 62, 63, 64, 65, 66]], 6, temperature=temperature, seed=4
+    )
     assert len(three) == 3 and three == four[:3]
     if temperature == 0:
         assert three == [gen.generate(m, [p], 6)[0] for p in PROMPTS]
@@ -157,7 +182,7 @@ def test_padding_rows_never_hold_up_eos(models, gen):
     assert out == [[first]] * 3
 
 
-# ----------------------------------------------------------------------------- 5. named errors, both twins
+# ---------------------------------------------------------------------- 5. named errors, both twins
 
 
 @pytest.mark.parametrize("which", ["torch", "jax"])
@@ -171,11 +196,15 @@ def test_named_model_errors(models, which):
     for bad in (-1, 0, 1.5):
         with pytest.raises(ValueError, match=rf"cache batch={bad!r}: must be an int >= 1"):
             m.setup_cache(bad)
-    with pytest.raises(ValueError, match=r"cache max_len=65: must be in \[1, max_seq_len=64\], an int"):
+    with pytest.raises(
+        ValueError, match=r"cache max_len=65: must be in \[1, max_seq_len=64\], an int"
+    ):
         m.setup_cache(1, 65)
     m.setup_cache(1, 8)
     try:
-        with pytest.raises(ValueError, match=r"positions: expected an integer \(batch, time\) array, got .*float32"):
+        with pytest.raises(
+            ValueError, match=r"positions: expected an integer \(batch, time\) array, got .*float32"
+        ):
             m(arr([[1]]), arr([[1.0]]))
     finally:
         m.clear_cache()
@@ -184,17 +213,20 @@ def test_named_model_errors(models, which):
         gen.generate(m, [], 3)
 
 
-# ----------------------------------------------------------------------------- 6. filters without temperature
+# ------------------------------------------------------------------- 6. filters without temperature
 
 
 @pytest.mark.parametrize("gen", [tg, jg], ids=["torch", "jax"])
 def test_filters_at_greedy_warn(models, gen):
     m = models[0] if gen is tg else models[1]
-    with pytest.warns(IgnoredFiltersWarning, match=r"top_k=5, min_p=0\.1 ignored: temperature=0\.0 is greedy"):
+    with pytest.warns(
+        IgnoredFiltersWarning, match=r"top_k=5, min_p=0\.1 ignored: temperature=0\.0 is greedy"
+    ):
         gen.generate(m, PROMPTS, 2, top_k=5, min_p=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", IgnoredFiltersWarning)
-        gen.generate(m, PROMPTS, 2, temperature=0.7, top_k=5)  # sampling: the filters apply, no warning
+        # sampling: the filters apply, no warning
+        gen.generate(m, PROMPTS, 2, temperature=0.7, top_k=5)
 
 
 # ----------------------------------------------------------------------------- 6 + 7. the CLI
@@ -211,7 +243,9 @@ def test_cli_notes_ignored_filters_once(capsys):
     rc, err = _cli(capsys, "--framework", "torch", "--top-k", "5", "--top-p", "0.9")
     assert rc == 0
     notes = [line for line in err if "ignored" in line]
-    assert notes == ["gptmod generate: note: --top-k --top-p ignored: greedy without --temperature > 0"]
+    assert notes == [
+        "gptmod generate: note: --top-k --top-p ignored: greedy without --temperature > 0"
+    ]
 
 
 def test_cli_says_compiling_for_jax_only_when_it_compiles(capsys):
@@ -235,5 +269,7 @@ def test_largest_seed_samples(models, gen):
     m = models[0] if gen is tg else models[1]
     out = gen.generate(m, PROMPTS, 3, temperature=1.0, seed=2**63 - 1)
     assert [len(o) for o in out] == [3, 3, 3]
-    with pytest.raises(ValueError, match=r"seed=9223372036854775808: must be an int in \[0, 2\*\*63\)"):
+    with pytest.raises(
+        ValueError, match=r"seed=9223372036854775808: must be an int in \[0, 2\*\*63\)"
+    ):
         gen.generate(m, PROMPTS, 3, temperature=1.0, seed=2**63)

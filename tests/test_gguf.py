@@ -1,7 +1,8 @@
-"""gptmod.gguf_llama: GGUF in and out for Llama models, against transformers' GGUF loader and llama.cpp's layout.
+"""gptmod.gguf_llama: GGUF in and out for Llama models, against
+transformers' GGUF loader and llama.cpp's layout.
 
-The real SmolLM2-135M-Instruct GGUF (Q4_1, tied) is read once per module by us and once by transformers;
-F16/Q8_0 error bounds, the permutation and the named errors use tiny random models.
+The real SmolLM2-135M-Instruct GGUF (Q4_1, tied) is read once per module by us and once by
+transformers; F16/Q8_0 error bounds, the permutation and the named errors use tiny random models.
 """
 
 from __future__ import annotations
@@ -24,36 +25,67 @@ from gptmod.corpus import bundled_text
 from gptmod.gguf_llama import GGUFError, permute_rows, read, unpermute_rows, write
 from gptmod.weights import StateError
 
-from conftest import jax_logits, jax_model, smollm2_gguf_path, torch_logits, torch_model, torch_pair_state
+from conftest import (
+    jax_logits,
+    jax_model,
+    smollm2_gguf_path,
+    torch_logits,
+    torch_model,
+    torch_pair_state,
+)
 
-# fp32 parity bound, relative to max |logit|: DESIGN.md's fp32 budget. Measured on 200 tokens of Hamlet
-# (max |logit| 37): torch 6.2e-6 (2.3e-4 absolute), JAX 4.5e-6 (1.7e-4): about 3x headroom.
+# fp32 parity bound, relative to max |logit|: DESIGN.md's fp32 budget. Measured on 200 tokens of
+# Hamlet (max |logit| 37): torch 6.2e-6 (2.3e-4 absolute), JAX 4.5e-6 (1.7e-4): about 3x headroom.
 FP32_REL = 2e-5
 N_TOKENS = 200
 
-TINY = ModelConfig(vocab_size=96, max_seq_len=128, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
-                   pos="rope", rope_theta=500000.0, norm="rmsnorm", mlp="swiglu", bias=False)  # fmt: skip
+TINY = ModelConfig(
+    vocab_size=96,
+    max_seq_len=128,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    d_model=64,
+    d_ff=128,
+    pos="rope",
+    rope_theta=500000.0,
+    norm="rmsnorm",
+    mlp="swiglu",
+    bias=False,
+)
 
 
 def _hf_name(canonical: str) -> str:
-    """Canonical name -> transformers' LlamaForCausalLM name (written out independently of the module)."""
-    fixed = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}  # fmt: skip
+    """Canonical name -> transformers' LlamaForCausalLM name (written out
+    independently of the module)."""
+    fixed = {
+        "tok_emb.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
     if canonical in fixed:
         return fixed[canonical]
     i, rest = canonical.removeprefix("blocks.").split(".", 1)
-    sub = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-           "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
-           "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
-           "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
-           "mlp.w_down.weight": "mlp.down_proj.weight"}  # fmt: skip
+    sub = {
+        "attn_norm.weight": "input_layernorm.weight",
+        "mlp_norm.weight": "post_attention_layernorm.weight",
+        "attn.wq.weight": "self_attn.q_proj.weight",
+        "attn.wk.weight": "self_attn.k_proj.weight",
+        "attn.wv.weight": "self_attn.v_proj.weight",
+        "attn.wo.weight": "self_attn.o_proj.weight",
+        "mlp.w_gate.weight": "mlp.gate_proj.weight",
+        "mlp.w_up.weight": "mlp.up_proj.weight",
+        "mlp.w_down.weight": "mlp.down_proj.weight",
+    }
     return f"model.layers.{i}.{sub[rest]}"
 
 
 def _hf_load(path: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def _hf_logits(model: torch.nn.Module, idx: np.ndarray) -> np.ndarray:
@@ -104,13 +136,34 @@ def ours_torch(real, idx) -> np.ndarray:
 def test_real_config_and_fields(real, hf):
     _, m = real
     c = hf.config
-    assert m.cfg == ModelConfig(vocab_size=49152, max_seq_len=8192, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
-                                d_ff=1536, pos="rope", rope_theta=100000.0, norm="rmsnorm", norm_eps=1e-5,
-                                mlp="swiglu", bias=False, tie_embeddings=True)  # fmt: skip
-    assert (m.cfg.n_layer, m.cfg.n_head, m.cfg.n_kv_head) == (c.num_hidden_layers, c.num_attention_heads,
-                                                             c.num_key_value_heads)  # fmt: skip
-    assert (m.cfg.d_model, m.cfg.d_ff, m.cfg.vocab_size) == (c.hidden_size, c.intermediate_size, c.vocab_size)
-    assert math.isclose(m.cfg.norm_eps, c.rms_norm_eps, rel_tol=1e-7)  # theirs is the raw float32 value
+    assert m.cfg == ModelConfig(
+        vocab_size=49152,
+        max_seq_len=8192,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        d_model=576,
+        d_ff=1536,
+        pos="rope",
+        rope_theta=100000.0,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings=True,
+    )
+    assert (m.cfg.n_layer, m.cfg.n_head, m.cfg.n_kv_head) == (
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+    )
+    assert (m.cfg.d_model, m.cfg.d_ff, m.cfg.vocab_size) == (
+        c.hidden_size,
+        c.intermediate_size,
+        c.vocab_size,
+    )
+    # theirs is the raw float32 value
+    assert math.isclose(m.cfg.norm_eps, c.rms_norm_eps, rel_tol=1e-7)
     assert c.tie_word_embeddings and m.cfg.tie_embeddings
     f = m.fields
     assert f["general.architecture"] == "llama" and f["tokenizer.ggml.model"] == "gpt2"
@@ -127,7 +180,9 @@ def test_real_report(real):
     rows = {r.target: r for r in m.report.rows}
     assert list(rows) == list(m.state)
     assert (rows["tok_emb.weight"].source, rows["tok_emb.weight"].how) == (
-        "token_embd.weight", "Q8_0: dequantized Q8_0 -> fp32")  # fmt: skip
+        "token_embd.weight",
+        "Q8_0: dequantized Q8_0 -> fp32",
+    )
     assert rows["blocks.3.attn.wq.weight"].source == "blk.3.attn_q.weight"
     assert rows["blocks.3.attn.wq.weight"].how == (
         "Q4_1: dequantized Q4_1 -> fp32; llama.cpp's q/k row permutation undone (9 heads)"
@@ -154,20 +209,26 @@ def test_real_logits_both_twins_match_transformers(real, idx, hf_ref, ours_torch
     peak = np.abs(hf_ref).max()
     d_torch = np.abs(ours_torch - hf_ref).max()
     d_jax = np.abs(jax_logits(jax_model(m.cfg, m.state), idx) - hf_ref).max()
-    print(f"\nmax|logit| {peak:.2f}; torch max|dlogit| {d_torch:.3g} ({d_torch / peak:.3g} rel), "
-          f"jax {d_jax:.3g} ({d_jax / peak:.3g} rel)")  # fmt: skip
+    print(
+        f"\nmax|logit| {peak:.2f}; torch max|dlogit| {d_torch:.3g} ({d_torch / peak:.3g} rel), "
+        f"jax {d_jax:.3g} ({d_jax / peak:.3g} rel)"
+    )
     assert d_torch <= FP32_REL * peak
     assert d_jax <= FP32_REL * peak
-    assert (ours_torch.argmax(-1) == hf_ref.argmax(-1)).mean() > 0.99  # not vacuous: the logits are real
+    assert (
+        ours_torch.argmax(-1) == hf_ref.argmax(-1)
+    ).mean() > 0.99  # not vacuous: the logits are real
 
 
 def test_real_f32_round_trip(real, idx, hf_ref, ours_torch, tmp_path):
-    """write(F32) then transformers (an independent reader) and our read() get the very same model back."""
+    """write(F32) then transformers (an independent reader) and our read()
+    get the very same model back."""
     src, m = real
     extra = {k: v for k, v in m.fields.items() if k.startswith(("tokenizer.", "general."))}
     out = tmp_path / "smollm2-f32.gguf"
     write(out, m.state, m.cfg, fields=extra)
-    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary file was renamed, not left over
+    # the temporary file was renamed, not left over
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
     back = read(out)
     assert back.cfg == m.cfg
@@ -175,7 +236,8 @@ def test_real_f32_round_trip(real, idx, hf_ref, ours_torch, tmp_path):
     for k in m.state:
         np.testing.assert_array_equal(back.state[k], m.state[k], err_msg=k)
     assert {k: v for k, v in back.fields.items() if k in extra and k != "general.file_type"} == {
-        k: v for k, v in extra.items() if k != "general.file_type"}  # fmt: skip
+        k: v for k, v in extra.items() if k != "general.file_type"
+    }
     assert back.fields["general.file_type"] == 0  # ALL_F32, not the source's Q4_1
 
     # The value types llama.cpp expects: the same as the source file's for every key both have.
@@ -186,20 +248,23 @@ def test_real_f32_round_trip(real, idx, hf_ref, ours_torch, tmp_path):
     del theirs, ours
 
     hf_back = _hf_logits(_hf_load(out), idx)
-    np.testing.assert_array_equal(hf_back, hf_ref)  # transformers reads the same weights from our file
+    # transformers reads the same weights from our file
+    np.testing.assert_array_equal(hf_back, hf_ref)
     assert np.abs(hf_back - ours_torch).max() <= FP32_REL * np.abs(hf_ref).max()
     out.unlink()  # 540 MB: pytest keeps the last runs' tmp folders
 
 
-# ----------------------------------------------------------------------------- tiny models: F16 / Q8_0, llama3
+# ------------------------------------------------------------------ tiny models: F16 / Q8_0, llama3
 
 
 def _tiny_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     # Weights of GPT-2 scale but with outliers, so the per-block scales differ.
     state = torch_pair_state(cfg, seed)
     rng = np.random.default_rng(seed)
-    return {k: (v + rng.standard_normal(v.shape).astype(np.float32) * (0.05 if v.ndim == 2 else 0.3))
-            for k, v in state.items()}  # fmt: skip
+    return {
+        k: (v + rng.standard_normal(v.shape).astype(np.float32) * (0.05 if v.ndim == 2 else 0.3))
+        for k, v in state.items()
+    }
 
 
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
@@ -212,8 +277,12 @@ def test_quantized_round_trip_within_its_error(out_type, tmp_path):
     assert back.cfg == cfg
     kinds = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
     want = GGMLQuantizationType.F16 if out_type == "f16" else GGMLQuantizationType.Q8_0
-    assert kinds["blk.0.attn_norm.weight"] == kinds["output_norm.weight"] == GGMLQuantizationType.F32
-    assert kinds["token_embd.weight"] == kinds["blk.1.attn_q.weight"] == kinds["output.weight"] == want
+    assert (
+        kinds["blk.0.attn_norm.weight"] == kinds["output_norm.weight"] == GGMLQuantizationType.F32
+    )
+    assert (
+        kinds["token_embd.weight"] == kinds["blk.1.attn_q.weight"] == kinds["output.weight"] == want
+    )
     assert back.fields["general.file_type"] == {"f16": 1, "q8_0": 7}[out_type]
     worst = 0.0
     for k, w in state.items():
@@ -222,9 +291,12 @@ def test_quantized_round_trip_within_its_error(out_type, tmp_path):
             np.testing.assert_array_equal(got, w, err_msg=k)  # norms stay F32
             continue
         err = np.abs(got - w)
-        if out_type == "f16":  # round to nearest: half an ulp of 11 bits (subnormals: 2^-25 absolute)
+        # round to nearest: half an ulp of 11 bits (subnormals: 2^-25 absolute)
+        if out_type == "f16":
             bound = np.abs(w) * 2.0**-11 + 2.0**-25
-        else:  # blocks of 32 along each row: d = max|block|/127, stored as float16; q = round(w/d) in [-127, 127]
+        # blocks of 32 along each row: d = max|block|/127, stored as
+        # float16; q = round(w/d) in [-127, 127]
+        else:
             d = np.abs(w).reshape(-1, 32).max(1, keepdims=True) / 127
             bound = np.broadcast_to(d * (0.5 + 127 * 2.0**-11), (d.shape[0], 32)).reshape(w.shape)
         assert np.all(err <= bound), k
@@ -234,7 +306,8 @@ def test_quantized_round_trip_within_its_error(out_type, tmp_path):
 
 
 def _llamacpp_rope_freqs(theta: float, head_dim: int, factor: float) -> np.ndarray:
-    """rope_freqs.weight exactly as llama.cpp's convert_hf_to_gguf.py computes it (fp32 torch), for Llama 3."""
+    """rope_freqs.weight exactly as llama.cpp's convert_hf_to_gguf.py
+    computes it (fp32 torch), for Llama 3."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     low, high, old = 1.0, 4.0, 8192
     out = []
@@ -271,8 +344,8 @@ def test_tiny_untied_llama3_round_trip(tmp_path):
 
 @pytest.mark.parametrize("factor", [8.0, 32.0])
 def test_llamacpp_rope_freqs_read_as_llama3_scaling(factor, tmp_path):
-    """A rope_freqs tensor as llama.cpp writes it (Llama 3.1: factor 8; 3.2: factor 32) reads as the RopeScaling
-    whose frequencies both twins compute as llama.cpp and transformers do."""
+    """A rope_freqs tensor as llama.cpp writes it (Llama 3.1: factor 8; 3.2: factor 32) reads as the
+    RopeScaling whose frequencies both twins compute as llama.cpp and transformers do."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -282,20 +355,34 @@ def test_llamacpp_rope_freqs_read_as_llama3_scaling(factor, tmp_path):
     freqs = _llamacpp_rope_freqs(TINY.rope_theta, TINY.head_dim, factor)
     _rewrite(base, out, add={"rope_freqs.weight": freqs})
     cfg = read(out).cfg
-    assert cfg.rope_scaling == RopeScaling(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_seq_len=8192)  # fmt: skip
+    assert cfg.rope_scaling == RopeScaling(
+        factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192
+    )
     # llama.cpp rotates by base frequency / factor (ggml computes both in fp32).
     hd = TINY.head_dim
-    llamacpp = (1.0 / TINY.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)).astype(np.float32) / freqs
-    rope = {"rope_type": "llama3", "rope_theta": TINY.rope_theta, "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
-    hf_cfg = LlamaConfig(hidden_size=TINY.d_model, num_attention_heads=TINY.n_head, max_position_embeddings=131072,
-                         rope_parameters=rope)  # fmt: skip
+    llamacpp = (1.0 / TINY.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)).astype(
+        np.float32
+    ) / freqs
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": TINY.rope_theta,
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    hf_cfg = LlamaConfig(
+        hidden_size=TINY.d_model,
+        num_attention_heads=TINY.n_head,
+        max_position_embeddings=131072,
+        rope_parameters=rope,
+    )
     hf_inv = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")[0].double().numpy()
     for twin in (gptmod_torch.model.rope_inv_freq(cfg), gptmod_jax.model.rope_inv_freq(cfg)):
         np.testing.assert_allclose(twin, llamacpp, rtol=1e-6)
         np.testing.assert_allclose(twin, hf_inv, rtol=1e-6)
-    assert not np.allclose(llamacpp, llamacpp * freqs, rtol=1e-3)  # the scaling does change frequencies
+    # the scaling does change frequencies
+    assert not np.allclose(llamacpp, llamacpp * freqs, rtol=1e-3)
 
 
 def test_output_equal_to_token_embd_stays_untied(tmp_path):
@@ -315,7 +402,8 @@ def test_permutation_matches_llamacpp_layout_and_inverts():
     n_head, head_dim, d_in = 3, 8, 5
     w = np.random.default_rng(0).standard_normal((n_head * head_dim, d_in)).astype(np.float32)
     p = permute_rows(w, n_head)
-    # llama.cpp's rows, written out: within head h, GGUF row 2i is HF row i and row 2i+1 is HF row head_dim/2 + i.
+    # llama.cpp's rows, written out: within head h, GGUF row 2i is HF row i
+    # and row 2i+1 is HF row head_dim/2 + i.
     want = np.empty_like(w)
     for h in range(n_head):
         for i in range(head_dim // 2):
@@ -331,22 +419,38 @@ def test_write_permutes_q_and_k_and_read_undoes_it(tmp_path):
     state = _tiny_state(TINY)
     write(tmp_path / "t.gguf", state, TINY)
     raw = {t.name: np.asarray(t.data) for t in GGUFReader(tmp_path / "t.gguf").tensors}
-    for name, ours, n in (("blk.1.attn_q.weight", "blocks.1.attn.wq.weight", TINY.n_head),
-                          ("blk.1.attn_k.weight", "blocks.1.attn.wk.weight", TINY.n_kv_head)):  # fmt: skip
+    for name, ours, n in (
+        ("blk.1.attn_q.weight", "blocks.1.attn.wq.weight", TINY.n_head),
+        ("blk.1.attn_k.weight", "blocks.1.attn.wk.weight", TINY.n_kv_head),
+    ):
         np.testing.assert_array_equal(raw[name], permute_rows(state[ours], n))
         assert not np.array_equal(raw[name], state[ours])
-    np.testing.assert_array_equal(raw["blk.1.attn_v.weight"], state["blocks.1.attn.wv.weight"])  # v is not permuted
+    # v is not permuted
+    np.testing.assert_array_equal(raw["blk.1.attn_v.weight"], state["blocks.1.attn.wv.weight"])
     back = read(tmp_path / "t.gguf")
-    np.testing.assert_array_equal(back.state["blocks.1.attn.wq.weight"], state["blocks.1.attn.wq.weight"])
-    np.testing.assert_array_equal(back.state["blocks.1.attn.wk.weight"], state["blocks.1.attn.wk.weight"])
+    np.testing.assert_array_equal(
+        back.state["blocks.1.attn.wq.weight"], state["blocks.1.attn.wq.weight"]
+    )
+    np.testing.assert_array_equal(
+        back.state["blocks.1.attn.wk.weight"], state["blocks.1.attn.wk.weight"]
+    )
 
 
 # ----------------------------------------------------------------------------- named errors
 
 
-def _rewrite(src: Path, dst: Path, *, arch: str = "llama", kv: dict | None = None, drop: tuple[str, ...] = (),
-             replace: dict | None = None, add: dict | None = None) -> None:  # fmt: skip
-    """Copy a GGUF file with gguf's own writer, changing metadata (kv: key -> (value, GGUFValueType)) and tensors."""
+def _rewrite(
+    src: Path,
+    dst: Path,
+    *,
+    arch: str = "llama",
+    kv: dict | None = None,
+    drop: tuple[str, ...] = (),
+    replace: dict | None = None,
+    add: dict | None = None,
+) -> None:
+    """Copy a GGUF file with gguf's own writer, changing metadata (kv: key -> (value,
+    GGUFValueType)) and tensors."""
     kv, replace, add = kv or {}, replace or {}, add or {}
     r = GGUFReader(src)
     w = GGUFWriter(dst, arch)
@@ -354,7 +458,9 @@ def _rewrite(src: Path, dst: Path, *, arch: str = "llama", kv: dict | None = Non
         if k.startswith("GGUF.") or k == "general.architecture" or k in kv:
             continue
         types = list(f.types)
-        w.add_key_value(k, f.contents(), types[0], types[-1] if types[0] == GGUFValueType.ARRAY else None)
+        w.add_key_value(
+            k, f.contents(), types[0], types[-1] if types[0] == GGUFValueType.ARRAY else None
+        )
     for k, (v, t) in kv.items():
         w.add_key_value(k, v, t)
     for t in r.tensors:
@@ -379,32 +485,66 @@ def tiny_file(tmp_path_factory) -> Path:
 U32, F32, STR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
 _READ_ERRORS = {
     "architecture": (dict(arch="qwen2"), "general.architecture='qwen2': only 'llama' is supported"),
-    "tensor type": (dict(replace={"blk.0.attn_norm.weight": np.arange(64, dtype=np.int32)}),
-                    "tensor blk.0.attn_norm.weight has type I32, which gguf cannot dequantize"),
-    "head_dim": (dict(kv={"llama.rope.dimension_count": (8, U32)}),
-                 "llama.rope.dimension_count=8, but embedding_length/head_count = 64/4 = 16: a head_dim other than "
-                 "d_model/n_head is unsupported"),
-    "key_length": (dict(kv={"llama.attention.key_length": (32, U32)}), "llama.attention.key_length=32, but"),
-    "experts": (dict(kv={"llama.expert_count": (8, U32)}),
-                "llama.expert_count=8: mixture-of-experts models are not supported"),
-    "sliding window": (dict(kv={"llama.attention.sliding_window": (4096, U32)}),
-                       "llama.attention.sliding_window=4096: sliding-window attention is not supported"),
-    "rope scaling": (dict(kv={"llama.rope.scaling.type": ("yarn", STR)}),
-                     "llama.rope.scaling.type='yarn' (factor 1.0) is not supported"),
-    "unknown key": (dict(kv={"llama.logit_scale": (2.0, F32)}),
-                    "metadata key(s) ['llama.logit_scale'] are not understood by gptmod"),
+    "tensor type": (
+        dict(replace={"blk.0.attn_norm.weight": np.arange(64, dtype=np.int32)}),
+        "tensor blk.0.attn_norm.weight has type I32, which gguf cannot dequantize",
+    ),
+    "head_dim": (
+        dict(kv={"llama.rope.dimension_count": (8, U32)}),
+        "llama.rope.dimension_count=8, but embedding_length/head_count = 64/4 = 16: a head_dim "
+        "other than d_model/n_head is unsupported",
+    ),
+    "key_length": (
+        dict(kv={"llama.attention.key_length": (32, U32)}),
+        "llama.attention.key_length=32, but",
+    ),
+    "experts": (
+        dict(kv={"llama.expert_count": (8, U32)}),
+        "llama.expert_count=8: mixture-of-experts models are not supported",
+    ),
+    "sliding window": (
+        dict(kv={"llama.attention.sliding_window": (4096, U32)}),
+        "llama.attention.sliding_window=4096: sliding-window attention is not supported",
+    ),
+    "rope scaling": (
+        dict(kv={"llama.rope.scaling.type": ("yarn", STR)}),
+        "llama.rope.scaling.type='yarn' (factor 1.0) is not supported",
+    ),
+    "unknown key": (
+        dict(kv={"llama.logit_scale": (2.0, F32)}),
+        "metadata key(s) ['llama.logit_scale'] are not understood by gptmod",
+    ),
     "missing": (dict(drop=("blk.1.ffn_up.weight",)), "1 missing: blk.1.ffn_up.weight"),
-    "unexpected": (dict(add={"blk.0.attn_q.bias": np.zeros(64, np.float32), "foo.weight": np.zeros(3, np.float32)}),
-                   "2 unexpected: blk.0.attn_q.bias, foo.weight"),
-    "shape": (dict(replace={"blk.0.ffn_up.weight": np.zeros((64, 128), np.float32)}),
-              "blk.0.ffn_up.weight: shape (64, 128), expected (128, 64)"),
-    "vocab": (dict(kv={"llama.vocab_size": (100, U32)}),
-              "llama.vocab_size gives a vocabulary of 100, but token_embd.weight has 96 rows"),
-    "rope_freqs": (dict(add={"rope_freqs.weight": np.linspace(1, 8, 8, dtype=np.float32)}),
-                   "rope_freqs.weight does not match Llama 3 rope scaling"),
-    "split": (dict(kv={"split.count": (2, GGUFValueType.UINT16)}), "this is shard 1 of 2 of a split GGUF"),
-    "non-integer": (dict(kv={"llama.block_count": ("two", STR)}), "llama.block_count='two': expected an integer"),
-}  # fmt: skip
+    "unexpected": (
+        dict(
+            add={
+                "blk.0.attn_q.bias": np.zeros(64, np.float32),
+                "foo.weight": np.zeros(3, np.float32),
+            }
+        ),
+        "2 unexpected: blk.0.attn_q.bias, foo.weight",
+    ),
+    "shape": (
+        dict(replace={"blk.0.ffn_up.weight": np.zeros((64, 128), np.float32)}),
+        "blk.0.ffn_up.weight: shape (64, 128), expected (128, 64)",
+    ),
+    "vocab": (
+        dict(kv={"llama.vocab_size": (100, U32)}),
+        "llama.vocab_size gives a vocabulary of 100, but token_embd.weight has 96 rows",
+    ),
+    "rope_freqs": (
+        dict(add={"rope_freqs.weight": np.linspace(1, 8, 8, dtype=np.float32)}),
+        "rope_freqs.weight does not match Llama 3 rope scaling",
+    ),
+    "split": (
+        dict(kv={"split.count": (2, GGUFValueType.UINT16)}),
+        "this is shard 1 of 2 of a split GGUF",
+    ),
+    "non-integer": (
+        dict(kv={"llama.block_count": ("two", STR)}),
+        "llama.block_count='two': expected an integer",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(_READ_ERRORS))
@@ -428,31 +568,54 @@ def test_read_rejects_non_gguf(tmp_path):
 
 def test_write_named_errors(tmp_path):
     out = tmp_path / "x.gguf"
-    classic = ModelConfig(vocab_size=96, max_seq_len=32, n_layer=1, n_head=4, d_model=64, d_ff=256, n_kv_head=4,
-                          logit_softcap=30.0)  # fmt: skip
+    classic = ModelConfig(
+        vocab_size=96,
+        max_seq_len=32,
+        n_layer=1,
+        n_head=4,
+        d_model=64,
+        d_ff=256,
+        n_kv_head=4,
+        logit_softcap=30.0,
+    )
     with pytest.raises(GGUFError) as e:
         write(out, {}, classic)
-    assert ("a llama GGUF cannot express this config: pos='learned', norm='layernorm', mlp='gelu', bias=True, "
-            "logit_softcap=30.0") in str(e.value)  # fmt: skip
+    assert (
+        "a llama GGUF cannot express this config: pos='learned', norm='layernorm', mlp='gelu', "
+        "bias=True, logit_softcap=30.0"
+    ) in str(e.value)
     state = _tiny_state(TINY)
     with pytest.raises(GGUFError, match=r"out_type='q4_0': must be one of 'f32', 'f16', 'q8_0'"):
         write(out, state, TINY, out_type="q4_0")
     with pytest.raises(GGUFError, match=r"llama\.context_length=4096 \(cfg gives 128\)"):
         write(out, state, TINY, fields={"llama.context_length": 4096})
-    with pytest.raises(GGUFError, match=r"fields\['tokenizer\.ggml\.bos_token_id'\]: -1 is not a UINT32"):
+    with pytest.raises(
+        GGUFError, match=r"fields\['tokenizer\.ggml\.bos_token_id'\]: -1 is not a UINT32"
+    ):
         write(out, state, TINY, fields={"tokenizer.ggml.bos_token_id": -1})
-    with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.tokens gives a vocabulary of 2, but token_embd"):
+    with pytest.raises(
+        GGUFError, match=r"tokenizer\.ggml\.tokens gives a vocabulary of 2, but token_embd"
+    ):
         write(out, state, TINY, fields={"tokenizer.ggml.tokens": ["a", "b"]})
-    with pytest.raises(GGUFError, match=r"fields\['x\.y'\] mixes element types \['INT32', 'STRING'\]"):
+    with pytest.raises(
+        GGUFError, match=r"fields\['x\.y'\] mixes element types \['INT32', 'STRING'\]"
+    ):
         write(out, state, TINY, fields={"x.y": [1, "a"]})
     odd = dataclasses.replace(TINY, rope_scaling=RopeScaling(factor=8.0, original_max_seq_len=4096))
-    with pytest.raises(GGUFError, match=r"cfg\.rope_scaling has low_freq_factor=1\.0, high_freq_factor=4\.0, "
-                                        r"original_max_seq_len=4096"):  # fmt: skip
+    with pytest.raises(
+        GGUFError,
+        match=r"cfg\.rope_scaling has low_freq_factor=1\.0, high_freq_factor=4\.0, "
+        r"original_max_seq_len=4096",
+    ):
         write(out, state, odd)
-    with pytest.raises(GGUFError, match=r"cfg\.norm_eps=1\.2345678901e-05 is not exact in GGUF's FLOAT32"):
+    with pytest.raises(
+        GGUFError, match=r"cfg\.norm_eps=1\.2345678901e-05 is not exact in GGUF's FLOAT32"
+    ):
         write(out, state, dataclasses.replace(TINY, norm_eps=1.2345678901e-5))
     narrow = dataclasses.replace(TINY, d_model=48, n_head=4, n_kv_head=2)
-    with pytest.raises(GGUFError, match=r"token_embd\.weight has rows of 48 values, not a multiple of Q8_0's block"):
+    with pytest.raises(
+        GGUFError, match=r"token_embd\.weight has rows of 48 values, not a multiple of Q8_0's block"
+    ):
         write(out, _tiny_state(narrow), narrow, out_type="q8_0")
     with pytest.raises(StateError, match=r"1 missing: norm\.weight"):
         write(out, {k: v for k, v in state.items() if k != "norm.weight"}, TINY)
@@ -461,15 +624,27 @@ def test_write_named_errors(tmp_path):
 
 def test_write_keeps_metadata_types(tmp_path):
     out = tmp_path / "t.gguf"
-    fields = {"tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.token_type": [1] * 96,
-              "tokenizer.ggml.scores": [0.5] * 96, "tokenizer.chat_template": "{{ x }}", "my.flag": True,
-              "my.big": 2**40, "my.ratio": 0.1}  # fmt: skip
+    fields = {
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.token_type": [1] * 96,
+        "tokenizer.ggml.scores": [0.5] * 96,
+        "tokenizer.chat_template": "{{ x }}",
+        "my.flag": True,
+        "my.big": 2**40,
+        "my.ratio": 0.1,
+    }
     write(out, _tiny_state(TINY), TINY, fields=fields)
     f = GGUFReader(out).fields
     types = {k: [GGUFValueType(t).name for t in f[k].types] for k in fields}
-    assert types == {"tokenizer.ggml.eos_token_id": ["UINT32"], "tokenizer.ggml.token_type": ["ARRAY", "INT32"],
-                     "tokenizer.ggml.scores": ["ARRAY", "FLOAT32"], "tokenizer.chat_template": ["STRING"],
-                     "my.flag": ["BOOL"], "my.big": ["INT64"], "my.ratio": ["FLOAT32"]}  # fmt: skip
+    assert types == {
+        "tokenizer.ggml.eos_token_id": ["UINT32"],
+        "tokenizer.ggml.token_type": ["ARRAY", "INT32"],
+        "tokenizer.ggml.scores": ["ARRAY", "FLOAT32"],
+        "tokenizer.chat_template": ["STRING"],
+        "my.flag": ["BOOL"],
+        "my.big": ["INT64"],
+        "my.ratio": ["FLOAT32"],
+    }
     back = read(out).fields
     assert {k: back[k] for k in fields} == fields
     assert gguf_llama.OUT_TYPES == ("f32", "f16", "q8_0")

@@ -1,5 +1,6 @@
-"""`gptmod gpu-check` on the CPU: help, the dry run's exact commands, the no-GPU error, the step runner (a failing,
-a hung and an interrupted step), and parity's --tf32 option (its CPU error, the TF32 budget, the label)."""
+"""`gptmod gpu-check` on the CPU: help, the dry run's exact commands, the no-GPU error, the step
+runner (a failing, a hung and an interrupted step), and parity's --tf32 option (its CPU error, the
+TF32 budget, the label)."""
 
 from __future__ import annotations
 
@@ -32,26 +33,113 @@ def test_help_names_every_step(capsys):
         cli.main(["gpu-check", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("parity-tf32", "bench-PRESET", "--dry-run", "under 8 minutes", "gpu-check.md", "130"):
+    for word in (
+        "parity-tf32",
+        "bench-PRESET",
+        "--dry-run",
+        "under 8 minutes",
+        "gpu-check.md",
+        "130",
+    ):
         assert word in out, word
 
 
 def _expected(out: Path) -> list[list[str]]:
-    bench = ["--dtype", "bfloat16", "--batch", "1", "--batch", "8", "--batch", "32", "--frameworks",
-             "jax,torch-eager,torch-cudagraphs", "--no-scaling", "--no-compile-table", "--json"]  # fmt: skip
+    bench = [
+        "--dtype",
+        "bfloat16",
+        "--batch",
+        "1",
+        "--batch",
+        "8",
+        "--batch",
+        "32",
+        "--frameworks",
+        "jax,torch-eager,torch-cudagraphs",
+        "--no-scaling",
+        "--no-compile-table",
+        "--json",
+    ]
     return [
-        [PY, "-m", "parity", "--device", "gpu", "--quick", "--json", f"{out}/parity.json", "--markdown",
-         f"{out}/parity.md"],
-        [PY, "-m", "parity", "--device", "gpu", "--quick", "--tf32", "--dtype", "float32", "--check", "modules",
-         "--check", "logits", "--check", "text", "--check", "cached", "--check", "greedy", "--check", "divergence",
-         "--json", f"{out}/parity-tf32.json", "--markdown", f"{out}/parity-tf32.md"],
-        [PY, "-m", "gptmod.cli", "bench", "--device", "gpu", "--quick", "--preset", "gpt2", *bench,
-         f"{out}/bench-gpt2.json"],
-        [PY, "-m", "gptmod.cli", "bench", "--device", "gpu", "--quick", "--preset", "gpt2-medium", *bench,
-         f"{out}/bench-gpt2-medium.json"],
-        [PY, "-m", "gptmod.cli", "bench", "--device", "gpu", "--quick", "--preset", "modern-gpt2", *bench,
-         f"{out}/bench-modern-gpt2.json"],
-    ]  # fmt: skip
+        [
+            PY,
+            "-m",
+            "parity",
+            "--device",
+            "gpu",
+            "--quick",
+            "--json",
+            f"{out}/parity.json",
+            "--markdown",
+            f"{out}/parity.md",
+        ],
+        [
+            PY,
+            "-m",
+            "parity",
+            "--device",
+            "gpu",
+            "--quick",
+            "--tf32",
+            "--dtype",
+            "float32",
+            "--check",
+            "modules",
+            "--check",
+            "logits",
+            "--check",
+            "text",
+            "--check",
+            "cached",
+            "--check",
+            "greedy",
+            "--check",
+            "divergence",
+            "--json",
+            f"{out}/parity-tf32.json",
+            "--markdown",
+            f"{out}/parity-tf32.md",
+        ],
+        [
+            PY,
+            "-m",
+            "gptmod.cli",
+            "bench",
+            "--device",
+            "gpu",
+            "--quick",
+            "--preset",
+            "gpt2",
+            *bench,
+            f"{out}/bench-gpt2.json",
+        ],
+        [
+            PY,
+            "-m",
+            "gptmod.cli",
+            "bench",
+            "--device",
+            "gpu",
+            "--quick",
+            "--preset",
+            "gpt2-medium",
+            *bench,
+            f"{out}/bench-gpt2-medium.json",
+        ],
+        [
+            PY,
+            "-m",
+            "gptmod.cli",
+            "bench",
+            "--device",
+            "gpu",
+            "--quick",
+            "--preset",
+            "modern-gpt2",
+            *bench,
+            f"{out}/bench-modern-gpt2.json",
+        ],
+    ]
 
 
 def test_dry_run_prints_the_exact_commands(tmp_path, capsys):
@@ -67,7 +155,9 @@ def test_dry_run_prints_the_exact_commands(tmp_path, capsys):
 
 
 def test_dry_run_only_and_its_errors(tmp_path, capsys):
-    assert cli.main(["gpu-check", "--dry-run", "--out", str(tmp_path), "--only", "parity-tf32"]) == 0
+    assert (
+        cli.main(["gpu-check", "--dry-run", "--out", str(tmp_path), "--only", "parity-tf32"]) == 0
+    )
     commands = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
     assert [shlex.split(c) for c in commands] == [_expected(tmp_path)[1]]
     assert cli.main(["gpu-check", "--dry-run", "--only", "bench-tiny"]) == 2
@@ -80,7 +170,8 @@ def test_dry_run_only_and_its_errors(tmp_path, capsys):
 def test_timeout_scale_multiplies_every_cap(tmp_path):
     caps = {s.name: s.timeout_s for s in gpu_check.plan(tmp_path, timeout_scale=2)}
     assert caps == {k: 2 * v for k, v in gpu_check.TIMEOUTS.items()}
-    assert sum(gpu_check.TIMEOUTS.values()) <= 1.25 * gpu_check.TARGET_S  # caps stay near the 8-minute target
+    # caps stay near the 8-minute target
+    assert sum(gpu_check.TIMEOUTS.values()) <= 1.25 * gpu_check.TARGET_S
 
 
 def test_real_run_without_a_gpu_exits_2_in_one_line(tmp_path):
@@ -89,19 +180,29 @@ def test_real_run_without_a_gpu_exits_2_in_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     out = tmp_path / "gc"
-    p = subprocess.run([PY, "-m", "gptmod.cli", "gpu-check", "--out", str(out)], capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [PY, "-m", "gptmod.cli", "gpu-check", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stderr
-    assert p.stderr.count("\n") == 1 and p.stderr.startswith("gptmod gpu-check: error: needs a GPU in both twins")
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(
+        "gptmod gpu-check: error: needs a GPU in both twins"
+    )
     assert "torch " in p.stderr and "JAX " in p.stderr and "jax[cuda12]" in p.stderr
     assert not out.exists()  # nothing ran
 
 
 def test_missing_gpu_names_the_twin():
     assert gpu_check.missing_gpu({"torch_cuda": True, "jax_backend": "gpu"}) is None
-    only_jax = gpu_check.missing_gpu({"torch_cuda": True, "torch_cuda_version": "13.0", "jax_backend": "cpu"})
+    only_jax = gpu_check.missing_gpu(
+        {"torch_cuda": True, "torch_cuda_version": "13.0", "jax_backend": "cpu"}
+    )
     assert only_jax.startswith("JAX ") and "backend cpu" in only_jax and "jax[cuda12]" in only_jax
-    only_torch = gpu_check.missing_gpu({"torch": "2.11.0+cpu", "torch_cuda": False, "jax_backend": "gpu"})
+    only_torch = gpu_check.missing_gpu(
+        {"torch": "2.11.0+cpu", "torch_cuda": False, "jax_backend": "gpu"}
+    )
     assert only_torch.startswith("torch 2.11.0+cpu sees no CUDA device") and "JAX" not in only_torch
 
 
@@ -109,8 +210,14 @@ def test_runner_records_each_step_and_goes_on_after_a_failure(tmp_path, capsys):
     out = tmp_path / "gc"
     steps = [
         gpu_check.Step("ok", [PY, "-c", "print('hello from ok')"], 30),
-        gpu_check.Step("fails", [PY, "-c", "import sys; print('about to fail', file=sys.stderr); sys.exit(3)"], 30),
-        gpu_check.Step("hangs", [PY, "-c", "import time; print('hanging', flush=True); time.sleep(60)"], 1.5),
+        gpu_check.Step(
+            "fails",
+            [PY, "-c", "import sys; print('about to fail', file=sys.stderr); sys.exit(3)"],
+            30,
+        ),
+        gpu_check.Step(
+            "hangs", [PY, "-c", "import time; print('hanging', flush=True); time.sleep(60)"], 1.5
+        ),
         gpu_check.Step("table", [PY, "-c", "print('| a | b |')"], 30, markdown=out / "table.md"),
     ]
     start = time.monotonic()
@@ -118,7 +225,12 @@ def test_runner_records_each_step_and_goes_on_after_a_failure(tmp_path, capsys):
     assert time.monotonic() - start < 20  # the hung step was stopped at its cap
     data = json.loads((out / "gpu-check.json").read_text())
     got = [(s["name"], s["status"], s["rc"]) for s in data["steps"]]
-    assert got == [("ok", "pass", 0), ("fails", "FAIL", 3), ("hangs", "timeout", 124), ("table", "pass", 0)]
+    assert got == [
+        ("ok", "pass", 0),
+        ("fails", "FAIL", 3),
+        ("hangs", "timeout", 124),
+        ("table", "pass", 0),
+    ]
     assert data["failed"] == ["fails", "hangs"] and data["passed"] is False
     walls = [s["wall_s"] for s in data["steps"]]
     assert all(w > 0 for w in walls) and 1.4 < walls[2] < 10
@@ -129,7 +241,11 @@ def test_runner_records_each_step_and_goes_on_after_a_failure(tmp_path, capsys):
     assert "stopped at its cap" in (out / "hangs.log").read_text()
     assert "| a | b |" in (out / "table.md").read_text()
     md = (out / "gpu-check.md").read_text()
-    assert "| fails | FAIL | 3 |" in md and "| hangs | timeout | 124 |" in md and "not passed: fails, hangs" in md
+    assert (
+        "| fails | FAIL | 3 |" in md
+        and "| hangs | timeout | 124 |" in md
+        and "not passed: fails, hangs" in md
+    )
     assert "about to fail" in md  # a failing step's log tail is in the summary
     err = capsys.readouterr().err
     assert "fails: FAIL (rc 3)" in err and "not passed: fails, hangs" in err
@@ -151,8 +267,12 @@ sys.exit(gpu_check.run_check(steps, out))
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_stops_the_step_and_writes_the_partial_summary(tmp_path, sig, code):
     out = tmp_path / "gc"
-    p = subprocess.Popen([PY, "-c", textwrap.dedent(RUNNER), str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    p = subprocess.Popen(
+        [PY, "-c", textwrap.dedent(RUNNER), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not (out / "pid").is_file() or not (out / "pid").read_text():
         assert time.monotonic() < deadline and p.poll() is None, p.communicate()
@@ -164,8 +284,11 @@ def test_interrupt_stops_the_step_and_writes_the_partial_summary(tmp_path, sig, 
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # the running step is gone, not orphaned
     data = json.loads((out / "gpu-check.json").read_text())
-    assert [(s["name"], s["status"]) for s in data["steps"]] == [("first", "pass"), ("sleeps", "interrupted"),
-                                                                   ("never", "not run")]  # fmt: skip
+    assert [(s["name"], s["status"]) for s in data["steps"]] == [
+        ("first", "pass"),
+        ("sleeps", "interrupted"),
+        ("never", "not run"),
+    ]
     assert data["steps"][1]["wall_s"] > 0 and "interrupted during sleeps" in err
     assert "| never | not run |" in (out / "gpu-check.md").read_text()
 
@@ -176,7 +299,10 @@ def test_interrupt_stops_the_step_and_writes_the_partial_summary(tmp_path, sig, 
 def test_parity_tf32_is_a_gpu_mode(capsys):
     assert parity_main(["--tf32"]) == 2
     err = capsys.readouterr().err
-    assert err == "parity: error: --tf32 is a GPU matmul mode (TF32 tensor cores, Ampere and later): add --device gpu\n"
+    assert (
+        err == "parity: error: --tf32 is a GPU matmul mode (TF32 tensor cores, Ampere and "
+        "later): add --device gpu\n"
+    )
     assert parity_main(["--tf32", "--device", "gpu", "--trace"]) == 2
     assert "--tf32 with --trace" in capsys.readouterr().err
 
@@ -190,7 +316,8 @@ def test_parity_tf32_on_a_cpu_machine_is_the_gpu_error(capsys):
     before = jax.config.jax_default_matmul_precision
     assert parity_main(["--tf32", "--device", "gpu", "--preset", "tiny"]) == 2
     assert "--device gpu needs CUDA in torch" in capsys.readouterr().err
-    assert jax.config.jax_default_matmul_precision == before  # an error leaves the process's precision alone
+    # an error leaves the process's precision alone
+    assert jax.config.jax_default_matmul_precision == before
 
 
 def _case(dtype: str) -> suite.Case:
@@ -202,11 +329,18 @@ def test_tf32_budget_is_fp16s_for_fp32_rows_and_restored():
     assert not suite.numeric_row("logits", _case("float32"), "sdpa", "xla", e, e, e, scale).passed
     with suite.tf32_budget():
         row = suite.numeric_row("logits", _case("float32"), "sdpa", "xla", e, e, e, scale)
-        assert row.passed and row.budget == pytest.approx(1e-2 * scale) and row.e_max == pytest.approx(2e-2)
-        assert text.REL["float32"] == 1e-2 and suite.ABS_FLOOR["float32"] == 1e-4  # every module sees it
+        assert (
+            row.passed
+            and row.budget == pytest.approx(1e-2 * scale)
+            and row.e_max == pytest.approx(2e-2)
+        )
+        # every module sees it
+        assert text.REL["float32"] == 1e-2 and suite.ABS_FLOOR["float32"] == 1e-4
         bf16 = suite.numeric_row("logits", _case("bfloat16"), "sdpa", "xla", e, e, e, scale)
         assert bf16.budget == pytest.approx(5e-2 * scale)  # other dtypes keep theirs
-        assert not suite.numeric_row("logits", _case("float32"), "sdpa", "xla", 0.05, e, e, scale).passed
+        assert not suite.numeric_row(
+            "logits", _case("float32"), "sdpa", "xla", 0.05, e, e, scale
+        ).passed
     with pytest.raises(RuntimeError), suite.tf32_budget():
         raise RuntimeError("a check failed")
     assert suite.REL["float32"] == 2e-5 and suite.ABS_FLOOR["float32"] == 1e-6
@@ -215,10 +349,14 @@ def test_tf32_budget_is_fp16s_for_fp32_rows_and_restored():
 
 
 def test_tf32_rows_are_labelled_in_every_report():
-    rows = [suite.numeric_row("logits", _case(d), "sdpa", "xla", 1e-6, 1e-6, 1e-6, 1.0) for d in
-            ("float32", "bfloat16")]  # fmt: skip
+    rows = [
+        suite.numeric_row("logits", _case(d), "sdpa", "xla", 1e-6, 1e-6, 1e-6, 1.0)
+        for d in ("float32", "bfloat16")
+    ]
     labelled = label_tf32(rows)
-    assert [r.dtype for r in labelled] == ["float32 (tf32)", "bfloat16"] and rows[0].dtype == "float32"
+    assert [r.dtype for r in labelled] == ["float32 (tf32)", "bfloat16"] and rows[
+        0
+    ].dtype == "float32"
     assert "tiny · float32 (tf32)" in format_table(labelled, width=150)
     header = {"device": "cuda", "versions": {"torch": "x"}, "passed": True}
     assert "| logits | tiny | float32 (tf32) |" in format_markdown(labelled, header)
@@ -226,7 +364,14 @@ def test_tf32_rows_are_labelled_in_every_report():
 
 def test_the_shell_wrapper_runs_the_same_command(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
-    p = subprocess.run([str(script), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHON": PY}, timeout=60)  # fmt: skip
+    p = subprocess.run(
+        [str(script), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": PY},
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
-    assert [shlex.split(ln) for ln in p.stdout.splitlines() if not ln.startswith("#")] == _expected(tmp_path)
+    assert [shlex.split(ln) for ln in p.stdout.splitlines() if not ln.startswith("#")] == _expected(
+        tmp_path
+    )

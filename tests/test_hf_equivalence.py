@@ -18,15 +18,31 @@ from conftest import jax_logits, jax_model, torch_logits, torch_model
 
 def _hf(n_layer=3, n_embd=96, n_head=6, vocab=1000, n_positions=80, std=0.1, attn="sdpa", seed=0):
     torch.manual_seed(seed)
-    hf_cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
-                        initializer_range=std, attn_implementation=attn)  # fmt: skip
+    hf_cfg = GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        initializer_range=std,
+        attn_implementation=attn,
+    )
     model = GPT2LMHeadModel(hf_cfg).eval()
-    with torch.no_grad():  # HF zero-inits biases and sets LayerNorm to 1/0: randomise, so every term counts
+    # HF zero-inits biases and sets LayerNorm to 1/0: randomise, so every term counts
+    with torch.no_grad():
         for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    cfg = dataclasses.replace(load_preset("gpt2"), n_layer=n_layer, d_model=n_embd, n_head=n_head, n_kv_head=n_head,
-                              d_ff=4 * n_embd, vocab_size=vocab, max_seq_len=n_positions)  # fmt: skip
+    cfg = dataclasses.replace(
+        load_preset("gpt2"),
+        n_layer=n_layer,
+        d_model=n_embd,
+        n_head=n_head,
+        n_kv_head=n_head,
+        d_ff=4 * n_embd,
+        vocab_size=vocab,
+        max_seq_len=n_positions,
+    )
     return model, cfg
 
 

@@ -1,6 +1,8 @@
-"""The twins' kernels.py: torch's oneDNN linear equals F.linear in every shape the model uses, eager and
-compiled, and leaves training (autograd), other dtypes and the state names alone; JAX's weights-first
-product for few rows equals x @ W.T, both ways, with gradients, and its Linear has torch's names and layout."""
+"""The twins' kernels.py: swaps of model.py's layers for CPU decode fast paths that keep the
+parameters, their names and the results. torch's oneDNN linear equals F.linear in every shape the
+model uses, eager and compiled, and leaves training (autograd) and other dtypes to F.linear; JAX's
+weights-first product for few rows equals x @ W.T, both ways, with gradients; JAX's cached attention
+in the cache layouts equals model.py's; and a whole model with kernels equals one without."""
 
 from __future__ import annotations
 
@@ -12,11 +14,21 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+import gptmod_jax
+import gptmod_torch
 from gptmod_jax import kernels as jkernels
+from gptmod_jax import model as jmodel
 from gptmod_torch import kernels
+from gptmod_torch import model as tmodel
+
+from conftest import reduced, torch_pair_state
+
+NO_ONEDNN = pytest.mark.skipif(
+    kernels._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear"
+)
 
 
-@pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
+@NO_ONEDNN
 @pytest.mark.parametrize("shape", [(1, 64), (8, 64), (2, 5, 64), (3, 1, 64)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_equals_f_linear(shape, bias):
@@ -32,17 +44,20 @@ def test_onednn_linear_equals_f_linear(shape, bias):
     assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
+@NO_ONEDNN
 def test_compiled_linear_uses_the_custom_op_and_agrees():
-    layer = kernels.Linear(64, 32)
+    layer = kernels.install(tmodel.Linear(64, 32, bias=True, std=0.02))
+    assert type(layer) is kernels.OneDNNLinear
     x = torch.randn(4, 1, 64)
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_grad_and_other_dtypes_take_f_linear():
-    layer = kernels.Linear(16, 8)
+    layer = kernels.install(tmodel.Linear(16, 8, bias=True, std=0.02))
     x = torch.randn(3, 16, requires_grad=True)
     assert not kernels.uses_onednn(x)  # grad enabled: training keeps F.linear and its autograd
     layer(x).sum().backward()
@@ -50,18 +65,34 @@ def test_grad_and_other_dtypes_take_f_linear():
     with torch.no_grad():
         assert not kernels.uses_onednn(x.bfloat16()) and not kernels.uses_onednn(x.double())
         assert kernels.uses_onednn(x) == (kernels._ONEDNN_LINEAR is not None)
-    assert set(layer.state_dict()) == {"weight", "bias"}  # nn.Linear's names: canonical state is unchanged
+
+
+def test_torch_layers_have_canonical_names_and_init():
+    torch.manual_seed(0)
+    layer = tmodel.Linear(48, 80, bias=True, std=0.5).requires_grad_(False)
+    assert set(layer.state_dict()) == {"weight", "bias"} and tuple(layer.weight.shape) == (80, 48)
+    assert float(layer.bias.abs().max()) == 0.0 and 0.45 < float(layer.weight.std()) < 0.55
+    assert tmodel.Linear(4, 3, bias=False, std=0.02).bias is None
+    emb = tmodel.Embedding(100, 16, std=0.02).requires_grad_(False)
+    assert set(emb.state_dict()) == {"weight"} and 0.018 < float(emb.weight.std()) < 0.022
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(emb.attend(x), x @ emb.weight.T)
 
 
 @pytest.mark.parametrize("lead", [(1,), (8,), (2, 5), (64,), (65,), (3, 40)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_jax_linear_equals_x_at_w_transposed_on_both_paths(lead, bias):
     rng = np.random.default_rng(0)
-    x, w, b = rng.standard_normal((*lead, 48)), rng.standard_normal((80, 48)), rng.standard_normal(80)
+    x, w, b = (
+        rng.standard_normal((*lead, 48)),
+        rng.standard_normal((80, 48)),
+        rng.standard_normal(80),
+    )
     rows = int(np.prod(lead))
-    assert jkernels.weights_first(rows) == (rows <= jkernels.WEIGHTS_FIRST_MAX_ROWS)  # this machine is a CPU
-    got = jax.jit(jkernels.linear)(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
-                                   jnp.asarray(b, jnp.float32) if bias else None)  # fmt: skip
+    # this machine is a CPU
+    assert jkernels.weights_first(rows) == (rows <= jkernels.WEIGHTS_FIRST_MAX_ROWS)
+    b32 = jnp.asarray(b, jnp.float32) if bias else None
+    got = jax.jit(jkernels.linear)(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), b32)
     ref = x @ w.T + (b if bias else 0.0)
     assert got.shape == (*lead, 80) and got.dtype == jnp.float32
     assert np.abs(np.asarray(got, np.float64) - ref).max() <= 1e-5 * np.abs(ref).max()
@@ -70,21 +101,85 @@ def test_jax_linear_equals_x_at_w_transposed_on_both_paths(lead, bias):
 @pytest.mark.parametrize("rows", [4, 100])
 def test_jax_linear_gradients_match_on_both_paths(rows):
     rng = np.random.default_rng(1)
-    x, w = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32), jnp.asarray(rng.standard_normal((8, 16)),
-                                                                                  jnp.float32)  # fmt: skip
+    x = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((8, 16)), jnp.float32)
     gx, gw = jax.grad(lambda x, w: jnp.sum(jnp.sin(jkernels.linear(x, w))), argnums=(0, 1))(x, w)
     rx, rw = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w.T)), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw, rw, rtol=1e-5, atol=1e-5)
 
 
-def test_jax_linear_module_has_torch_names_layout_and_init():
-    layer = jkernels.Linear(48, 80, bias=True, std=0.5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+def test_jax_layers_have_torch_names_layout_and_init():
+    layer = jmodel.Linear(48, 80, bias=True, std=0.5, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     state = nnx.state(layer, nnx.Param)
     assert {str(k) for k in state} == {"weight", "bias"}
     assert layer.weight.shape == (80, 48) and layer.weight.dtype == jnp.bfloat16
     assert float(jnp.abs(layer.bias[...]).max()) == 0.0
     assert 0.45 < float(jnp.std(layer.weight[...].astype(jnp.float32))) < 0.55
-    assert jkernels.Linear(4, 3, bias=False, std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0)).bias is None
-    y = layer(jnp.ones((2, 48), jnp.bfloat16))
-    assert y.shape == (2, 80) and y.dtype == jnp.bfloat16
+    assert (
+        jmodel.Linear(4, 3, bias=False, std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0)).bias is None
+    )
+    y = jkernels.install(layer)(jnp.ones((2, 48), jnp.bfloat16))
+    assert (
+        type(layer) is jkernels.CpuDecodeLinear and y.shape == (2, 80) and y.dtype == jnp.bfloat16
+    )
+    emb = jmodel.Embedding(
+        100, 16, std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0), axes=(None, None)
+    )
+    assert {str(k) for k in nnx.state(emb, nnx.Param)} == {"weight"}
+    # an id past the table gathers NaN, never a row
+    assert bool(jnp.isnan(emb(jnp.array([100]))).all())
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_jax_cached_attention_in_the_cache_layouts_equals_the_readable_one(mask, groups):
+    rng = np.random.default_rng(2)
+    B, T, K, H, S = 2, 3, 2, 8, 7
+    N = K * groups
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+    k_BKHS = jnp.asarray(rng.standard_normal((B, K, H, S)), jnp.float32)
+    v_BKSH = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.float32)
+    pos_BT = jnp.asarray([[2, 3, 4], [4, 5, 6]])
+    mask_BTS = (jnp.arange(S) <= pos_BT[..., None]) if mask else None
+    got = jkernels.cached_attention(q, k_BKHS, v_BKSH, backend="xla", mask_BTS=mask_BTS)
+    want = jmodel.cached_attention(q, k_BKHS, v_BKSH, backend="reference", mask_BTS=mask_BTS)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_install_swaps_every_layer_and_kernels_false_keeps_model_py():
+    cfg = reduced("modern-gpt2", tie_embeddings=False)
+    torch.manual_seed(0)
+    fast_t, plain_t = gptmod_torch.GPT(cfg), gptmod_torch.GPT(cfg, kernels=False)
+    fast_j = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    plain_j = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), kernels=False)
+    for fast, plain, swaps in ((fast_t, plain_t, kernels.SWAPS), (fast_j, plain_j, jkernels.SWAPS)):
+        modules = [m for _, m in nnx.iter_graph(fast)] if fast is fast_j else list(fast.modules())
+        types_fast = {type(m) for m in modules}
+        assert set(swaps.values()) <= types_fast and not set(swaps) & types_fast
+        plain_modules = (
+            [m for _, m in nnx.iter_graph(plain)] if plain is plain_j else list(plain.modules())
+        )
+        assert not set(swaps.values()) & {type(m) for m in plain_modules}
+    # The same parameters by the same names, and the same logits and tokens
+    # with and without kernels.
+    state = torch_pair_state(cfg)
+    assert (
+        set(gptmod_torch.export_state(fast_t)) == set(state) == set(gptmod_jax.export_state(fast_j))
+    )
+    for m in (fast_t, plain_t):
+        gptmod_torch.load_state(m.eval(), state)
+    for m in (fast_j, plain_j):
+        gptmod_jax.load_state(m, state)
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        lt, lpt = (m(torch.from_numpy(idx)).numpy() for m in (fast_t, plain_t))
+    lj, lpj = (np.asarray(m(jnp.asarray(idx))) for m in (fast_j, plain_j))
+    scale = np.abs(lpt).max()
+    assert np.abs(lt - lpt).max() <= 2e-5 * scale and np.abs(lj - lpj).max() <= 2e-5 * scale
+    prompts = [[5, 9, 2, 7], [3, 1]]
+    want = gptmod_torch.generate(plain_t, prompts, 8)
+    assert gptmod_torch.generate(fast_t, prompts, 8) == want
+    assert (
+        gptmod_jax.generate(fast_j, prompts, 8) == gptmod_jax.generate(plain_j, prompts, 8) == want
+    )

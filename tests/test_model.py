@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 
 import jax
@@ -42,7 +43,9 @@ def _scaled_state(cfg: ModelConfig, seed: int = 0, scale: float = 4.0) -> dict[s
     return {k: (v * scale if v.ndim == 2 else v) for k, v in state.items()}
 
 
-def _fp32_check(cfg: ModelConfig, state: dict, idx: np.ndarray, backend_t="sdpa", backend_j="auto") -> float:
+def _fp32_check(
+    cfg: ModelConfig, state: dict, idx: np.ndarray, backend_t="sdpa", backend_j="auto"
+) -> float:
     ref = torch_logits(torch_model(cfg, state, "float64", "math"), idx)
     lt = torch_logits(torch_model(cfg, state, "float32", backend_t), idx)
     lj = jax_logits(jax_model(cfg, state, "float32", backend_j), idx)
@@ -61,8 +64,16 @@ def test_every_preset_reduced_torch_vs_jax(preset):
     _fp32_check(cfg, _scaled_state(cfg), tokens(cfg, 2, cfg.max_seq_len))
 
 
-SWITCHES = list(itertools.product(["learned", "rope"], ["layernorm", "rmsnorm"], ["gelu", "swiglu"], [True, False],
-                                  [None, 5.0], [True, False]))  # fmt: skip
+SWITCHES = list(
+    itertools.product(
+        ["learned", "rope"],
+        ["layernorm", "rmsnorm"],
+        ["gelu", "swiglu"],
+        [True, False],
+        [None, 5.0],
+        [True, False],
+    )
+)
 
 
 @pytest.mark.parametrize("combo", range(len(SWITCHES)))
@@ -70,8 +81,21 @@ def test_every_switch_combination(combo):
     """All 2^6 combinations of the table's switches, cycling the GQA ratio (MHA, GQA, MQA)."""
     pos, norm, mlp, bias, cap, tie = SWITCHES[combo]
     n_kv_head = (4, 2, 1)[combo % 3]
-    cfg = ModelConfig(vocab_size=101, max_seq_len=24, n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=32, d_ff=48,
-                      pos=pos, norm=norm, mlp=mlp, bias=bias, logit_softcap=cap, tie_embeddings=tie)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=101,
+        max_seq_len=24,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=n_kv_head,
+        d_model=32,
+        d_ff=48,
+        pos=pos,
+        norm=norm,
+        mlp=mlp,
+        bias=bias,
+        logit_softcap=cap,
+        tie_embeddings=tie,
+    )
     _fp32_check(cfg, _scaled_state(cfg, seed=combo), tokens(cfg, 2, 24, seed=combo))
 
 
@@ -82,17 +106,28 @@ def test_randomised_configs(seed):
     divisors = [k for k in range(1, n_head + 1) if n_head % k == 0]
     head_dim = int(rng.choice([8, 16, 32]))
     cfg = ModelConfig(
-        vocab_size=int(rng.integers(50, 300)), max_seq_len=int(rng.integers(8, 48)), n_layer=int(rng.integers(1, 4)),
-        n_head=n_head, n_kv_head=int(rng.choice(divisors)), d_model=n_head * head_dim, d_ff=int(rng.integers(16, 96)),
-        pos=str(rng.choice(["learned", "rope"])), rope_theta=float(rng.choice([500.0, 10000.0, 1e6])),
-        norm=str(rng.choice(["layernorm", "rmsnorm"])), norm_eps=float(rng.choice([1e-5, 1e-6])),
-        mlp=str(rng.choice(["gelu", "swiglu"])), bias=bool(rng.integers(2)),
-        logit_softcap=[None, 10.0, 30.0][int(rng.integers(3))], tie_embeddings=bool(rng.integers(2)),
-    )  # fmt: skip
+        vocab_size=int(rng.integers(50, 300)),
+        max_seq_len=int(rng.integers(8, 48)),
+        n_layer=int(rng.integers(1, 4)),
+        n_head=n_head,
+        n_kv_head=int(rng.choice(divisors)),
+        d_model=n_head * head_dim,
+        d_ff=int(rng.integers(16, 96)),
+        pos=str(rng.choice(["learned", "rope"])),
+        rope_theta=float(rng.choice([500.0, 10000.0, 1e6])),
+        norm=str(rng.choice(["layernorm", "rmsnorm"])),
+        norm_eps=float(rng.choice([1e-5, 1e-6])),
+        mlp=str(rng.choice(["gelu", "swiglu"])),
+        bias=bool(rng.integers(2)),
+        logit_softcap=[None, 10.0, 30.0][int(rng.integers(3))],
+        tie_embeddings=bool(rng.integers(2)),
+    )
     _fp32_check(cfg, _scaled_state(cfg, seed=seed), tokens(cfg, 3, cfg.max_seq_len, seed=seed))
 
 
-@pytest.mark.parametrize(("backend_t", "backend_j"), [("math", "xla"), ("flash", "reference"), ("reference", "xla")])
+@pytest.mark.parametrize(
+    ("backend_t", "backend_j"), [("math", "xla"), ("flash", "reference"), ("reference", "xla")]
+)
 def test_backends_agree_whole_model(backend_t, backend_j):
     cfg = reduced("modern-gpt2")
     _fp32_check(cfg, _scaled_state(cfg), tokens(cfg, 2, 40), backend_t, backend_j)
@@ -109,7 +144,9 @@ def test_bf16_whole_model_close_to_exact():
     # A dozen bf16 roundings along the way (2^-8 relative each) bound the error well below 10%.
     assert np.abs(lt - ref).max() <= 0.1 * scale and np.abs(lj - ref).max() <= 0.1 * scale
     # The argmax agrees with exact arithmetic nearly everywhere.
-    assert (lt.argmax(-1) == ref.argmax(-1)).mean() >= 0.9 and (lj.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    assert (lt.argmax(-1) == ref.argmax(-1)).mean() >= 0.9 and (
+        lj.argmax(-1) == ref.argmax(-1)
+    ).mean() >= 0.9
 
 
 def test_soft_cap_bounds_logits():
@@ -168,8 +205,9 @@ def test_round_trip_torch_jax_torch_bit_exact(dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_state_is_a_snapshot_in_both_directions(dtype):
-    """export_state copies (torch's optimizer updates parameters in place), and load_state copies (on CPU,
-    jnp.asarray may alias a numpy buffer that the caller can still change): no state shares memory."""
+    """export_state copies (torch's optimizer updates parameters in place),
+    and load_state copies (on CPU, jnp.asarray may alias a numpy buffer that
+    the caller can still change): no state shares memory."""
     cfg = reduced("modern-gpt2")
     tm = torch_model(cfg, cast_state(torch_pair_state(cfg), dtype), dtype)
     st = gptmod_torch.export_state(tm)
@@ -190,7 +228,11 @@ def test_state_is_a_snapshot_in_both_directions(dtype):
 @pytest.mark.parametrize("load", [gptmod_torch.load_state, gptmod_jax.load_state])
 def test_load_state_reports_every_problem(load):
     cfg = reduced("gpt2")
-    model = gptmod_torch.GPT(cfg) if load is gptmod_torch.load_state else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    model = (
+        gptmod_torch.GPT(cfg)
+        if load is gptmod_torch.load_state
+        else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    )
     state = torch_pair_state(cfg)
     del state["blocks.0.attn.wk.weight"], state["norm.bias"]
     state["blocks.1.attn.wq.weight"] = np.zeros((3, 3), np.float32)
@@ -198,7 +240,12 @@ def test_load_state_reports_every_problem(load):
     with pytest.raises(StateError) as info:
         load(model, state)
     msg = str(info.value)
-    for key in ("blocks.0.attn.wk.weight", "norm.bias", "blocks.1.attn.wq.weight", "blocks.0.attn.c_attn.weight"):
+    for key in (
+        "blocks.0.attn.wk.weight",
+        "norm.bias",
+        "blocks.1.attn.wq.weight",
+        "blocks.0.attn.c_attn.weight",
+    ):
         assert key in msg
     assert "(3, 3)" in msg and "(64, 64)" in msg
 
@@ -234,7 +281,10 @@ def _class_layout(path: Path) -> dict[str, list[str]]:
                             elts = t.elts if isinstance(t, ast.Tuple) else [t]
                             attrs += [e.attr for e in elts if isinstance(e, ast.Attribute)]
                         # torch's register_buffer("k", ...) is the twin of `self.k = nnx.Cache(...)`
-                        if isinstance(sub, ast.Call) and getattr(sub.func, "attr", "") == "register_buffer":
+                        if (
+                            isinstance(sub, ast.Call)
+                            and getattr(sub.func, "attr", "") == "register_buffer"
+                        ):
                             attrs.append(sub.args[0].value)
             layout[node.name] = attrs
     return layout
@@ -251,15 +301,19 @@ def test_twin_files_define_the_same_classes_submodules_and_functions():
     for name in t:
         assert t[name] == j[name], f"{name}: torch has {t[name]}, jax has {j[name]}"
     public = lambda names: [n for n in names if not n.startswith("_")]
-    assert public(_functions(ROOT / "gptmod_torch" / "model.py")) == [
-        n for n in public(_functions(ROOT / "gptmod_jax" / "model.py")) if n != "resolve_backend"
-    ]
+    assert public(_functions(ROOT / "gptmod_torch" / "model.py")) == public(
+        _functions(ROOT / "gptmod_jax" / "model.py")
+    )
 
 
 def test_twin_modules_have_the_same_parameter_names():
     cfg = reduced("modern-gpt2", bias=True, tie_embeddings=False)
-    tm, jm = gptmod_torch.GPT(cfg), gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
-    for name in ("blocks.0", "blocks.0.attn", "blocks.1.mlp", "norm"):
+    # model.py's own classes (kernels.py swaps some for framework-specific fast ones)
+    tm, jm = (
+        gptmod_torch.GPT(cfg, kernels=False),
+        gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), kernels=False),
+    )
+    for name in ("blocks.0", "blocks.0.attn", "blocks.1.mlp", "norm", "lm_head", "tok_emb"):
         t_sub = tm.get_submodule(name)
         j_sub = jm
         for part in name.split("."):
@@ -276,7 +330,11 @@ def test_bad_token_ids_and_lengths(framework):
     cfg = reduced("tiny")
     state = torch_pair_state(cfg)
     model = torch_model(cfg, state) if framework == "torch" else jax_model(cfg, state)
-    run = (lambda x: torch_logits(model, x)) if framework == "torch" else (lambda x: jax_logits(model, x))
+    run = (
+        (lambda x: torch_logits(model, x))
+        if framework == "torch"
+        else (lambda x: jax_logits(model, x))
+    )
     with pytest.raises(ValueError, match=r"token id 257 is out of range \[0, vocab_size=257\)"):
         run(np.array([[1, 2, 257]]))
     with pytest.raises(ValueError, match=r"token id -1 is out of range"):
@@ -288,7 +346,8 @@ def test_bad_token_ids_and_lengths(framework):
 
 
 def test_jax_out_of_range_under_jit_is_nan_not_clamped():
-    """Under jit the values can't be checked; the gather then fills NaN instead of clamping silently."""
+    """Under jit the values can't be checked; the gather then fills NaN
+    instead of clamping silently."""
     cfg = reduced("tiny")
     model = jax_model(cfg, torch_pair_state(cfg))
     out = nnx.jit(lambda m, x: m(x))(model, jnp.array([[1, 2, 3], [1, 2, 300]]))
@@ -298,22 +357,32 @@ def test_jax_out_of_range_under_jit_is_nan_not_clamped():
 
 def test_backend_errors():
     cfg = reduced("tiny")
-    with pytest.raises(ValueError, match="'nope' is not a torch backend; choose one of sdpa, flash"):
+    with pytest.raises(
+        ValueError, match="'nope' is not a torch backend; choose one of sdpa, flash"
+    ):
         gptmod_torch.GPT(cfg, attn_backend="nope")
-    with pytest.raises(ValueError, match="'sdpa' is not a jax backend; choose one of auto, xla, cudnn, reference"):
+    with pytest.raises(
+        ValueError, match="'sdpa' is not a jax backend; choose one of auto, xla, cudnn, reference"
+    ):
         gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), attn_backend="sdpa")
     state, idx = torch_pair_state(cfg), tokens(cfg, 1, 8)
     tm, jm = torch_model(cfg, state), jax_model(cfg, state)
-    tm.attn_backend, jm.attn_backend = "xla", "sdpa"  # swapped names, set after construction: refused, not ignored
+    # swapped names, set after construction: refused, not ignored
+    tm.attn_backend, jm.attn_backend = ("xla", "sdpa")
     with pytest.raises(ValueError, match="'xla' is not a torch backend"):
         torch_logits(tm, idx)
     with pytest.raises(ValueError, match="'sdpa' is not a jax backend"):
         jax_logits(jm, idx)
     for name in ("efficient", "cudnn"):
-        with pytest.raises(BackendUnavailableError, match=f"torch attention backend '{name}' cannot run: has no CPU"):
+        with pytest.raises(
+            BackendUnavailableError,
+            match=f"torch attention backend '{name}' cannot run: has no CPU",
+        ):
             torch_logits(torch_model(cfg, state, backend=name), idx)
     if jax.default_backend() == "cpu":
-        with pytest.raises(BackendUnavailableError, match="'cudnn' cannot run: needs an NVIDIA GPU"):
+        with pytest.raises(
+            BackendUnavailableError, match="'cudnn' cannot run: needs an NVIDIA GPU"
+        ):
             jax_logits(jax_model(cfg, state, backend="cudnn"), idx)
 
 
@@ -324,8 +393,11 @@ def _public_api(path: Path) -> dict[str, list[str]]:
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             api[""].append(node.name)
         elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-            api[node.name] = sorted(n.name for n in node.body if isinstance(n, ast.FunctionDef)
-                                    and not n.name.startswith("_"))  # fmt: skip
+            api[node.name] = sorted(
+                n.name
+                for n in node.body
+                if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
+            )
     api[""].sort()
     return api
 
@@ -333,10 +405,44 @@ def _public_api(path: Path) -> dict[str, list[str]]:
 @pytest.mark.parametrize("module", ["generate.py", "train.py"])
 def test_twin_generate_and_train_offer_the_same_api(module):
     t, j = _public_api(ROOT / "gptmod_torch" / module), _public_api(ROOT / "gptmod_jax" / module)
-    if module == "train.py":  # torch's Trainer.model is the module it was given; JAX's merges one on demand
+    # torch's Trainer.model is the module it was given; JAX's merges one on demand
+    if module == "train.py":
         j["Trainer"] = [m for m in j["Trainer"] if m != "model"]
-    if module == "generate.py":  # scan over layers is JAX's lever for compile time, which torch has no need of
+    # scan over layers is JAX's lever for compile time, which torch has no need of
+    if module == "generate.py":
         assert j.pop("ScannedLayers") == ["head", "trunk", "with_cache"]
-        # torch.compile's modes (CUDA graphs among them) are torch's lever; JAX jits the whole loop once
+        # torch.compile's modes (CUDA graphs among them) are torch's lever;
+        # JAX jits the whole loop once
         t[""].remove("compile_mode")
     assert t == j
+
+
+TWIN_FILES = [
+    ROOT / pkg / f
+    for pkg in ("gptmod_torch", "gptmod_jax")
+    for f in ("model.py", "generate.py", "train.py", "kernels.py")
+]
+
+
+def test_every_shape_suffix_in_the_twins_is_a_letter_of_the_design_table():
+    """`x_BTD`-style names: each letter of a suffix must be one
+    docs/DESIGN.md defines, so N never means two axes."""
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    table = design.split("## Shape suffixes", 1)[1].split("\n## ", 1)[0]
+    letters = set(re.findall(r"^\| ([A-Za-z]) \|", table, flags=re.M))
+    assert {"B", "T", "S", "N", "K", "H", "V", "M"} <= letters
+    bad = {}
+    for path in TWIN_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = (
+                node.id
+                if isinstance(node, ast.Name)
+                else node.attr
+                if isinstance(node, ast.Attribute)
+                else None
+            )
+            name = node.arg if isinstance(node, ast.arg) else name
+            m = re.fullmatch(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*_([A-Z][A-Za-z]*)", name or "")
+            if m and not set(m.group(1)) <= letters:
+                bad.setdefault(f"{path.parent.name}/{path.name}", set()).add(name)
+    assert not bad, f"shape suffixes with letters outside DESIGN.md's table: {bad}"

@@ -1,4 +1,5 @@
-"""Per-module twin tests: norm, rope, attention (every CPU backend), MLP and block, in fp32 and bf16.
+"""Per-module twin tests: norm, rope, attention (every CPU backend), MLP and
+block, in fp32 and bf16.
 
 Each module runs in torch and in JAX on the same weights and inputs, and both are measured against
 the torch module in float64. fp32 must agree to ~1e-6 of the output scale. bf16 must stay within a
@@ -55,7 +56,11 @@ def _pair(torch_cls, jax_cls, cfg, dtype, seed=0):
 
 def _input(shape, dtype, seed=1):
     x = np.random.default_rng(seed).normal(size=shape).astype(NP_DTYPES[dtype])
-    return x, torch.from_numpy(x.astype(np.float64)), torch.from_numpy(x.astype(np.float32)).to(TORCH_DTYPES[dtype])
+    return (
+        x,
+        torch.from_numpy(x.astype(np.float64)),
+        torch.from_numpy(x.astype(np.float32)).to(TORCH_DTYPES[dtype]),
+    )
 
 
 def _check(ref, out_t, out_j, dtype):
@@ -70,7 +75,8 @@ def _check(ref, out_t, out_j, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_norm_twins(norm, dtype):
-    cfg = _cfg(norm=norm, norm_eps=1e-3)  # a large eps, so a framework default in its place would show
+    # a large eps, so a framework default in its place would show
+    cfg = _cfg(norm=norm, norm_eps=1e-3)
     cls_t, cls_j = (tm.RMSNorm, jm.RMSNorm) if norm == "rmsnorm" else (tm.LayerNorm, jm.LayerNorm)
     t64, tmod, jmod = _pair(cls_t, cls_j, cfg, dtype)
     x, x64, xt = _input((2, 5, cfg.d_model), dtype)
@@ -89,13 +95,19 @@ def test_rope_matches_closed_form():
     cos, sin = np.cos(angles)[:, :, None], np.sin(angles)[:, :, None]
     x1, x2 = x[..., : H // 2], x[..., H // 2 :]
     expected = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    out_t = tm.apply_rope(torch.from_numpy(x).float(), *tm.rope_cos_sin(torch.from_numpy(pos), cfg, torch.float32))
-    out_j = jm.apply_rope(jnp.asarray(x, jnp.float32), *jm.rope_cos_sin(jnp.asarray(pos), cfg, jnp.float32))
+    out_t = tm.apply_rope(
+        torch.from_numpy(x).float(), *tm.rope_cos_sin(torch.from_numpy(pos), cfg, torch.float32)
+    )
+    out_j = jm.apply_rope(
+        jnp.asarray(x, jnp.float32), *jm.rope_cos_sin(jnp.asarray(pos), cfg, jnp.float32)
+    )
     np.testing.assert_allclose(out_t.numpy(), expected, atol=2e-5)
     np.testing.assert_allclose(np.asarray(out_j), expected, atol=2e-5)
     # Position 0 is the identity, and the rotation keeps the norm of each pair.
     np.testing.assert_allclose(out_t.numpy()[:, 0], x[:, 0], atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(out_j), axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(out_j), axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -109,7 +121,9 @@ def test_rope_twins_in_fp32_even_for_bf16(dtype):
     x, x64, xt = _input((2, 64, 4, cfg.head_dim), dtype)
     ref = tm.apply_rope(x64, *tm.rope_cos_sin(torch.from_numpy(pos), cfg, torch.float64))
     out_t = tm.apply_rope(xt, *tm.rope_cos_sin(torch.from_numpy(pos), cfg, TORCH_DTYPES[dtype]))
-    out_j = jm.apply_rope(jnp.asarray(x), *jm.rope_cos_sin(jnp.asarray(pos), cfg, JAX_DTYPES[dtype]))
+    out_j = jm.apply_rope(
+        jnp.asarray(x), *jm.rope_cos_sin(jnp.asarray(pos), cfg, JAX_DTYPES[dtype])
+    )
     _check(ref, out_t, out_j, dtype)
 
 
@@ -135,16 +149,27 @@ def test_attention_explicit_mask_is_bottom_right(backend_t, backend_j):
     the last rows of full causal attention; `is_causal` alone would be wrong here (top-left)."""
     rng = np.random.default_rng(0)
     B, S, T, N, K, H = 2, 9, 6, 4, 2, 16
-    q, k, v = (rng.normal(size=(B, n, N if i == 0 else K, H)).astype(np.float32)
-               for i, n in enumerate((S, S, S)))  # fmt: skip
+    q, k, v = (
+        rng.normal(size=(B, n, N if i == 0 else K, H)).astype(np.float32)
+        for i, n in enumerate((S, S, S))
+    )
     mask_BTS = np.arange(S)[None, None, :] <= np.arange(S - T, S)[None, :, None]
     mask_BTS = np.broadcast_to(mask_BTS, (B, T, S))
     tq, tk, tv = map(torch.from_numpy, (q, k, v))
     full_t = tm.attention(tq, tk, tv, backend=backend_t)[:, S - T :]
-    part_t = tm.attention(tq[:, S - T :], tk, tv, backend=backend_t, mask_BTS=torch.from_numpy(mask_BTS.copy()))
-    full_j = jm.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend=backend_j)[:, S - T :]
-    part_j = jm.attention(jnp.asarray(q[:, S - T :]), jnp.asarray(k), jnp.asarray(v), backend=backend_j,
-                          mask_BTS=jnp.asarray(mask_BTS))  # fmt: skip
+    part_t = tm.attention(
+        tq[:, S - T :], tk, tv, backend=backend_t, mask_BTS=torch.from_numpy(mask_BTS.copy())
+    )
+    full_j = jm.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend=backend_j)[
+        :, S - T :
+    ]
+    part_j = jm.attention(
+        jnp.asarray(q[:, S - T :]),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        backend=backend_j,
+        mask_BTS=jnp.asarray(mask_BTS),
+    )
     np.testing.assert_allclose(part_t.numpy(), full_t.numpy(), atol=1e-6)
     np.testing.assert_allclose(np.asarray(part_j), np.asarray(full_j), atol=1e-6)
     np.testing.assert_allclose(np.asarray(part_j), part_t.numpy(), atol=1e-5)
@@ -191,7 +216,8 @@ def test_gelu_is_the_tanh_form():
     np.testing.assert_allclose(tmod(torch.from_numpy(x)).detach().numpy(), tanh_form, atol=1e-6)
     np.testing.assert_allclose(np.asarray(jmod(jnp.asarray(x))), tanh_form, atol=1e-6)
     erf_form = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
-    assert np.abs(erf_form - tanh_form).max() > 1e-4  # the two forms really differ: the test can tell
+    # the two forms really differ: the test can tell
+    assert np.abs(erf_form - tanh_form).max() > 1e-4
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -210,6 +236,13 @@ def test_block_twins(preset, dtype):
     rope = cfg.pos == "rope"
     tpos, jpos = torch.from_numpy(pos), jnp.asarray(pos)
     ref = t64(x64, tm.rope_cos_sin(tpos, cfg, torch.float64) if rope else None, "math", tpos)
-    out_t = tmod(xt, tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype]) if rope else None, "sdpa", tpos)
-    out_j = jmod(jnp.asarray(x), jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype]) if rope else None, "auto", jpos)
+    out_t = tmod(
+        xt, tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype]) if rope else None, "sdpa", tpos
+    )
+    out_j = jmod(
+        jnp.asarray(x),
+        jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype]) if rope else None,
+        "auto",
+        jpos,
+    )
     _check(ref, out_t, out_j, dtype)

@@ -1,4 +1,5 @@
-"""pyproject.toml's dependency ranges: they admit what GPU machines already have, and what is installed here."""
+"""pyproject.toml's dependency ranges: they admit what GPU machines already
+have, and what is installed here."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Versions a user's machine may bring that `pip install -e .` must keep, not replace: the GPU image's (Python 3.12,
-# torch 2.11 CUDA, jax 0.11.2 with its CUDA plugin, flax 0.12.x, transformers 5.17), CI's two stacks (torch 2.13 and
-# jax 0.10.2 on the pinned one; the newest jax, flax, torch and transformers on the other) and the newest releases.
+# Versions a user's machine may bring that `pip install -e .` must keep, not replace: the GPU
+# image's (Python 3.12, torch 2.11 CUDA, jax 0.11.2 with its CUDA plugin, flax 0.12.x, transformers
+# 5.17), CI's two stacks (torch 2.13 and jax 0.10.2 on the pinned one; the newest jax, flax, torch
+# and transformers on the other) and the newest releases.
 MUST_ADMIT = {
     "torch": ["2.11.0", "2.13.0", "2.15.0"],
     "jax": ["0.10.2", "0.11.2", "0.12.0.1"],
@@ -28,7 +30,9 @@ MUST_ADMIT = {
 def _requirements() -> dict[str, Requirement]:
     """The project's runtime dependencies and its test extra, by canonical name."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    reqs = [
+        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]
+    ]
     return {canonicalize_name(r.name): r for r in reqs}
 
 
@@ -41,16 +45,22 @@ def test_declared_range_admits(name: str, version: str) -> None:
     )
 
 
-@pytest.mark.parametrize(("name", "newer"), [("torch", "2.99.0"), ("jax", "0.99.0"), ("jaxlib", "0.99.0"),
-                                             ("flax", "0.99.0")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "newer"),
+    [("torch", "2.99.0"), ("jax", "0.99.0"), ("jaxlib", "0.99.0"), ("flax", "0.99.0")],
+)
 def test_a_newer_release_is_never_downgraded(name: str, newer: str) -> None:
-    """No cap below the next major release: pip would replace a user's newer torch or JAX with an older one."""
+    """No cap below the next major release: pip would replace a user's newer
+    torch or JAX with an older one."""
     req = _requirements()[name]
-    assert req.specifier.contains(newer), f"pyproject.toml: {req} caps {name} below {newer}; pip would downgrade it"
+    assert req.specifier.contains(newer), (
+        f"pyproject.toml: {req} caps {name} below {newer}; pip would downgrade it"
+    )
 
 
 def test_installed_versions_satisfy_the_declared_ranges() -> None:
-    """Every declared dependency is installed in a version its range admits: the ranges describe a real stack."""
+    """Every declared dependency is installed in a version its range admits:
+    the ranges describe a real stack."""
     wrong = []
     for name, req in _requirements().items():
         try:
@@ -64,24 +74,34 @@ def test_installed_versions_satisfy_the_declared_ranges() -> None:
 
 
 def test_readme_torch_pin_is_admitted() -> None:
-    """The README's first install step (`pip install torch==X`, the CPU wheel) must satisfy the torch range."""
+    """The README's first install step (`pip install torch==X`, the CPU
+    wheel) must satisfy the torch range."""
     pins = re.findall(r"pip install torch==([0-9][0-9.]*[0-9])", (ROOT / "README.md").read_text())
-    assert pins and pins[0] == "2.13.0", f"README's first torch pin is {pins[:1]}; expected 2.13.0 (CI's CPU wheel)"
+    assert pins and pins[0] == "2.13.0", (
+        f"README's first torch pin is {pins[:1]}; expected 2.13.0 (CI's CPU wheel)"
+    )
     torch_range = _requirements()["torch"].specifier
     refused = [v for v in pins if not torch_range.contains(v)]
-    assert not refused, f"README pins torch {refused}, which pyproject.toml's torch{torch_range} refuses"
+    assert not refused, (
+        f"README pins torch {refused}, which pyproject.toml's torch{torch_range} refuses"
+    )
 
 
 def test_newest_stack_subset_names_existing_test_files() -> None:
-    """The second CI stack's named subset (.ci/newest-stack-tests.txt) must not name a file or test that is gone
-    (pytest would error on it, but only in CI's second stack, after the whole first one)."""
+    """The second CI stack's named subset (.ci/newest-stack-tests.txt) must
+    not name a file or test that is gone (pytest would error on it, but only
+    in CI's second stack, after the whole first one)."""
     lines = (ROOT / ".ci" / "newest-stack-tests.txt").read_text().splitlines()
     names = [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
-    assert len(names) >= 5, f"the newest-stack subset names {len(names)} entries; expected at least 5"
+    assert len(names) >= 5, (
+        f"the newest-stack subset names {len(names)} entries; expected at least 5"
+    )
     missing = []
     for name in names:
         path, _, test = name.partition("::")
         file = ROOT / path
-        if not file.is_file() or (test and not re.search(rf"^def {re.escape(test)}\(", file.read_text(), re.M)):
+        if not file.is_file() or (
+            test and not re.search(rf"^def {re.escape(test)}\(", file.read_text(), re.M)
+        ):
             missing.append(name)
     assert not missing, f".ci/newest-stack-tests.txt names missing files or tests: {missing}"

@@ -1,5 +1,5 @@
-"""The parity suite on reduced sizes: the CPU ladder passes, a deliberately broken twin is caught and
-localised, and the report's files and exit codes are what users and CI rely on."""
+"""The parity suite on reduced sizes: the CPU ladder passes, a deliberately broken twin is caught
+and localised, and the report's files and exit codes are what users and CI rely on."""
 
 from __future__ import annotations
 
@@ -20,21 +20,29 @@ from conftest import reduced
 
 
 def _opts(**kw) -> Options:
-    # 40 training steps, not the CLI's 200 (each step runs three trainers, one in float64): the same rows, a
-    # shorter curve.
-    # The ladder's model-level checks; trace, text, ragged, generate, sampling and divergence have their own files.
-    base = dict(seq_len=32, decode_steps=8, greedy_steps=12, train_steps=40,
-                checks=("modules", "logits", "cached", "greedy", "roundtrip", "hf", "train"),
-                backends_torch=("sdpa", "math", "efficient"), backends_jax=("xla", "reference", "cudnn"))  # fmt: skip
+    # 40 training steps, not the CLI's 200 (each step runs three trainers, one in float64): the same
+    # rows, a shorter curve.
+    # The ladder's model-level checks; trace, text, ragged, generate,
+    # sampling and divergence have their own files.
+    base = dict(
+        seq_len=32,
+        decode_steps=8,
+        greedy_steps=12,
+        train_steps=40,
+        checks=("modules", "logits", "cached", "greedy", "roundtrip", "hf", "train"),
+        backends_torch=("sdpa", "math", "efficient"),
+        backends_jax=("xla", "reference", "cudnn"),
+    )
     return Options(**{**base, **kw})
 
 
 @pytest.mark.parametrize("name", ["tiny", "gpt2-small"])
 def test_cpu_ladder_passes_and_skips_what_cannot_run(name):
-    # tiny covers the modern column (RoPE, RMSNorm, GQA 4:2, SwiGLU, no bias, soft-cap); gpt2-small the classic one.
-    # One ladder per test, not a fixture shared by several tests: pytest-xdist would build that on every worker
-    # that runs one of them (grouping with --dist loadgroup does not work with pytest 9.2, pytest-xdist issue 1386),
-    # while one test per preset lets the two workers share the load.
+    # tiny covers the modern column (RoPE, RMSNorm, GQA 4:2, SwiGLU, no bias, soft-cap); gpt2-small
+    # the classic one. One ladder per test, not a fixture shared by several tests: pytest-xdist
+    # would build that on every worker that runs one of them (grouping with --dist loadgroup does
+    # not work with pytest 9.2, pytest-xdist issue 1386), while one test per preset lets the two
+    # workers share the load.
     cfg = load_preset("tiny") if name == "tiny" else reduced("gpt2")
     cpu_rows = run_suite([(name, cfg, None)], _opts(), progress=False)
     _ladder_passes(cpu_rows, classic=cfg.is_classic)
@@ -61,9 +69,11 @@ def _ladder_passes(cpu_rows, classic: bool):
         "round-trip jax->file->torch",
         "hf-gpt2",
     ):
-        if not (classic and c == "module:rope"):  # learned positions: the classic column has no RoPE
+        # learned positions: the classic column has no RoPE
+        if not (classic and c == "module:rope"):
             assert c in checks, c
-    # Every numeric row carries the three numbers and its relative budget, and correct twins keep a margin to it.
+    # Every numeric row carries the three numbers and its relative budget,
+    # and correct twins keep a margin to it.
     for r in cpu_rows:
         if r.check == "logits" and r.passed is not None:
             assert None not in (r.e_torch, r.e_jax, r.diff, r.budget, r.e_max)
@@ -71,13 +81,21 @@ def _ladder_passes(cpu_rows, classic: bool):
             assert r.ratio <= 0.8, (r.backend_torch, r.backend_jax, r.dtype, r.ratio)
     hf = [r for r in cpu_rows if r.check == "hf-gpt2" and r.passed is not None]
     if classic:
-        assert [r.preset for r in hf] == ["gpt2-small"] and hf[0].e_torch <= 1e-4 and hf[0].e_jax <= 1e-4
+        assert (
+            [r.preset for r in hf] == ["gpt2-small"]
+            and hf[0].e_torch <= 1e-4
+            and hf[0].e_jax <= 1e-4
+        )
     else:
         assert hf == []  # Hugging Face's GPT-2 is the oracle of the classic column only
 
 
 def _unavailable_backends_are_skipped_rows_with_reasons(cpu_rows):
-    skipped = {(r.backend_torch, r.backend_jax): r.note for r in cpu_rows if r.passed is None and r.check == "logits"}
+    skipped = {
+        (r.backend_torch, r.backend_jax): r.note
+        for r in cpu_rows
+        if r.passed is None and r.check == "logits"
+    }
     assert "has no CPU kernel" in skipped[("efficient", "-")]
     assert "needs an NVIDIA GPU" in skipped[("-", "cudnn")]
 
@@ -85,15 +103,24 @@ def _unavailable_backends_are_skipped_rows_with_reasons(cpu_rows):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_broken_twin_is_caught_and_the_layer_named(dtype):
     cfg = reduced("modern-gpt2", n_layer=3)
-    # fp32 sees a 0.1% weight error; bf16's own rounding hides that much, so there the fault is a sign bug.
+    # fp32 sees a 0.1% weight error; bf16's own rounding hides that much, so
+    # there the fault is a sign bug.
     fault = ("blocks.1.mlp.w_down.weight", -2.0 if dtype == "bfloat16" else 1e-3)
-    rows = run_suite([("modern", cfg, None)], _opts(dtypes=(dtype,), checks=("logits",), fault=fault), progress=False)
+    rows = run_suite(
+        [("modern", cfg, None)],
+        _opts(dtypes=(dtype,), checks=("logits",), fault=fault),
+        progress=False,
+    )
     logits = [r for r in rows if r.check == "logits" and r.passed is not None]
     hidden = next(r for r in rows if r.check == "hidden")
     assert not summary(rows)[0]
     assert any(r.passed is False for r in logits)
-    assert hidden.passed is False and "first layer out of budget: block 1 (hidden[2])" in hidden.note
-    clean = run_suite([("modern", cfg, None)], _opts(dtypes=(dtype,), checks=("logits",)), progress=False)
+    assert (
+        hidden.passed is False and "first layer out of budget: block 1 (hidden[2])" in hidden.note
+    )
+    clean = run_suite(
+        [("modern", cfg, None)], _opts(dtypes=(dtype,), checks=("logits",)), progress=False
+    )
     assert summary(clean)[0]  # the same run without the fault passes: the fault is what failed it
 
 
@@ -104,33 +131,89 @@ def test_outlier_weights():
     ratio = np.abs(out["tok_emb.weight"]).max(0) / np.abs(state["tok_emb.weight"]).max(0)
     assert sorted(np.round(ratio, 3))[-2:] == [20.0, 20.0] and (np.sort(ratio)[:-2] == 1).all()
     assert (out["blocks.0.attn_norm.weight"] == 10.0).sum() == 2
-    rows = run_suite([("gpt2", cfg, None)], _opts(weights="random-outliers", checks=("logits",)), progress=False)
+    rows = run_suite(
+        [("gpt2", cfg, None)], _opts(weights="random-outliers", checks=("logits",)), progress=False
+    )
     assert summary(rows)[0], [(r.check, r.dtype, r.note) for r in rows if r.passed is False]
 
 
 def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
-    args = ["--preset", "tiny", "--quick", "--check", "roundtrip", "--check", "cached", "--dtype", "float32"]
-    assert main([*args, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == 0
+    args = [
+        "--preset",
+        "tiny",
+        "--quick",
+        "--check",
+        "roundtrip",
+        "--check",
+        "cached",
+        "--dtype",
+        "float32",
+    ]
+    assert (
+        main([*args, "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]) == 0
+    )
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["passed"] is True and data["device"] == "cpu" and {"torch", "jax", "flax"} <= set(data["versions"])
+    assert (
+        data["passed"] is True
+        and data["device"] == "cpu"
+        and {"torch", "jax", "flax"} <= set(data["versions"])
+    )
     for row in data["rows"]:
-        assert {"check", "preset", "dtype", "backend_torch", "backend_jax", "e_torch", "e_jax", "diff", "budget",
-                "passed", "note"} <= set(row)  # fmt: skip
+        assert {
+            "check",
+            "preset",
+            "dtype",
+            "backend_torch",
+            "backend_jax",
+            "e_torch",
+            "e_jax",
+            "diff",
+            "budget",
+            "passed",
+            "note",
+        } <= set(row)
     assert "| cached-decode | tiny | float32 |" in (tmp_path / "r.md").read_text()
     assert main([*args, "--inject-fault", "blocks.0.attn.wq.weight=0.01"]) == 1
     assert main([*args, "--inject-fault", "no.such.weight=0.1"]) == 2
-    assert set(CHECKS) == {"modules", "trace", "logits", "text", "cached", "ragged", "greedy", "generate", "sampling",
-                           "divergence", "roundtrip", "hf", "train"}  # fmt: skip
+    assert set(CHECKS) == {
+        "modules",
+        "trace",
+        "logits",
+        "text",
+        "cached",
+        "ragged",
+        "greedy",
+        "generate",
+        "sampling",
+        "divergence",
+        "roundtrip",
+        "hf",
+        "train",
+    }
 
 
 def test_cli_weight_errors():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "parity", "--preset", "gpt2", "--weights", "gpt2"], capture_output=True,
-                       text=True, env=env, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "parity", "--preset", "gpt2", "--weights", "gpt2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 2 and "offline" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "parity", "--preset", "tiny", "--weights", "no/such/dir"],
-                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert r.returncode == 2 and "no such file or folder: no/such/dir" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "parity", "--preset", "tiny", "--weights", "no/such/dir"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert (
+        r.returncode == 2
+        and "no such file or folder: no/such/dir" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
 
 def test_gpt2_weights_run_in_modern_presets_through_the_partial_transfer(tmp_path):
@@ -138,25 +221,47 @@ def test_gpt2_weights_run_in_modern_presets_through_the_partial_transfer(tmp_pat
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64)).save_pretrained(tmp_path / "hf")
-    args = ["--preset", "tiny", "--weights", str(tmp_path / "hf"), "--check", "logits", "--dtype", "float32",
-            "--backend-torch", "sdpa", "--backend-jax", "xla", "--seq-len", "32",
-            "--json", str(tmp_path / "r.json")]  # fmt: skip
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64)).save_pretrained(
+        tmp_path / "hf"
+    )
+    args = [
+        "--preset",
+        "tiny",
+        "--weights",
+        str(tmp_path / "hf"),
+        "--check",
+        "logits",
+        "--dtype",
+        "float32",
+        "--backend-torch",
+        "sdpa",
+        "--backend-jax",
+        "xla",
+        "--seq-len",
+        "32",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     assert main(args) == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert rows and all(r["preset"] == "tiny (GPT-2 transferred)" and r["passed"] for r in rows)
 
 
 def test_training_rows():
-    """The suite's training rows on a short curve: four rows, all within budget, bf16 skipped with a reason."""
+    """The suite's training rows on a short curve: four rows, all within
+    budget, bf16 skipped with a reason."""
     from gptmod.config import load_preset
     from parity.runner import Options, make_case
     from parity.training import check_training
 
     case = make_case("modern-gpt2", load_preset("modern-gpt2"), "float32", Options(), None)
     rows = list(check_training(case, steps=12))
-    assert [r.check for r in rows] == ["train loss", "train grads (20)", "train params @10 AdamW",
-                                       "train curve 12 steps"]  # fmt: skip
+    assert [r.check for r in rows] == [
+        "train loss",
+        "train grads (20)",
+        "train params @10 AdamW",
+        "train curve 12 steps",
+    ]
     assert all(r.passed for r in rows), [(r.check, r.note) for r in rows]
     assert "max |loss gap|" in rows[-1].note and rows[-1].diff <= rows[-1].budget
     bf16 = list(check_training(make_case("tiny", load_preset("tiny"), "bfloat16", Options(), None)))
@@ -164,38 +269,76 @@ def test_training_rows():
 
 
 def test_a_llama_checkpoint_runs_its_own_config_on_real_text_against_hf_llama(tmp_path):
-    """--weights with a model of its own (here a tiny HF Llama folder with a real tokenizer): its config, not the
-    presets; its tokenizer on Hamlet instead of random ids; and transformers' LlamaForCausalLM as the oracle."""
+    """--weights with a model of its own (here a tiny HF Llama folder with a real tokenizer): its
+    config, not the presets; its tokenizer on Hamlet instead of random ids; and transformers'
+    LlamaForCausalLM as the oracle."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from gptmod import corpus, tokenizer
 
     tok = tokenizer.gpt2()
-    hf_cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)  # fmt: skip
+    hf_cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "llama")
     tok.save_hf(tmp_path / "llama")
-    args = ["--weights", str(tmp_path / "llama"), "--check", "hf", "--dtype", "float32", "--dtype", "bfloat16",
-            "--seq-len", "32", "--greedy-steps", "8", "--json", str(tmp_path / "r.json")]  # fmt: skip
+    args = [
+        "--weights",
+        str(tmp_path / "llama"),
+        "--check",
+        "hf",
+        "--dtype",
+        "float32",
+        "--dtype",
+        "bfloat16",
+        "--seq-len",
+        "32",
+        "--greedy-steps",
+        "8",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     assert main(args) == 0
-    rows = {(r["check"], r["dtype"]): r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
-    assert set(rows) == {("hf-llama", "float32"), ("hf-llama greedy torch", "float32"),
-                         ("hf-llama greedy jax", "float32"), ("hf-llama greedy torch", "bfloat16"),
-                         ("hf-llama greedy jax", "bfloat16")}  # fmt: skip
+    rows = {
+        (r["check"], r["dtype"]): r for r in json.loads((tmp_path / "r.json").read_text())["rows"]
+    }
+    assert set(rows) == {
+        ("hf-llama", "float32"),
+        ("hf-llama greedy torch", "float32"),
+        ("hf-llama greedy jax", "float32"),
+        ("hf-llama greedy torch", "bfloat16"),
+        ("hf-llama greedy jax", "bfloat16"),
+    }
     logits = rows[("hf-llama", "float32")]
-    assert logits["passed"] and logits["e_torch"] <= logits["budget"] and logits["e_jax"] <= logits["budget"]
-    assert all(rows[(f"hf-llama greedy {fw}", "float32")]["note"] == "8 tokens identical to HF's greedy"
-               for fw in ("torch", "jax"))  # fmt: skip
-    assert rows[("hf-llama greedy jax", "bfloat16")]["passed"] is None  # informational: the oracle runs in fp32
-    assert main([*args, "--preset", "tiny"]) == 2  # --preset only chooses the targets of GPT-2 weights
+    assert (
+        logits["passed"]
+        and logits["e_torch"] <= logits["budget"]
+        and logits["e_jax"] <= logits["budget"]
+    )
+    assert all(
+        rows[(f"hf-llama greedy {fw}", "float32")]["note"] == "8 tokens identical to HF's greedy"
+        for fw in ("torch", "jax")
+    )
+    # informational: the oracle runs in fp32
+    assert rows[("hf-llama greedy jax", "bfloat16")]["passed"] is None
+    # --preset only chooses the targets of GPT-2 weights
+    assert main([*args, "--preset", "tiny"]) == 2
     # Real text: the case's ids are Hamlet's first tokens under the checkpoint's tokenizer.
     from parity.runner import make_case
 
     text = tuple(tok.encode(corpus.bundled_text("hamlet")))
-    small = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, d_model=16, n_head=2, n_kv_head=2, d_ff=32)
+    small = ModelConfig(
+        vocab_size=tok.vocab_size, n_layer=1, d_model=16, n_head=2, n_kv_head=2, d_ff=32
+    )
     case = make_case("x", small, "float32", Options(seq_len=32, text_ids=text), None)
     assert case.idx.tolist() == [list(text[:32])]
     with pytest.raises(ValueError, match="the text has 3 tokens, fewer than batch x seq_len"):
@@ -207,13 +350,27 @@ def test_trace_cli_writes_html_png_and_json_and_refuses_html_without_trace(tmp_p
     assert main([*args, "--html", str(tmp_path / "t.html")]) == 2
     assert "add --trace" in capsys.readouterr().err
     out = [tmp_path / "t.html", tmp_path / "t.png", tmp_path / "t.json"]
-    assert main([*args, "--trace", "--html", str(out[0]), "--png", str(out[1]), "--json", str(out[2])]) == 0
+    assert (
+        main([*args, "--trace", "--html", str(out[0]), "--png", str(out[1]), "--json", str(out[2])])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tiny · float32:" in printed and "every op within budget" in printed
-    assert "block 1 mlp_norm" in out[0].read_text() and out[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        "block 1 mlp_norm" in out[0].read_text() and out[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    )
     entries = json.loads(out[2].read_text())["traces"][0]["entries"]
-    assert {e["op"] for e in entries} >= {"embedding", "attn_norm", "q", "k", "v", "attention", "logits"}
-    # A broken twin: the trace names the first op out of budget, in the block the fault is in, and exits 1.
+    assert {e["op"] for e in entries} >= {
+        "embedding",
+        "attn_norm",
+        "q",
+        "k",
+        "v",
+        "attention",
+        "logits",
+    }
+    # A broken twin: the trace names the first op out of budget, in the
+    # block the fault is in, and exits 1.
     assert main([*args, "--trace", "--inject-fault", "blocks.1.mlp.w_up.weight=0.01"]) == 1
     assert "FIRST OP OUT OF BUDGET: forward block 1 up (jax)" in capsys.readouterr().out
 
@@ -228,8 +385,22 @@ def test_cli_refuses_counts_below_one_and_lists_mutations(capsys):
 def test_table_groups_by_model_and_dtype_and_fits_the_width():
     from parity.runner import format_table
 
-    rows = [suite.Row("logits", "run/model.safetensors", "float32", "sdpa", "xla", 1e-5, 2e-5, 1e-5, 7e-4, True,
-                      "a long note " * 20, 7e-4)]  # fmt: skip
+    rows = [
+        suite.Row(
+            "logits",
+            "run/model.safetensors",
+            "float32",
+            "sdpa",
+            "xla",
+            1e-5,
+            2e-5,
+            1e-5,
+            7e-4,
+            True,
+            "a long note " * 20,
+            7e-4,
+        )
+    ]
     text = format_table(rows, width=120)
     assert text.splitlines()[0] == "run/model.safetensors · float32"
     assert max(len(line) for line in text.splitlines()) <= 120
@@ -237,15 +408,21 @@ def test_table_groups_by_model_and_dtype_and_fits_the_width():
 
 
 def test_training_rows_on_a_checkpoints_own_weights():
-    """Given weights, the loss and gradient rows run on them (and say so); the optimizer rows say they do not."""
+    """Given weights, the loss and gradient rows run on them (and say so);
+    the optimizer rows say they do not."""
     from parity.runner import make_case
     from parity.training import check_training
 
-    cfg = ModelConfig(vocab_size=512, n_layer=1, d_model=32, n_head=2, n_kv_head=1, d_ff=64, max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=512, n_layer=1, d_model=32, n_head=2, n_kv_head=1, d_ff=64, max_seq_len=64
+    )
     state = suite.random_state(cfg, 3)
     case = make_case("ckpt", cfg, "float32", Options(seq_len=32), state)
     rows = list(check_training(case, steps=10, own_weights=True))
-    assert [r.check for r in rows[:2]] == ["train loss (own weights)", f"train grads ({len(state)}, own weights)"]
+    assert [r.check for r in rows[:2]] == [
+        "train loss (own weights)",
+        f"train grads ({len(state)}, own weights)",
+    ]
     assert all(r.passed for r in rows), [(r.check, r.note) for r in rows if not r.passed]
     assert "the given weights, 1x31 of its own tokens" in rows[0].note
     assert all("random 2-layer copy" in r.note for r in rows[2:])

@@ -1,10 +1,12 @@
-"""Parity rows of the generate paths (parity/generation.py): correct twins pass with a margin, and each realistic
-one-twin generate bug, applied to ONE twin with mock.patch, fails the row that should see it.
+"""Parity rows of the generate paths (parity/generation.py): correct twins
+pass with a margin, and each realistic one-twin generate bug, applied to ONE
+twin with mock.patch, fails the row that should see it.
 
-The tiny cases shrink the vocabulary to 512 tokens. With tiny's random weights the next-token distribution over
-50257 tokens is nearly flat, so the token at a top-p cut carries ~2e-5 of the mass: less than what fp32 rounding of
-a 50257-term softmax may move (near_ties excuses it, rightly), and a twin keeping one token too few would be
-excused with it. Over 512 tokens the token at the cut carries ~2e-3, far above that rounding.
+The tiny cases shrink the vocabulary to 512 tokens. With tiny's random weights the next-token
+distribution over 50257 tokens is nearly flat, so the token at a top-p cut carries ~2e-5 of the
+mass: less than what fp32 rounding of a 50257-term softmax may move (near_ties excuses it, rightly),
+and a twin keeping one token too few would be excused with it. Over 512 tokens the token at the cut
+carries ~2e-3, far above that rounding.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def tiny32():
 
 @pytest.fixture
 def clean_jit():
-    """JAX's compiled programs dropped before and after: a patched function must be traced in, and no later test
-    may reuse a program traced with the patch."""
+    """JAX's compiled programs dropped before and after: a patched function must be traced in, and
+    no later test may reuse a program traced with the patch."""
     jax.clear_caches()
     yield
     jax.clear_caches()
@@ -60,17 +62,22 @@ def test_every_generate_path_gives_the_full_forwards_greedy_tokens(tiny32):
     assert [r.check for r in rows] == [f"generate:{p}" for p in generation.PATHS]
     for r in rows:
         assert r.passed, (r.check, r.note)
-        # Exact counts: no mismatch at all (diff is the worst float64 margin among mismatches), no near-tie.
+        # Exact counts: no mismatch at all (diff is the worst float64 margin
+        # among mismatches), no near-tie.
         assert r.diff == 0.0 and "0 near-ties excused" in r.note, (r.check, r.note)
 
 
 def test_jax_decoding_one_position_late_fails_generate(tiny32, clean_jit):
     real = jg.decode_one_token
-    with mock.patch.object(jg, "decode_one_token", lambda model, tok_B, pos_B: real(model, tok_B, pos_B + 1)):
-        rows = by_check(generation.check_generate_paths(tiny32, 8, paths=["torch-eager", "jax-jit"]))
+    with mock.patch.object(
+        jg, "decode_one_token", lambda model, tok_B, pos_B: real(model, tok_B, pos_B + 1)
+    ):
+        rows = by_check(
+            generation.check_generate_paths(tiny32, 8, paths=["torch-eager", "jax-jit"])
+        )
     assert rows["generate:jax-jit"].passed is False, rows["generate:jax-jit"].note
-    # Random weights' argmax survives it (their logits are dominated by the current token); the logits do not: the
-    # first decode step (step 1; step 0 is the prefill) is already off.
+    # Random weights' argmax survives it (their logits are dominated by the current token); the
+    # logits do not: the first decode step (step 1; step 0 is the prefill) is already off.
     assert "jax generate's logits off float64" in rows["generate:jax-jit"].note
     assert rows["generate:jax-jit"].where == "step 1"
     assert rows["generate:jax-jit"].e_jax > rows["generate:jax-jit"].e_max
@@ -102,21 +109,26 @@ def test_kv_cache_writing_every_row_into_row_0_fails_ragged(tiny32):
     assert row.where.startswith("row "), row.where
 
 
-# ----------------------------------------------------------------------------- sampling distributions
+# --------------------------------------------------------------------------- sampling distributions
 
 
-SOME = [generation.SETTINGS[1], TOP_P, generation.SETTINGS[-1]]  # top-k, top-p, and all four knobs at once
+# top-k, top-p, and all four knobs at once
+SOME = [generation.SETTINGS[1], TOP_P, generation.SETTINGS[-1]]
 
 
 def test_sampling_distributions_agree(tiny32, clean_jit):
     rows = list(generation.check_sampling(tiny32, SOME))
-    assert [r.check for r in rows] == ["sampling T=1 top_k=50", "sampling T=0.8 top_p=0.9",
-                                       "sampling T=0.6 top_k=40 top_p=0.95 min_p=0.02"]  # fmt: skip
+    assert [r.check for r in rows] == [
+        "sampling T=1 top_k=50",
+        "sampling T=0.8 top_p=0.9",
+        "sampling T=0.6 top_k=40 top_p=0.95 min_p=0.02",
+    ]
     for r in rows:
         assert r.passed, (r.check, r.note)
         assert r.ratio <= 0.8, (r.check, r.ratio, r.note)
         assert "near-ties excused: torch 0, jax 0 tokens, 0 steps left out of TV" in r.note, r.note
-    # The filters did filter: top-k 50 allows 50 tokens (random logits have no ties), top-p fewer than all 512.
+    # The filters did filter: top-k 50 allows 50 tokens (random logits have
+    # no ties), top-p fewer than all 512.
     assert "allowed tokens per step 50..50 " in rows[0].note
     assert "..512 " not in rows[1].note
 
@@ -125,28 +137,43 @@ def test_sampling_in_bfloat16():
     case = make_case("tiny", TINY, "bfloat16", Options(seq_len=32), None)
     (row,) = generation.check_sampling(case, [TOP_P], steps=4)
     assert row.passed, row.note
-    # Rule 2's share (each twin's logits against float64, of e_max); the TV budget of bf16 logits is loose.
+    # Rule 2's share (each twin's logits against float64, of e_max); the TV
+    # budget of bf16 logits is loose.
     assert max(row.e_torch, row.e_jax) <= 0.8 * row.e_max and row.diff <= row.budget, row.note
 
 
 def test_reference_support_follows_the_documented_rule():
     # Hand-checked: probabilities 0.6, 0.25, 0.1, 0.05 at T=1.
     x = np.log(np.array([[0.6, 0.25, 0.1, 0.05]]))
-    assert generation.reference_support(x, {"temperature": 1.0, "top_k": 2}).tolist() == [[1, 1, 0, 0]]
+    assert generation.reference_support(x, {"temperature": 1.0, "top_k": 2}).tolist() == [
+        [1, 1, 0, 0]
+    ]
     # top-p: the third token has 0.85 more likely above it, so it stays only when p > 0.85.
-    assert generation.reference_support(x, {"temperature": 1.0, "top_p": 0.84}).tolist() == [[1, 1, 0, 0]]
-    assert generation.reference_support(x, {"temperature": 1.0, "top_p": 0.86}).tolist() == [[1, 1, 1, 0]]
+    assert generation.reference_support(x, {"temperature": 1.0, "top_p": 0.84}).tolist() == [
+        [1, 1, 0, 0]
+    ]
+    assert generation.reference_support(x, {"temperature": 1.0, "top_p": 0.86}).tolist() == [
+        [1, 1, 1, 0]
+    ]
     # Ties at the cut are kept: 0.4, 0.3, 0.3 at p = 0.5 keeps both 0.3s.
     tie = np.log(np.array([[0.4, 0.3, 0.3]]))
-    assert generation.reference_support(tie, {"temperature": 1.0, "top_p": 0.5}).tolist() == [[1, 1, 1]]
-    # min-p 0.1: keep p >= 0.06; 0.05 goes. Temperature 2 flattens first: sqrt-ratios, 0.05 -> sqrt(1/12) > 0.1.
-    assert generation.reference_support(x, {"temperature": 1.0, "min_p": 0.1}).tolist() == [[1, 1, 1, 0]]
-    assert generation.reference_support(x, {"temperature": 2.0, "min_p": 0.1}).tolist() == [[1, 1, 1, 1]]
+    assert generation.reference_support(tie, {"temperature": 1.0, "top_p": 0.5}).tolist() == [
+        [1, 1, 1]
+    ]
+    # min-p 0.1: keep p >= 0.06; 0.05 goes. Temperature 2 flattens first:
+    # sqrt-ratios, 0.05 -> sqrt(1/12) > 0.1.
+    assert generation.reference_support(x, {"temperature": 1.0, "min_p": 0.1}).tolist() == [
+        [1, 1, 1, 0]
+    ]
+    assert generation.reference_support(x, {"temperature": 2.0, "min_p": 0.1}).tolist() == [
+        [1, 1, 1, 1]
+    ]
     assert generation.tv_bound(0.01, 0.5) == pytest.approx(math.expm1(0.04) / 2)
 
 
 def _uncapped(real):
-    """A generate-module head function with the soft-cap undone: cap * atanh(logits / cap) inverts cap * tanh."""
+    """A generate-module head function with the soft-cap undone: cap *
+    atanh(logits / cap) inverts cap * tanh."""
 
     def f(model, *args):
         cap = model.cfg.logit_softcap
@@ -157,20 +184,26 @@ def _uncapped(real):
 
 def test_jax_generate_skipping_the_softcap_fails_sampling(tiny32, clean_jit):
     assert TINY.logit_softcap == 30.0
-    with (mock.patch.object(jg, "prefill", _uncapped(jg.prefill)),
-          mock.patch.object(jg, "decode_one_token", _uncapped(jg.decode_one_token))):  # fmt: skip
+    with (
+        mock.patch.object(jg, "prefill", _uncapped(jg.prefill)),
+        mock.patch.object(jg, "decode_one_token", _uncapped(jg.decode_one_token)),
+    ):
         (row,) = generation.check_sampling(tiny32, [{"temperature": 0.7}])
     assert row.passed is False and row.check == "sampling T=0.7"
-    assert "jax logits off float64" in row.note and row.e_jax > row.e_max and row.e_torch <= row.e_max
+    assert (
+        "jax logits off float64" in row.note and row.e_jax > row.e_max and row.e_torch <= row.e_max
+    )
 
 
 def _torch_top_p_keeping_one_fewer(logits_BV, knobs, flags):
-    """torch's filter_logits with the classic off-by-one: the inclusive cumsum (mass up to and including the token)
-    compared with top_p, so the token that crosses p is dropped."""
+    """torch's filter_logits with the classic off-by-one: the inclusive cumsum (mass up to and
+    including the token) compared with top_p, so the token that crosses p is dropped."""
     x_BV = logits_BV.float() / knobs.temperature
     probs_BV = x_BV.softmax(dim=-1)
     sorted_BV = torch.sort(probs_BV, dim=-1, descending=True).values
-    cutoff_B1 = torch.where(sorted_BV.cumsum(-1) < knobs.top_p, sorted_BV, torch.inf).amin(dim=-1, keepdim=True)
+    cutoff_B1 = torch.where(sorted_BV.cumsum(-1) < knobs.top_p, sorted_BV, torch.inf).amin(
+        dim=-1, keepdim=True
+    )
     return torch.where(probs_BV >= cutoff_B1, x_BV, -torch.inf)
 
 
@@ -185,7 +218,9 @@ def test_temperature_after_the_filters_fails_sampling(tiny32, clean_jit):
     real = jg.filter_logits
 
     def late_temperature(logits_BV, knobs, flags):
-        return real(logits_BV, knobs._replace(temperature=jnp.float32(1.0)), flags) / knobs.temperature
+        return (
+            real(logits_BV, knobs._replace(temperature=jnp.float32(1.0)), flags) / knobs.temperature
+        )
 
     with mock.patch.object(jg, "filter_logits", late_temperature):
         (row,) = generation.check_sampling(tiny32, [TOP_P])
@@ -207,12 +242,18 @@ def smollm2():
 
 
 def test_rows_pass_on_smollm2(smollm2, clean_jit):
-    # ragged is left out here: its four 30-layer JAX compilations (batch 3 and 1, prefill and decode) take about two
-    # minutes on a loaded 2-core machine; `python -m parity --weights smollm2 --check ragged` runs it.
-    rows = [*generation.check_generate_paths(smollm2, 8, paths=["torch-eager", "jax-jit"]),
-            *generation.check_sampling(smollm2, [generation.SETTINGS[-1]])]  # fmt: skip
-    assert [r.check for r in rows] == ["generate:torch-eager", "generate:jax-jit",
-                                       "sampling T=0.6 top_k=40 top_p=0.95 min_p=0.02"]  # fmt: skip
+    # ragged is left out here: its four 30-layer JAX compilations (batch 3 and 1, prefill and
+    # decode) take about two minutes on a loaded 2-core machine; `python -m parity --weights smollm2
+    # --check ragged` runs it.
+    rows = [
+        *generation.check_generate_paths(smollm2, 8, paths=["torch-eager", "jax-jit"]),
+        *generation.check_sampling(smollm2, [generation.SETTINGS[-1]]),
+    ]
+    assert [r.check for r in rows] == [
+        "generate:torch-eager",
+        "generate:jax-jit",
+        "sampling T=0.6 top_k=40 top_p=0.95 min_p=0.02",
+    ]
     failed = [(r.check, r.note) for r in rows if not r.passed]
     assert not failed, failed
     for r in rows:

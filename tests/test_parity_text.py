@@ -1,6 +1,6 @@
-"""The real-text rows of the parity suite (parity/text.py): KL, top-1/top-5 agreement with near-ties excused, loss
-and greedy divergence. The budgets' mathematics on constructed logits, the rows on a tiny random model (fp32, bf16),
-a deliberately broken JAX twin caught, and SmolLM2 on Hamlet."""
+"""The real-text rows of the parity suite (parity/text.py): KL, top-1/top-5 agreement with near-ties
+excused, loss and greedy divergence. The budgets' mathematics on constructed logits, the rows on a
+tiny random model (fp32, bf16), a deliberately broken JAX twin caught, and SmolLM2 on Hamlet."""
 
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ TEXT_ROWS = ("kl", "top1", "top5", "loss")
 
 
 def _tiny_case(dtype: str, **cfg):
-    return make_case("tiny", dataclasses.replace(load_preset("tiny"), **cfg), dtype, Options(seq_len=48), None)
+    return make_case(
+        "tiny", dataclasses.replace(load_preset("tiny"), **cfg), dtype, Options(seq_len=48), None
+    )
 
 
-# ----------------------------------------------------------------------------- the bounds, on constructed logits
+# ---------------------------------------------------------------- the bounds, on constructed logits
 
 
 def test_kl_bound_holds_and_is_attained_by_a_two_token_tie():
@@ -38,9 +40,12 @@ def test_kl_bound_holds_and_is_attained_by_a_two_token_tie():
         d = e * rng.choice([-1.0, 1.0], size=z.shape)
         kl = text.kl_per_position(text.log_softmax(z), text.log_softmax(z - d))
         assert kl.max() <= text.kl_bound(e) * (1 + 1e-12)
-    # Two tied tokens pushed apart by +-e: KL = log cosh(e), which is e^2/2 to leading order, so the bound is tight.
+    # Two tied tokens pushed apart by +-e: KL = log cosh(e), which is e^2/2
+    # to leading order, so the bound is tight.
     e = 1e-2
-    kl = text.kl_per_position(text.log_softmax(np.zeros((1, 2))), text.log_softmax(np.array([[-e, e]])))[0]
+    kl = text.kl_per_position(
+        text.log_softmax(np.zeros((1, 2))), text.log_softmax(np.array([[-e, e]]))
+    )[0]
     assert kl == pytest.approx(math.log(math.cosh(e)), rel=1e-9)
     assert kl >= 0.99 * text.kl_bound(e)
 
@@ -62,8 +67,9 @@ def test_a_clear_float64_gap_is_not_excused():
 
 
 def test_a_swap_with_a_far_down_token_is_not_excused_even_when_k_and_k_plus_1_tie():
-    # The 2nd and 3rd tie in float64, so the k/k+1 gap alone would excuse any top-2 set disagreement; but the twin
-    # swapped in token 4, 5 below the boundary: no error of tol/2 per logit explains that.
+    # The 2nd and 3rd tie in float64, so the k/k+1 gap alone would excuse any top-2 set
+    # disagreement; but the twin swapped in token 4, 5 below the boundary: no error of tol/2 per
+    # logit explains that.
     ref = np.array([[5.0, 3.0, 3.0, 1.0, -2.0]])
     ag = text.agreement(ref, text.topk_sets(ref, 2), np.array([[0, 4]]), tol=1e-3)
     assert ag.unexplained.tolist() == [True] and ag.worst_gap[0] == pytest.approx(5.0)
@@ -83,7 +89,7 @@ def test_next_token_targets_are_the_next_token_of_the_same_row():
     assert has_next.tolist() == [True, True, False, True, True, False]
 
 
-# ----------------------------------------------------------------------------- the rows, on a tiny random model
+# ----------------------------------------------------------------- the rows, on a tiny random model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -92,13 +98,18 @@ def test_text_rows_pass_on_tiny_and_the_loss_is_cross_entropy(dtype):
     m = text.measure_text(case)
     rows = {r.check: r for r in text.text_rows(case, m)}
     assert tuple(rows) == TEXT_ROWS
-    assert all(r.passed for r in rows.values()), [(r.check, r.note) for r in rows.values() if not r.passed]
+    assert all(r.passed for r in rows.values()), [
+        (r.check, r.note) for r in rows.values() if not r.passed
+    ]
     assert "random ids" in rows["loss"].note and "chance level" in rows["loss"].note
-    # The loss against torch's own cross-entropy of the float64 model (an independent implementation).
+    # The loss against torch's own cross-entropy of the float64 model (an
+    # independent implementation).
     ref_model = torch_model(case.cfg, case.state, "float64")
     with torch.no_grad():
         logits = ref_model(torch.from_numpy(case.idx))
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), torch.from_numpy(case.idx[:, 1:]).flatten())
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), torch.from_numpy(case.idx[:, 1:]).flatten()
+    )
     assert m.loss["float64"] == pytest.approx(float(ce), rel=1e-12)
     # Random weights on random ids are at chance: perplexity within a few % of the vocabulary size.
     assert abs(m.loss["float64"] - math.log(case.cfg.vocab_size)) < 0.05
@@ -113,7 +124,8 @@ def test_a_broken_jax_twin_fails_kl_and_loss_and_torch_stays_inside():
     for check in ("kl", "loss"):
         r = rows[check]
         assert r.passed is False and r.ratio > 1
-        assert r.e_jax > r.e_max and r.e_torch <= r.e_max  # the failure is the JAX twin's, not torch's
+        # the failure is the JAX twin's, not torch's
+        assert r.e_jax > r.e_max and r.e_torch <= r.e_max
     assert rows["kl"].where.startswith("position ")
 
 
@@ -123,9 +135,10 @@ def test_divergence_rows_pass_on_tiny_and_the_cap_is_said():
     assert tuple(rows) == ("divergence torch|f64", "divergence jax|f64", "divergence torch|jax")
     for r in rows.values():
         assert r.passed, r.note
-        assert "capped from 64 by max_seq_len 48" in r.note and " 32 " in f" {r.note} "  # 48 - 16 prompt tokens
-    # "identical" is float64 greedy verified by a forward over the twin's stream: generating float64 greedy itself
-    # (cached decoding of the float64 model) gives the very same tokens.
+        # 48 - 16 prompt tokens
+        assert "capped from 64 by max_seq_len 48" in r.note and " 32 " in f" {r.note} "
+    # "identical" is float64 greedy verified by a forward over the twin's stream: generating float64
+    # greedy itself (cached decoding of the float64 model) gives the very same tokens.
     prompt = case.idx[0, : text.PROMPT_LEN].tolist()
     f64 = gptmod_torch.generate(suite.torch_model(case, "float64", "math", "cpu"), [prompt], 32)[0]
     assert f64 == gptmod_torch.generate(suite.torch_model(case, "float32", "sdpa"), [prompt], 32)[0]
@@ -133,14 +146,23 @@ def test_divergence_rows_pass_on_tiny_and_the_cap_is_said():
 
 
 def test_divergence_of_a_broken_twin_is_not_a_near_tie():
-    # init_std 0.1, not 0.02: at 0.02 the tied embedding's path dominates the logits and a block fault never flips
-    # a greedy token; doubling one attention output projection then does, at step 0.
+    # init_std 0.1, not 0.02: at 0.02 the tied embedding's path dominates
+    # the logits and a block fault never flips a greedy token; doubling one
+    # attention output projection then does, at step 0.
     case = _tiny_case("float32", max_seq_len=32, init_std=0.1)
-    rows = {r.check: r for r in text.check_divergence(case, steps=16, fault=("blocks.1.attn.wo.weight", 1.0))}
+    rows = {
+        r.check: r
+        for r in text.check_divergence(case, steps=16, fault=("blocks.1.attn.wo.weight", 1.0))
+    }
     assert rows["divergence torch|f64"].passed
     for check in ("divergence jax|f64", "divergence torch|jax"):
         r = rows[check]
-        assert r.passed is False and r.diff > r.budget and "NOT a near-tie" in r.note and r.where.startswith("step ")
+        assert (
+            r.passed is False
+            and r.diff > r.budget
+            and "NOT a near-tie" in r.note
+            and r.where.startswith("step ")
+        )
 
 
 def test_divergence_refuses_no_steps():
@@ -162,8 +184,12 @@ def test_smollm2_text_rows_pass_on_hamlet(smollm2_fp32):
     case = smollm2_fp32
     m = text.measure_text(case)
     rows = {r.check: r for r in text.text_rows(case, m, text="hamlet")}
-    assert all(r.passed for r in rows.values()), [(r.check, r.note) for r in rows.values() if not r.passed]
-    assert rows["top1"].e_torch <= 0.01 and rows["top1"].e_jax <= 0.01  # >= 99% top-1 agreement with float64
+    assert all(r.passed for r in rows.values()), [
+        (r.check, r.note) for r in rows.values() if not r.passed
+    ]
+    # >= 99% top-1 agreement with float64
+    assert rows["top1"].e_torch <= 0.01 and rows["top1"].e_jax <= 0.01
     assert "random ids" not in rows["loss"].note and "64 tokens of hamlet" in rows["loss"].note
-    # A real model on real text is far from chance (ln 49152 = 10.8 nats): the targets are the right tokens.
+    # A real model on real text is far from chance (ln 49152 = 10.8 nats):
+    # the targets are the right tokens.
     assert m.loss["float64"] < 0.5 * math.log(case.cfg.vocab_size)

@@ -1,5 +1,6 @@
-"""The per-op trace (parity/trace.py): correct twins stay inside every op's budget, and each one-twin bug below
-is found at the op where it is, by name and block; the HTML report and its PNG heatmap are written."""
+"""The per-op trace (parity/trace.py): correct twins stay inside every op's budget, and each
+one-twin bug below is found at the op where it is, by name and block; the HTML report and its PNG
+heatmap are written."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import gptmod_jax.kernels as jk
 import gptmod_jax.model as jm
 import gptmod_torch.model as tm
 from gptmod.config import load_preset
@@ -22,7 +24,9 @@ from parity.trace import BUDGET, check_trace, forward_ops, half_ulp, run_trace
 
 from conftest import smollm2_gguf_path
 
-CORRECT_MAX = 0.8  # the requirement: a correct twin never above 0.8 of any op's budget (target: 0.5)
+CORRECT_MAX = (
+    0.8  # the requirement: a correct twin never above 0.8 of any op's budget (target: 0.5)
+)
 
 
 def tiny_case(dtype: str, seed: int = 0, seq_len: int = 24, **overrides):
@@ -35,7 +39,7 @@ def classic_case(dtype: str, seq_len: int = 24):
     return make_case("gpt2/2L", cfg, dtype, Options(seq_len=seq_len, seed=0), None)
 
 
-# ----------------------------------------------------------------------------- one-twin bugs (JAX unless named)
+# ----------------------------------------------------------------- one-twin bugs (JAX unless named)
 
 
 def _rmsnorm(eps: float | None = None, in_dtype: bool = False, framework: str = "jax"):
@@ -44,9 +48,9 @@ def _rmsnorm(eps: float | None = None, in_dtype: bool = False, framework: str = 
 
         def forward(self, x):
             ct = x.dtype if in_dtype else tm.compute_dtype(x.dtype)
-            return torch.nn.functional.rms_norm(x.to(ct), x.shape[-1:], self.weight.to(ct), eps=eps or self.eps).to(
-                x.dtype
-            )
+            return torch.nn.functional.rms_norm(
+                x.to(ct), x.shape[-1:], self.weight.to(ct), eps=eps or self.eps
+            ).to(x.dtype)
 
         return mock.patch.object(tm.RMSNorm, "forward", forward)
 
@@ -62,8 +66,7 @@ def _rmsnorm(eps: float | None = None, in_dtype: bool = False, framework: str = 
 def _softcap_in_dtype():
     def head(self, x):
         x = self.norm(x)
-        w = self.tok_emb.embedding if self.lm_head is None else self.lm_head.weight
-        logits = jm.linear(x, w[...])
+        logits = self.tok_emb.attend(x) if self.lm_head is None else self.lm_head(x)
         cap = self.cfg.logit_softcap
         return (cap * jnp.tanh(logits / cap)).astype(jnp.float32)  # the soft-cap in bf16: the bug
 
@@ -75,12 +78,14 @@ def _cached_softmax_in_dtype():
         B, T, N, H = q.shape
         K = v_BKSH.shape[1]
         q5 = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-        s = jnp.einsum("bkgth,bkhs->bkgts", q5, k_BKHS) / math.sqrt(H)  # bf16 scores and softmax: the bug
+        # bf16 scores and softmax: the bug
+        s = jnp.einsum("bkgth,bkhs->bkgts", q5, k_BKHS) / math.sqrt(H)
         s = jnp.where(mask_BTS[:, None, None], s, jnp.finfo(s.dtype).min)
         out = jnp.einsum("bkgts,bksh->bkgth", jax.nn.softmax(s, axis=-1), v_BKSH)
         return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
-    return mock.patch.object(jm, "cached_attention", cached_attention)
+    # the XLA path in the cache layouts
+    return mock.patch.object(jk, "cached_attention", cached_attention)
 
 
 def _rope_interleaved():
@@ -88,7 +93,9 @@ def _rope_interleaved():
         xf = x.astype(cos.dtype)
         x1, x2 = xf[..., ::2], xf[..., 1::2]
         c, s = cos[:, :, None, :], sin[:, :, None, :]
-        return jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x.shape).astype(x.dtype)
+        return (
+            jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x.shape).astype(x.dtype)
+        )
 
     return mock.patch.object(jm, "apply_rope", apply_rope)
 
@@ -96,26 +103,30 @@ def _rope_interleaved():
 def _rope_theta(rel: float):
     orig = jm.rope_inv_freq
     return mock.patch.object(
-        jm, "rope_inv_freq", lambda cfg: orig(dataclasses.replace(cfg, rope_theta=cfg.rope_theta * (1 + rel)))
+        jm,
+        "rope_inv_freq",
+        lambda cfg: orig(dataclasses.replace(cfg, rope_theta=cfg.rope_theta * (1 + rel))),
     )
 
 
 def _embed_cached(rope_shift: int = 0, strict_mask: bool = False, framework: str = "jax"):
-    """GPT.embed with the cached path's RoPE positions shifted, or its causal mask `<` instead of `<=`."""
+    """GPT.embed with the cached path's RoPE positions shifted, or its
+    causal mask `<` instead of `<=`."""
     mod = jm if framework == "jax" else tm
     orig = mod.GPT.embed
 
     def embed(self, idx, positions):
-        x, rope, pos, mask = orig(self, idx, positions)
+        x, inputs = orig(self, idx, positions)
+        rope, pos, mask = inputs.rope, inputs.pos_BT, inputs.mask_BTS
         cache = self.blocks[0].attn.kv_cache
         if cache is None:
-            return x, rope, pos, mask
+            return x, inputs
         if rope is not None and rope_shift:
             rope = mod.rope_cos_sin(pos + rope_shift, self.cfg, x.dtype)
         if strict_mask:
             ar = jnp.arange(cache.capacity) if framework == "jax" else torch.arange(cache.capacity)
             mask = ar < pos[..., None]
-        return x, rope, pos, mask
+        return x, inputs._replace(rope=rope, mask_BTS=mask)
 
     return mock.patch.object(mod.GPT, "embed", embed)
 
@@ -134,19 +145,27 @@ def _attention(scale_plus_one: bool = False, tile: bool = False):
                 mask_BTS=mask_BTS,
             )
         return jax.nn.dot_product_attention(
-            q, k, v, scale=1 / math.sqrt(H + 1) if scale_plus_one else None, is_causal=mask_BTS is None
+            q,
+            k,
+            v,
+            scale=1 / math.sqrt(H + 1) if scale_plus_one else None,
+            is_causal=mask_BTS is None,
         )
 
     return mock.patch.object(jm, "attention", attention)
 
 
 def _exact_gelu():
-    return mock.patch.object(jm.GeluMLP, "__call__", lambda self, x: self.w_down(jax.nn.gelu(self.w_up(x), False)))
+    return mock.patch.object(
+        jm.GeluMLP, "__call__", lambda self, x: self.w_down(jax.nn.gelu(self.w_up(x), False))
+    )
 
 
 def _silu_on_up():
     return mock.patch.object(
-        jm.SwiGLU, "__call__", lambda self, x: self.w_down(self.w_gate(x) * jax.nn.silu(self.w_up(x)))
+        jm.SwiGLU,
+        "__call__",
+        lambda self, x: self.w_down(self.w_gate(x) * jax.nn.silu(self.w_up(x))),
     )
 
 
@@ -163,9 +182,19 @@ def _kv_wrong_row():
 
 BUGS = {  # name: (patch, dtype, the (mode, layer, op) where the fault is, the twin it is in)
     "rmsnorm eps 1e-4": (lambda: _rmsnorm(eps=1e-4), "float32", ("forward", 0, "attn_norm"), "jax"),
-    "rmsnorm in bf16": (lambda: _rmsnorm(in_dtype=True), "bfloat16", ("forward", 0, "attn_norm"), "jax"),
+    "rmsnorm in bf16": (
+        lambda: _rmsnorm(in_dtype=True),
+        "bfloat16",
+        ("forward", 0, "attn_norm"),
+        "jax",
+    ),
     "soft-cap in bf16": (_softcap_in_dtype, "bfloat16", ("forward", None, "logits"), "jax"),
-    "cached softmax in bf16": (_cached_softmax_in_dtype, "bfloat16", ("decode", 0, "attention (cached)"), "jax"),
+    "cached softmax in bf16": (
+        _cached_softmax_in_dtype,
+        "bfloat16",
+        ("decode", 0, "attention (cached)"),
+        "jax",
+    ),
     "rope interleaved": (_rope_interleaved, "float32", ("forward", 0, "q"), "jax"),
     "rope theta +1e-4": (lambda: _rope_theta(1e-4), "float32", ("forward", 0, "q"), "jax"),
     "softmax scale 1/sqrt(H+1)": (
@@ -182,7 +211,12 @@ BUGS = {  # name: (patch, dtype, the (mode, layer, op) where the fault is, the t
         ("decode", 0, "attention (cached)"),
         "jax",
     ),
-    "cached mask <": (lambda: _embed_cached(strict_mask=True), "float32", ("decode", 0, "attention (cached)"), "jax"),
+    "cached mask <": (
+        lambda: _embed_cached(strict_mask=True),
+        "float32",
+        ("decode", 0, "attention (cached)"),
+        "jax",
+    ),
     "kv cache wrong row": (_kv_wrong_row, "float32", ("decode", 0, "attention (cached)"), "jax"),
     "torch rmsnorm eps 1e-4": (
         lambda: _rmsnorm(eps=1e-4, framework="torch"),
@@ -234,7 +268,8 @@ def test_correct_tiny_within_budget(tiny_cases, dtype, seed):
     _assert_correct(trace)
     cfg = load_preset("tiny")
     assert len(trace.entries) == 3 + cfg.n_layer * (len(forward_ops(cfg)) + 1)
-    if dtype == "bfloat16":  # what bf16 rounding explains is reached: a bound tight enough to see one more rounding
+    # what bf16 rounding explains is reached: a bound tight enough to see one more rounding
+    if dtype == "bfloat16":
         assert max(max(e.e_torch, e.e_jax) for e in trace.entries) >= 0.9
 
 
@@ -259,14 +294,16 @@ def test_correct_classic_within_budget(classic_cases, dtype):
 
 
 def test_reference_is_the_float64_model():
-    """The trace's own float64 reference (written from DESIGN.md, so a patched twin cannot patch it) computes the
-    float64 torch model's logits and hidden states."""
+    """The trace's own float64 reference (written from DESIGN.md, so a patched twin cannot patch it)
+    computes the float64 torch model's logits and hidden states."""
     from parity.suite import torch_model, torch_run
     from parity.trace import _Reference
 
     for case in (tiny_case("bfloat16"), classic_case("float32", seq_len=8)):
         rec = _Reference(case).forward(case.idx)
-        logits, hidden = torch_run(torch_model(case, "float64", "math", "cpu"), case.idx, return_hidden=True)
+        logits, hidden = torch_run(
+            torch_model(case, "float64", "math", "cpu"), case.idx, return_hidden=True
+        )
         assert np.abs(rec["logits"].numpy() - logits).max() <= 1e-12 * np.abs(logits).max()
         assert np.abs(rec["x_final"].numpy() - hidden[-1]).max() <= 1e-12 * np.abs(hidden[-1]).max()
 
@@ -286,11 +323,18 @@ def test_exact_gelu_found_in_classic(classic_cases):
     with _exact_gelu():
         trace = run_trace(classic_cases["float32"], modes=("forward",))
     bad = trace.first_bad()
-    assert (bad.mode, bad.layer, bad.op, bad.culprit) == ("forward", 0, "act", "jax") and bad.ratio > 1
+    assert (bad.mode, bad.layer, bad.op, bad.culprit) == (
+        "forward",
+        0,
+        "act",
+        "jax",
+    ) and bad.ratio > 1
 
 
 def test_weight_fault_found_in_its_block(tiny_cases):
-    trace = run_trace(_tiny(tiny_cases, "float32"), fault=("blocks.1.mlp.w_up.weight", 1e-3), modes=("forward",))
+    trace = run_trace(
+        _tiny(tiny_cases, "float32"), fault=("blocks.1.mlp.w_up.weight", 1e-3), modes=("forward",)
+    )
     bad = trace.first_bad()
     assert (bad.layer, bad.op, bad.culprit) == (1, "up", "jax") and bad.ratio > 1
     assert all(e.passed for e in trace.entries if e.layer == 0)
@@ -316,7 +360,10 @@ def test_half_ulp_matches_numpy_spacing():
     x16 = np.array([1.0, 1.5, 3.0, 1e-3, 6e4, 2.0**-20])
     got = half_ulp(torch.from_numpy(x16), "float16").numpy()
     assert np.array_equal(got, np.spacing(x16.astype(np.float16)).astype(np.float64) / 2)
-    assert half_ulp(torch.tensor([1.0, 0.0], dtype=torch.float64), "bfloat16").tolist() == [2.0**-8, 2.0**-134]
+    assert half_ulp(torch.tensor([1.0, 0.0], dtype=torch.float64), "bfloat16").tolist() == [
+        2.0**-8,
+        2.0**-134,
+    ]
 
 
 def test_run_trace_rejects_bad_arguments(tiny_cases):
@@ -348,7 +395,8 @@ def test_html_and_png(tiny_cases, tmp_path):
     assert "<script src" not in page and "<link" not in page  # self-contained
     w, h = _png_size(write_png(bad, tmp_path / "trace.png").read_bytes())
     assert w > 600 and h > 300
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.html", "trace.png"]  # no temporary files left
+    # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.html", "trace.png"]
 
 
 @pytest.fixture(scope="module")
@@ -361,20 +409,28 @@ def smollm2():
 
 
 def test_smollm2_bf16_within_budget(smollm2):
-    """The real model, all 30 blocks, in bf16 (where the budgets are tightest): 16 tokens of Hamlet."""
+    """The real model, all 30 blocks, in bf16 (where the budgets are
+    tightest): 16 tokens of Hamlet."""
     p, ids = smollm2
     case = make_case("smollm2", p.cfg, "bfloat16", Options(seq_len=16, text_ids=ids), p.state)
     trace = run_trace(case, weights="SmolLM2-135M-Instruct")
     _assert_correct(trace)
-    assert len(trace.entries) == 3 + 30 * (len(forward_ops(p.cfg)) + 1)  # 13 forward ops and the cached one
-    assert max(max(e.e_torch, e.e_jax) for e in trace.entries) >= 0.9  # the bf16 rounding limit is reached
+    # 13 forward ops and the cached one
+    assert len(trace.entries) == 3 + 30 * (len(forward_ops(p.cfg)) + 1)
+    # the bf16 rounding limit is reached
+    assert max(max(e.e_torch, e.e_jax) for e in trace.entries) >= 0.9
 
 
 def test_smollm2_fp32_first_blocks_within_budget(smollm2):
-    """fp32 on the real weights of the first 4 blocks (embeddings, norms and head included): what fp32's sums cost
-    on a trained model's activations. (The whole model: see the report; 30 blocks take minutes here.)"""
+    """fp32 on the real weights of the first 4 blocks (embeddings, norms and head included): what
+    fp32's sums cost on a trained model's activations. (The whole model: see the report; 30 blocks
+    take minutes here.)"""
     p, ids = smollm2
     cfg = dataclasses.replace(p.cfg, n_layer=4)
-    state = {k: v for k, v in p.state.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < 4}
-    trace = run_trace(make_case("smollm2/4L", cfg, "float32", Options(seq_len=16, text_ids=ids), state))
+    state = {
+        k: v for k, v in p.state.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < 4
+    }
+    trace = run_trace(
+        make_case("smollm2/4L", cfg, "float32", Options(seq_len=16, text_ids=ids), state)
+    )
     _assert_correct(trace)

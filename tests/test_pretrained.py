@@ -1,5 +1,6 @@
-"""gptmod.pretrained.load: every source into the same Pretrained (config, canonical state, the checkpoint's own
-tokenizer, chat template and end-of-sequence ids), and a named error for every source it cannot read."""
+"""gptmod.pretrained.load: every source into the same Pretrained (config, canonical state, the
+checkpoint's own tokenizer, chat template and end-of-sequence ids), and a named error for every
+source it cannot read."""
 
 from __future__ import annotations
 
@@ -23,11 +24,27 @@ def smollm2():
 
 
 def test_smollm2_is_the_model_the_package_ships(smollm2):
-    # The architecture as published for SmolLM2-135M-Instruct: the modern switches with the soft-cap off.
-    want = ModelConfig(vocab_size=49152, max_seq_len=8192, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
-                       pos="rope", rope_theta=100000.0, norm="rmsnorm", norm_eps=smollm2.cfg.norm_eps, mlp="swiglu",
-                       bias=False, logit_softcap=None, tie_embeddings=True)  # fmt: skip
-    assert smollm2.cfg == want and abs(smollm2.cfg.norm_eps - 1e-5) < 1e-12  # stored as float32 in the GGUF
+    # The architecture as published for SmolLM2-135M-Instruct: the modern
+    # switches with the soft-cap off.
+    want = ModelConfig(
+        vocab_size=49152,
+        max_seq_len=8192,
+        n_layer=30,
+        n_head=9,
+        n_kv_head=3,
+        d_model=576,
+        d_ff=1536,
+        pos="rope",
+        rope_theta=100000.0,
+        norm="rmsnorm",
+        norm_eps=smollm2.cfg.norm_eps,
+        mlp="swiglu",
+        bias=False,
+        logit_softcap=None,
+        tie_embeddings=True,
+    )
+    # stored as float32 in the GGUF
+    assert smollm2.cfg == want and abs(smollm2.cfg.norm_eps - 1e-5) < 1e-12
     assert list(smollm2.state) == list(weights.canonical_shapes(smollm2.cfg))
     assert all(v.dtype == np.float32 for v in smollm2.state.values())
     assert smollm2.report.format == "gguf" and smollm2.report.source == "smollm2"
@@ -56,14 +73,23 @@ def test_sources_it_cannot_read_are_named_errors(tmp_path):
         pretrained.load(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no such file or folder: no/such/dir/x"):
         pretrained.load("no/such/dir/x")
-    with pytest.raises(ValueError, match=r"dtype='int8': must be one of float32, bfloat16, float16"):
+    with pytest.raises(
+        ValueError, match=r"dtype='int8': must be one of float32, bfloat16, float16"
+    ):
         pretrained.load(tmp_path / "missing.gguf", dtype="int8")
 
 
 def _tiny_llama_folder(path, tokenizer, eos):
-    hf_cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)  # fmt: skip
+    hf_cfg = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(hf_cfg).save_pretrained(path)
     tokenizer.save_hf(path)
@@ -82,31 +108,58 @@ def test_hf_llama_folder_brings_its_tokenizer_template_and_eos_ids(tmp_path, smo
 
 
 def test_a_gptmod_checkpoint_carries_its_tokenizer_and_template(tmp_path, smollm2):
-    cfg = ModelConfig(vocab_size=49152, n_layer=1, d_model=16, n_head=2, n_kv_head=1, d_ff=32, max_seq_len=64,
-                      pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=49152,
+        n_layer=1,
+        d_model=16,
+        n_head=2,
+        n_kv_head=1,
+        d_ff=32,
+        max_seq_len=64,
+        pos="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+    )
     rng = np.random.default_rng(0)
-    state = {k: rng.standard_normal(s).astype(np.float32) for k, s in weights.canonical_shapes(cfg).items()}
-    weights.save(tmp_path / "m.safetensors", state, cfg, metadata=pretrained.checkpoint_metadata(smollm2))
+    state = {
+        k: rng.standard_normal(s).astype(np.float32)
+        for k, s in weights.canonical_shapes(cfg).items()
+    }
+    weights.save(
+        tmp_path / "m.safetensors", state, cfg, metadata=pretrained.checkpoint_metadata(smollm2)
+    )
     p = pretrained.load(tmp_path / "m.safetensors")
     assert p.report.format == "gptmod" and p.cfg == cfg and "metadata" in p.report.tokenizer
     assert all(np.array_equal(p.state[k], state[k]) for k in state)
     assert p.eos_ids == smollm2.eos_ids and p.chat_template == smollm2.chat_template
     text = corpus.bundled_text("macbeth")[:5000]
     assert p.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
-    assert p.tokenizer.bos_id == smollm2.tokenizer.bos_id and p.tokenizer.add_bos == smollm2.tokenizer.add_bos
+    assert (
+        p.tokenizer.bos_id == smollm2.tokenizer.bos_id
+        and p.tokenizer.add_bos == smollm2.tokenizer.add_bos
+    )
     bf16 = pretrained.load(tmp_path / "m.safetensors", dtype="bfloat16")
-    assert {str(v.dtype) for v in bf16.state.values()} == {"bfloat16"} and "cast to bfloat16" in bf16.report.notes
+    assert {str(v.dtype) for v in bf16.state.values()} == {
+        "bfloat16"
+    } and "cast to bfloat16" in bf16.report.notes
 
 
 def test_a_checkpoint_without_a_tokenizer(tmp_path):
-    cfg = ModelConfig(vocab_size=300, n_layer=1, d_model=16, n_head=2, n_kv_head=2, d_ff=32, max_seq_len=32)
+    cfg = ModelConfig(
+        vocab_size=300, n_layer=1, d_model=16, n_head=2, n_kv_head=2, d_ff=32, max_seq_len=32
+    )
     state = {k: np.zeros(s, np.float32) for k, s in weights.canonical_shapes(cfg).items()}
     weights.save(tmp_path / "m.safetensors", state, cfg)
     p = pretrained.load(tmp_path / "m.safetensors")
     assert p.tokenizer is None and "vocab_size=300 is not GPT-2's" in p.report.tokenizer
-    big = ModelConfig(n_layer=1, d_model=16, n_head=2, n_kv_head=2, d_ff=32, max_seq_len=32)  # GPT-2's vocab
-    weights.save(tmp_path / "g.safetensors", {k: np.zeros(s, np.float32) for k, s in
-                                              weights.canonical_shapes(big).items()}, big)  # fmt: skip
+    # GPT-2's vocab
+    big = ModelConfig(n_layer=1, d_model=16, n_head=2, n_kv_head=2, d_ff=32, max_seq_len=32)
+    weights.save(
+        tmp_path / "g.safetensors",
+        {k: np.zeros(s, np.float32) for k, s in weights.canonical_shapes(big).items()},
+        big,
+    )
     g = pretrained.load(tmp_path / "g.safetensors")
     assert g.tokenizer.kind == "gpt2" and g.eos_ids == [50256]
 
@@ -115,7 +168,21 @@ def test_generate_on_the_real_model_with_its_own_tokenizer(smollm2, capsys):
     # torch only: JAX on the real model through the CLI is tests/test_chat.py's piped chat.
     from gptmod.cli import main
 
-    assert main(["generate", "--weights", "smollm2", "--framework", "torch", "--prompt",
-                 "The capital of France is", "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--weights",
+                "smollm2",
+                "--framework",
+                "torch",
+                "--prompt",
+                "The capital of France is",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out == "The capital of France is Paris.\n\n" and "3 tokens in" in err

@@ -1,4 +1,5 @@
-"""The side-by-side teaching page: complete, correctly paired, self-contained, and its notes name real things."""
+"""The side-by-side teaching page: complete, correctly paired,
+self-contained, and its notes name real things."""
 
 from __future__ import annotations
 
@@ -24,7 +25,16 @@ from gptmod import side_by_side as sbs
 
 SIDES = {"torch": gptmod_torch.model, "jax": gptmod_jax.model}
 # The short names the notes use, as the model files import them.
-ALIASES = {"torch": torch, "F": F, "nn": nn, "jax": jax, "jnp": jnp, "nnx": nnx, "np": np, "ml_dtypes": ml_dtypes}
+ALIASES = {
+    "torch": torch,
+    "F": F,
+    "nn": nn,
+    "jax": jax,
+    "jnp": jnp,
+    "nnx": nnx,
+    "np": np,
+    "ml_dtypes": ml_dtypes,
+}
 ALIASES["math"] = math
 
 
@@ -45,7 +55,9 @@ def top_level(source: str) -> dict[str, int]:
 
 
 def sections_of(page: str) -> dict[str, str]:
-    return dict(re.findall(r'<section class="pair" id="pair-([^"]+)">(.*?)</section>', page, re.DOTALL))
+    return dict(
+        re.findall(r'<section class="pair" id="pair-([^"]+)">(.*?)</section>', page, re.DOTALL)
+    )
 
 
 def test_render_writes_the_page_atomically(tmp_path, page):
@@ -85,14 +97,22 @@ def test_definitions_of_both_files_share_a_row(page, sources):
     for name in torch_defs.keys() ^ jax_defs.keys():
         only = "PyTorch only" if name in torch_defs else "JAX only"
         assert f"{only}: <code>{name}</code> has no counterpart" in rows[name]
-        assert ('id="torch-' in rows[name]) == (name in torch_defs) and ('id="jax-' in rows[name]) == (name in jax_defs)
+        assert ('id="torch-' in rows[name]) == (name in torch_defs) and (
+            'id="jax-' in rows[name]
+        ) == (name in jax_defs)
 
 
 def test_pairing_order_and_one_sided_rows():
-    torch_src = '"""Doc."""\nimport a\n\n\ndef f(): pass\n\n\nclass K: pass\n\n\ndef t_only(): pass\nX = 1\n'
-    jax_src = '"""Doc."""\n\n\ndef f(): pass\n\n\ndef j_only(): pass\n\n\n# ----- cache\nclass K: pass\n'
+    torch_src = (
+        '"""Doc."""\nimport a\n\n\ndef f(): pass\n\n\nclass K: '
+        "pass\n\n\ndef t_only(): pass\nX = 1\n"
+    )
+    jax_src = (
+        '"""Doc."""\n\n\ndef f(): pass\n\n\ndef j_only(): pass\n\n\n# ----- cache\nclass K: pass\n'
+    )
     torch_secs, jax_secs = sbs.split_sections(torch_src), sbs.split_sections(jax_src)
-    assert "".join(s.text for s in torch_secs) == torch_src  # trailing `X = 1` goes with the last definition
+    # trailing `X = 1` goes with the last definition
+    assert "".join(s.text for s in torch_secs) == torch_src
     pairs = sbs.pair_sections(torch_secs, jax_secs)
     assert [(p.name, p.torch is not None, p.jax is not None) for p in pairs] == [
         (sbs.HEADER, True, True),
@@ -115,10 +135,19 @@ def test_note_keys_are_definitions_and_every_row_is_annotated_or_exempt(sources)
 
 def _resolves(dotted: str, sources: dict[str, str]) -> bool:
     root, *rest = dotted.split(".")
-    # an imported module such as `jnp`, or a definition of a model file such as `GPT.reset_parameters`
-    candidates = [ALIASES[root]] if root in ALIASES else [getattr(m, root) for m in SIDES.values() if hasattr(m, root)]
-    if not candidates:  # e.g. `kv_cache`, `model.to(dtype)`: every part must be a word of a model file
-        return all(any(re.search(rf"\b{re.escape(p)}\b", s) for s in sources.values()) for p in dotted.split("."))
+    # an imported module such as `jnp`, or a definition of a model file such as
+    # `GPT.reset_parameters`
+    candidates = (
+        [ALIASES[root]]
+        if root in ALIASES
+        else [getattr(m, root) for m in SIDES.values() if hasattr(m, root)]
+    )
+    # e.g. `kv_cache`, `model.to(dtype)`: every part must be a word of a model file
+    if not candidates:
+        return all(
+            any(re.search(rf"\b{re.escape(p)}\b", s) for s in sources.values())
+            for p in dotted.split(".")
+        )
     for obj in candidates:
         try:
             functools.reduce(getattr, rest, obj)
@@ -133,7 +162,8 @@ def test_identifiers_named_in_notes_exist(sources):
     for key, note in sbs.NOTES.items():
         for code in re.findall(r"`([^`]+)`", note):
             m = re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\(.*\))?", code)
-            if m:  # a name or a call on one; other snippets (`x.chunk(2, dim=-1)` is a call) are prose
+            # a name or a call on one; other snippets (`x.chunk(2, dim=-1)` is a call) are prose
+            if m:
                 checked += 1
                 assert _resolves(m.group(1), sources), f"note {key!r}: `{code}` names nothing real"
     assert checked > 50
@@ -148,6 +178,16 @@ def test_notes_are_short():
 
 def test_page_is_self_contained(page):
     lowered = page.lower()
-    for needle in ("<script", "<link", "<img", "<iframe", " src=", "url(", "@import", "http://", "https://"):
+    for needle in (
+        "<script",
+        "<link",
+        "<img",
+        "<iframe",
+        " src=",
+        "url(",
+        "@import",
+        "http://",
+        "https://",
+    ):
         assert needle not in lowered, needle
     assert "<style>" in page and ".code .k" in page  # the pygments stylesheet is embedded

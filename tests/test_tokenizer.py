@@ -1,5 +1,6 @@
-"""Tokenizers: the bundled GPT-2 one (offline, hash-checked, exact ids, whole characters when streaming) and the
-Tokenizer interface over GPT-2, HF folders and GGUF metadata (real checkpoints: test_tokenizer_checkpoint.py)."""
+"""Tokenizers: the bundled GPT-2 one (offline, hash-checked, exact ids, whole characters when
+streaming) and the Tokenizer interface over GPT-2, HF folders and GGUF metadata (real checkpoints:
+test_tokenizer_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def test_corrupt_ranks_are_refused(monkeypatch, tmp_path):
         tokenizer.gpt2_encoding.cache_clear()
 
 
-# ----------------------------------------------------------------------------- the Tokenizer interface
+# -------------------------------------------------------------------------- the Tokenizer interface
 
 UNICODE = "To be, or not to be: that is the question.\n  Ünïcödé — 日本語 🎭\n\n1 Clown. <b>ok</b>"
 
@@ -64,7 +65,9 @@ def test_gpt2_interface_matches_module_functions():
     assert tok.encode("Hello world") == [15496, 995] == tokenizer.encode("Hello world")
     assert tok.encode("Hello world", add_bos=True) == [50256, 15496, 995]
     assert tok.encode("a <|endoftext|>", allow_special=True) == [64, 220, 50256]
-    with pytest.raises(ValueError, match=r"disallowed special token '<\|endoftext\|>' at character 2"):
+    with pytest.raises(
+        ValueError, match=r"disallowed special token '<\|endoftext\|>' at character 2"
+    ):
         tok.encode("a <|endoftext|>")
     assert tok.decode([64, 220, 50256]) == "a <|endoftext|>"
     assert tok.decode([64, 220, 50256], skip_special=True) == "a "
@@ -98,12 +101,17 @@ def test_gpt2_round_trip_through_tokenizers_library():
 
 def test_vocabulary_with_a_hole():
     alphabet = list(tokenizer.byte_alphabet().values())
-    backend = HFTokenizer(BPE(vocab={c: i if i < 10 else i + 1 for i, c in enumerate(alphabet)}, merges=[]))
+    backend = HFTokenizer(
+        BPE(vocab={c: i if i < 10 else i + 1 for i, c in enumerate(alphabet)}, merges=[])
+    )
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tok = tokenizer.Tokenizer("hf", backend=backend, bos_id=None, eos_id=None, pad_id=None, unk_id=None, add_bos=False)
+    tok = tokenizer.Tokenizer(
+        "hf", backend=backend, bos_id=None, eos_id=None, pad_id=None, unk_id=None, add_bos=False
+    )
     assert tok.vocab_size == 257  # the id space (ids 0..256), not the entry count (256)
-    assert tok.encode("~") == [94] and tok.decode([94]) == "~"  # "~" is entry 93, shifted past the hole
+    # "~" is entry 93, shifted past the hole
+    assert tok.encode("~") == [94] and tok.decode([94]) == "~"
     assert tok.decode([256]) == "\ufffd"  # the last id is accepted (byte 0xAD alone is not UTF-8)
     with pytest.raises(ValueError, match="token id 10 has no text in the vocabulary"):
         tok.decode([1, 10])
@@ -139,9 +147,12 @@ def _copy_folder(src, dst, *, config=None, generation=None, post_bos=False):
 def test_hf_folder_bos_eos_from_configs(gpt2_folder, tmp_path):
     bare = tokenizer.from_hf_folder(_copy_folder(gpt2_folder, tmp_path / "bare"))
     assert (bare.bos_id, bare.eos_id, bare.add_bos, bare.chat_template) == (None, None, False, None)
-    # add_bos read from the post-processor when no config states it; encode(add_bos=False) really leaves it out.
+    # add_bos read from the post-processor when no config states it;
+    # encode(add_bos=False) really leaves it out.
     post = tokenizer.from_hf_folder(
-        _copy_folder(gpt2_folder, tmp_path / "post", config={"bos_token": "<|endoftext|>"}, post_bos=True)
+        _copy_folder(
+            gpt2_folder, tmp_path / "post", config={"bos_token": "<|endoftext|>"}, post_bos=True
+        )
     )
     assert post.add_bos and post.encode("Hello world") == [50256, 15496, 995]
     assert post.encode("Hello world", add_bos=False) == [15496, 995]
@@ -156,29 +167,44 @@ def test_hf_folder_bos_eos_from_configs(gpt2_folder, tmp_path):
         )
     )
     assert not explicit.add_bos and explicit.encode("Hello world") == [15496, 995]
-    assert explicit.eos_id == 50256 and explicit.eos_ids == (50256, 13)  # generation_config's list, eos first
+    # generation_config's list, eos first
+    assert explicit.eos_id == 50256 and explicit.eos_ids == (50256, 13)
 
 
 def test_hf_folder_bad_input(gpt2_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json"):
         tokenizer.from_hf_folder(tmp_path)
     with pytest.raises(ValueError, match=r"bos_token='<s>' is not in the vocabulary"):
-        tokenizer.from_hf_folder(_copy_folder(gpt2_folder, tmp_path / "a", config={"bos_token": "<s>"}))
+        tokenizer.from_hf_folder(
+            _copy_folder(gpt2_folder, tmp_path / "a", config={"bos_token": "<s>"})
+        )
     with pytest.raises(ValueError, match=r"add_bos_token must be true or false, got 'yes'"):
-        tokenizer.from_hf_folder(_copy_folder(gpt2_folder, tmp_path / "b", config={"add_bos_token": "yes"}))
+        tokenizer.from_hf_folder(
+            _copy_folder(gpt2_folder, tmp_path / "b", config={"add_bos_token": "yes"})
+        )
     with pytest.raises(ValueError, match=r"add_eos_token=True is not supported"):
-        tokenizer.from_hf_folder(_copy_folder(gpt2_folder, tmp_path / "c", config={"add_eos_token": True}))
+        tokenizer.from_hf_folder(
+            _copy_folder(gpt2_folder, tmp_path / "c", config={"add_eos_token": True})
+        )
 
 
 def test_hf_chat_template(tmp_path):
     assert tokenizer.hf_chat_template(tmp_path) is None
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ x }}"}), encoding="utf-8"
+    )
     assert tokenizer.hf_chat_template(tmp_path) == "{{ x }}"
     named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": named}), encoding="utf-8"
+    )
     assert tokenizer.hf_chat_template(tmp_path) == "D"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named[:1]}), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"chat_template is a list without a 'default' entry \(names: tool_use\)"):
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": named[:1]}), encoding="utf-8"
+    )
+    with pytest.raises(
+        ValueError, match=r"chat_template is a list without a 'default' entry \(names: tool_use\)"
+    ):
         tokenizer.hf_chat_template(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("J", encoding="utf-8")
     assert tokenizer.hf_chat_template(tmp_path) == "J"  # the .jinja file wins
@@ -197,30 +223,39 @@ def test_gguf_bad_input(gpt2_fields):
         fields = {**gpt2_fields, **{f"tokenizer.ggml.{k}": v for k, v in changes.items()}}
         return tokenizer.from_gguf_fields({k: v for k, v in fields.items() if v is not None})
 
-    with pytest.raises(ValueError, match=r"tokenizer.ggml.model='bert' is not supported; supported: gpt2, llama"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer.ggml.model='bert' is not supported; supported: gpt2, llama"
+    ):
         build(model="bert")
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model=None is not supported"):
         build(model=None)
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.tokens is missing"):
         build(tokens=None)
-    with pytest.raises(ValueError, match=r"tokenizer.ggml.merges is missing or empty \(needed for .*'gpt2'\)"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer.ggml.merges is missing or empty \(needed for .*'gpt2'\)"
+    ):
         build(merges=None)
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.merges entry 'abc' is not two tokens"):
         build(merges=["abc"])
-    with pytest.raises(ValueError, match=r"tokenizer.ggml.pre='tiny-lm' is not a known byte-level pre-tokenizer"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer.ggml.pre='tiny-lm' is not a known byte-level pre-tokenizer"
+    ):
         build(pre="tiny-lm")
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre is missing"):
         build(pre=None)
     with pytest.raises(ValueError, match=r"token_type has 3 entries for 50257 tokens"):
         build(token_type=[1, 1, 1])
-    with pytest.raises(ValueError, match=r"tokenizer.ggml.bos_token_id=50257 is not a token id in \[0, 50257\)"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer.ggml.bos_token_id=50257 is not a token id in \[0, 50257\)"
+    ):
         build(bos_token_id=50257)
     with pytest.raises(ValueError, match=r"lists 'Ċ' twice"):
         build(tokens=["Ċ", *gpt2_fields["tokenizer.ggml.tokens"][1:-1], "Ċ"])
 
 
 def test_gguf_pre_tokenizer_names_match_transformers(gpt2_fields):
-    """Our table of tokenizer.ggml.pre regexes against transformers' (GPT-2's vocabulary, another split)."""
+    """Our table of tokenizer.ggml.pre regexes against transformers'
+    (GPT-2's vocabulary, another split)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     text = corpus.bundled_text("tempest")[:30000] + " 12345 x\r\n\n  é's 3.14 don't " + UNICODE
@@ -238,12 +273,17 @@ def test_gguf_pre_tokenizer_names_match_transformers(gpt2_fields):
             },
         )
         if pre == "llama-bpe":
-            # llama.cpp (and Llama-3's tokenizer.json) take a pre-token found whole in the vocabulary as is;
-            # transformers' GGUF converter leaves that out, so the oracle gets it here.
+            # llama.cpp (and Llama-3's tokenizer.json) take a pre-token
+            # found whole in the vocabulary as is; transformers' GGUF
+            # converter leaves that out, so the oracle gets it here.
             theirs.model.ignore_merges = True
-            assert ours.backend().model.ignore_merges and ours.add_bos  # llama.cpp's defaults for this family
-        assert ours.encode(text, add_bos=False) == theirs.encode(text, add_special_tokens=False).ids, pre
-        assert ours.encode(text, add_bos=False) != tokenizer.gpt2().encode(text), pre  # really another split
+            # llama.cpp's defaults for this family
+            assert ours.backend().model.ignore_merges and ours.add_bos
+        assert (
+            ours.encode(text, add_bos=False) == theirs.encode(text, add_special_tokens=False).ids
+        ), pre
+        # really another split
+        assert ours.encode(text, add_bos=False) != tokenizer.gpt2().encode(text), pre
         assert ours.gguf_fields()["tokenizer.ggml.pre"] == pre
 
 
@@ -252,7 +292,9 @@ def llama_fields() -> dict:
     """A small sentencepiece-style BPE vocabulary (byte fallback, "▁" for spaces) in GGUF form."""
     trained = HFTokenizer(BPE())
     trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    trained.train_from_iterator([corpus.bundled_text("tempest")], trainers.BpeTrainer(vocab_size=600))
+    trained.train_from_iterator(
+        [corpus.bundled_text("tempest")], trainers.BpeTrainer(vocab_size=600)
+    )
     model = json.loads(trained.to_str())["model"]
     learned = sorted(model["vocab"], key=model["vocab"].get)
     tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *learned, "<think>"]
@@ -260,7 +302,9 @@ def llama_fields() -> dict:
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.token_type": [2, 3, 3, *[6] * 256, *[1] * len(learned), 4],
-        "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in model["merges"]],
+        "tokenizer.ggml.merges": [
+            m if isinstance(m, str) else " ".join(m) for m in model["merges"]
+        ],
         "tokenizer.ggml.bos_token_id": 1,
         "tokenizer.ggml.eos_token_id": 2,
         "tokenizer.ggml.unknown_token_id": 0,
@@ -271,8 +315,18 @@ def test_gguf_sentencepiece_matches_transformers(llama_fields):
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     ours = tokenizer.from_gguf_fields(llama_fields)
-    assert (ours.kind, ours.add_bos, ours.bos_id, ours.eos_id, ours.unk_id) == ("gguf", True, 1, 2, 0)
-    assert ours.special_tokens == {"<s>": 1, "</s>": 2, "<think>": len(llama_fields["tokenizer.ggml.tokens"]) - 1}
+    assert (ours.kind, ours.add_bos, ours.bos_id, ours.eos_id, ours.unk_id) == (
+        "gguf",
+        True,
+        1,
+        2,
+        0,
+    )
+    assert ours.special_tokens == {
+        "<s>": 1,
+        "</s>": 2,
+        "<think>": len(llama_fields["tokenizer.ggml.tokens"]) - 1,
+    }
     f = llama_fields
     theirs, _ = convert_gguf_tokenizer(
         "llama",
@@ -288,14 +342,16 @@ def test_gguf_sentencepiece_matches_transformers(llama_fields):
         assert ids == theirs.encode(text, add_special_tokens=False).ids
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
     ids = ours.encode(UNICODE)
-    assert ids[0] == 1 and 0 not in ids  # BOS by default; unknown characters went to byte tokens, not <unk>
+    # BOS by default; unknown characters went to byte tokens, not <unk>
+    assert ids[0] == 1 and 0 not in ids
     assert ours.decode(ids, skip_special=True) == UNICODE
     pieces = _stream(ours, ids)
     assert "".join(pieces) == ours.decode(ids) and all("\ufffd" not in p for p in pieces)
     assert "" in pieces  # 日本語 and 🎭 arrived as byte tokens and were held back until whole
     with pytest.raises(ValueError, match=r"disallowed special token '<think>'"):
         ours.encode("a<think>")
-    assert ours.gguf_fields() == llama_fields  # a gguf tokenizer gives back the fields it was read from
+    # a gguf tokenizer gives back the fields it was read from
+    assert ours.gguf_fields() == llama_fields
 
 
 def test_gguf_sentencepiece_save_hf_round_trip(llama_fields, tmp_path):
@@ -304,8 +360,15 @@ def test_gguf_sentencepiece_save_hf_round_trip(llama_fields, tmp_path):
     ours = tokenizer.from_gguf_fields(llama_fields)
     ours.save_hf(tmp_path)
     text = corpus.bundled_text("lear")[:20000] + UNICODE
-    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == ours.encode(text)  # BOS included
+    # BOS included
+    assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == ours.encode(text)
     back = tokenizer.from_hf_folder(tmp_path)
-    assert back.add_bos and back.encode(text) == ours.encode(text) and back.special_tokens == ours.special_tokens
-    with pytest.raises(ValueError, match=r"gguf_fields supports byte-level BPE tokenizers only; .* model 'BPE'"):
+    assert (
+        back.add_bos
+        and back.encode(text) == ours.encode(text)
+        and back.special_tokens == ours.special_tokens
+    )
+    with pytest.raises(
+        ValueError, match=r"gguf_fields supports byte-level BPE tokenizers only; .* model 'BPE'"
+    ):
         back.gguf_fields()

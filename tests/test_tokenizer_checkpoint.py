@@ -1,7 +1,8 @@
 """The Tokenizer interface against transformers on real checkpoints, over all eight bundled plays.
 
-SmolLM2: ours from the GGUF metadata vs transformers' AutoTokenizer(gguf_file=...). GPT-2: ours (tiktoken ranks) vs
-transformers' GPT2TokenizerFast from a vocab.json/merges.txt that transformers' own TikTokenConverter derives from the
+SmolLM2: ours from the GGUF metadata vs transformers' AutoTokenizer(gguf_file=...).
+GPT-2: ours (tiktoken ranks) vs transformers' GPT2TokenizerFast from a
+vocab.json/merges.txt that transformers' own TikTokenConverter derives from the
 bundled ranks. Then save_hf / from_hf_folder / gguf_fields round trips.
 """
 
@@ -24,8 +25,9 @@ from gptmod import tokenizer as tk
 
 from conftest import smollm2_gguf_path
 
-# A whitespace run ending in a digit: the only place where llama.cpp's "smollm" pre-tokenizer (digits split off
-# first) and transformers' GGUF converter (plain GPT-2 regex, it has no entry for "smollm") disagree.
+# A whitespace run ending in a digit: the only place where llama.cpp's
+# "smollm" pre-tokenizer (digits split off first) and transformers' GGUF
+# converter (plain GPT-2 regex, it has no entry for "smollm") disagree.
 SPACES_THEN_DIGIT = re.compile(r"\s\s\d")
 
 
@@ -45,10 +47,13 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def gpt2_hf(tmp_path_factory):
-    """GPT-2 in transformers, from files transformers derives from the bundled ranks (not from our code)."""
+    """GPT-2 in transformers, from files transformers derives from the
+    bundled ranks (not from our code)."""
     folder = tmp_path_factory.mktemp("gpt2_vocab")
     with resources.as_file(resources.files("gptmod") / "assets" / "gpt2.tiktoken") as ranks:
-        vocab, merges = TikTokenConverter(vocab_file=str(ranks)).extract_vocab_merges_from_model(str(ranks))
+        vocab, merges = TikTokenConverter(vocab_file=str(ranks)).extract_vocab_merges_from_model(
+            str(ranks)
+        )
     vocab[tk.EOT] = tk.EOT_ID
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
@@ -58,30 +63,38 @@ def gpt2_hf(tmp_path_factory):
 
 def test_smollm2_ids_equal_transformers_on_all_plays(smollm2, plays, capsys):
     _, ours, hf = smollm2
-    # The oracle keeps transformers' vocabulary, merges and added tokens; only its pre-tokenizer is set to what
-    # llama.cpp runs for tokenizer.ggml.pre "smollm" (llama-vocab.cpp: split "\p{N}", then GPT-2's regex).
+    # The oracle keeps transformers' vocabulary, merges and added tokens; only its pre-tokenizer is
+    # set to what llama.cpp runs for tokenizer.ggml.pre "smollm" (llama-vocab.cpp: split "\p{N}",
+    # then GPT-2's regex).
     oracle = copy.deepcopy(hf.backend_tokenizer)
     oracle.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     start, total, plain = time.perf_counter(), 0, []
     for name, text in plays.items():
         ids = ours.encode(text)
         assert ids == oracle.encode(text, add_special_tokens=False).ids, name
         if not SPACES_THEN_DIGIT.search(text):
-            assert ids == hf(text)["input_ids"], name  # unmodified transformers, BOS handling included
+            # unmodified transformers, BOS handling included
+            assert ids == hf(text)["input_ids"], name
             plain.append(name)
         total += len(ids)
     assert len(plain) == 6 and total > 300_000  # six plays compared with transformers as it stands
     with capsys.disabled():
-        print(f"\nSmolLM2: {total} tokens over {len(plays)} plays equal, {time.perf_counter() - start:.1f} s")
+        print(
+            f"\nSmolLM2: {total} tokens over {len(plays)} plays equal, "
+            f"{time.perf_counter() - start:.1f} s"
+        )
 
 
 def test_smollm2_digits_are_split_as_llama_cpp_does(smollm2):
     fields, ours, _ = smollm2
     tokens = fields["tokenizer.ggml.tokens"]
-    # "\n\n" | "1" | " Clown": the newline run stays one piece ("ĊĊ"), as in llama.cpp and SmolLM2's tokenizer.json
-    # (transformers' GGUF converter gives Ċ, Ċ, 1 here).
+    # "\n\n" | "1" | " Clown": the newline run stays one piece ("ĊĊ"), as in llama.cpp and SmolLM2's
+    # tokenizer.json (transformers' GGUF converter gives Ċ, Ċ, 1 here).
     assert ours.encode("\n\n1 Clown")[:2] == [tokens.index("ĊĊ"), tokens.index("1")]
     assert ours.encode(" 2024") == [tokens.index(t) for t in ("Ġ", "2", "0", "2", "4")]
 
@@ -89,20 +102,31 @@ def test_smollm2_digits_are_split_as_llama_cpp_does(smollm2):
 def test_smollm2_special_tokens(smollm2):
     fields, ours, hf = smollm2
     tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
-    assert ours.special_tokens == {t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == 3}
+    assert ours.special_tokens == {
+        t: i for i, (t, k) in enumerate(zip(tokens, types, strict=True)) if k == 3
+    }
     assert len(ours.special_tokens) == 17 and ours.vocab_size == 49152 == len(tokens)
     assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.unk_id, ours.add_bos) == (1, 2, 2, 0, False)
-    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (
+        ours.bos_id,
+        ours.eos_id,
+        ours.pad_id,
+    )
     chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     ids = ours.encode(chat, allow_special=True)
     assert ids == hf(chat)["input_ids"]
     assert ids[0] == tokens.index("<|im_start|>") == ours.token_id("<|im_start|>") == 1
     assert ids.count(ours.token_id("<|im_end|>")) == 1
-    with pytest.raises(ValueError, match=r"disallowed special token '<\|im_start\|>' at character 0"):
+    with pytest.raises(
+        ValueError, match=r"disallowed special token '<\|im_start\|>' at character 0"
+    ):
         ours.encode(chat)
     assert ours.decode(ids) == chat
     assert ours.decode(ids, skip_special=True) == "user\nWhat is 2+2?\nassistant\n"
-    assert ours.chat_template == fields["tokenizer.chat_template"] and "<|im_start|>" in ours.chat_template
+    assert (
+        ours.chat_template == fields["tokenizer.chat_template"]
+        and "<|im_start|>" in ours.chat_template
+    )
 
 
 def test_smollm2_stream_decoder_matches_decode_on_a_play(smollm2, plays):
@@ -116,9 +140,15 @@ def test_smollm2_stream_decoder_matches_decode_on_a_play(smollm2, plays):
 def test_smollm2_save_hf_round_trip(smollm2, plays, tmp_path):
     fields, ours, _ = smollm2
     written = ours.save_hf(tmp_path)
-    names = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+    names = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ]
     assert sorted(p.name for p in written) == sorted(names)
-    text = plays["hamlet"]  # has the digit-after-newlines cases, so the saved pre-tokenizer is checked too
+    # has the digit-after-newlines cases, so the saved pre-tokenizer is checked too
+    text = plays["hamlet"]
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert reloaded(text)["input_ids"] == ours.encode(text)
     assert (reloaded.bos_token_id, reloaded.eos_token_id, reloaded.pad_token_id) == (1, 2, 2)
@@ -143,7 +173,10 @@ def test_gpt2_ids_equal_transformers_on_all_plays(gpt2_hf, plays, capsys):
         total += len(ids)
     assert total > 300_000
     with capsys.disabled():
-        print(f"\nGPT-2: {total} tokens over {len(plays)} plays equal, {time.perf_counter() - start:.1f} s")
+        print(
+            f"\nGPT-2: {total} tokens over {len(plays)} plays equal, "
+            f"{time.perf_counter() - start:.1f} s"
+        )
 
 
 def test_gpt2_save_hf_and_gguf_round_trip(plays, tmp_path):
@@ -154,12 +187,19 @@ def test_gpt2_save_hf_and_gguf_round_trip(plays, tmp_path):
     assert reloaded(text)["input_ids"] == ours.encode(text)
     assert reloaded.bos_token_id == reloaded.eos_token_id == tk.EOT_ID
     back = tk.from_hf_folder(tmp_path)
-    assert back.encode(text) == ours.encode(text) and (back.bos_id, back.eos_id, back.add_bos) == (50256, 50256, False)
+    assert back.encode(text) == ours.encode(text) and (back.bos_id, back.eos_id, back.add_bos) == (
+        50256,
+        50256,
+        False,
+    )
     fields = ours.gguf_fields()
     # GPT-2's merges.txt begins "Ġ t", "Ġ a", "h e", "i n", "r e", "o n" and has 50000 lines.
     assert fields["tokenizer.ggml.merges"][:6] == ["Ġ t", "Ġ a", "h e", "i n", "r e", "o n"]
     assert len(fields["tokenizer.ggml.merges"]) == 50000 and fields["tokenizer.ggml.pre"] == "gpt2"
-    assert fields["tokenizer.ggml.token_type"][tk.EOT_ID] == 3 and fields["tokenizer.ggml.tokens"][198] == "Ċ"
+    assert (
+        fields["tokenizer.ggml.token_type"][tk.EOT_ID] == 3
+        and fields["tokenizer.ggml.tokens"][198] == "Ċ"
+    )
     from_gguf = tk.from_gguf_fields(fields)
     assert from_gguf.encode(text) == ours.encode(text)
     assert from_gguf.encode("a <|endoftext|>", allow_special=True) == [64, 220, tk.EOT_ID]

@@ -1,5 +1,6 @@
-"""Training twins: the schedule and decay rule, gradient and optimizer-step parity across frameworks against a
-float64 reference, accumulation, bf16, checkpoints (atomic, cross-framework) and exact resume."""
+"""Training twins: the schedule and decay rule, gradient and optimizer-step
+parity across frameworks against a float64 reference, accumulation, bf16,
+checkpoints (atomic, cross-framework) and exact resume."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from parity.training import update_errors
 from conftest import reduced
 
 VOCAB = 512
-TC = TrainConfig(steps=10, warmup_steps=3, batch_size=2, grad_accum=2, block_size=16, lr=3e-3, min_lr=3e-4)
+TC = TrainConfig(
+    steps=10, warmup_steps=3, batch_size=2, grad_accum=2, block_size=16, lr=3e-3, min_lr=3e-4
+)
 
 
 def _cfg(preset: str = "modern-gpt2", **kw):
@@ -51,24 +54,42 @@ def _batch(rng, tc=TC):
     return ids[..., :-1], ids[..., 1:]
 
 
-def _within_budget(t: np.ndarray, j: np.ndarray, ref: np.ndarray, rel: float = 2e-5, floor: float = 0.0,
-                   scale: float | None = None) -> tuple[bool, str]:  # fmt: skip
-    """The parity rule: each framework within rel * scale of float64, and |t - j| <= 2 max(e_t, e_j) (+ floor).
+def _within_budget(
+    t: np.ndarray,
+    j: np.ndarray,
+    ref: np.ndarray,
+    rel: float = 2e-5,
+    floor: float = 0.0,
+    scale: float | None = None,
+) -> tuple[bool, str]:
+    """The parity rule: each framework within rel * scale of float64, and |t
+    - j| <= 2 max(e_t, e_j) (+ floor).
 
-    scale is max|ref|, but at least `floor`: a gradient that is zero in exact arithmetic (the key bias: softmax
-    ignores a shift shared by all keys) is judged against the scale of the model's gradients, not against 0."""
+    scale is max|ref|, but at least `floor`: a gradient that is zero in exact arithmetic (the key
+    bias: softmax ignores a shift shared by all keys) is judged against the scale of the model's
+    gradients, not against 0."""
     scale = max(float(np.abs(ref).max()), floor) if scale is None else scale
     e_t, e_j = float(np.abs(t - ref).max()), float(np.abs(j - ref).max())
     d = float(np.abs(t.astype(np.float64) - j).max())
-    ok = e_t <= rel * scale and e_j <= rel * scale and d <= max(1e-9 * scale + 1e-12, 2 * max(e_t, e_j))
+    ok = (
+        e_t <= rel * scale
+        and e_j <= rel * scale
+        and d <= max(1e-9 * scale + 1e-12, 2 * max(e_t, e_j))
+    )
     return ok, f"|t-j| {d:.3g}, e_t {e_t:.3g}, e_j {e_j:.3g}, scale {scale:.3g}"
 
 
 def test_schedule_is_optax_warmup_cosine_shifted_by_one():
-    for tc in (TC, dataclasses.replace(TC, warmup_steps=0), TrainConfig(steps=200, warmup_steps=20)):
+    for tc in (
+        TC,
+        dataclasses.replace(TC, warmup_steps=0),
+        TrainConfig(steps=200, warmup_steps=20),
+    ):
         sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr)
         ours = [lr_at(tc, s) for s in range(tc.steps + 5)]
-        np.testing.assert_allclose(ours, [float(sched(s + 1)) for s in range(tc.steps + 5)], rtol=1e-6)
+        np.testing.assert_allclose(
+            ours, [float(sched(s + 1)) for s in range(tc.steps + 5)], rtol=1e-6
+        )
         assert ours[0] > 0 and ours[tc.steps - 1] == pytest.approx(tc.min_lr)
     assert max(lr_at(TC, s) for s in range(TC.steps)) == pytest.approx(TC.lr)
 
@@ -77,15 +98,25 @@ def test_weight_decay_applies_to_linear_weights_only():
     cfg = _cfg("modern-gpt2", tie_embeddings=False, bias=True)
     names = list(canonical_shapes(cfg))
     decayed = {n for n in names if decays(n)}
-    assert decayed == {n for n in names if n.endswith(".weight") and len(canonical_shapes(cfg)[n]) == 2
-                       and n != "tok_emb.weight"}  # fmt: skip
+    assert decayed == {
+        n
+        for n in names
+        if n.endswith(".weight") and len(canonical_shapes(cfg)[n]) == 2 and n != "tok_emb.weight"
+    }
     assert "lm_head.weight" in decayed and "blocks.0.mlp.w_gate.weight" in decayed
     # Both twins build their optimizers from this one rule.
     torch_t, jax_t, _ = _trainers(cfg)
-    torch_decay = {id(p) for g in torch_t.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    torch_decay = {
+        id(p) for g in torch_t.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]
+    }
     assert {n for n, p in torch_t.model.named_parameters() if id(p) in torch_decay} == decayed
-    mask = next(s for s in jax.tree.leaves(jax_t.opt_state, is_leaf=lambda s: isinstance(s, optax.MaskedState))
-                if isinstance(s, optax.MaskedState))  # fmt: skip
+    mask = next(
+        s
+        for s in jax.tree.leaves(
+            jax_t.opt_state, is_leaf=lambda s: isinstance(s, optax.MaskedState)
+        )
+        if isinstance(s, optax.MaskedState)
+    )
     assert mask is not None and set(jax_t.names) == set(names)
 
 
@@ -129,7 +160,8 @@ def test_ten_adamw_steps_agree_with_the_float64_reference():
     errors = update_errors(st, sj, sr, start, travel)
     for name, (e_t, e_j, d) in errors.items():
         assert max(e_t, e_j) <= 1e-3 and d <= max(1e-6, 2 * max(e_t, e_j)), (name, e_t, e_j, d)
-    # It can fail: decaying the embedding in JAX only (a wrong mask) shifts it by about lr * wd * |w|.
+    # It can fail: decaying the embedding in JAX only (a wrong mask) shifts
+    # it by about lr * wd * |w|.
     wrong = dict(sj, **{"tok_emb.weight": sj["tok_emb.weight"] * (1 - TC.weight_decay * travel)})
     e_t, e_j, d = update_errors(st, wrong, sr, start, travel)["tok_emb.weight"]
     assert e_j > 1e-3
@@ -137,7 +169,9 @@ def test_ten_adamw_steps_agree_with_the_float64_reference():
     assert ot["count"] == oj["count"] == orf["count"] == 10
     floor = 1e-3 * max(float(np.abs(m).max()) for m in orf["m"].values())
     for name in sr:  # the first moments are averaged gradients: the gradient budget applies
-        ok, why = _within_budget(ot["m"][name], oj["m"][name], orf["m"][name], rel=1e-4, floor=floor)
+        ok, why = _within_budget(
+            ot["m"][name], oj["m"][name], orf["m"][name], rel=1e-4, floor=floor
+        )
         assert ok, f"first moment of {name}: {why}"
 
 
@@ -145,8 +179,11 @@ def test_ten_adamw_steps_agree_with_the_float64_reference():
 def test_accumulation_equals_one_big_batch(trainer):
     cfg = _cfg()
     state = _state(cfg)
-    build = (lambda: gptmod_torch.load_state(gptmod_torch.GPT(cfg), state)) if trainer is TorchTrainer else (
-        lambda: gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state))  # fmt: skip
+    build = (
+        (lambda: gptmod_torch.load_state(gptmod_torch.GPT(cfg), state))
+        if trainer is TorchTrainer
+        else (lambda: gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state))
+    )
     x, y = _batch(np.random.default_rng(2))
     l2, g2 = trainer(build(), TC).grads(x, y)
     big = dataclasses.replace(TC, grad_accum=1, batch_size=4)
@@ -160,7 +197,9 @@ def test_accumulation_equals_one_big_batch(trainer):
 def test_bf16_trains(trainer):
     cfg = _cfg()
     tc = dataclasses.replace(TC, dtype="bfloat16", steps=12)
-    model = gptmod_torch.GPT(cfg) if trainer is TorchTrainer else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    model = (
+        gptmod_torch.GPT(cfg) if trainer is TorchTrainer else gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
+    )
     t = trainer(model, tc)
     x, y = _batch(np.random.default_rng(3), tc)
     losses = [float(t.step(x, y)["loss"]) for _ in range(12)]
@@ -172,7 +211,9 @@ def test_bf16_trains(trainer):
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     text = root / "text.txt"
-    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    text.write_text(
+        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+    )
     prepare(text, root / "data", val_fraction=0.1, progress=False)
     return root / "data"
 
@@ -186,8 +227,16 @@ def _run(framework, cfg, tc, data, out, **kw):
     return training.train(trainer, cfg, tc, data, out, framework=framework, progress=False, **kw)
 
 
-RUN = TrainConfig(steps=8, warmup_steps=2, batch_size=2, block_size=16, log_every=1, eval_every=4, eval_batches=2,
-                  ckpt_every=3)  # fmt: skip
+RUN = TrainConfig(
+    steps=8,
+    warmup_steps=2,
+    batch_size=2,
+    block_size=16,
+    log_every=1,
+    eval_every=4,
+    eval_batches=2,
+    ckpt_every=3,
+)
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
@@ -212,19 +261,26 @@ def test_resume_gives_the_same_loss_curve(framework, shards, tmp_path, monkeypat
     log = training.RunLog.read(tmp_path / "resumed" / "log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 9))  # one run, no duplicated or missing steps
     for a, b in zip(full, log, strict=True):
-        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"] and a.get("val_loss") == b.get("val_loss")
+        assert (
+            a["loss"] == b["loss"]
+            and a["grad_norm"] == b["grad_norm"]
+            and a.get("val_loss") == b.get("val_loss")
+        )
     final = training.load_checkpoint(tmp_path / "resumed" / "step_0000008")
     reference = training.load_checkpoint(tmp_path / "full" / "step_0000008")
     assert all(np.array_equal(final.state[k], reference.state[k]) for k in final.state)
 
 
 def test_checkpoints_move_between_frameworks(shards, tmp_path):
-    """A torch checkpoint resumes in JAX (canonical optimizer state): the next losses match torch's own."""
+    """A torch checkpoint resumes in JAX (canonical optimizer state): the
+    next losses match torch's own."""
     cfg = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
     torch_rows = _run("torch", cfg, RUN, shards, tmp_path / "torch")
     (tmp_path / "mixed").mkdir()
     ckpt = training.load_checkpoint(tmp_path / "torch" / "step_0000006")
-    training.save_checkpoint(tmp_path / "mixed", 6, ckpt.state, ckpt.optimizer, cfg, RUN, framework="torch")
+    training.save_checkpoint(
+        tmp_path / "mixed", 6, ckpt.state, ckpt.optimizer, cfg, RUN, framework="torch"
+    )
     jax_rows = _run("jax", cfg, RUN, shards, tmp_path / "mixed")
     assert [r["step"] for r in jax_rows] == [7, 8]
     for j, t in zip(jax_rows, torch_rows[6:], strict=True):
@@ -234,16 +290,24 @@ def test_checkpoints_move_between_frameworks(shards, tmp_path):
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = _cfg()
     torch_t, _, _ = _trainers(cfg)
-    first = training.save_checkpoint(tmp_path, 1, torch_t.export_state(), torch_t.export_optimizer(), cfg, TC,
-                                     framework="torch")  # fmt: skip
+    first = training.save_checkpoint(
+        tmp_path, 1, torch_t.export_state(), torch_t.export_optimizer(), cfg, TC, framework="torch"
+    )
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(training, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        training.save_checkpoint(tmp_path, 2, torch_t.export_state(), torch_t.export_optimizer(), cfg, TC,
-                                 framework="torch")  # fmt: skip
+        training.save_checkpoint(
+            tmp_path,
+            2,
+            torch_t.export_state(),
+            torch_t.export_optimizer(),
+            cfg,
+            TC,
+            framework="torch",
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]
     assert training.latest_checkpoint(tmp_path) == first
     assert training.load_checkpoint(first).step == 1
@@ -273,7 +337,9 @@ def test_train_config_errors(kw, msg):
 
 
 def test_train_checks_data_and_model_fit(shards, tmp_path):
-    with pytest.raises(ValueError, match=r"vocab_size=512 is smaller than the data's vocabulary \(50257, "):
+    with pytest.raises(
+        ValueError, match=r"vocab_size=512 is smaller than the data's vocabulary \(50257, "
+    ):
         _run("torch", _cfg(), RUN, shards, tmp_path)
     cfg = reduced("modern-gpt2", max_seq_len=8, vocab_size=50257)
     with pytest.raises(ValueError, match=r"block_size=16 exceeds the model's max_seq_len=8"):
@@ -283,12 +349,22 @@ def test_train_checks_data_and_model_fit(shards, tmp_path):
 def test_log_and_checkpoint_files(shards, tmp_path):
     cfg = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
     rows = _run("jax", cfg, RUN, shards, tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["framework"] == "jax" for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(
+        r["framework"] == "jax" for r in rows
+    )
     assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
     assert rows[0]["lr"] == lr_at(RUN, 0) and rows[-1]["lr"] == pytest.approx(RUN.min_lr)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "best", "latest", "log.jsonl", "model.safetensors",
-                                                          "step_0000003", "step_0000006", "step_0000008"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",
+        "best",
+        "latest",
+        "log.jsonl",
+        "model.safetensors",
+        "step_0000003",
+        "step_0000006",
+        "step_0000008",
+    ]
     meta = json.loads((tmp_path / "step_0000006" / "trainer.json").read_text())
     assert meta["step"] == meta["count"] == 6 and meta["framework"] == "jax"
     assert TrainConfig.from_dict(meta["train_config"]) == RUN

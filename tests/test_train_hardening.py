@@ -1,5 +1,5 @@
-"""Issue 17, training: refused eps/seed, no NaN saved, run-folder lock and overwrite, pointer and key checks,
-keep-last and best, extending a run, one seeded init for both twins, empty corpus."""
+"""Issue 17, training: refused eps/seed, no NaN saved, run-folder lock and overwrite, pointer and
+key checks, keep-last and best, extending a run, one seeded init for both twins, empty corpus."""
 
 from __future__ import annotations
 
@@ -22,8 +22,16 @@ from gptmod_torch.train import Trainer as TorchTrainer
 
 from conftest import reduced
 
-RUN = TrainConfig(steps=4, warmup_steps=1, batch_size=2, block_size=16, log_every=1, eval_every=2, eval_batches=1,
-                  ckpt_every=1)  # fmt: skip
+RUN = TrainConfig(
+    steps=4,
+    warmup_steps=1,
+    batch_size=2,
+    block_size=16,
+    log_every=1,
+    eval_every=2,
+    eval_batches=1,
+    ckpt_every=1,
+)
 CFG = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
 
 
@@ -31,7 +39,9 @@ CFG = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     text = root / "text.txt"
-    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200)))
+    text.write_text(
+        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
+    )
     prepare(text, root / "data", val_fraction=0.1, progress=False)
     return root / "data"
 
@@ -41,14 +51,18 @@ def _run(cfg, tc, data, out, framework="torch", **kw):
     if framework == "torch":
         trainer = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc)
     else:
-        trainer = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc)
+        trainer = JaxTrainer(
+            gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc
+        )
     return training.train(trainer, cfg, tc, data, out, framework=framework, progress=False, **kw)
 
 
 def test_eps_and_seed_are_checked():
     with pytest.raises(ValueError, match=r"TrainConfig.eps=0: must be > 0"):
         TrainConfig(eps=0)
-    with pytest.raises(ValueError, match=r"TrainConfig.seed=9223372036854775808: must be < 2\*\*63"):
+    with pytest.raises(
+        ValueError, match=r"TrainConfig.seed=9223372036854775808: must be < 2\*\*63"
+    ):
         TrainConfig(seed=2**63)
 
 
@@ -61,7 +75,8 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
         "v": {k: np.zeros_like(v) for k, v in state.items()},
     }
     with pytest.raises(
-        training.NonFiniteError, match=r"step 7: parameter 'blocks.1.mlp.w_up.weight' holds 1 non-finite"
+        training.NonFiniteError,
+        match=r"step 7: parameter 'blocks.1.mlp.w_up.weight' holds 1 non-finite",
     ):
         training.save_checkpoint(tmp_path, 7, state, opt, CFG, RUN, framework="torch")
     assert not any(tmp_path.iterdir())
@@ -103,7 +118,9 @@ def test_extend_steps_and_named_differences(shards, tmp_path, capsys):
 def test_pointer_step_and_missing_keys_are_refused(shards, tmp_path):
     _run(CFG, dataclasses.replace(RUN, steps=2), shards, tmp_path)
     (tmp_path / "latest").write_text("../elsewhere\n")
-    with pytest.raises(ValueError, match=r"names '../elsewhere'; it must name a step_NNNNNNN folder"):
+    with pytest.raises(
+        ValueError, match=r"names '../elsewhere'; it must name a step_NNNNNNN folder"
+    ):
         training.latest_checkpoint(tmp_path)
     meta_file = tmp_path / "step_0000002" / "trainer.json"
     meta = json.loads(meta_file.read_text())
@@ -138,7 +155,8 @@ def test_interrupt_names_the_last_checkpoint(shards, tmp_path, monkeypatch, caps
     with pytest.raises(KeyboardInterrupt):
         _run(CFG, RUN, shards, tmp_path)
     assert (
-        f"interrupted after 2 of 4 steps: the last checkpoint is {tmp_path / 'step_0000002'}" in capsys.readouterr().err
+        f"interrupted after 2 of 4 steps: the last checkpoint is {tmp_path / 'step_0000002'}"
+        in capsys.readouterr().err
     )
 
 
@@ -146,13 +164,22 @@ def test_same_seed_same_start_in_both_twins():
     cfg = reduced("modern-gpt2", vocab_size=512, max_seq_len=32)
     tc = dataclasses.replace(RUN, steps=2)
     state = training.init_state(cfg, 3)
-    assert abs(float(state["blocks.0.attn.wo.weight"].std()) - cfg.init_std / 2) < 0.1 * cfg.init_std / 2
+    assert (
+        abs(float(state["blocks.0.attn.wo.weight"].std()) - cfg.init_std / 2)
+        < 0.1 * cfg.init_std / 2
+    )
     t = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc)
-    j = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(9)), training.init_state(cfg, 3)), tc)
+    j = JaxTrainer(
+        gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(9)), training.init_state(cfg, 3)),
+        tc,
+    )
     st, sj = t.export_state(), j.export_state()
     assert all(np.array_equal(st[k], sj[k]) for k in st)
     ids = np.random.default_rng(0).integers(0, 512, (1, 2, 17))
-    lt, lj = t.step(ids[..., :-1], ids[..., 1:])["loss"], float(j.step(ids[..., :-1], ids[..., 1:])["loss"])
+    lt, lj = (
+        t.step(ids[..., :-1], ids[..., 1:])["loss"],
+        float(j.step(ids[..., :-1], ids[..., 1:])["loss"]),
+    )
     assert abs(lt - lj) < 1e-5 * lt
 
 
@@ -163,14 +190,18 @@ def test_prepare_refuses_an_empty_corpus_and_cli_says_overwrite(tmp_path, capsys
     assert not (tmp_path / "out").exists()
     (tmp_path / "a.txt").write_text("To be or not to be.\n")
     prepare(tmp_path / "a.txt", tmp_path / "out", progress=False)
-    assert cli.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        cli.main(["prepare", "--input", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "pass --overwrite to replace them" in err and "overwrite=True" not in err
 
 
 def test_eval_matches_an_independent_cross_entropy_in_both_twins(tmp_path, capsys):
-    """`gptmod eval --text`: the printed loss is the mean next-token cross-entropy over non-overlapping windows,
-    computed here from torch's logits in float64; torch and JAX agree; bad sources are named errors."""
+    """`gptmod eval --text`: the printed loss is the mean next-token cross-entropy over
+    non-overlapping windows, computed here from torch's logits in float64; torch and JAX agree; bad
+    sources are named errors."""
     import re
 
     import torch
@@ -191,28 +222,54 @@ def test_eval_matches_an_independent_cross_entropy_in_both_twins(tmp_path, capsy
     want = -logp.gather(-1, torch.from_numpy(wins[:, 1:]).long()[..., None]).mean().item()
     got = {}
     for fw in ("torch", "jax"):
-        argv = ["eval", "--weights", str(tmp_path / "m.safetensors"), "--text", str(tmp_path / "t.txt"),
-                "--framework", fw, "--block-size", str(block), "--batch-size", "3"]  # fmt: skip
+        argv = [
+            "eval",
+            "--weights",
+            str(tmp_path / "m.safetensors"),
+            "--text",
+            str(tmp_path / "t.txt"),
+            "--framework",
+            fw,
+            "--block-size",
+            str(block),
+            "--batch-size",
+            "3",
+        ]
         assert cli.main(argv) == 0
         out = capsys.readouterr().out
-        loss, ppl, n = re.search(r"loss ([\d.]+), perplexity ([\d.]+) over ([\d,]+) tokens", out).groups()
+        loss, ppl, n = re.search(
+            r"loss ([\d.]+), perplexity ([\d.]+) over ([\d,]+) tokens", out
+        ).groups()
         assert int(n.replace(",", "")) == wins.shape[0] * block
         assert abs(float(ppl) - np.exp(float(loss))) < 0.01 * float(ppl)
         got[fw] = float(loss)
     assert abs(got["torch"] - want) < 1e-3 and abs(got["jax"] - want) < 1e-3
     assert cli.main(["eval", "--weights", str(tmp_path / "m.safetensors")]) == 2
     assert "give exactly one of --data DIR or --text FILE" in capsys.readouterr().err
-    assert cli.main(["eval", "--weights", str(tmp_path / "m.safetensors"), "--text", str(tmp_path / "t.txt"),
-                     "--block-size", "64"]) == 2  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--weights",
+                str(tmp_path / "m.safetensors"),
+                "--text",
+                str(tmp_path / "t.txt"),
+                "--block-size",
+                "64",
+            ]
+        )
+        == 2
+    )
     assert "--block-size 64 exceeds the model's max_seq_len=32" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- the progress bar and Ctrl-C
+# ---------------------------------------------------------------------- the progress bar and Ctrl-C
 
 
 def test_progress_bar_moves_once_per_finished_step(shards, tmp_path, monkeypatch):
-    """Item 9: the bar moved only every --log-every steps and counted dispatched (unfinished) JAX steps. Each
-    update must now follow the read of that step's loss (the sync on the step), with log_every past the run."""
+    """Item 9: the bar moved only every --log-every steps and counted dispatched (unfinished) JAX
+    steps. Each update must now follow the read of that step's loss (the sync on the step), with
+    log_every past the run."""
     events: list[tuple[str, int]] = []
 
     class Loss:  # stands in for the step's device scalar: reading it is the wait for the step
@@ -249,7 +306,8 @@ def test_progress_bar_moves_once_per_finished_step(shards, tmp_path, monkeypatch
 
 
 def test_paused_time_is_left_out_of_the_rate():
-    """Item 9: an evaluation or checkpoint inside `paused` moves the bar's clocks, so rate and ETA skip it."""
+    """Item 9: an evaluation or checkpoint inside `paused` moves the bar's
+    clocks, so rate and ETA skip it."""
     import io
 
     from tqdm import tqdm
@@ -261,14 +319,17 @@ def test_paused_time_is_left_out_of_the_rate():
         pass
     assert (bar.start_t - start, bar.last_print_t - last) == (7.5, 7.5)
     off = tqdm(total=10, disable=True)
-    with training.paused(off, clock=iter([0.0, 9.0]).__next__):  # a disabled bar has no clocks to move
+    # a disabled bar has no clocks to move
+    with training.paused(off, clock=iter([0.0, 9.0]).__next__):
         pass
     bar.close()
 
 
-def test_ctrl_c_in_cli_training_prints_a_resume_command_that_resumes(shards, tmp_path, monkeypatch, capsys):
-    """Item 5: Ctrl-C in `gptmod train` exits 130, names the last checkpoint, and prints a command that, run as
-    printed, resumes from it and finishes."""
+def test_ctrl_c_in_cli_training_prints_a_resume_command_that_resumes(
+    shards, tmp_path, monkeypatch, capsys
+):
+    """Item 5: Ctrl-C in `gptmod train` exits 130, names the last checkpoint, and prints a command
+    that, run as printed, resumes from it and finishes."""
     import shlex
 
     from gptmod import data
@@ -276,9 +337,34 @@ def test_ctrl_c_in_cli_training_prints_a_resume_command_that_resumes(shards, tmp
     config = tmp_path / "cfg.json"
     config.write_text(CFG.to_json())
     out = tmp_path / "run"
-    argv = ["train", "--framework", "torch", "--no-compile", "--config", str(config), "--data", str(shards),
-            "--out", str(out), "--steps", "4", "--warmup-steps", "1", "--batch-size", "2", "--block-size", "16",
-            "--ckpt-every", "1", "--log-every", "1", "--eval-every", "0", "--eps", "1e-07"]  # fmt: skip
+    argv = [
+        "train",
+        "--framework",
+        "torch",
+        "--no-compile",
+        "--config",
+        str(config),
+        "--data",
+        str(shards),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "16",
+        "--ckpt-every",
+        "1",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--eps",
+        "1e-07",
+    ]
     real = data.TokenLoader.batch
 
     def crash(self, step):
@@ -300,24 +386,39 @@ def test_ctrl_c_in_cli_training_prints_a_resume_command_that_resumes(shards, tmp
     captured = capsys.readouterr()
     assert f"resuming from {out / 'step_0000002'}" in captured.err
     assert "done: 4 steps" in captured.out
-    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+    assert [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [
+        1,
+        2,
+        3,
+        4,
+    ]
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
-@pytest.mark.parametrize("ckpt_every, guard", [(1, r"parameter '[\w.]+' holds \d+ non-finite value\(s\)"),
-                                               (0, r"the training loss is (nan|inf)")])  # fmt: skip
+@pytest.mark.parametrize(
+    "ckpt_every, guard",
+    [
+        (1, r"parameter '[\w.]+' holds \d+ non-finite value\(s\)"),
+        (0, r"the training loss is (nan|inf)"),
+    ],
+)
 def test_a_diverging_run_stops_with_a_named_error(shards, tmp_path, framework, ckpt_every, guard):
-    """Item 1: a run that blows up must stop with a named error, leave every checkpoint it wrote finite, and
-    never write model.safetensors (before: it trained on, saved NaN and exited 0). Checkpointing every step,
-    the parameter check at the checkpoint fires first (the step's loss was computed before its update);
+    """Item 1: a run that blows up must stop with a named error, leave every checkpoint it wrote
+    finite, and never write model.safetensors (before: it trained on, saved NaN and exited 0).
+    Checkpointing every step, the parameter check at the checkpoint fires first (the step's loss was
+    computed before its update);
     without checkpoints, the next step's loss does."""
     from safetensors.numpy import load_file
 
-    tc = dataclasses.replace(RUN, lr=1e30, min_lr=0.0, steps=6, eval_every=0, grad_clip=0.0, ckpt_every=ckpt_every)
+    tc = dataclasses.replace(
+        RUN, lr=1e30, min_lr=0.0, steps=6, eval_every=0, grad_clip=0.0, ckpt_every=ckpt_every
+    )
     with pytest.raises(training.NonFiniteError, match=rf"step \d+: {guard}.*Lower --lr"):
         _run(CFG, tc, shards, tmp_path, framework=framework)
     assert not (tmp_path / "model.safetensors").exists()
     saved = sorted(tmp_path.glob("step_*"))
     assert len(saved) == (1 if ckpt_every else 0)  # step 1's, before the blow-up
     for ckpt in saved:
-        assert all(np.isfinite(v).all() for v in load_file(ckpt / "model.safetensors").values()), ckpt
+        assert all(np.isfinite(v).all() for v in load_file(ckpt / "model.safetensors").values()), (
+            ckpt
+        )
