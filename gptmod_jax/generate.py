@@ -4,19 +4,16 @@
 the static KV cache inside (so there is nothing to copy in), prefills the prompts in one pass, runs
 a `lax.while_loop` of decode steps with sampling, and stops early once every row has emitted eos.
 Prompt and new-token lengths are padded to power-of-two buckets, so a new length recompiles only
-when it crosses into a new bucket. `generate_stream` yields token by token for streaming; its decode
-step is jitted with the cache donated, so each step updates the cache in place. `use_cache=False` is
-the classic path without a cache, `recompute_logits` over the whole context every step, kept for
-measuring what the cache saves.
+when it crosses into a new bucket. `generate_stream` yields token by token for streaming: the same
+`decode_step`, jitted on its own with the cache donated, so each step updates the cache in place.
 `eos_id` may be several stop ids (Llama 3 has three). `Session` keeps one conversation's KV cache
 across calls (chat): each call prefills only what the cache does not already hold.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -41,8 +38,10 @@ from gptmod.sampling import (
     trim,
 )
 from gptmod.sampling import stop_ids as as_stop_ids  # `stop_ids` is Session.stream's argument
-from gptmod_jax import sharding
 from gptmod_jax.model import GPT
+from gptmod_jax.scan import ScannedLayers, cache_state
+
+# ----------------------------------------------------------------------------- sampling
 
 
 class Knobs(NamedTuple):
@@ -118,15 +117,17 @@ def sample(logits_BV: jax.Array, key: jax.Array, knobs: Knobs, flags: Flags) -> 
     )
 
 
+# ----------------------------------------------------------------------------- prefill and decode
+
+
 def prefill(
     model: GPT, tokens_BP: jax.Array, lens_B: jax.Array, start_B: jax.Array | None = None
 ) -> jax.Array:
-    """All prompts in one pass (right-padded), each row's tokens at
-    positions start..start+P-1 (start 0 by default; a Session passes where
-    its cache ends). Logits of each row's last real token, (B, V)."""
-    positions_BP = (
-        None  # every row from key 0: causal attention without a mask, which cuDNN takes as is
-    )
+    """All prompts in one pass (right-padded), each row's tokens at positions start..start+P-1
+    (start 0 by default; a Session passes where its cache ends). Logits of each row's last real
+    token, (B, V)."""
+    # None: every row from key 0, causal attention without a mask, which cuDNN takes as is
+    positions_BP = None
     if start_B is not None:
         positions_BP = jnp.arange(tokens_BP.shape[1])[None] + start_B[:, None]
     x_BPD, _ = model.trunk(tokens_BP, positions_BP)
@@ -139,70 +140,30 @@ def decode_one_token(model: GPT, tok_B: jax.Array, pos_B: jax.Array) -> jax.Arra
     return model.head(x_B1D[:, 0])
 
 
-def recompute_logits(model: GPT, tokens_BS: jax.Array, last_B: jax.Array) -> jax.Array:
-    """The classic path without a KV cache: the whole context again, every step. Logits (B, V) at
-    each row's last token; the causal mask keeps the padding after it out."""
-    x_BSD, _ = model.trunk(tokens_BS, None)
-    return model.head(x_BSD[jnp.arange(tokens_BS.shape[0]), last_B])
+def decode_step(
+    model: GPT, tok_B: jax.Array, pos_B: jax.Array, key: jax.Array, knobs: Knobs, flags: Flags
+) -> tuple[jax.Array, jax.Array]:
+    """The decode loop's body, shared by `generate` (inside its `while_loop`), `generate_stream`
+    and Session (each step jitted): feed the last tokens, sample the next. (tokens, next key)."""
+    key, sub = jax.random.split(key)
+    return sample(decode_one_token(model, tok_B, pos_B), sub, knobs, flags), key
 
 
-class ScannedLayers:
-    """`model` with its blocks stacked into one state (leading axis: layer)
-    that `lax.scan` runs through:
-    XLA then compiles one block instead of n_layer copies, so compile time stops growing with depth
-    (`python -m gptmod.bench` measures both). The price is the stacking, a copy of the block weights
-    once per `generate` call, and with a cache, scan writing the stacked cache out anew every step.
-    Stands in for the model in `prefill`, `decode_one_token` and `recompute_logits`: it has their
-    `trunk` and `head`."""
-
-    def __init__(self, model: GPT):
-        # the same graph each
-        splits = [nnx.split(block, nnx.Param, nnx.Cache) for block in model.blocks]
-        stack = lambda *xs: jnp.stack(xs)
-        self.model, self.block_graphdef = model, splits[0][0]
-        self.params_L = jax.tree.map(stack, *[params for _, params, _ in splits])
-        self.cache_L = jax.tree.map(stack, *[cache for _, _, cache in splits])
-
-    def with_cache(self, cache_L: nnx.State) -> ScannedLayers:
-        new = copy.copy(self)
-        new.cache_L = cache_L
-        return new
-
-    def trunk(self, idx_BT: jax.Array, positions_BT: jax.Array | None) -> tuple[jax.Array, list]:
-        x_BTD, inputs = self.model.embed(idx_BT, positions_BT)
-
-        def layer(x_BTD: jax.Array, state: tuple) -> tuple[jax.Array, nnx.State]:
-            block = nnx.merge(self.block_graphdef, *state)
-            x_BTD = block(x_BTD, inputs)
-            return sharding.constrain(x_BTD, ("batch", None, None)), nnx.state(block, nnx.Cache)
-
-        x_BTD, self.cache_L = jax.lax.scan(layer, x_BTD, (self.params_L, self.cache_L))
-        return x_BTD, []  # no per-layer hidden states: generation never asks for them
-
-    def head(self, x_BTD: jax.Array) -> jax.Array:
-        return self.model.head(x_BTD)
+# ----------------------------------------------------------------------------- generate
 
 
-def _cache_state(net: GPT | ScannedLayers) -> tuple[nnx.State, Callable]:
-    """The KV cache of `net` as pure state for a loop to carry, and how to
-    rebuild `net` around a new one."""
-    if isinstance(net, ScannedLayers):
-        return net.cache_L, net.with_cache
-    graphdef, params, cache = nnx.split(net, nnx.Param, nnx.Cache)
-    return cache, lambda cache: nnx.merge(graphdef, params, cache)
+class _Loop(NamedTuple):
+    """What the decode loop carries from step to step."""
 
-
-class _Step(NamedTuple):
     i: jax.Array  # number of tokens generated so far
     tok_B: jax.Array
     done_B: jax.Array
     out_BM: jax.Array
-    # the KV cache, or (use_cache=False) the (B, cache_len) token buffer
-    context: nnx.State | jax.Array
+    cache: nnx.State
     key: jax.Array
 
 
-@partial(jax.jit, static_argnames=("graphdef", "plan", "flags", "use_cache", "scan_layers"))
+@partial(jax.jit, static_argnames=("graphdef", "plan", "flags", "scan_layers"))
 def _generate(
     graphdef,
     params,
@@ -215,46 +176,30 @@ def _generate(
     *,
     plan: Plan,
     flags: Flags,
-    use_cache: bool = True,
     scan_layers: bool = False,
 ):
     model = nnx.merge(graphdef, params)
-    key, sub = jax.random.split(key)
-    rows_B = jnp.arange(plan.rows)
-    if use_cache:
-        # allocated inside the jit: nothing to transfer or donate
-        model.setup_cache(plan.rows, plan.cache_len)
+    # allocated inside the jit: nothing to transfer or donate
+    model.setup_cache(plan.rows, plan.cache_len)
     net = ScannedLayers(model) if scan_layers else model
-    if use_cache:
-        tok_B = sample(prefill(net, tokens_BP, lens_B), sub, knobs, flags)
-        context, with_cache = _cache_state(net)
-    else:
-        context = (
-            jnp.zeros((plan.rows, plan.cache_len), jnp.int32)
-            .at[:, : plan.prompt_len]
-            .set(tokens_BP)
-        )
-        tok_B = sample(recompute_logits(net, context, lens_B - 1), sub, knobs, flags)
+    key, sub = jax.random.split(key)
+    tok_B = sample(prefill(net, tokens_BP, lens_B), sub, knobs, flags)
+    cache, with_cache = cache_state(net)
     out_BM = jnp.zeros((plan.rows, plan.new_len), jnp.int32).at[:, 0].set(tok_B)
     done_B = is_stop(tok_B, knobs, flags) | ~live_B  # padding rows are done from the start
 
-    def cond(s: _Step) -> jax.Array:
+    def cond(s: _Loop) -> jax.Array:
         return (s.i < max_new) & ~jnp.all(s.done_B)
 
-    def body(s: _Step) -> _Step:
-        key, sub = jax.random.split(s.key)
+    def body(s: _Loop) -> _Loop:
+        step_net = with_cache(s.cache)
         pos_B = lens_B + s.i - 1  # where the last generated token sits
-        if use_cache:
-            step_net = with_cache(s.context)
-            tok_B = sample(decode_one_token(step_net, s.tok_B, pos_B), sub, knobs, flags)
-            context, _ = _cache_state(step_net)
-        else:
-            context = s.context.at[rows_B, pos_B].set(s.tok_B)
-            tok_B = sample(recompute_logits(net, context, pos_B), sub, knobs, flags)
+        tok_B, key = decode_step(step_net, s.tok_B, pos_B, s.key, knobs, flags)
         done_B = s.done_B | is_stop(tok_B, knobs, flags)
-        return _Step(s.i + 1, tok_B, done_B, s.out_BM.at[:, s.i].set(tok_B), context, key)
+        out_BM = s.out_BM.at[:, s.i].set(tok_B)
+        return _Loop(s.i + 1, tok_B, done_B, out_BM, cache_state(step_net)[0], key)
 
-    final = jax.lax.while_loop(cond, body, _Step(jnp.int32(1), tok_B, done_B, out_BM, context, key))
+    final = jax.lax.while_loop(cond, body, _Loop(jnp.int32(1), tok_B, done_B, out_BM, cache, key))
     return final.out_BM, final.i
 
 
@@ -279,18 +224,15 @@ def generate(
     min_p: float | None = None,
     eos_id: StopIds = None,
     seed: int = 0,
-    use_cache: bool = True,
     scan_layers: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
 
     Returns one list per prompt, ending at its first stop id inclusive when one is emitted
     (`eos_id`: an int, a sequence of ints such as Llama 3's three, or None).
-    `use_cache=False` recomputes the whole (padded) context every step instead of
-    reading the KV cache: the same tokens, at O(T^2) cost, for measuring what the
-    cache saves. `scan_layers=True` runs the blocks under `lax.scan`
-    (`ScannedLayers`): the same tokens, compiled once per block instead of once per
-    layer (JAX only: torch has no compile step that grows with depth this way)."""
+    `scan_layers=True` runs the blocks under `lax.scan` (gptmod_jax/scan.py): the same tokens,
+    compiled once per block instead of once per layer (JAX only: torch has no compile step that
+    grows with depth this way)."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     p, tokens_BP, lens_B, live_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
@@ -308,11 +250,13 @@ def generate(
         jax.random.key(seed),
         plan=dataclasses.replace(p, batch=p.rows),
         flags=flags,
-        use_cache=bool(use_cache),
         scan_layers=bool(scan_layers),
     )
     n = int(n)
     return trim(np.asarray(out_BM)[: p.batch], [n] * p.batch, eos_id)
+
+
+# ----------------------------------------------------------------------------- generate_stream
 
 
 @partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))
@@ -323,19 +267,11 @@ def _prefill_step(graphdef, params, cache, tokens_BP, lens_B, knobs: Knobs, key,
     return tok_B, nnx.state(model, nnx.Cache), key
 
 
-@partial(jax.jit, static_argnames=("graphdef", "flags"))
-def _recompute_step(graphdef, params, tokens_BS, last_B, knobs: Knobs, key, *, flags: Flags):
-    key, sub = jax.random.split(key)
-    return sample(
-        recompute_logits(nnx.merge(graphdef, params), tokens_BS, last_B), sub, knobs, flags
-    ), key
-
-
 @partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))
 def _decode_step(graphdef, params, cache, tok_B, pos_B, knobs: Knobs, key, *, flags: Flags):
+    """`decode_step` jitted on its own, the cache donated (XLA updates it in place)."""
     model = nnx.merge(graphdef, params, cache)
-    key, sub = jax.random.split(key)
-    tok_B = sample(decode_one_token(model, tok_B, pos_B), sub, knobs, flags)
+    tok_B, key = decode_step(model, tok_B, pos_B, key, knobs, flags)
     return tok_B, nnx.state(model, nnx.Cache), key
 
 
@@ -349,34 +285,30 @@ def generate_stream(
     min_p: float | None = None,
     eos_id: StopIds = None,
     seed: int = 0,
-    use_cache: bool = True,
 ) -> Iterator[list[int | None]]:
     """Step-wise `generate`: yields one token per row per step (None for rows that have finished).
 
-    The same seed gives the same tokens as `generate`. The cache is donated to each jitted step, so
-    XLA updates it in place instead of copying it every token. `use_cache=False` recomputes the
-    whole (padded) context every step instead."""
+    The same seed gives the same tokens as `generate`: the same `decode_step`, jitted per step
+    instead of inside one `while_loop`. The cache is donated to each jitted step, so XLA updates
+    it in place instead of copying it every token."""
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     p, tokens_BP, lens_B, live_B = _prepare(model, prompts, max_new_tokens, params)
     knobs, flags = _split_params(params)
-    if not use_cache:
-        yield from _recompute_stream(
-            model, p, tokens_BP, lens_B, live_B, max_new_tokens, knobs, flags, params
-        )
-        return
     model.setup_cache(p.rows, p.cache_len)
     try:
         graphdef, state, cache = nnx.split(model, nnx.Param, nnx.Cache)
     finally:
         model.clear_cache()  # the caller's model is left as it was
+    key = jax.random.key(seed)
     tok_B, cache, key = _prefill_step(
-        graphdef, state, cache, tokens_BP, lens_B, knobs, jax.random.key(seed), flags=flags
+        graphdef, state, cache, tokens_BP, lens_B, knobs, key, flags=flags
     )
     done = ~live_B  # padding rows: done from the start, never yielded
     for i in range(max_new_tokens):
         if i > 0:
+            pos_B = lens_B + i - 1
             tok_B, cache, key = _decode_step(
-                graphdef, state, cache, tok_B, lens_B + i - 1, knobs, key, flags=flags
+                graphdef, state, cache, tok_B, pos_B, knobs, key, flags=flags
             )
         toks = np.asarray(tok_B)
         yield [None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)]
@@ -386,36 +318,7 @@ def generate_stream(
                 return
 
 
-def _recompute_stream(
-    model: GPT,
-    p: Plan,
-    tokens_BP,
-    lens_B,
-    live_B: np.ndarray,
-    max_new_tokens: int,
-    knobs: Knobs,
-    flags: Flags,
-    params: SamplingParams,
-) -> Iterator[list[int | None]]:
-    graphdef, state = nnx.split(model, nnx.Param)
-    tokens_BS = jnp.zeros((p.rows, p.cache_len), jnp.int32).at[:, : p.prompt_len].set(tokens_BP)
-    rows_B = jnp.arange(p.rows)
-    tok_B, key = _recompute_step(
-        graphdef, state, tokens_BS, lens_B - 1, knobs, jax.random.key(params.seed), flags=flags
-    )
-    done = ~live_B
-    for i in range(max_new_tokens):
-        if i > 0:
-            tokens_BS = tokens_BS.at[rows_B, lens_B + i - 1].set(tok_B)
-            tok_B, key = _recompute_step(
-                graphdef, state, tokens_BS, lens_B + i - 1, knobs, key, flags=flags
-            )
-        toks = np.asarray(tok_B)
-        yield [None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)]
-        if flags.eos:
-            done |= np.isin(toks, params.eos_ids)
-            if done.all():
-                return
+# ----------------------------------------------------------------------------- session
 
 
 @partial(jax.jit, static_argnames=("graphdef", "flags"), donate_argnames=("cache",))

@@ -6,9 +6,7 @@ over the right-padded prompts, then one `decode_one_token` per step. `compile=Tr
 fixed, so it compiles once per batch and cache size); `compile="reduce-overhead"` also
 captures it as a CUDA graph (CUDA only), so a batch-1 step costs one graph launch
 instead of hundreds of kernel launches; without it, generation runs eagerly.
-`use_cache=False` is the classic path without a cache, `recompute_logits` over the whole context
-every step, kept for measuring what the cache saves. `generate_stream` yields token by token;
-`generate` collects it.
+`generate_stream` yields token by token; `generate` collects it, so one decode loop serves both.
 `eos_id` may be several stop ids (Llama 3 has three). `Session` keeps one conversation's KV cache
 across calls (chat): each call prefills only what the cache does not already hold.
 """
@@ -38,6 +36,8 @@ from gptmod.sampling import (
 )
 from gptmod.sampling import stop_ids as as_stop_ids  # `stop_ids` is Session.stream's argument
 from gptmod_torch.model import GPT, KVCache
+
+# ----------------------------------------------------------------------------- sampling
 
 
 class Knobs(NamedTuple):
@@ -103,6 +103,9 @@ def sample(
     return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
 
 
+# ----------------------------------------------------------------------------- prefill and decode
+
+
 def prefill(
     model: GPT, tokens_BP: torch.Tensor, lens_B: torch.Tensor, start_B: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -126,11 +129,21 @@ def decode_one_token(model: GPT, tok_B: torch.Tensor, pos_B: torch.Tensor) -> to
     return model.head(x_B1D[:, 0])
 
 
-def recompute_logits(model: GPT, tokens_BS: torch.Tensor, last_B: torch.Tensor) -> torch.Tensor:
-    """The classic path without a KV cache: the whole context again, every step. Logits (B, V) at
-    each row's last token; the causal mask keeps the padding after it out."""
-    x_BSD, _ = model.trunk(tokens_BS, None)
-    return model.head(x_BSD[torch.arange(tokens_BS.shape[0], device=tokens_BS.device), last_B])
+def decode_step(
+    model: GPT,
+    tok_B: torch.Tensor,
+    pos_B: torch.Tensor,
+    generator: torch.Generator,
+    knobs: Knobs,
+    flags: Flags,
+    mode: str | None = None,
+) -> torch.Tensor:
+    """The decode loop's body, shared by `generate_stream` (and so `generate`) and Session: feed the
+    last tokens, sample the next. `mode`: torch.compile's mode for the forward (None: eager)."""
+    return sample(_step_fn(decode_one_token, mode)(model, tok_B, pos_B), generator, knobs, flags)
+
+
+# ----------------------------------------------------------------------------- compiling the step
 
 
 COMPILE_MODES = ("default", "reduce-overhead")
@@ -247,6 +260,49 @@ def _setup_cache(model: GPT, batch: int, cache_len: int, mode: str | None) -> No
         block.attn.kv_cache = cache
 
 
+# ----------------------------------------------------------------------------- generate
+
+
+def generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    eos_id: StopIds = None,
+    seed: int = 0,
+    compile: Compile = False,
+) -> list[list[int]]:
+    """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
+
+    Returns one list per prompt, ending at its first stop id inclusive when one is
+    emitted (`eos_id`: an int, a sequence of ints such as Llama 3's three, or None).
+    `compile`: False (eager), True or "default" (torch.compile of the decode step),
+    "reduce-overhead" (that step as a CUDA graph; a CUDA model only). It collects
+    `generate_stream`: one decode loop serves both."""
+    steps = list(
+        generate_stream(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            eos_id,
+            seed,
+            compile,
+        )
+    )
+    rows = [[s[b] for s in steps if s[b] is not None] for b in range(len(steps[0]))]
+    return trim(rows, [len(r) for r in rows], eos_id)
+
+
+# ----------------------------------------------------------------------------- generate_stream
+
+
 @torch.no_grad()
 def generate_stream(
     model: GPT,
@@ -259,14 +315,11 @@ def generate_stream(
     eos_id: StopIds = None,
     seed: int = 0,
     compile: Compile = False,
-    use_cache: bool = True,
 ) -> Iterator[list[int | None]]:
     """Step-wise `generate`: yields one token per row per step (None for rows that have finished).
 
-    `compile=True` (or "default") compiles the step with torch.compile
-    (first call pays the compile); "reduce-overhead" also captures it as a
-    CUDA graph (a CUDA model only). `use_cache=False` recomputes the whole
-    (padded) context every step instead of reading the KV cache."""
+    `compile=True` (or "default") compiles the step with torch.compile (first call pays the
+    compile); "reduce-overhead" also captures it as a CUDA graph (a CUDA model only)."""
     mode = compile_mode(compile)
     params = SamplingParams(temperature, top_k, top_p, min_p, eos_id, seed)
     if model.blocks[0].attn.kv_cache is not None:
@@ -282,26 +335,13 @@ def generate_stream(
     lens_B = torch.from_numpy(lens_np).long().to(device)
     knobs, flags = _split_params(params)
     generator = torch.Generator(device=device).manual_seed(seed)
-    if use_cache:
-        decode = _step_fn(decode_one_token, mode)
-        _setup_cache(model, p.rows, p.cache_len, mode)
-    else:
-        recompute = _step_fn(recompute_logits, mode)
-        tokens_BS = torch.zeros((p.rows, p.cache_len), dtype=torch.long, device=device)
-        tokens_BS[:, : p.prompt_len] = tokens_BP
-        rows_B = torch.arange(p.rows, device=device)
+    _setup_cache(model, p.rows, p.cache_len, mode)
     try:
-        if use_cache:
-            tok_B = sample(prefill(model, tokens_BP, lens_B), generator, knobs, flags)
-        else:
-            tok_B = sample(recompute(model, tokens_BS, lens_B - 1), generator, knobs, flags)
+        tok_B = sample(prefill(model, tokens_BP, lens_B), generator, knobs, flags)
         done = ~live_B  # padding rows: done from the start, never yielded
         for i in range(max_new_tokens):
-            if i > 0 and use_cache:
-                tok_B = sample(decode(model, tok_B, lens_B + i - 1), generator, knobs, flags)
-            elif i > 0:
-                tokens_BS[rows_B, lens_B + i - 1] = tok_B
-                tok_B = sample(recompute(model, tokens_BS, lens_B + i - 1), generator, knobs, flags)
+            if i > 0:
+                tok_B = decode_step(model, tok_B, lens_B + i - 1, generator, knobs, flags, mode)
             toks = tok_B.cpu().numpy()
             yield [
                 None if d else int(t) for t, d in zip(toks[: p.batch], done[: p.batch], strict=True)
@@ -314,44 +354,7 @@ def generate_stream(
         model.clear_cache()  # the caller's model is left as it was, even if the stream is abandoned
 
 
-def generate(
-    model: GPT,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    eos_id: StopIds = None,
-    seed: int = 0,
-    compile: Compile = False,
-    use_cache: bool = True,
-) -> list[list[int]]:
-    """Continue each prompt (token-id lists of any lengths) by up to `max_new_tokens` tokens.
-
-    Returns one list per prompt, ending at its first stop id inclusive when one is
-    emitted (`eos_id`: an int, a sequence of ints such as Llama 3's three, or None).
-    `compile`: False (eager), True or "default" (torch.compile of the decode step),
-    "reduce-overhead" (that step as a CUDA graph; a CUDA model only). `use_cache=False`
-    recomputes the whole (padded) context every step instead of reading the KV cache:
-    the same tokens, at O(T^2) cost, for measuring what the cache saves."""
-    steps = list(
-        generate_stream(
-            model,
-            prompts,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            eos_id,
-            seed,
-            compile,
-            use_cache,
-        )
-    )
-    rows = [[s[b] for s in steps if s[b] is not None] for b in range(len(steps[0]))]
-    return trim(rows, [len(r) for r in rows], eos_id)
+# ----------------------------------------------------------------------------- session
 
 
 class Session:
@@ -435,17 +438,16 @@ class Session:
         knobs, flags = _split_params(params)
         device = self.model.tok_emb.weight.device
         generator = torch.Generator(device=device).manual_seed(params.seed)
-        decode = _step_fn(decode_one_token, self._mode)
         _, tok_1 = self._extend(ids, max_new_tokens, knobs, flags, generator)
         stops, tok = set(params.eos_ids), int(tok_1[0])
         for i in range(max_new_tokens):
             if i > 0:  # feed the token yielded last, at the next position
+                pos_1 = torch.tensor([len(self.tokens)], device=device)
                 with self._installed():
-                    logits_1V = decode(
-                        self.model, tok_1, torch.tensor([len(self.tokens)], device=device)
+                    tok_1 = decode_step(
+                        self.model, tok_1, pos_1, generator, knobs, flags, self._mode
                     )
                 self.tokens.append(tok)
-                tok_1 = sample(logits_1V, generator, knobs, flags)
                 tok = int(tok_1[0])
             yield tok
             if tok in stops:

@@ -383,7 +383,7 @@ def _jax_softcap_skipped_in_generate():
             return logits.astype(jm.compute_dtype(x_BTD.dtype))
 
     out = []
-    for name in ("prefill", "decode_one_token", "recompute_logits"):
+    for name in ("prefill", "decode_one_token"):
         orig = getattr(jg, name)
         out.append((jg, name, lambda net, *a, _orig=orig, **kw: _orig(NoCap(net), *a, **kw)))
     return out

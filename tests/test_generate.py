@@ -211,37 +211,12 @@ def test_eos_stops_each_row(pair, framework):
     assert all(s[0] is None for s in steps[len(out[0]) :])
 
 
-@pytest.mark.parametrize("framework", ["torch", "jax"])
-def test_recompute_without_cache_gives_the_cached_tokens(pair, framework):
-    # use_cache=False is the O(T^2) path the benchmark compares against: same model, same tokens.
-    _, tm, jm = pair
-    gen, stream, model = (
-        (tg.generate, tg.generate_stream, tm)
-        if framework == "torch"
-        else (jg.generate, jg.generate_stream, jm)
-    )
-    cached = gen(model, PROMPTS, 20)
-    assert gen(model, PROMPTS, 20, use_cache=False) == cached
-    kw = dict(temperature=0.9, top_k=50, seed=3)
-    sampled = gen(model, PROMPTS, 12, **kw)
-    steps = list(stream(model, PROMPTS, 12, use_cache=False, **kw))
-    assert [[s[b] for s in steps] for b in range(3)] == sampled
-    eos = cached[0][3]
-    assert gen(model, PROMPTS, 20, eos_id=eos, use_cache=False) == gen(
-        model, PROMPTS, 20, eos_id=eos
-    )
-    assert model.blocks[0].attn.kv_cache is None
-
-
 def test_jax_scanned_layers_give_the_same_tokens(pair):
     _, _, jm = pair
     assert jg.generate(jm, PROMPTS, 24, scan_layers=True) == jg.generate(jm, PROMPTS, 24)
     kw = dict(temperature=0.9, top_k=50, top_p=0.95, seed=3)
     assert jg.generate(jm, PROMPTS, 16, scan_layers=True, **kw) == jg.generate(
         jm, PROMPTS, 16, **kw
-    )
-    assert jg.generate(jm, PROMPTS, 12, scan_layers=True, use_cache=False) == jg.generate(
-        jm, PROMPTS, 12
     )
     eos = jg.generate(jm, PROMPTS, 8)[0][3]
     assert jg.generate(jm, PROMPTS, 8, eos_id=eos, scan_layers=True) == jg.generate(
@@ -789,9 +764,6 @@ def test_compile_true_is_default_mode_and_is_compiled_once(fake_compiler):
     assert list(tg.Session(model, compile="default").stream(PROMPTS[0], 6)) == eager[0]
     # one step, one compile
     assert fake_compiler.calls == [dict(fullgraph=True, dynamic=False, mode="default")]
-    tg.generate(model, PROMPTS, 6, compile=True, use_cache=False)
-    # the recompute step
-    assert fake_compiler.calls[1:] == [dict(fullgraph=True, dynamic=False, mode="default")]
     assert fake_compiler.marks == []  # no CUDA-graph step boundaries outside "reduce-overhead"
 
 
@@ -939,8 +911,8 @@ def test_a_prefill_from_key_0_attends_without_a_mask_and_equals_the_masked_one(
 def test_jax_generate_lowers_in_float16_on_the_cpu():
     """float16 under jit on the CPU: jax.nn.dot_product_attention's XLA path cannot lower it there
     (F16_F16_F32 dot_general), so the cached prefill keeps the twin's own XLA attention and generate
-    runs. (use_cache=False, which goes through dot_product_attention, still cannot: a known limit of
-    float16 on the CPU.)"""
+    runs. (A full forward without a cache goes through dot_product_attention and still cannot: a
+    known limit of float16 on the CPU.)"""
     cfg = reduced("tiny")
     model = gptmod_jax.load_state(
         gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), dtype=jnp.float16), torch_pair_state(cfg)

@@ -408,9 +408,7 @@ def test_twin_generate_and_train_offer_the_same_api(module):
     # torch's Trainer.model is the module it was given; JAX's merges one on demand
     if module == "train.py":
         j["Trainer"] = [m for m in j["Trainer"] if m != "model"]
-    # scan over layers is JAX's lever for compile time, which torch has no need of
     if module == "generate.py":
-        assert j.pop("ScannedLayers") == ["head", "trunk", "with_cache"]
         # torch.compile's modes (CUDA graphs among them) are torch's lever;
         # JAX jits the whole loop once
         t[""].remove("compile_mode")
@@ -446,3 +444,36 @@ def test_every_shape_suffix_in_the_twins_is_a_letter_of_the_design_table():
             if m and not set(m.group(1)) <= letters:
                 bad.setdefault(f"{path.parent.name}/{path.name}", set()).add(name)
     assert not bad, f"shape suffixes with letters outside DESIGN.md's table: {bad}"
+
+
+# What only one twin has, by design: the framework's own lever (torch.compile's modes and the code
+# that compiles the step; JAX's scan over layers lives in gptmod_jax/scan.py, which has no twin).
+ONLY_TORCH = {"generate.py": {"sections": ["compiling the step"], "names": ["compile_mode"]}}
+
+
+def _sections(path: Path) -> list[str]:
+    return re.findall(r"^# -{5,} (\S.*)$", path.read_text(), flags=re.M)
+
+
+def _public_in_order(path: Path) -> list[str]:
+    defs = (ast.FunctionDef, ast.ClassDef)
+    body = ast.parse(path.read_text()).body
+    return [n.name for n in body if isinstance(n, defs) and not n.name.startswith("_")]
+
+
+@pytest.mark.parametrize("module", ["model.py", "generate.py", "train.py"])
+def test_twin_files_have_the_same_sections_and_public_names_in_the_same_order(module):
+    t, j = ROOT / "gptmod_torch" / module, ROOT / "gptmod_jax" / module
+    only = ONLY_TORCH.get(module, {})
+    sections_t = [s for s in _sections(t) if s not in only.get("sections", [])]
+    assert sections_t == _sections(j), f"{module}: the twins' sections differ or are out of order"
+    names_t = [n for n in _public_in_order(t) if n not in only.get("names", [])]
+    assert names_t == _public_in_order(j), f"{module}: public names differ or are out of order"
+    if module == "generate.py":
+        assert _sections(j) == [
+            "sampling",
+            "prefill and decode",
+            "generate",
+            "generate_stream",
+            "session",
+        ]
