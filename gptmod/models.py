@@ -1,0 +1,124 @@
+"""One model builder for every caller (the CLI, the bench, parity, transfer-report, the tests).
+
+`build("torch" | "jax" | "hf", cfg, state)` gives a model on `state` (canonical weights) or, with
+`state=None`, on a seeded random init: torch draws from `torch.manual_seed(seed)`, JAX from
+`nnx.Rngs(seed)`, HF from its own init under `torch.manual_seed(seed)`. Framework-free until called:
+each framework is imported only when its model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gptmod.config import ModelConfig
+
+FRAMEWORKS = ("torch", "jax", "hf")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def build(
+    framework: str,
+    cfg: ModelConfig,
+    state: Mapping[str, np.ndarray] | None = None,
+    *,
+    dtype: str = "float32",
+    backend: str | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    kernels: bool = True,
+) -> Any:
+    """The `framework` model of `cfg` on `state`, its parameters in `dtype`, in eval mode.
+
+    `backend` is the attention backend (None: the twin's default, "sdpa" / "auto"); `device` is
+    "cpu" or "gpu"; `kernels` swaps in the twins' CPU decode fast paths (their kernels.py). "hf" is
+    transformers' LlamaForCausalLM (GPT2LMHeadModel for a classic config) with the same weights and
+    without the soft-cap, which neither has."""
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework={framework!r}: choose one of {', '.join(FRAMEWORKS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device={device!r}: choose 'cpu' or 'gpu'")
+    if framework == "torch":
+        return _torch(cfg, state, dtype, backend, seed, device, kernels)
+    if framework == "jax":
+        return _jax(cfg, state, dtype, backend, seed, device, kernels)
+    return _hf(cfg, state, dtype, seed, device)
+
+
+def _torch(cfg, state, dtype, backend, seed, device, kernels):
+    import torch
+
+    import gptmod_torch
+
+    torch.manual_seed(seed)
+    model = gptmod_torch.GPT(cfg, attn_backend=backend or "sdpa", kernels=kernels)
+    model = model.to(device="cuda" if device == "gpu" else "cpu", dtype=getattr(torch, dtype))
+    if state is not None:
+        gptmod_torch.load_state(model, state)
+    return model.eval()
+
+
+def _jax(cfg, state, dtype, backend, seed, device, kernels):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import gptmod_jax
+
+    with jax.default_device(jax.devices(device)[0]):
+        model = gptmod_jax.GPT(
+            cfg,
+            rngs=nnx.Rngs(seed),
+            attn_backend=backend or "auto",
+            dtype=getattr(jnp, dtype),
+            kernels=kernels,
+        )
+        return model if state is None else gptmod_jax.load_state(model, state)
+
+
+def _hf(cfg, state, dtype, seed, device):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if cfg.is_classic:
+        hf_cfg = GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.max_seq_len,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            layer_norm_epsilon=cfg.norm_eps,
+        )
+        model = GPT2LMHeadModel(hf_cfg)
+        if state is not None:
+            from gptmod.hf_gpt2 import to_hf_gpt2
+
+            _load_hf_state(model, to_hf_gpt2(state, cfg))
+    else:
+        from gptmod.hf_llama import config_to_hf, to_hf_llama
+
+        # the soft-cap only: everything else is Llama's
+        llama = dataclasses.replace(cfg, logit_softcap=None)
+        model = LlamaForCausalLM(LlamaConfig(**config_to_hf(llama)))
+        if state is not None:
+            _load_hf_state(model, to_hf_llama(state, llama))
+    tdev = "cuda" if device == "gpu" else "cpu"
+    return model.to(device=tdev, dtype=getattr(torch, dtype)).eval()
+
+
+def _load_hf_state(model: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Every tensor of `tensors` into `model`; tied heads are the one key allowed to be missing."""
+    import torch
+
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in tensors.items()}, strict=False
+    )
+    missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"HF model: missing {missing}, unexpected {unexpected}")
