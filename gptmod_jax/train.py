@@ -30,7 +30,7 @@ from flax import nnx
 from gptmod.training import TrainConfig, decays, lr_at
 from gptmod.weights import check_state
 from gptmod_jax import sharding
-from gptmod_jax.model import _LEAF_TO_CANONICAL, GPT
+from gptmod_jax.model import GPT
 
 
 def loss_fn(model: GPT, x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
@@ -66,9 +66,10 @@ class Trainer:
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(params)
         self.names: list[str] = []
-        for path, _ in leaves:
-            *prefix, leaf = (str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-            self.names.append(".".join([*prefix, _LEAF_TO_CANONICAL[leaf]]))
+        for path, _ in leaves:  # NNX paths are canonical names already (model.py's own layers)
+            self.names.append(
+                ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+            )
         # Copies (with the parameters' shardings): the step donates them,
         # which must not delete the model's arrays.
         self.params = {
