@@ -294,13 +294,20 @@ def _token_spans(a: str, b: str) -> tuple[list[tuple[int, int]], list[tuple[int,
     ta, tb = _WORD.findall(a), _WORD.findall(b)
     pa = [0, *itertools.accumulate(len(t) for t in ta)]
     pb = [0, *itertools.accumulate(len(t) for t in tb)]
+
+    def span(text: str, lo: int, hi: int) -> list[tuple[int, int]]:
+        # the spaces at either end are not marked: they would underline blank indentation
+        piece = text[lo:hi]
+        if not piece.strip():
+            return []
+        start = lo + len(piece) - len(piece.lstrip())
+        return [(start, start + len(piece.strip()))]
+
     sa, sb = [], []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes():
         if op != "equal":
-            if i2 > i1 and a[pa[i1] : pa[i2]].strip():
-                sa.append((pa[i1], pa[i2]))
-            if j2 > j1 and b[pb[j1] : pb[j2]].strip():
-                sb.append((pb[j1], pb[j2]))
+            sa += span(a, pa[i1], pa[i2])
+            sb += span(b, pb[j1], pb[j2])
     return sa, sb
 
 

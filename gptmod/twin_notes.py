@@ -698,13 +698,13 @@ _TRAIN = {
         torch=("t.detach().cpu()",),
     ),
     "_ids": _n(
-        "PyTorch only: token ids as int64 tensors on the model's device; JAX takes the int32 "
-        "batches as they are.",
+        "PyTorch only: token ids as int64 tensors on the model's device, which torch's indexing "
+        "wants; JAX's `Trainer._batch` places the batches with `jnp.asarray` as they are.",
         torch=("torch.as_tensor(a, dtype=torch.long, device=device)",),
     ),
     "_distributed": _n(
-        "PyTorch only: whether torchrun started `torch.distributed`. JAX needs no process "
-        "group: a mesh (`sharding.use_mesh`) spans the devices.",
+        "PyTorch only: whether torchrun started `torch.distributed`. JAX's Trainer asks instead "
+        "for the mesh it is built under (`sharding.current`).",
         torch=("torch.distributed.is_initialized()",),
     ),
     "_wrap": _n(
