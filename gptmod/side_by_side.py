@@ -22,10 +22,11 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
-from pygments.token import STANDARD_TYPES, _TokenType
+from pygments.token import STANDARD_TYPES
 
 from gptmod.twin_notes import HEADER, NO_NOTE, NOTES, Note
 
@@ -39,6 +40,7 @@ TITLES = {"torch": "PyTorch", "jax": "JAX / Flax NNX"}
 METHOD_ALIASES = {"__call__": "forward"}
 WRAP = 84  # columns of a code line; two columns of 84 fit side by side from 1280 px at 11 px
 _DIVIDER = re.compile(r"^# -{5,}\s*(\S.*)$")  # "# ------- norms" starts a group
+Token = tuple[Any, str]  # a pygments token type and its text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,14 +259,14 @@ class Line:
 
     number: int
     text: str
-    tokens: list[tuple[_TokenType, str]]
+    tokens: list[Token]
     status: str = ""  # "" (the twin has it too), "chg" (differs) or "only" (no counterpart)
     changed: tuple[tuple[int, int], ...] = ()  # character spans that differ from the twin's line
 
 
-def _lexed_lines(source: str) -> list[list[tuple[_TokenType, str]]]:
+def _lexed_lines(source: str) -> list[list[Token]]:
     """The file's tokens line by line (lexed whole, so a docstring's lines stay strings)."""
-    out: list[list[tuple[_TokenType, str]]] = [[]]
+    out: list[list[Token]] = [[]]
     for ttype, value in PythonLexer(stripnl=False, ensurenl=True).get_tokens(source):
         for i, piece in enumerate(value.split("\n")):
             if i:
@@ -274,7 +276,7 @@ def _lexed_lines(source: str) -> list[list[tuple[_TokenType, str]]]:
     return out
 
 
-def shown_lines(sec: Section, lexed: list[list[tuple[_TokenType, str]]]) -> list[Line]:
+def shown_lines(sec: Section, lexed: list[list[Token]]) -> list[Line]:
     """The lines of a section that its cell shows: the blank lines and group dividers of the leading
     gap are left out (a divider is the group heading instead)."""
     out = []
@@ -350,7 +352,7 @@ def diff_lines(left: list[Line], right: list[Line]) -> tuple[list[Line], list[Li
     )
 
 
-def _css_class(ttype: _TokenType) -> str:
+def _css_class(ttype: Any) -> str:
     while ttype not in STANDARD_TYPES:
         ttype = ttype.parent
     return STANDARD_TYPES[ttype]
@@ -480,6 +482,7 @@ nav .toc .file > b { font: 600 15px ui-monospace, monospace; }
 nav .toc i { display: block; font-style: normal; text-transform: uppercase; font-size: 12px; \
 color: #555; margin-top: 6px; }
 nav ul { margin: 2px 0; padding-left: 18px; columns: 2; } nav li { break-inside: avoid; }
+nav a.meth { font: 11px ui-monospace, monospace; margin-left: 2px; }
 h2.file { font: 700 22px ui-monospace, monospace; margin: 56px 0 4px; padding: 6px 10px; \
 background: #1d1d1f; color: #fff; border-radius: 4px; }
 h3.group { border-bottom: 2px solid #bbb; margin: 32px 0 8px; font-size: 17px; \
@@ -563,11 +566,15 @@ def _file_html(file: str) -> tuple[str, str]:
             f'<section class="pair{kind}" id="{anchor}"><h4>{html.escape(_label(p))}{tag}</h4>'
             f'{note_html}<div class="cols">{cells}</div></section>'
         )
+        only = ""
+        if p.one_sided:
+            only = f' <span class="only">{"JAX" if p.torch is None else "PyTorch"} only</span>'
         if not kind:
-            only = ""
-            if p.one_sided:
-                only = f' <span class="only">{"JAX" if p.torch is None else "PyTorch"} only</span>'
-            toc[-1][1].append(f'<li><a href="#{anchor}">{html.escape(p.name)}</a>{only}</li>')
+            toc[-1][1].append(f'<li><a href="#{anchor}">{html.escape(p.name)}</a>{only}')
+        else:  # a method: a small link under its class
+            method = html.escape(p.name.rpartition(".")[2])
+            side = "" if not p.one_sided else " (JAX)" if p.torch is None else " (torch)"
+            toc[-1][1][-1] += f' <a class="meth" href="#{anchor}">.{method}{side}</a>'
     parts = []
     for item in body:
         if isinstance(item, str):
@@ -578,7 +585,8 @@ def _file_html(file: str) -> tuple[str, str]:
         # without dividers the file has one group and no heading; its line anchors stay
         parts.append(f'<h3 class="group">{html.escape(group)}{where}</h3>' if grouped else where)
     groups = "".join(
-        (f"<i>{html.escape(g)}</i>" if grouped else "") + f"<ul>{''.join(links)}</ul>"
+        (f"<i>{html.escape(g)}</i>" if grouped else "")
+        + f"<ul>{''.join(link + '</li>' for link in links)}</ul>"
         for g, links in toc
     )
     entry = (

@@ -177,6 +177,7 @@ def test_methods_pair_inside_classes(page, sources):
         and f'id="jax-model-{gpt_j["__call__"]}"' in row
     )
     assert "def GPT.forward / __call__" in row
+    assert 'href="#model-GPT-forward"' in page  # the contents link each method under its class
     # a method only one twin has gets a row of its own with a note
     assert "PyTorch only" in rows["generate-Session-_installed"]
     assert '<div class="note">' in rows["generate-Session-_installed"]
