@@ -994,10 +994,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "side-by-side",
-        help="render the torch and JAX models side by side as HTML",
-        description="Render gptmod_torch/model.py and gptmod_jax/model.py as two aligned columns, "
-        "definition by definition, with notes on each framework difference. Generated from the "
-        "installed code, so it never drifts.",
+        help="render the torch and JAX twins side by side as HTML",
+        description="Render model.py, generate.py and train.py of gptmod_torch/ and gptmod_jax/ "
+        "as two aligned columns, definition by definition and method by method, with the "
+        "differences within each pair highlighted and notes on each framework difference. "
+        "Generated from the installed code, so it never drifts.",
     )
     s.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     s.set_defaults(func=cmd_side_by_side)

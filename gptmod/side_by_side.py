@@ -1,193 +1,83 @@
-"""The twin model files as one teaching page: PyTorch left, JAX right, definition by definition.
+"""The twin files as one teaching page: PyTorch left, JAX right, definition by definition.
 
-Generated from the installed sources at call time (`gptmod side-by-side
---out FILE.html`), so the page cannot drift from the code; only the notes
-below are written by hand, and tests check their identifiers.
+`model.py`, `generate.py` and `train.py` of gptmod_torch/ and gptmod_jax/ are read from the
+installed sources at call time (`gptmod side-by-side --out FILE.html`), so the page cannot drift
+from the code. Top-level definitions pair by name, and inside a class both twins have, methods pair
+by name too (NNX's `__call__` is torch's `forward`). Within each pair a line diff (difflib) marks
+the lines and tokens that differ. Long lines are wrapped at WRAP columns, each continuation marked.
+Only the notes (gptmod/twin_notes.py) are written by hand; each names the code it relies on, and
+tests check that code is in the row.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import html
 import importlib.metadata
 import importlib.util
+import itertools
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
+from pygments.token import STANDARD_TYPES
 
-HEADER = "module header"
-MODULES = {"torch": "gptmod_torch.model", "jax": "gptmod_jax.model"}
+from gptmod.twin_notes import HEADER, NO_NOTE, NOTES, Note
+
+__all__ = ["FILES", "HEADER", "NOTES", "NO_NOTE", "Note", "render", "render_html"]
+
+FILES = ("model.py", "generate.py", "train.py")
+PACKAGES = {"torch": "gptmod_torch", "jax": "gptmod_jax"}
 TITLES = {"torch": "PyTorch", "jax": "JAX / Flax NNX"}
-_DIVIDER = re.compile(r"^# -{5,}\s*(\S.*)$", re.MULTILINE)  # "# ------- norms" starts a group
-
-# Hand-written notes, keyed by definition name; `code` in backticks becomes <code>.
-NOTES: dict[str, str] = {
-    HEADER: "torch brings its own module system (`nn`), functional ops (`F`) and the SDPA backend "
-    "switch (`sdpa_kernel`, `SDPBackend`; the torch file maps backend names to them in "
-    "`_PINNED`). JAX itself has only immutable arrays (`jnp`) and function transformations; "
-    "`from flax import nnx` supplies what `torch.nn` does: `nnx.Module`, `nnx.Param`, "
-    "`nnx.Rngs`. Only torch imports `ml_dtypes`, because NumPy has no bfloat16 "
-    "and torch tensors cannot hand theirs over directly (see `_to_numpy`).",
-    "compute_dtype": "The same rule in both: promote the activation dtype to at least fp32 "
-    "(`torch.promote_types` vs `jnp.promote_types`). The torch twin also runs as a float64 "
-    "reference; JAX creates float64 arrays only with x64 mode enabled, so by default the "
-    "JAX twin computes in fp32.",
-    "resid_init_std": "Identical: GPT-2 scales the init of the projections that write into the "
-    "residual "
-    "stream (`wo`, `w_down`) by 1/sqrt(2 n_layer), so the stream's variance does not grow "
-    "with depth.",
-    "Linear": "Both twins write their own linear layer with torch's names and (out, in) layout, so "
-    "canonical state needs no transposes (`nnx.Linear` keeps an (in, out) `kernel`). Each "
-    "draws its weight from N(0, std²) as it is built: torch from the global RNG "
-    "(`torch.empty(...).normal_`), JAX from the `rngs` it is given (`rngs.params()`), in the "
-    "`dtype` it is given. `F.linear(x, w, b)` is `x @ w.T + b` written out in JAX; "
-    "`kernels.py` swaps in faster products for CPU decode.",
-    "Embedding": "The token table, `weight` (V, D), in both; `nnx.Embed` would call it "
-    "`embedding`. "
-    "`F.embedding` vs `jnp.take(..., axis=0)`, which gathers NaN for an id past the table "
-    "under jit. `attend` is the tied unembedding, x @ table^T.",
-    "LayerNorm": "torch registers a parameter by assigning an `nn.Parameter`; NNX wraps the array "
-    "in an `nnx.Param` and reads it back with `self.weight[...]`. The JAX twin creates "
-    "parameters directly in the model's `dtype` (an `__init__` argument), while torch makes "
-    "fp32 parameters and leaves casting to `model.to(dtype)`. torch calls the fused "
-    "`F.layer_norm`; JAX writes mean, variance and `jax.lax.rsqrt` out, keeping torch's "
-    "`weight`/`bias` names (`nnx.LayerNorm` would call the weight `scale`). Both upcast input "
-    "and parameters to `compute_dtype` (fp32 for a bf16 model) and cast only the result back.",
-    "RMSNorm": "As in `LayerNorm`: `nn.Parameter` vs `nnx.Param`, parameters made in the model's "
-    "dtype in JAX but cast afterwards in torch. torch calls the fused `F.rms_norm`; JAX "
-    "spells out x · rsqrt(mean(x²) + eps). Either way the normalisation runs in "
-    "`compute_dtype` and only the output is cast back.",
-    "make_norm": "The JAX factory takes a `dtype` because Flax parameters are created in their "
-    "final dtype; the torch factory needs none, since `model.to(dtype)` casts every "
-    "parameter after construction.",
-    "rope_cos_sin": "Line for line the same math: `torch.as_tensor` vs `jnp.asarray`, `.to(ct)` "
-    "vs `.astype(ct)`, and the tensor methods `.cos()`/`.sin()` vs the functions "
-    "`jnp.cos`/`jnp.sin`. torch must be told to put the frequency table on the positions' "
-    "device; `jnp.asarray` uses JAX's default device.",
-    "apply_rope": "The same half-split rotation; only spellings differ: `x.chunk(2, dim=-1)` vs "
-    "`jnp.split(x, 2, axis=-1)`, `torch.cat(..., dim=-1)` vs `jnp.concatenate(..., axis=-1)` "
-    "(torch says `dim`, NumPy-style JAX says `axis`). Both rotate in the cos/sin dtype (fp32) "
-    "and cast back to the input dtype.",
-    "reference_attention": "The same written-out softmax. Grouped-query kv heads are expanded "
-    "with `repeat_interleave` in torch and `jnp.repeat` in JAX, both repeating each head "
-    "consecutively (unlike `torch.tile`/`jnp.tile`). The mask reads inverted: "
-    "`masked_fill(~mask, min)` fills where its condition is True, `jnp.where(mask, scores, "
-    "min)` keeps the scores where it is True.",
-    "BlockInputs": "The same named tuple: what `GPT.embed` computes once per forward and every "
-    "block and "
-    "attention layer reads (RoPE tables, positions, the mask over the cache, the backend). "
-    "Only the array types in the annotations differ.",
-    "resolve_backend": "Both turn the backend name into what runs, once per call. JAX picks the "
-    "kernel with the "
-    '`implementation` argument of `jax.nn.dot_product_attention` ("xla", "cudnn" or None), '
-    'and None never selects cuDNN by itself, so "auto" becomes "cudnn" when '
-    "`jax_cudnn_unmet` lists no unmet constraint (sm80+ GPU, fp16/bf16, head_dim), else "
-    '"xla". torch\'s "sdpa" lets PyTorch\'s dispatcher choose; a pinned kernel is checked '
-    "with `torch_pinned_unmet`. Either way, a named backend that cannot run raises "
-    "`BackendUnavailableError` (torch reads the device off the tensor; JAX asks "
-    "`jax.devices()`).",
-    "attention": "`F.scaled_dot_product_attention` wants (B, N, T, H), so torch transposes q, "
-    "k, v in and the output back; `jax.nn.dot_product_attention` takes (B, T, N, H) as is. "
-    "A pinned torch backend is the context manager `sdpa_kernel(...)`, and a kernel that "
-    "refuses raises a RuntimeError re-raised as `BackendUnavailableError`; JAX passes "
-    "`implementation=` from `resolve_backend`. Both use `is_causal` without a mask, else a "
-    "boolean mask (True = attend): torch passes it as (B, 1, T, S) for SDPA to broadcast "
-    "over heads, JAX broadcasts it to the full (B, N, T, S) that cuDNN requires. "
-    "Grouped-query attention is `enable_gqa` in torch and native in JAX (fewer kv heads "
-    "are accepted as they are).",
-    "KVCache": "torch keeps the cache in buffers registered with `persistent=False`: they move "
-    "with the module but stay out of `state_dict()`, hence out of `export_state`. NNX makes "
-    "them `nnx.Cache` variables, a Variable type apart from `nnx.Param`, so `nnx.state(model, "
-    "nnx.Param)` skips them and `nnx.split(model, nnx.Param, nnx.Cache)` can hand them to a "
-    "jitted loop. Values are (B, K, S, H) in both; keys are (B, K, S, H) in torch, SDPA's own "
-    "layout, and (B, K, H, S) in JAX, the layout XLA's CPU dot multiplies without a copy "
-    "(kernels.py). torch writes in place (`self.k[rows_B1, :, pos_BT] = k_BTKH`, a "
-    "`torch.Tensor.index_put_`); JAX arrays are immutable, so `.at[rows_B1, :, :, "
-    "pos_BT].set(k_BTKH)` builds a new array that is stored back with `self.k[...] = ...` "
-    "(inside a jitted step with the cache donated, XLA turns that into an in-place update).",
-    "cached_attention": "The same attention over the cache: each twin hands `attention` the (B, "
-    "S, K, H) views "
-    "it expects, and a prefill from key 0 (no mask) reads only the first T keys. For torch "
-    "the cache's (B, K, S, H) is SDPA's own layout, so the views cost nothing; JAX's keys "
-    "are (B, K, H, S), so this readable path transposes them, and `kernels.py` replaces it "
-    "on XLA with two einsums over the cache's own layouts.",
-    "Attention": "The same projections, built from each twin's `Linear` (`wo` with the residual "
-    "std); the "
-    "JAX layers also get `dtype` and `rngs`. `kv_cache` starts as `nnx.data(None)` because "
-    "NNX treats a None attribute as static and would refuse the `KVCache` that "
-    "`setup_cache` assigns later. `attend_cache` is the one method `kernels.py` overrides in "
-    "JAX (its CPU path in the cache layouts).",
-    "GeluMLP": 'GPT-2\'s tanh-approximated GELU is `approximate="tanh"` in torch, whose default '
-    "is the exact erf form, and `approximate=True` in JAX, where it already is the default. "
-    "The linear layers follow `Attention` (`w_down` with the residual std).",
-    "SwiGLU": "`F.silu` and `jax.nn.silu` are the same function; the linear layers follow "
-    "`Attention` (`w_down` with the residual std).",
-    "Block": "The same pre-norm residual block. The JAX constructor threads `dtype` and `rngs` "
-    "into every child because NNX creates and initialises parameters at construction; torch "
-    "modules take neither. NNX calls a module through `__call__`, torch through `forward` "
-    "(run by `nn.Module.__call__`, which also runs hooks).",
-    "GPT": "Randomness is explicit in JAX: the caller passes `nnx.Rngs` and every layer draws its "
-    "init key from it, while torch layers draw from the global RNG (`torch.manual_seed`). "
-    "Layers live in `nn.ModuleList` vs `nnx.List` (NNX refuses a plain list of modules), and "
-    "the weight dtype is `dtype` at construction in JAX vs `model.to(dtype)` afterwards in "
-    "torch; `kernels=True` swaps in each twin's CPU decode fast paths. The tied unembedding "
-    "is `tok_emb.attend` in both. `check_input` (shared, gptmod/inputs.py) is skipped under "
-    "`torch.compile`; JAX checks shapes while tracing and skips only the value checks on a "
-    "`jax.core.Tracer`.",
-    "_to_numpy": "A bfloat16 torch tensor has no `.numpy()` (NumPy has no bfloat16), so its bits "
-    "are viewed as int16 and reinterpreted as `ml_dtypes.bfloat16`. JAX needs no helper: its "
-    "bfloat16 is the `ml_dtypes` dtype, so `np.asarray` converts any JAX array.",
-    "_to_torch": "The way back: `torch.from_numpy` shares memory and warns on read-only "
-    "arrays (such as NumPy views of JAX arrays), so those are copied first; bfloat16 "
-    "goes through an int16 view again.",
-    "_canonical_params": "torch gets canonical names for free from `state_dict()`. The JAX twin "
-    "flattens `nnx.state(model, nnx.Param)` with `nnx.to_flat_state` and joins each path with "
-    "dots: its own `Linear` and `Embedding` already use torch's leaf names.",
-    "export_state": "Both return the canonical state: torch's names and (out, in) layout, in the "
-    "model's dtype. torch's `state_dict()` is already canonical (the KV cache is not "
-    "persistent), so it only converts to NumPy; so is the JAX state, whose `Linear` weights "
-    "share torch's layout, so it only copies each array out.",
-    "load_state": "torch copies in place with `copy_` under `torch.no_grad`, which also casts to "
-    "the parameter's dtype. JAX arrays are immutable, so each `nnx.Param` is given a new "
-    "array, `param[...] = jnp.array(...)`, a copy cast to the parameter's dtype.",
-}
-# identical in both files: nothing to explain
-NO_NOTE: frozenset[str] = frozenset({"rope_inv_freq"})
+# A method pairs with its twin of the same name; NNX calls a module through `__call__`, torch
+# through `forward`.
+METHOD_ALIASES = {"__call__": "forward"}
+WRAP = 84  # columns of a code line; two columns of 84 fit side by side from 1280 px at 11 px
+_DIVIDER = re.compile(r"^# -{5,}\s*(\S.*)$")  # "# ------- norms" starts a group
+Token = tuple[Any, str]  # a pygments token type and its text
 
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    """One definition with the blank lines and comments above it; lines are
-    1-based and inclusive."""
+    """One definition (a top-level class or function, or one method of a class) with the lines
+    above it that belong to no other definition; lines are 1-based and inclusive."""
 
-    name: str
-    kind: str  # "class", "def" or "" (the module header)
+    name: str  # "GPT", "GPT.forward", or HEADER
+    kind: str  # "class", "def", "method" or "" (the module header)
     first: int
     start: int  # line of the definition itself (first decorator), after the leading gap
     last: int
     text: str
+    parts: tuple[Section, ...] = ()  # a class: its header (up to `__init__`) and each method
 
     @property
-    def gap(self) -> str:
-        return "".join(_lines(self.text)[: self.start - self.first])
-
-    @property
-    def body(self) -> str:
-        return "".join(_lines(self.text)[self.start - self.first :])
+    def key(self) -> str:
+        """What the twin's section must be called to share a row."""
+        owner, _, method = self.name.rpartition(".")
+        return f"{owner}.{METHOD_ALIASES.get(method, method)}" if owner else self.name
 
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    name: str
+    name: str  # the torch name if there is one: the key of NOTES (with the file)
     torch: Section | None
     jax: Section | None
     group: str  # the divider comment ("norms", "rope", ...) the pair sits under
+    file: str = "model.py"
+
+    @property
+    def note_key(self) -> str:
+        return f"{self.file}:{self.name}"
+
+    @property
+    def one_sided(self) -> bool:
+        return self.torch is None or self.jax is None
 
 
 def _lines(source: str) -> list[str]:
@@ -208,17 +98,44 @@ def module_path(module: str) -> Path:
     raise FileNotFoundError(f"cannot locate the source of {module}")
 
 
+def source_path(side: str, file: str) -> Path:
+    return module_path(f"{PACKAGES[side]}.{file.removesuffix('.py')}")
+
+
+def _start(node: ast.stmt) -> int:
+    return min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+
+
+_DEFS = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+
+
+def _class_parts(node: ast.ClassDef, sec: Section, lines: list[str]) -> tuple[Section, ...]:
+    """The class header (docstring, attributes, `__init__`) and one part per other method; the
+    statements after a method go with it."""
+    body = node.body
+    methods = [
+        i
+        for i, n in enumerate(body)
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name != "__init__"
+    ]
+    if not methods:
+        return ()
+    ends = [body[i - 1].end_lineno if i > 0 else node.lineno for i in methods]
+    parts = [Section(node.name, "class", sec.first, sec.start, ends[0], "")]
+    for j, i in enumerate(methods):
+        last = ends[j + 1] if j + 1 < len(methods) else sec.last
+        name = f"{node.name}.{body[i].name}"
+        parts.append(Section(name, "method", parts[-1].last + 1, _start(body[i]), last, ""))
+    return tuple(dataclasses.replace(p, text="".join(lines[p.first - 1 : p.last])) for p in parts)
+
+
 def split_sections(source: str) -> list[Section]:
     """Cut a module into the header (everything before the first definition) and one section per
     top-level class or function; the lines between two definitions go with the one below. Every line
-    lands in exactly one section."""
+    lands in exactly one section; a class also holds its parts (header and methods)."""
     lines = _lines(source)
-    defs = [
-        n
-        for n in ast.parse(source).body
-        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-    ]
-    starts = [min([n.lineno, *(d.lineno for d in n.decorator_list)]) for n in defs]
+    defs = [n for n in ast.parse(source).body if isinstance(n, _DEFS)]
+    starts = [_start(n) for n in defs]
     sections = [Section(HEADER, "", 1, 1, starts[0] - 1 if defs else len(lines), "")]
     for i, (node, start) in enumerate(zip(defs, starts, strict=True)):
         # trailing statements go with the last one
@@ -226,6 +143,11 @@ def split_sections(source: str) -> list[Section]:
         kind = "class" if isinstance(node, ast.ClassDef) else "def"
         sections.append(Section(node.name, kind, sections[-1].last + 1, start, last, ""))
     sections = [dataclasses.replace(s, text="".join(lines[s.first - 1 : s.last])) for s in sections]
+    for i, node in enumerate(defs, start=1):
+        if isinstance(node, ast.ClassDef):
+            sections[i] = dataclasses.replace(
+                sections[i], parts=_class_parts(node, sections[i], lines)
+            )
     names = [s.name for s in sections]
     if len(set(names)) != len(names):
         raise ValueError(
@@ -234,72 +156,319 @@ def split_sections(source: str) -> list[Section]:
     return sections
 
 
-def pair_sections(torch_secs: list[Section], jax_secs: list[Section]) -> list[Pair]:
-    """Pair by name in torch order; a JAX-only definition goes just before
-    the next one both files have."""
-    jax_by_name = {s.name: s for s in jax_secs}
-    torch_names = {s.name for s in torch_secs}
+def _pair_by_key(
+    torch_secs: list[Section], jax_secs: list[Section]
+) -> list[tuple[Section | None, Section | None]]:
+    """Pair by key in torch order; a JAX-only section goes just before the next one both have."""
+    jax_by_key = {s.key: s for s in jax_secs}
+    torch_keys = {s.key for s in torch_secs}
     before: dict[str, list[Section]] = {}
     pending: list[Section] = []
     for s in jax_secs:
-        if s.name in torch_names:
-            before[s.name], pending = pending, []
+        if s.key in torch_keys:
+            before[s.key], pending = pending, []
         else:
             pending.append(s)
-    rows = []
+    rows: list[tuple[Section | None, Section | None]] = []
     for s in torch_secs:
-        rows += [(None, j) for j in before.get(s.name, [])]
-        rows.append((s, jax_by_name.get(s.name)))
-    rows += [(None, j) for j in pending]
+        rows += [(None, j) for j in before.get(s.key, [])]
+        rows.append((s, jax_by_key.get(s.key)))
+    return rows + [(None, j) for j in pending]
+
+
+def _group_of(sec: Section | None) -> str | None:
+    if sec is None:
+        return None
+    found = [m.group(1) for line in _lines(sec.text) if (m := _DIVIDER.match(line))]
+    return found[-1].strip() if found else None
+
+
+def pair_sections(
+    torch_secs: list[Section], jax_secs: list[Section], file: str = "model.py"
+) -> list[Pair]:
+    """Rows of one file: definitions paired by name, and within a class both twins have, its
+    header and methods paired by name; a one-sided class stays one row."""
     pairs, group = [], "module"
-    for t, j in rows:
-        found = _DIVIDER.findall(t.gap if t else "") or _DIVIDER.findall(j.gap if j else "")
-        group = found[-1].strip() if found else group
-        pairs.append(Pair((t or j).name, t, j, group))
+    for t, j in _pair_by_key(torch_secs, jax_secs):
+        group = _group_of(t) or _group_of(j) or group
+        if t is not None and j is not None and t.parts and j.parts:
+            for pt, pj in _pair_by_key(list(t.parts), list(j.parts)):
+                pairs.append(Pair((pt or pj).name, pt, pj, group, file))
+        elif t is not None and j is not None and (t.parts or j.parts):
+            # one twin's class has methods, the other's none: header against the whole class
+            whole = [dataclasses.replace(s, parts=()) for s in (t, j)]
+            pairs.append(Pair(t.name, whole[0], whole[1], group, file))
+        else:
+            pairs.append(Pair((t or j).name, t, j, group, file))
     return pairs
 
 
-def build_pairs() -> tuple[list[Pair], dict[str, str]]:
-    """The pairs of both model files, and each file's source, with the line coverage checked."""
-    sources = {side: module_path(mod).read_text(encoding="utf-8") for side, mod in MODULES.items()}
-    pairs = pair_sections(split_sections(sources["torch"]), split_sections(sources["jax"]))
+def build_file(file: str) -> tuple[list[Pair], dict[str, str]]:
+    """The pairs of one twin file, and each side's source, with the line coverage checked."""
+    sources = {side: source_path(side, file).read_text(encoding="utf-8") for side in PACKAGES}
+    pairs = pair_sections(split_sections(sources["torch"]), split_sections(sources["jax"]), file)
     for side, source in sources.items():
-        secs = [s for p in pairs if (s := getattr(p, side)) is not None]
+        # in file order: pairing follows torch's order, which the JAX file need not share
+        secs = sorted(
+            (s for p in pairs if (s := getattr(p, side)) is not None), key=lambda s: s.first
+        )
         covered = [n for s in secs for n in range(s.first, s.last + 1)]
-        n_lines = len(_lines(source))
         # Raised, not `assert`ed, so that python -O cannot turn the check off.
-        if covered != list(range(1, n_lines + 1)) or "".join(s.text for s in secs) != source:
+        if (
+            covered != list(range(1, len(_lines(source)) + 1))
+            or "".join(s.text for s in secs) != source
+        ):
             raise AssertionError(
-                f"{side}: the rendered sections do not show each source line exactly once"
+                f"{side} {file}: the rendered sections do not show each source line exactly once"
             )
     return pairs, sources
+
+
+def build_pairs() -> dict[str, list[Pair]]:
+    """The pairs of every twin file, in FILES order."""
+    return {file: build_file(file)[0] for file in FILES}
+
+
+def note_problems(pairs: dict[str, list[Pair]] | None = None) -> list[str]:
+    """Each note's fragments that its row's code on that side does not contain, notes for rows
+    that do not exist, and fragments for a side the row does not have."""
+    pairs = build_pairs() if pairs is None else pairs
+    rows = {p.note_key: p for ps in pairs.values() for p in ps}
+    problems = [f"{key}: no such row" for key in NOTES if key not in rows]
+    for key, note in NOTES.items():
+        if (p := rows.get(key)) is None:
+            continue
+        for side, fragments in (("torch", note.torch), ("jax", note.jax)):
+            sec = getattr(p, side)
+            if sec is None and fragments:
+                problems.append(f"{key}: fragments for {side}, which has no code in this row")
+            problems += [
+                f"{key}: {side} code lacks {fragment!r}"
+                for fragment in fragments
+                if sec is not None and fragment not in sec.text
+            ]
+    return problems
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One source line as shown: its number, its text, and how it compares with the twin."""
+
+    number: int
+    text: str
+    tokens: list[Token]
+    status: str = ""  # "" (the twin has it too), "chg" (differs) or "only" (no counterpart)
+    changed: tuple[tuple[int, int], ...] = ()  # character spans that differ from the twin's line
+
+
+def _lexed_lines(source: str) -> list[list[Token]]:
+    """The file's tokens line by line (lexed whole, so a docstring's lines stay strings)."""
+    out: list[list[Token]] = [[]]
+    for ttype, value in PythonLexer(stripnl=False, ensurenl=True).get_tokens(source):
+        for i, piece in enumerate(value.split("\n")):
+            if i:
+                out.append([])
+            if piece:
+                out[-1].append((ttype, piece))
+    return out
+
+
+def shown_lines(sec: Section, lexed: list[list[Token]]) -> list[Line]:
+    """The lines of a section that its cell shows: the blank lines and group dividers of the leading
+    gap are left out (a divider is the group heading instead)."""
+    out = []
+    for offset, raw in enumerate(_lines(sec.text)):
+        number, text = sec.first + offset, raw.rstrip("\n")
+        if number < sec.start and (not text.strip() or _DIVIDER.match(text)):
+            continue
+        out.append(Line(number, text, lexed[number - 1]))
+    return out
+
+
+_WORD = re.compile(r"\w+|\s+|[^\w\s]")
+
+
+def _token_spans(a: str, b: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The character spans of `a` and of `b` whose tokens differ (words, spaces, punctuation)."""
+    ta, tb = _WORD.findall(a), _WORD.findall(b)
+    pa = [0, *itertools.accumulate(len(t) for t in ta)]
+    pb = [0, *itertools.accumulate(len(t) for t in tb)]
+
+    def span(text: str, lo: int, hi: int) -> list[tuple[int, int]]:
+        # the spaces at either end are not marked: they would underline blank indentation
+        piece = text[lo:hi]
+        if not piece.strip():
+            return []
+        start = lo + len(piece) - len(piece.lstrip())
+        return [(start, start + len(piece.strip()))]
+
+    sa, sb = [], []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes():
+        if op != "equal":
+            sa += span(a, pa[i1], pa[i2])
+            sb += span(b, pb[j1], pb[j2])
+    return sa, sb
+
+
+def _similar_pairs(a: list[str], b: list[str]) -> list[tuple[int, int]]:
+    """Lines of two unequal blocks that are versions of each other, in order: each line of `a`
+    takes the most similar later line of `b` if they are at least half alike."""
+    pairs, j0 = [], 0
+    for i, x in enumerate(a):
+        scores = [
+            (difflib.SequenceMatcher(None, x, y).ratio(), j) for j, y in enumerate(b) if j >= j0
+        ]
+        best = max(scores, default=(0.0, -1))
+        if best[0] >= 0.5:
+            pairs.append((i, best[1]))
+            j0 = best[1] + 1
+    return pairs
+
+
+def diff_lines(left: list[Line], right: list[Line]) -> tuple[list[Line], list[Line]]:
+    """Mark the lines of two twins' sections against each other: in a block that differs, a line
+    with a similar line opposite becomes "chg", with its differing tokens, and the others "only".
+    Blank lines are never marked."""
+    a, b = [x.text.strip() for x in left], [x.text.strip() for x in right]
+    left, right = list(left), list(right)
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if op == "equal":
+            continue
+        for i in range(i1, i2):
+            left[i] = dataclasses.replace(left[i], status="only")
+        for j in range(j1, j2):
+            right[j] = dataclasses.replace(right[j], status="only")
+        for i, j in _similar_pairs(a[i1:i2], b[j1:j2]):
+            sa, sb = _token_spans(left[i1 + i].text, right[j1 + j].text)
+            left[i1 + i] = dataclasses.replace(left[i1 + i], status="chg", changed=tuple(sa))
+            right[j1 + j] = dataclasses.replace(right[j1 + j], status="chg", changed=tuple(sb))
+    blank = {"status": "", "changed": ()}
+    return (
+        [dataclasses.replace(x, **blank) if not x.text.strip() else x for x in left],
+        [dataclasses.replace(x, **blank) if not x.text.strip() else x for x in right],
+    )
+
+
+def _css_class(ttype: Any) -> str:
+    while ttype not in STANDARD_TYPES:
+        ttype = ttype.parent
+    return STANDARD_TYPES[ttype]
+
+
+def _pieces(line: Line) -> list[tuple[str, str, bool]]:
+    """(css class, text, differs) runs of a line, cut where a changed span starts or ends."""
+    cuts = sorted({0, len(line.text), *(c for span in line.changed for c in span)})
+    out, pos = [], 0
+    for ttype, value in line.tokens:
+        end = pos + len(value)
+        bounds = [pos, *(c for c in cuts if pos < c < end), end]
+        for lo, hi in itertools.pairwise(bounds):
+            differs = any(s <= lo and hi <= e for s, e in line.changed)
+            out.append((_css_class(ttype), line.text[lo:hi], differs))
+        pos = end
+    return out
+
+
+def wrap(line: Line, width: int = WRAP) -> list[list[tuple[str, str, bool]]]:
+    """The line as visual rows of at most `width` characters, broken after a space where one is
+    near the end; each continuation starts with the line's indentation plus four spaces."""
+    pieces = _pieces(line)
+    text = line.text
+    if len(text) <= width:
+        return [pieces]
+    indent = min(len(text) - len(text.lstrip(" ")) + 4, width // 2)
+    breaks, pos, room = [], 0, width
+    while len(text) - pos > room:
+        cut = text.rfind(" ", pos + room // 2, pos + room)
+        cut = pos + room if cut < 0 else cut + 1
+        breaks.append(cut)
+        pos, room = cut, width - indent
+    bounds = [0, *breaks, len(text)]
+    rows, offset, i = [], 0, 0
+    for lo, hi in itertools.pairwise(bounds):
+        row = [("", " " * indent, False)] if lo else []
+        while offset < hi:
+            cls, value, differs = pieces[i]
+            take = value[max(lo, offset) - offset : hi - offset]
+            row.append((cls, take, differs))
+            if offset + len(value) <= hi:
+                offset, i = offset + len(value), i + 1
+            else:
+                pieces[i] = (cls, value[hi - offset :], differs)
+                offset = hi
+        rows.append(row)
+    return rows
+
+
+_MARKS = {"": "", "chg": "~", "only": "+"}
+_MARK_TITLES = {"chg": "differs from the twin's line", "only": "no counterpart in the twin"}
+
+
+def _run_html(cls: str, text: str, differs: bool) -> str:
+    inner = f"<mark>{html.escape(text)}</mark>" if differs else html.escape(text)
+    return f'<span class="{cls}">{inner}</span>' if cls else inner
+
+
+def _line_html(line: Line, side: str, stem: str) -> str:
+    """A source line as one row per wrapped piece: number (or the continuation arrow), the
+    diff mark, the code."""
+    status = f" {line.status}" if line.status else ""
+    title = f' title="{_MARK_TITLES[line.status]}"' if line.status else ""
+    out = []
+    for n, row in enumerate(wrap(line)):
+        code = "".join(_run_html(*run) for run in row)
+        if n == 0:
+            out.append(
+                f'<div class="cl{status}" id="{side}-{stem}-{line.number}"{title}>'
+                f'<span class="lno">{line.number}</span>'
+                f'<span class="lmk">{_MARKS[line.status]}</span>'
+                f'<span class="lsrc">{code}</span></div>'
+            )
+        else:
+            out.append(
+                f'<div class="cl cont{status}"><span class="lno" title="continued">&#8618;</span>'
+                f'<span class="lmk"></span><span class="lsrc">{code}</span></div>'
+            )
+    return "".join(out)
+
+
+def _cell(side: str, file: str, sec: Section | None, lines: list[Line], pair: Pair) -> str:
+    path = f"{PACKAGES[side]}/{file}"
+    if sec is None:
+        only = "JAX" if side == "torch" else "PyTorch"
+        text = f"{only} only: <code>{html.escape(pair.name)}</code> has no counterpart in {path}."
+        return (
+            f'<div class="col empty"><div class="colhead">{TITLES[side]}</div><p>{text}</p></div>'
+        )
+    stem = file.removesuffix(".py")
+    first = lines[0].number if lines else sec.start
+    head = f"{TITLES[side]} · {path} · lines {first}–{sec.last}"
+    code = "".join(_line_html(x, side, stem) for x in lines)
+    return (
+        f'<div class="col {side}"><div class="colhead">{head}</div>'
+        f'<div class="code">{code}</div></div>'
+    )
 
 
 def _note_html(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
 
 
-def _anchor(name: str) -> str:
-    return "pair-" + re.sub(r"[^\w-]", "-", name)
+def _anchor(file: str, name: str) -> str:
+    return f"{file.removesuffix('.py')}-" + re.sub(r"[^\w-]", "-", name)
 
 
-def _cell(side: str, sec: Section | None, name: str) -> str:
-    path = MODULES[side].replace(".", "/") + ".py"
-    if sec is None:
-        only = "JAX" if side == "torch" else "PyTorch"
-        text = f"{only} only: <code>{html.escape(name)}</code> has no counterpart in {path}."
-        return (
-            f'<div class="col empty"><div class="colhead">{TITLES[side]}</div><p>{text}</p></div>'
-        )
-    fmt = HtmlFormatter(linenos="inline", linenostart=sec.first, lineanchors=side)
-    # stripnl=False keeps leading blank lines, so pygments' line numbers
-    # stay the file's line numbers.
-    code = highlight(sec.text, PythonLexer(stripnl=False, ensurenl=True), fmt)
-    head = f"{TITLES[side]} · {path} · lines {sec.first}–{sec.last}"
-    return (
-        f'<div class="col {side}"><div class="colhead">{head}</div><div '
-        f'class="code">{code}</div></div>'
-    )
+def _label(p: Pair) -> str:
+    if p.name == HEADER:
+        return HEADER
+    t, j = p.torch, p.jax
+    if t and j and t.name != j.name:
+        return f"{(t.kind if t.kind != 'method' else 'def')} {t.name} / {j.name.rpartition('.')[2]}"
+    sec = t or j
+    return f"{'def' if sec.kind == 'method' else sec.kind} {sec.name}"
 
 
 _CSS = """
@@ -307,84 +476,158 @@ body { font: 15px/1.5 system-ui, sans-serif; margin: 0 16px 48px; color: #1d1d1f
 background: #fff; }
 header { max-width: 1100px; } h1 { margin: 24px 0 8px; }
 code { font-size: 0.92em; background: #f0f0f3; padding: 0 3px; }
-nav .toc { columns: 5; font-size: 14px; } nav .toc div { break-inside: avoid; margin-bottom: 8px; }
-nav .toc b { text-transform: uppercase; font-size: 13px; } nav ul { margin: 2px 0; \
-padding-left: 18px; }
-h2.group { border-bottom: 2px solid #ccc; margin: 40px 0 8px; font-size: 18px; \
+nav .toc { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 4px 24px; \
+font-size: 14px; }
+nav .toc .file > b { font: 600 15px ui-monospace, monospace; }
+nav .toc i { display: block; font-style: normal; text-transform: uppercase; font-size: 12px; \
+color: #555; margin-top: 6px; }
+nav ul { margin: 2px 0; padding-left: 18px; columns: 2; } nav li { break-inside: avoid; }
+nav a.meth { font: 11px ui-monospace, monospace; margin-left: 2px; }
+h2.file { font: 700 22px ui-monospace, monospace; margin: 56px 0 4px; padding: 6px 10px; \
+background: #1d1d1f; color: #fff; border-radius: 4px; }
+h3.group { border-bottom: 2px solid #bbb; margin: 32px 0 8px; font-size: 17px; \
 text-transform: uppercase; }
-section.pair { margin: 20px 0 32px; } section.pair h3 { margin: 0 0 6px; \
-font-family: ui-monospace, monospace; }
+h3.group .lines { font: 400 12px system-ui, sans-serif; color: #666; text-transform: none; \
+margin-left: 10px; }
+section.pair { margin: 18px 0 26px; }
+section.pair h4 { margin: 0 0 6px; font: 700 16px ui-monospace, monospace; }
+section.pair.method { margin-left: 28px; } section.pair.method h4 { font-size: 14px; }
 .tag { font: 600 12px system-ui, sans-serif; padding: 2px 8px; border-radius: 10px; \
-margin-left: 8px; }
-.tag.only { background: #ffe3b3; } .tag.same { background: #d6f5d6; }
-.note { background: #eef4ff; border-left: 4px solid #4a7bd0; padding: 8px 14px; \
+margin-left: 8px; border: 1px solid #999; }
+.tag.only { background: #dbe8ff; } .tag.same { background: #eee; }
+.note { background: #f3f6fb; border-left: 4px solid #4a6fa5; padding: 6px 14px; \
 margin-bottom: 8px; }
-.note p { margin: 0; max-width: 1250px; } nav .only { color: #a06000; font-size: 12px; }
+.note p { margin: 0; max-width: 1250px; } nav .only { color: #35568c; font-size: 12px; }
 .cols { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 10px; \
 align-items: start; }
-.col { border: 1px solid #ddd; border-radius: 4px; min-width: 0; }
-.colhead { font-size: 12px; padding: 3px 8px; background: #f4f4f6; border-bottom: 1px solid #ddd; \
-color: #555; }
-.col.empty { background: repeating-linear-gradient(45deg, #fafafa, #fafafa 8px, #f2f2f2 8px, \
-#f2f2f2 16px); }
-.col.empty p { margin: 12px; color: #777; }
-.code { overflow-x: auto; }
-.code pre { margin: 0; padding: 6px 0; font: 11.5px/1.45 ui-monospace, Menlo, Consolas, monospace; }
-.code .linenos { color: #999; user-select: none; padding: 0 8px 0 4px; }
+.col { border: 1px solid #ccc; border-radius: 4px; min-width: 0; }
+.colhead { font-size: 12px; padding: 3px 8px; background: #f4f4f6; border-bottom: 1px solid #ccc; \
+color: #444; }
+.col.empty { background: repeating-linear-gradient(45deg, #fafafa, #fafafa 8px, #f0f0f0 8px, \
+#f0f0f0 16px); }
+.col.empty p { margin: 12px; color: #555; }
+.code { padding: 4px 0; font: 11px/1.45 ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, \
+monospace; }
+.cl { display: grid; grid-template-columns: 4.5ch 1.5ch minmax(0, 1fr); }
+.cl .lno { color: #888; text-align: right; padding-right: 4px; user-select: none; }
+.cl .lmk { font-weight: 700; color: #7a4b00; user-select: none; text-align: center; }
+.cl .lsrc { white-space: pre-wrap; overflow-wrap: anywhere; }
+.cl.cont .lno { color: #b06a00; }
+.cl.cont .lsrc { box-shadow: inset 2px 0 0 #d9a441; }
+.cl.chg { background: #fff3d6; }
+.cl.only { background: #e4eeff; } .cl.only .lmk { color: #24508f; }
+.cl mark { background: #ffd27a; color: inherit; text-decoration: underline 1px; \
+text-underline-offset: 2px; }
+.legend .key { padding: 1px 6px; font: 12px ui-monospace, monospace; }
+.legend .key.chg { background: #fff3d6; } .legend .key.only { background: #e4eeff; }
+.legend mark { background: #ffd27a; text-decoration: underline 1px; text-underline-offset: 2px; }
+@media (min-width: 1400px) { .code { font-size: 12px; } }
+@media (max-width: 1240px) { .code { font-size: 10px; } }
+@media print { * { -webkit-print-color-adjust: exact; print-color-adjust: exact; } \
+section.pair { break-inside: avoid-page; } }
 """
+
+
+def _file_html(file: str) -> tuple[str, str]:
+    """One file's section of the page and its table-of-contents entry."""
+    pairs, sources = build_file(file)
+    lexed = {side: _lexed_lines(src) for side, src in sources.items()}
+    stem = file.removesuffix(".py")
+    body: list[str | int] = [f'<h2 class="file" id="file-{stem}">{file}</h2>']
+    toc: list[tuple[str, list[str]]] = []
+    grouped = len({p.group for p in pairs}) > 1  # a file without dividers gets no group headings
+    headings: list[list[str]] = []  # per group: its name, then the anchors of its dividers
+    for p in pairs:
+        if not toc or toc[-1][0] != p.group:
+            toc.append((p.group, []))
+            headings.append([p.group])
+            body.append(len(headings) - 1)  # a placeholder: the heading gathers its dividers
+        # a divider may sit above a later row of its group (a one-sided one, say)
+        headings[-1] += [
+            f'<span id="{side}-{stem}-{n}">{TITLES[side]} line {n}</span>'
+            for side in PACKAGES
+            if (sec := getattr(p, side)) is not None
+            for n in range(sec.first, sec.start)
+            if _DIVIDER.match(_lines(sec.text)[n - sec.first])
+        ]
+        shown = {s: shown_lines(sec, lexed[s]) if (sec := getattr(p, s)) else [] for s in PACKAGES}
+        shown["torch"], shown["jax"] = diff_lines(shown["torch"], shown["jax"])
+        tag = ""
+        if p.one_sided:
+            tag = f'<span class="tag only">{"JAX" if p.torch is None else "PyTorch"} only</span>'
+        elif not any(x.status for s in PACKAGES for x in shown[s]):
+            tag = '<span class="tag same">identical in both files</span>'
+        note = NOTES.get(p.note_key)
+        note_html = f'<div class="note"><p>{_note_html(note.text)}</p></div>' if note else ""
+        cells = "".join(_cell(s, file, getattr(p, s), shown[s], p) for s in PACKAGES)
+        kind = " method" if (p.torch or p.jax).kind == "method" else ""
+        anchor = _anchor(file, p.name)
+        body.append(
+            f'<section class="pair{kind}" id="{anchor}"><h4>{html.escape(_label(p))}{tag}</h4>'
+            f'{note_html}<div class="cols">{cells}</div></section>'
+        )
+        only = ""
+        if p.one_sided:
+            only = f' <span class="only">{"JAX" if p.torch is None else "PyTorch"} only</span>'
+        if not kind:
+            toc[-1][1].append(f'<li><a href="#{anchor}">{html.escape(p.name)}</a>{only}')
+        else:  # a method: a small link under its class
+            method = html.escape(p.name.rpartition(".")[2])
+            side = "" if not p.one_sided else " (JAX)" if p.torch is None else " (torch)"
+            toc[-1][1][-1] += f' <a class="meth" href="#{anchor}">.{method}{side}</a>'
+    parts = []
+    for item in body:
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        group, *lines = headings[item]
+        where = f'<span class="lines">{", ".join(lines)}</span>' if lines else ""
+        # without dividers the file has one group and no heading; its line anchors stay
+        parts.append(f'<h3 class="group">{html.escape(group)}{where}</h3>' if grouped else where)
+    groups = "".join(
+        (f"<i>{html.escape(g)}</i>" if grouped else "")
+        + f"<ul>{''.join(link + '</li>' for link in links)}</ul>"
+        for g, links in toc
+    )
+    entry = (
+        f'<div class="file"><b><a href="#file-{file.removesuffix(".py")}">{file}</a></b>'
+        f"{groups}</div>"
+    )
+    return "".join(parts), entry
 
 
 def render_html() -> str:
     """The whole page as one self-contained HTML string (inline CSS, no
     scripts or external resources)."""
-    pairs, _ = build_pairs()
     try:
         version = importlib.metadata.version("gptmod")
     except importlib.metadata.PackageNotFoundError:
         version = "dev"
     style = HtmlFormatter(style="default").get_style_defs(".code")
-    toc: list[tuple[str, list[str]]] = []  # (group, its links) in page order
-    body = []
-    for p in pairs:
-        if not toc or toc[-1][0] != p.group:
-            toc.append((p.group, []))
-            body.append(f'<h2 class="group">{html.escape(p.group)}</h2>')
-        label = p.name if p.name == HEADER else f"{(p.torch or p.jax).kind} {p.name}"
-        tag, only = "", ""
-        if p.torch is None or p.jax is None:
-            only = f"{'JAX' if p.torch is None else 'PyTorch'} only"
-            tag = f'<span class="tag only">{only}</span>'
-        elif p.torch.body == p.jax.body:
-            tag = '<span class="tag same">identical in both files</span>'
-        note = (
-            f'<div class="note"><p>{_note_html(NOTES[p.name])}</p></div>' if p.name in NOTES else ""
-        )
-        cells = "".join(_cell(side, getattr(p, side), p.name) for side in MODULES)
-        only = f' <span class="only">{only}</span>' if only else ""
-        toc[-1][1].append(f'<li><a href="#{_anchor(p.name)}">{html.escape(p.name)}</a>{only}</li>')
-        body.append(
-            f'<section class="pair" id="{_anchor(p.name)}"><h3>{html.escape(label)}{tag}</h3>{note}'
-            f'<div class="cols">{cells}</div></section>'
-        )
-    toc_html = "".join(
-        f"<div><b>{html.escape(g)}</b><ul>{''.join(links)}</ul></div>" for g, links in toc
-    )
+    files = [_file_html(file) for file in FILES]
+    names = ", ".join(f"<code>{f}</code>" for f in FILES)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>gptmod: the PyTorch and JAX twins side by \
 side</title>
 <style>{_CSS}{style}</style></head><body>
 <header><h1>gptmod: the PyTorch and JAX twins side by side</h1>
-<p>The model is written twice, as twins with the same classes, names and order:
-<code>gptmod_torch/model.py</code> (left) and <code>gptmod_jax/model.py</code> (right).
-Each row pairs one top-level class or function of both files; a note above a row explains the \
-framework
-difference in it. Line numbers are those of the real files, and every line of both files is shown \
-once.</p>
+<p>The model, its generation and its training are written twice, as twins with the same names \
+and order:
+{names} of <code>gptmod_torch/</code> (left) and <code>gptmod_jax/</code> (right). Each row \
+pairs one top-level function, or one part of a class (its header with <code>__init__</code>, \
+then each method: torch's <code>forward</code> is NNX's <code>__call__</code>), with its twin; \
+a note above a row explains the framework difference in it, and a row with one side empty says \
+why that twin needs no such code.</p>
+<p class="legend">Line numbers are those of the real files. Within a pair, \
+<span class="key chg">~ a shaded line</span> differs from the twin's, with the differing tokens \
+<span class="key chg"><mark>marked</mark></span>; \
+<span class="key only">+ a blue line</span> has no counterpart; unmarked lines are the same \
+in both. A line longer than {WRAP} columns is wrapped, its continuation numbered &#8618;.</p>
 <p>Generated from the code by <code>gptmod side-by-side --out FILE.html</code> (gptmod \
 {html.escape(version)});
 only the notes are written by hand.</p></header>
-<nav><h2>Contents</h2><div class="toc">{toc_html}</div></nav>
-<main>{"".join(body)}</main></body></html>
+<nav><h2>Contents</h2><div class="toc">{"".join(e for _, e in files)}</div></nav>
+<main>{"".join(b for b, _ in files)}</main></body></html>
 """
 
 
