@@ -1162,7 +1162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The subcommands with their own parsers (and modules), dispatched before
 # gptmod's own parser sees the argv.
-_DELEGATED = {"parity": "parity.__main__", "bench": "gptmod.bench", "gpu-check": "gptmod.gpu_check"}
+_DELEGATED = {
+    "parity": "parity.__main__",
+    "bench": "gptmod.bench.__main__",
+    "gpu-check": "gptmod.gpu_check",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
