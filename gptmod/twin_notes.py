@@ -472,6 +472,13 @@ _GENERATE = {
         torch=("torch.arange(tokens_BP.shape[1], device=tokens_BP.device)",),
         jax=("jnp.arange(tokens_BP.shape[1])",),
     ),
+    "decode_step": _n(
+        "The decode loop's body in both: feed the last tokens, sample the next. JAX splits a "
+        "fresh key off the one it is given and returns both (keys are values); torch's "
+        "`torch.Generator` advances in place, and `mode` picks eager or a compiled forward.",
+        torch=("_step_fn(decode_one_token, mode)", "generator: torch.Generator"),
+        jax=("jax.random.split(key)", "return sample(decode_one_token(model, tok_B, pos_B)"),
+    ),
     "compile_mode": _n(
         "PyTorch only: torch runs eagerly unless asked, so `compile` chooses among eager, "
         "`torch.compile` and a CUDA graph (`COMPILE_MODES`). JAX has nothing to choose: every "
@@ -527,68 +534,46 @@ _GENERATE = {
             "nnx.state(model, nnx.Cache)",
         ),
     ),
-    "_recompute_step": _n(
-        "JAX only: `recompute_logits` and a sample as one jitted function with no cache to "
-        "donate; torch calls `recompute_logits` directly (or compiled by `_step_fn`).",
-        jax=(
-            "@partial(jax.jit",
-            "recompute_logits(nnx.merge(graphdef, params), tokens_BS, last_B)",
-        ),
-    ),
     "_decode_step": _n(
-        "JAX only: one decode step as a jitted function with the cache donated, so XLA updates "
-        "it in place instead of copying it every token. torch's twin of it is "
-        "`decode_one_token` run on the module (compiled by `_step_fn` if asked).",
-        jax=('donate_argnames=("cache",)', "decode_one_token(model, tok_B, pos_B)"),
+        "JAX only: `decode_step` jitted on its own with the cache donated, so XLA updates it in "
+        "place instead of copying it every token (`generate_stream` and Session call it). "
+        "torch calls `decode_step` on the module, whose cache buffers it writes in place.",
+        jax=('donate_argnames=("cache",)', "decode_step(model, tok_B, pos_B, key, knobs, flags)"),
     ),
     "generate_stream": _n(
         "torch runs under `torch.no_grad`, seeds a `torch.Generator` and writes the module's "
         "own cache, cleared in `finally` however the stream ends. JAX splits the model "
         "(`nnx.split(model, nnx.Param, nnx.Cache)`), clears the model's cache at once, and threads "
-        "the cache and key through `_prefill_step` and `_decode_step`. torch also serves "
-        "`use_cache=False` in this loop; JAX hands it to `_recompute_stream`.",
+        "the cache and key through the jitted `_prefill_step` and `_decode_step`. Both loops "
+        "call `decode_step` for every token after the first.",
         torch=(
             "@torch.no_grad()",
             "torch.Generator(device=device).manual_seed(seed)",
             "model.clear_cache()",
-            "recompute = _step_fn(recompute_logits, mode)",
+            "decode_step(model, tok_B, lens_B + i - 1, generator, knobs, flags, mode)",
         ),
         jax=(
             "nnx.split(model, nnx.Param, nnx.Cache)",
             "_prefill_step(",
             "_decode_step(",
-            "yield from _recompute_stream(",
         ),
     ),
-    "ScannedLayers": _n(
-        "JAX only: the blocks stacked into one state and run by `jax.lax.scan`, so XLA compiles "
-        "one block instead of n_layer copies (`scan_layers=True`). torch has no compile step "
-        "that grows with depth this way.",
-        jax=(
-            "jax.lax.scan(layer, x_BTD, (self.params_L, self.cache_L))",
-            "nnx.merge(self.block_graphdef, *state)",
-        ),
-    ),
-    "_cache_state": _n(
-        "JAX only: the cache as pure state for a loop to carry, and how to rebuild the model "
-        "around a new one (`nnx.split`, `nnx.merge`). torch's cache lives in the module's "
-        "buffers and is written in place.",
-        jax=("nnx.split(net, nnx.Param, nnx.Cache)", "nnx.merge(graphdef, params, cache)"),
-    ),
-    "_Step": _n(
-        "JAX only: the carry of the `jax.lax.while_loop` in `_generate`, a tuple of arrays; "
-        "torch's loop is a Python `for` over its own variables.",
-        jax=("class _Step(NamedTuple)",),
+    "_Loop": _n(
+        "JAX only: the carry of the `jax.lax.while_loop` in `_generate`, a tuple of arrays (the "
+        "cache among them, as pure state); torch's loop is a Python `for` over its own "
+        "variables.",
+        jax=("class _Loop(NamedTuple)", "cache: nnx.State"),
     ),
     "_generate": _n(
         "JAX only: all of `generate` as one jitted function: the cache is allocated inside it "
-        "(nothing to copy in), the prompts are prefilled and a `jax.lax.while_loop` runs the "
-        "decode steps until every row is done. torch's `generate` simply collects "
-        "`generate_stream`, a Python loop over eager or compiled steps.",
+        "(nothing to copy in), the prompts are prefilled and a `jax.lax.while_loop` runs "
+        "`decode_step` until every row is done. torch's `generate` simply collects "
+        "`generate_stream`, a Python loop over the same step, eager or compiled.",
         jax=(
             "@partial(jax.jit, static_argnames=",
             "model.setup_cache(plan.rows, plan.cache_len)",
             "jax.lax.while_loop(cond, body",
+            "decode_step(step_net, s.tok_B, pos_B, s.key, knobs, flags)",
         ),
     ),
     "_prepare": _n(
@@ -610,11 +595,6 @@ _GENERATE = {
             "_generate(",
             "scan_layers: bool = False",
         ),
-    ),
-    "_recompute_stream": _n(
-        "JAX only: `generate_stream` without a cache, stepping the jitted `_recompute_step`; "
-        "torch keeps that branch inside its `generate_stream`.",
-        jax=("_recompute_step(",),
     ),
     "_extend_step": _n(
         "JAX only: a `Session`'s prefill as a jitted function with the cache donated, returning "
@@ -883,6 +863,5 @@ NO_NOTE: frozenset[str] = frozenset(
     {
         "model.py:rope_inv_freq",
         "generate.py:decode_one_token",
-        "generate.py:recompute_logits",
     }
 )
