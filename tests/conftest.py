@@ -17,6 +17,7 @@ from flax import nnx
 
 import gptmod_jax
 import gptmod_torch
+from gptmod import models
 from gptmod.config import ModelConfig, load_preset
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -52,22 +53,19 @@ def cast_state(state: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray
 
 
 def torch_pair_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    torch.manual_seed(seed)
-    return gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+    return gptmod_torch.export_state(models.build("torch", cfg, seed=seed))
 
 
 def torch_model(
     cfg: ModelConfig, state: dict, dtype: str = "float32", backend: str = "sdpa"
 ) -> gptmod_torch.GPT:
-    m = gptmod_torch.GPT(cfg, attn_backend=backend).to(TORCH_DTYPES[dtype]).eval()
-    return gptmod_torch.load_state(m, state)
+    return models.build("torch", cfg, state, dtype=dtype, backend=backend)
 
 
 def jax_model(
     cfg: ModelConfig, state: dict, dtype: str = "float32", backend: str = "auto"
 ) -> gptmod_jax.GPT:
-    m = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), attn_backend=backend, dtype=JAX_DTYPES[dtype])
-    return gptmod_jax.load_state(m, state)
+    return models.build("jax", cfg, state, dtype=dtype, backend=backend)
 
 
 def torch_logits(model: torch.nn.Module, idx: np.ndarray) -> np.ndarray:
