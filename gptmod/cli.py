@@ -420,7 +420,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer_report(args: argparse.Namespace) -> int:
-    from gptmod import corpus, textio, transfer_report, weights
+    from gptmod import corpus, fileio, textio, transfer, transfer_report
 
     target = _target_config(args.preset, args.config, "modern-gpt2")
     text = (
@@ -437,16 +437,16 @@ def cmd_transfer_report(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.full:
-        print(weights.TransferReport(**_report_fields(result["transfer_report"])).to_text() + "\n")
+        print(transfer.TransferReport(**_report_fields(result["transfer_report"])).to_text() + "\n")
     print(transfer_report.format_table(result))
     if args.json:
-        weights.atomic_write_text(args.json, transfer_report.to_json(result) + "\n")
+        fileio.atomic_write_text(args.json, transfer_report.to_json(result) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
 def _report_fields(data: dict) -> dict:
-    from gptmod.weights import TransferRow
+    from gptmod.transfer import TransferRow
 
     return dict(
         rows=[TransferRow(**r) for r in data["rows"]],

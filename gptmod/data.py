@@ -12,8 +12,6 @@ import itertools
 import json
 import os
 import re
-import secrets
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.resources.abc import Traversable
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gptmod import corpus, tokenizer
+from gptmod import corpus, fileio, tokenizer
 
 FORMAT = "gptmod-shards-v1"
 VOCAB_SIZE = 50257  # GPT-2's, <|endoftext|> included; every id fits in uint16
@@ -99,9 +97,7 @@ def _encode(name: str, file: Any, bar: tqdm) -> np.ndarray:
 
 def _write_npy(path: Path, ids: np.ndarray) -> None:
     with open(path, "xb") as f:
-        np.save(f, ids, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
+        np.save(f, ids, allow_pickle=False)  # made durable with the folder (fileio.atomic_folder)
 
 
 class _ShardWriter:
@@ -168,15 +164,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise ShardsExistError(out)
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def prepare(
     inputs: Inputs,
     out_dir: PathLike,
@@ -208,14 +195,9 @@ def prepare(
     _check_out_dir(out, overwrite)
     docs = _documents(inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
-    tmp.mkdir()  # (not tempfile.mkdtemp: its 0o700 would become out_dir's mode)
-    try:
+    # a plain new folder, so out_dir gets the umask's mode (tempfile.mkdtemp's 0o700 would stick)
+    with fileio.atomic_folder(out) as tmp:
         manifest = _write_shards(tmp, docs, val_fraction, shard_tokens, progress)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -281,27 +263,7 @@ def _write_shards(
         folder / "manifest.json", "x", encoding="utf-8"
     ) as f:  # last, so it only ever lists whole shards
         json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(folder)
     return manifest
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`. An existing `out` is moved aside first and put back if the rename
-    fails, since no platform renames a folder over a non-empty one."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.{secrets.token_hex(6)}.old")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    _fsync_dir(out.parent)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -24,8 +24,6 @@ import dataclasses
 import math
 import os
 import re
-import secrets
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from gptmod import fileio
 from gptmod.config import ModelConfig, RopeScaling
-from gptmod.weights import TransferReport, TransferRow, _fsync_dir, canonical_shapes, check_state
+from gptmod.transfer import TransferReport, TransferRow
+from gptmod.weights import canonical_shapes, check_state
 
 # `gguf` is imported inside the functions that use it: it costs about 0.2 s and PyYAML, which a
 # plain `import gptmod` should not pay.
@@ -723,33 +723,23 @@ def write(
         kind = qtype[out_type] if w.ndim == 2 else GGMLQuantizationType.F32
         tensors.append((gname, _encode(gname, w, kind, quantize), kind))
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    writer = None
-    try:
+    def write_gguf(tmp: Path) -> None:
         writer = GGUFWriter(tmp, ARCH)  # adds general.architecture itself
-        for k, (v, vtype, sub) in typed.items():
-            if k != "general.architecture":
-                writer.add_key_value(
-                    k, v, GGUFValueType[vtype], None if sub is None else GGUFValueType[sub]
-                )
-        for gname, data, kind in tensors:
-            writer.add_tensor(gname, data, raw_dtype=kind if data.dtype == np.uint8 else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        if path.is_file():  # keep an existing file's mode
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
-        if writer is not None:
+        try:
+            for k, (v, vtype, sub) in typed.items():
+                if k != "general.architecture":
+                    writer.add_key_value(
+                        k, v, GGUFValueType[vtype], None if sub is None else GGUFValueType[sub]
+                    )
+            for gname, data, kind in tensors:
+                writer.add_tensor(gname, data, raw_dtype=kind if data.dtype == np.uint8 else None)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
             writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+
+    fileio.atomic_write(path, write_gguf)
 
 
 def _encode(

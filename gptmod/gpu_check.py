@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptmod.weights import atomic_write_text
+from gptmod.fileio import atomic_write_text
 
 TARGET_S = 480  # the whole check, compilation included, on one H100/H200
 BENCH_PRESETS = ("gpt2", "gpt2-medium", "modern-gpt2")

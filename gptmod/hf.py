@@ -13,15 +13,14 @@ import json
 import os
 import pickle
 import re
-import secrets
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptmod import textio
-from gptmod.weights import _fsync_dir, _read_safetensors
+from gptmod.fileio import atomic_folder
+from gptmod.weights import _read_safetensors
 
 PathLike = str | os.PathLike[str]
 
@@ -271,9 +270,7 @@ def write_folder(
         )
     if not folder.parent.is_dir():
         raise FileNotFoundError(f"{folder.parent} does not exist")
-    tmp = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.tmp")
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder) as tmp:  # an existing (empty) folder is replaced
         arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
         shards: list[dict[str, Any]] = [{}]
         size = 0
@@ -304,14 +301,4 @@ def write_folder(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
             names.append(name)
-        for name in names:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if folder.exists():
-            folder.rmdir()  # empty, checked above
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(folder.parent)
     return names

@@ -21,7 +21,8 @@ import numpy as np
 
 from gptmod import hf, transfer
 from gptmod.config import ModelConfig
-from gptmod.weights import StateError, TransferReport, TransferRow, canonical_shapes, check_state
+from gptmod.transfer import TransferReport, TransferRow
+from gptmod.weights import StateError, canonical_shapes, check_state
 
 # Old GPT-2 checkpoints carry the causal mask as buffers named like parameters. Only these exact
 # names are buffers; h.{i}.attn.c_attn.bias and friends are real weights.

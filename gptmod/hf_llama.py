@@ -18,7 +18,8 @@ import numpy as np
 
 from gptmod import hf
 from gptmod.config import ModelConfig, RopeScaling
-from gptmod.weights import StateError, TransferReport, TransferRow, canonical_shapes, check_state
+from gptmod.transfer import TransferReport, TransferRow
+from gptmod.weights import StateError, canonical_shapes, check_state
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")  # Mistral only without a sliding window
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}

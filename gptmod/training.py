@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors.numpy import save_file
 
-from gptmod import weights
+from gptmod import fileio, weights
 from gptmod.config import ModelConfig
 
 CKPT_FORMAT = "gptmod-train-v1"
@@ -254,10 +254,12 @@ def save_checkpoint(
     check_finite(optimizer["m"], step=step, what="optimizer first moment of", then=then)
     check_finite(optimizer["v"], step=step, what="optimizer second moment of", then=then)
     final = run_dir / (name or f"step_{step:07d}")
-    tmp = run_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # What a killed earlier write of this folder left behind; the run's lock makes this safe.
+    for stale in run_dir.glob(f".{final.name}.*tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # a re-run over the same step (or a new best) replaces the folder
+    with fileio.atomic_folder(final) as tmp:
         weights.save(tmp / "model.safetensors", state, cfg, metadata={"step": str(step)})
         moments = {f"m.{k}": np.ascontiguousarray(v) for k, v in optimizer["m"].items()}
         moments |= {f"v.{k}": np.ascontiguousarray(v) for k, v in optimizer["v"].items()}
@@ -272,23 +274,9 @@ def save_checkpoint(
         }
         if val_loss is not None:
             meta["val_loss"] = val_loss
-        weights.atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=2) + "\n")
-        for f in tmp.iterdir():  # weights.save fsyncs its file; the optimizer file needs it too
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        # a re-run over the same step (or a new best): moved aside, then replaced
-        if final.exists():
-            old = run_dir / f".{final.name}.{secrets.token_hex(4)}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fileio.atomic_write_text(tmp / "trainer.json", json.dumps(meta, indent=2) + "\n")
     if name is None:
-        weights.atomic_write_text(run_dir / "latest", final.name + "\n")
+        fileio.atomic_write_text(run_dir / "latest", final.name + "\n")
     return final
 
 
@@ -375,9 +363,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
     doomed = [p for p in steps[: max(0, len(steps) - keep_last)] if p.name != current]
     # moved aside first: a crash mid-delete never leaves a half step folder under its name
     for p in doomed:
-        trash = run_dir / f".{p.name}.{secrets.token_hex(4)}.old"
-        os.replace(p, trash)
-        shutil.rmtree(trash)
+        shutil.rmtree(fileio.move_aside(p))
     return doomed
 
 
@@ -470,7 +456,7 @@ class RunLog:
         self.path = path
         rows = self.read(path) if path.is_file() else []
         kept = [r for r in rows if r["step"] <= resume_step]
-        weights.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        fileio.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: Mapping[str, Any]) -> None:
         with open(self.path, "a") as f:

@@ -1,5 +1,5 @@
 """How each GPT-2 tensor becomes a canonical tensor: the transfer plan behind
-`weights.from_hf_gpt2`.
+`hf_gpt2.from_hf_gpt2`; and `TransferReport`, what any weight import did, tensor by tensor.
 
 A classic config imports exactly (every tensor copied, at most transposed or
 split). A modern or mixed config gets a partial transfer;
@@ -15,18 +15,22 @@ docs/architecture.md explains each rule and gives measured figures:
   are kept; extra units get a random w_up/w_gate and a zero w_down, so they add nothing at first.
 - RoPE: learned positions are dropped. No bias: every linear bias is
   dropped. Soft-capping has no weights.
-Pure numpy; nothing here reads files.
+Pure numpy; nothing here reads files (`TransferReport.save` writes one).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from gptmod import fileio
 from gptmod.config import ModelConfig
+from gptmod.fileio import PathLike
 
 Values = Mapping[str, np.ndarray]
 
@@ -40,8 +44,6 @@ Values = Mapping[str, np.ndarray]
 GATE_STD = 0.6354
 GATE_STD_BIAS = 0.3266
 GATE_BIAS = 0.6694
-
-_FIELDS = ("pos", "norm", "mlp", "bias", "n_kv_head", "logit_softcap", "tie_embeddings")
 
 
 @dataclass(frozen=True)
@@ -368,3 +370,103 @@ class _Planner:
             "transformed" if resized else "copied",
         )
         self.bias(f"{b}.mlp.w_down.bias", pr_b, lambda v: v[pr_b], "as is", False)
+
+
+# ----------------------------------------------------------------------------- transfer report
+
+
+@dataclass
+class TransferRow:
+    """One target tensor: where its values came from."""
+
+    target: str
+    action: str  # "copied" (values exact, incl. transposes and splits) | "transformed" | "new"
+    source: str  # source tensor name(s), comma-separated
+    how: str
+    size: int = 0  # number of parameters
+
+
+_ACTIONS = ("copied", "transformed", "new")
+
+
+@dataclass
+class TransferReport:
+    """What a weight import did: every target tensor, every source tensor left unused, and the
+    changes of function that involve no tensor (e.g. soft-capping)."""
+
+    rows: list[TransferRow] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source name, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Number of target tensors per action."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.action] = out.get(r.action, 0) + 1
+        return out
+
+    def param_counts(self) -> dict[str, int]:
+        """Number of target parameters per action."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.action] = out.get(r.action, 0) + r.size
+        return out
+
+    def fraction_copied(self) -> float:
+        """Share of target tensors (counted as tensors, not parameters) whose values are the
+        source's exactly."""
+        return self.counts().get("copied", 0) / max(1, len(self.rows))
+
+    def summary(self) -> str:
+        """One line: tensors and parameters per action, and how many source tensors were dropped."""
+        counts, params = self.counts(), self.param_counts()
+        total = max(1, sum(params.values()))
+        per = ", ".join(
+            f"{counts[a]} {a} ({params[a] / total:.1%} of parameters)"
+            for a in _ACTIONS
+            if a in counts
+        )
+        return (
+            f"{len(self.rows)} target tensors, {sum(params.values()):,} parameters: "
+            f"{per or 'none'}; {len(self.dropped)} source tensor(s) dropped"
+        )
+
+    def to_text(self) -> str:
+        """A readable aligned table, then the dropped source tensors, the
+        notes and the summary line."""
+        header = TransferRow("target", "action", "source", "how")
+        rows = [header, *self.rows]
+        w_t, w_a, w_s = (
+            max(len(getattr(r, f)) for r in rows) for f in ("target", "action", "source")
+        )
+        lines = [
+            f"{r.target:<{w_t}}  {r.action:<{w_a}}  {r.source:<{w_s}}  {r.how}".rstrip()
+            for r in rows
+        ]
+        if self.dropped:
+            lines.append("")
+            w_d = max(len(name) for name, _ in self.dropped)
+            lines += [f"dropped {name:<{w_d}}  {reason}" for name, reason in self.dropped]
+        if self.notes:
+            lines += ["", *(f"note: {n}" for n in self.notes)]
+        lines += ["", self.summary()]
+        return "\n".join(lines)
+
+    __str__ = to_text
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "rows": [dataclasses.asdict(r) for r in self.rows],
+                "dropped": [list(d) for d in self.dropped],
+                "notes": self.notes,
+                "counts": self.counts(),
+                "param_counts": self.param_counts(),
+                "fraction_copied": self.fraction_copied(),
+            },
+            indent=2,
+        )
+
+    def save(self, path: PathLike) -> None:
+        """Write the JSON atomically."""
+        fileio.atomic_write_text(path, self.to_json() + "\n")

@@ -18,7 +18,7 @@ import numpy as np
 
 from gptmod import hf_gpt2, tokenizer
 from gptmod.config import ModelConfig
-from gptmod.weights import TransferReport
+from gptmod.transfer import TransferReport
 
 
 @dataclass

@@ -1,5 +1,4 @@
-"""Canonical weights: names and shapes, state checks, safetensors I/O, and
-the report of what an import did.
+"""Canonical weights: names and shapes, state checks, safetensors I/O.
 
 Framework-free. Canonical state is `dict[str, numpy.ndarray]` with torch's
 names and (out, in) linear weights; see DESIGN.md. The importers live beside
@@ -8,14 +7,10 @@ it: gptmod.hf_gpt2, gptmod.hf_llama, gptmod.gguf_llama.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import secrets
-import stat
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from gptmod.config import ModelConfig
+from gptmod.fileio import atomic_write
+
+# Re-exported for the callers that still import them from here (parity/, gptmod/bench.py); new code
+# imports gptmod.fileio.
+from gptmod.fileio import atomic_write_bytes as atomic_write_bytes
+from gptmod.fileio import atomic_write_text as atomic_write_text
 
 FORMAT = "gptmod-canonical-v1"
 _RESERVED_METADATA = ("format", "gptmod_config")
@@ -180,40 +181,7 @@ def save(
     # one: refuse it, naming the tensors.
     if bad := non_finite(arrays):
         raise NonFiniteError(f"save: refusing to write {path}: {_describe_non_finite(bad, arrays)}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # Created with 0o666 so the umask applies, as for any new file; its mode
-    # is what the checkpoint should get.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        # keep an existing file's mode
-        mode = stat.S_IMODE((path if path.is_file() else tmp).stat().st_mode)
-        save_file(arrays, str(tmp), metadata=meta)
-        # safetensors writes through its own 0o600 temp file and renames it onto tmp
-        os.chmod(tmp, mode)
-        with open(
-            tmp, "r+b"
-        ) as f:  # save_file closes its own handle: fsync before the rename makes it durable
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=meta))
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -277,125 +245,3 @@ def read_metadata(path: PathLike) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
-
-
-# ----------------------------------------------------------------------------- transfer report
-
-
-@dataclass
-class TransferRow:
-    """One target tensor: where its values came from."""
-
-    target: str
-    action: str  # "copied" (values exact, incl. transposes and splits) | "transformed" | "new"
-    source: str  # source tensor name(s), comma-separated
-    how: str
-    size: int = 0  # number of parameters
-
-
-_ACTIONS = ("copied", "transformed", "new")
-
-
-@dataclass
-class TransferReport:
-    """What a weight import did: every target tensor, every source tensor left unused, and the
-    changes of function that involve no tensor (e.g. soft-capping)."""
-
-    rows: list[TransferRow] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source name, reason)
-    notes: list[str] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        """Number of target tensors per action."""
-        out: dict[str, int] = {}
-        for r in self.rows:
-            out[r.action] = out.get(r.action, 0) + 1
-        return out
-
-    def param_counts(self) -> dict[str, int]:
-        """Number of target parameters per action."""
-        out: dict[str, int] = {}
-        for r in self.rows:
-            out[r.action] = out.get(r.action, 0) + r.size
-        return out
-
-    def fraction_copied(self) -> float:
-        """Share of target tensors (counted as tensors, not parameters) whose values are the
-        source's exactly."""
-        return self.counts().get("copied", 0) / max(1, len(self.rows))
-
-    def summary(self) -> str:
-        """One line: tensors and parameters per action, and how many source tensors were dropped."""
-        counts, params = self.counts(), self.param_counts()
-        total = max(1, sum(params.values()))
-        per = ", ".join(
-            f"{counts[a]} {a} ({params[a] / total:.1%} of parameters)"
-            for a in _ACTIONS
-            if a in counts
-        )
-        return (
-            f"{len(self.rows)} target tensors, {sum(params.values()):,} parameters: "
-            f"{per or 'none'}; {len(self.dropped)} source tensor(s) dropped"
-        )
-
-    def to_text(self) -> str:
-        """A readable aligned table, then the dropped source tensors, the
-        notes and the summary line."""
-        header = TransferRow("target", "action", "source", "how")
-        rows = [header, *self.rows]
-        w_t, w_a, w_s = (
-            max(len(getattr(r, f)) for r in rows) for f in ("target", "action", "source")
-        )
-        lines = [
-            f"{r.target:<{w_t}}  {r.action:<{w_a}}  {r.source:<{w_s}}  {r.how}".rstrip()
-            for r in rows
-        ]
-        if self.dropped:
-            lines.append("")
-            w_d = max(len(name) for name, _ in self.dropped)
-            lines += [f"dropped {name:<{w_d}}  {reason}" for name, reason in self.dropped]
-        if self.notes:
-            lines += ["", *(f"note: {n}" for n in self.notes)]
-        lines += ["", self.summary()]
-        return "\n".join(lines)
-
-    __str__ = to_text
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "rows": [dataclasses.asdict(r) for r in self.rows],
-                "dropped": [list(d) for d in self.dropped],
-                "notes": self.notes,
-                "counts": self.counts(),
-                "param_counts": self.param_counts(),
-                "fraction_copied": self.fraction_copied(),
-            },
-            indent=2,
-        )
-
-    def save(self, path: PathLike) -> None:
-        """Write the JSON atomically."""
-        atomic_write_text(path, self.to_json() + "\n")
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to a temporary file beside `path`, fsync it,
-    then rename it over `path`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)

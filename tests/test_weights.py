@@ -24,7 +24,8 @@ from gptmod import weights
 from gptmod.config import list_presets, load_preset
 from gptmod.hf import HubUnavailableError
 from gptmod.hf_gpt2 import from_hf_gpt2
-from gptmod.weights import StateError, TransferReport, canonical_shapes, check_state
+from gptmod.transfer import TransferReport
+from gptmod.weights import StateError, canonical_shapes, check_state
 
 D, N_LAYER, VOCAB, N_POS = 64, 2, 100, 32
 
