@@ -20,7 +20,6 @@ import importlib.util
 import itertools
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 from pygments.token import STANDARD_TYPES
 
+from gptmod import fileio
 from gptmod.twin_notes import HEADER, NO_NOTE, NOTES, Note
 
 __all__ = ["FILES", "HEADER", "NOTES", "NO_NOTE", "Note", "render", "render_html"]
@@ -632,15 +632,6 @@ only the notes are written by hand.</p></header>
 
 
 def render(out: str | os.PathLike[str]) -> None:
-    """Write the page to `out` atomically: a temp file in the same folder, then os.replace."""
-    out = Path(out)
+    """Write the page to `out` atomically (gptmod.fileio)."""
     page = render_html()
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the page is for reading
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fileio.atomic_write_text(out, page)

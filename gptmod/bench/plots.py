@@ -3,22 +3,20 @@ per-token decode time against context (KV cache and recompute)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from gptmod import fileio
 
 
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
         fig.tight_layout()
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:

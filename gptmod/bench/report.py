@@ -245,6 +245,6 @@ def format_report(result: dict, figures: Sequence[KeyFigure] = ()) -> str:
 
 
 def write_json(path: Path, result: dict) -> None:
-    from gptmod.weights import atomic_write_text
+    from gptmod.fileio import atomic_write_text
 
     atomic_write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
