@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gptmod import hf_gpt2, tokenizer
+from gptmod import hf_gpt2, models, tokenizer
 from gptmod.config import ModelConfig
 from gptmod.transfer import TransferReport
 
@@ -87,20 +87,7 @@ class _Evaluator:
         self.framework, self.batch, self.seed = framework, batch, seed
 
     def build(self, cfg: ModelConfig, state: dict[str, np.ndarray] | None) -> Any:
-        if self.framework == "torch":
-            import torch
-
-            import gptmod_torch
-
-            torch.manual_seed(self.seed)
-            model = gptmod_torch.GPT(cfg).eval()
-            return gptmod_torch.load_state(model, state) if state is not None else model
-        from flax import nnx
-
-        import gptmod_jax
-
-        model = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(self.seed))
-        return gptmod_jax.load_state(model, state) if state is not None else model
+        return models.build(self.framework, cfg, state, seed=self.seed)
 
     def losses(self, model: Any, data: np.ndarray) -> Any:
         """Yield (summed loss, token count) per batch of windows."""
