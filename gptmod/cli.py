@@ -1143,7 +1143,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat_cmd.add_parser(sub)
 
     sub.add_parser(
-        "parity", help="run the parity suite (same options as python -m parity)", add_help=False
+        "parity",
+        help="run the parity suite (same options as python -m gptmod.parity)",
+        add_help=False,
     )
     sub.add_parser(
         "bench",
@@ -1161,7 +1163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The subcommands with their own parsers (and modules), dispatched before
 # gptmod's own parser sees the argv.
-_DELEGATED = {"parity": "parity.__main__", "bench": "gptmod.bench", "gpu-check": "gptmod.gpu_check"}
+_DELEGATED = {
+    "parity": "gptmod.parity.__main__",
+    "bench": "gptmod.bench",
+    "gpu-check": "gptmod.gpu_check",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
