@@ -1144,7 +1144,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat_cmd.add_parser(sub)
 
     sub.add_parser(
-        "parity", help="run the parity suite (same options as python -m parity)", add_help=False
+        "parity",
+        help="run the parity suite (same options as python -m gptmod.parity)",
+        add_help=False,
     )
     sub.add_parser(
         "bench",
@@ -1163,7 +1165,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The subcommands with their own parsers (and modules), dispatched before
 # gptmod's own parser sees the argv.
 _DELEGATED = {
-    "parity": "parity.__main__",
+    "parity": "gptmod.parity.__main__",
     "bench": "gptmod.bench.__main__",
     "gpu-check": "gptmod.gpu_check",
 }

@@ -97,7 +97,7 @@ class Result:
 def plan(out: Path, python: str = sys.executable, timeout_scale: float = 1.0) -> list[Step]:
     """Every step of the check, writing into `out`."""
     out = Path(out)
-    parity = [python, "-m", "parity", "--device", "gpu", "--quick"]
+    parity = [python, "-m", "gptmod.parity", "--device", "gpu", "--quick"]
     steps = [
         Step(
             "parity",
@@ -467,8 +467,8 @@ not yet timed on a
 GPU). It needs a CUDA build of torch and JAX with its CUDA plugin (jax[cuda12]); after
 `pip install --no-deps -e .` it uses whatever torch and JAX the environment brings. The steps, in \
 order:
-  parity             python -m parity --device gpu --quick: every SDPA backend pinned (flash, cuDNN,
-                     memory-efficient, math), JAX XLA and cuDNN attention; fp32, bf16 and fp16
+  parity             python -m gptmod.parity --device gpu --quick: every SDPA backend pinned (flash,
+                     cuDNN, memory-efficient, math), JAX XLA and cuDNN attention; fp32, bf16, fp16
   parity-tf32        the same in fp32 with TF32 matmuls on in both twins (JAX's default on Ampere \
 and
                      Hopper, not torch's), judged on fp16's budget; checks {checks}

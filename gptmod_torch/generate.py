@@ -177,7 +177,7 @@ def _check_mode(model: GPT, mode: str | None) -> None:
         )
 
 
-# (step, mode) -> the compiled step; parity.mutations clears it, so a
+# (step, mode) -> the compiled step; gptmod.parity.mutations clears it, so a
 # patched function is traced anew.
 _compiled: dict[tuple[Callable, str], Callable] = {}
 

@@ -236,7 +236,7 @@ def test_sigint_mid_generation_exits_130_without_traceback(tmp_path, framework):
 
 
 def test_keyboard_interrupt_in_a_delegated_command_is_130(monkeypatch, capsys):
-    import parity.__main__ as parity_main
+    import gptmod.parity.__main__ as parity_main
 
     def interrupted(argv, *, prog):
         raise KeyboardInterrupt

@@ -19,10 +19,10 @@ import pytest
 
 from gptmod import cli, gpu_check
 from gptmod.config import load_preset
-from parity import suite, text
-from parity.__main__ import label_tf32
-from parity.__main__ import main as parity_main
-from parity.runner import format_markdown, format_table
+from gptmod.parity import suite, text
+from gptmod.parity.__main__ import label_tf32
+from gptmod.parity.__main__ import main as parity_main
+from gptmod.parity.runner import format_markdown, format_table
 
 PY = sys.executable
 STEPS = ["parity", "parity-tf32", "bench-gpt2", "bench-gpt2-medium", "bench-modern-gpt2"]
@@ -64,7 +64,7 @@ def _expected(out: Path) -> list[list[str]]:
         [
             PY,
             "-m",
-            "parity",
+            "gptmod.parity",
             "--device",
             "gpu",
             "--quick",
@@ -76,7 +76,7 @@ def _expected(out: Path) -> list[list[str]]:
         [
             PY,
             "-m",
-            "parity",
+            "gptmod.parity",
             "--device",
             "gpu",
             "--quick",

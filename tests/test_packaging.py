@@ -1,9 +1,12 @@
-"""pyproject.toml's dependency ranges: they admit what GPU machines already
-have, and what is installed here."""
+"""pyproject.toml's packaging: the dependency ranges admit what GPU machines
+already have, and what is installed here; the package list ships every package
+under the project's own top-level names (no bare `parity`)."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -105,3 +108,44 @@ def test_newest_stack_subset_names_existing_test_files() -> None:
         ):
             missing.append(name)
     assert not missing, f".ci/newest-stack-tests.txt names missing files or tests: {missing}"
+
+
+TOP_LEVEL = {"gptmod", "gptmod_torch", "gptmod_jax"}
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_packages_live_under_the_project_names() -> None:
+    """The parity suite ships as gptmod.parity: a top-level `parity` would collide with any other
+    package of that name in the user's environment."""
+    tool = _pyproject()["tool"]
+    packages = tool["setuptools"]["packages"]
+    assert "gptmod.parity" in packages
+    assert {p.split(".")[0] for p in packages} == TOP_LEVEL, packages
+    assert set(tool["ruff"]["lint"]["isort"]["known-first-party"]) == TOP_LEVEL
+    assert not (ROOT / "parity").exists(), "a top-level parity/ is back; it lives in gptmod/parity/"
+
+
+def test_every_package_directory_is_listed() -> None:
+    """setuptools' explicit `packages` list does not pick up subpackages: one left out would be
+    missing from the wheel while editable installs still find it."""
+    packages = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in TOP_LEVEL
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert found - packages == set(), f"pyproject.toml does not list {sorted(found - packages)}"
+
+
+def test_import_gptmod_loads_neither_framework_nor_the_parity_suite() -> None:
+    """DESIGN.md's rule: the core imports neither torch nor jax when loaded, so gptmod/__init__.py
+    must not pull in gptmod.parity (which imports both twins)."""
+    mods = ("torch", "jax", "gptmod.parity", "gptmod_torch", "gptmod_jax")
+    code = f"import sys, gptmod; print([m for m in {mods!r} if m in sys.modules])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

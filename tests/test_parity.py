@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from gptmod.config import ModelConfig, load_preset
-from parity import suite
-from parity.__main__ import main
-from parity.runner import CHECKS, Options, run_suite, summary
+from gptmod.parity import suite
+from gptmod.parity.__main__ import main
+from gptmod.parity.runner import CHECKS, Options, run_suite, summary
 
 from conftest import reduced
 
@@ -195,7 +195,7 @@ def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
 def test_cli_weight_errors():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "parity", "--preset", "gpt2", "--weights", "gpt2"],
+        [sys.executable, "-m", "gptmod.parity", "--preset", "gpt2", "--weights", "gpt2"],
         capture_output=True,
         text=True,
         env=env,
@@ -203,7 +203,7 @@ def test_cli_weight_errors():
     )
     assert r.returncode == 2 and "offline" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(
-        [sys.executable, "-m", "parity", "--preset", "tiny", "--weights", "no/such/dir"],
+        [sys.executable, "-m", "gptmod.parity", "--preset", "tiny", "--weights", "no/such/dir"],
         capture_output=True,
         text=True,
         env=env,
@@ -251,8 +251,8 @@ def test_training_rows():
     """The suite's training rows on a short curve: four rows, all within
     budget, bf16 skipped with a reason."""
     from gptmod.config import load_preset
-    from parity.runner import Options, make_case
-    from parity.training import check_training
+    from gptmod.parity.runner import Options, make_case
+    from gptmod.parity.training import check_training
 
     case = make_case("modern-gpt2", load_preset("modern-gpt2"), "float32", Options(), None)
     rows = list(check_training(case, steps=12))
@@ -333,7 +333,7 @@ def test_a_llama_checkpoint_runs_its_own_config_on_real_text_against_hf_llama(tm
     # --preset only chooses the targets of GPT-2 weights
     assert main([*args, "--preset", "tiny"]) == 2
     # Real text: the case's ids are Hamlet's first tokens under the checkpoint's tokenizer.
-    from parity.runner import make_case
+    from gptmod.parity.runner import make_case
 
     text = tuple(tok.encode(corpus.bundled_text("hamlet")))
     small = ModelConfig(
@@ -383,7 +383,7 @@ def test_cli_refuses_counts_below_one_and_lists_mutations(capsys):
 
 
 def test_table_groups_by_model_and_dtype_and_fits_the_width():
-    from parity.runner import format_table
+    from gptmod.parity.runner import format_table
 
     rows = [
         suite.Row(
@@ -410,8 +410,8 @@ def test_table_groups_by_model_and_dtype_and_fits_the_width():
 def test_training_rows_on_a_checkpoints_own_weights():
     """Given weights, the loss and gradient rows run on them (and say so);
     the optimizer rows say they do not."""
-    from parity.runner import make_case
-    from parity.training import check_training
+    from gptmod.parity.runner import make_case
+    from gptmod.parity.training import check_training
 
     cfg = ModelConfig(
         vocab_size=512, n_layer=1, d_model=32, n_head=2, n_kv_head=1, d_ff=64, max_seq_len=64

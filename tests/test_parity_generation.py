@@ -1,4 +1,4 @@
-"""Parity rows of the generate paths (parity/generation.py): correct twins
+"""Parity rows of the generate paths (gptmod/parity/generation.py): correct twins
 pass with a margin, and each realistic one-twin generate bug, applied to ONE
 twin with mock.patch, fails the row that should see it.
 
@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from gptmod.config import load_preset
-from parity import generation
-from parity.runner import Options, make_case
+from gptmod.parity import generation
+from gptmod.parity.runner import Options, make_case
 
 from conftest import smollm2_gguf_path
 
@@ -243,8 +243,8 @@ def smollm2():
 
 def test_rows_pass_on_smollm2(smollm2, clean_jit):
     # ragged is left out here: its four 30-layer JAX compilations (batch 3 and 1, prefill and
-    # decode) take about two minutes on a loaded 2-core machine; `python -m parity --weights smollm2
-    # --check ragged` runs it.
+    # decode) take about two minutes on a loaded 2-core machine;
+    # `python -m gptmod.parity --weights smollm2 --check ragged` runs it.
     rows = [
         *generation.check_generate_paths(smollm2, 8, paths=["torch-eager", "jax-jit"]),
         *generation.check_sampling(smollm2, [generation.SETTINGS[-1]]),

@@ -1,6 +1,6 @@
-"""The mutation self-test (parity/mutations.py, parity/selftest.py): every mutation really changes
-its twin and is restored exactly, and the suite catches every applicable mutation on the tiny preset
-(THE test of its power)."""
+"""The mutation self-test (gptmod/parity/mutations.py, gptmod/parity/selftest.py): every mutation
+really changes its twin and is restored exactly, and the suite catches every applicable mutation on
+the tiny preset (THE test of its power)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from gptmod.parity import mutations as mut
+from gptmod.parity import selftest
 from gptmod.sampling import SamplingParams
 from gptmod.training import TrainConfig
-from parity import mutations as mut
-from parity import selftest
 
 from conftest import jax_model, reduced, torch_model, torch_pair_state
 

@@ -1,6 +1,7 @@
-"""The real-text rows of the parity suite (parity/text.py): KL, top-1/top-5 agreement with near-ties
-excused, loss and greedy divergence. The budgets' mathematics on constructed logits, the rows on a
-tiny random model (fp32, bf16), a deliberately broken JAX twin caught, and SmolLM2 on Hamlet."""
+"""The real-text rows of the parity suite (gptmod/parity/text.py): KL, top-1/top-5 agreement with
+near-ties excused, loss and greedy divergence. The budgets' mathematics on constructed logits, the
+rows on a tiny random model (fp32, bf16), a deliberately broken JAX twin caught, and SmolLM2 on
+Hamlet."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import gptmod.corpus
 import gptmod.pretrained
 import gptmod_torch
 from gptmod.config import load_preset
-from parity import suite, text
-from parity.runner import Options, make_case
+from gptmod.parity import suite, text
+from gptmod.parity.runner import Options, make_case
 
 from conftest import smollm2_gguf_path, torch_model
 

@@ -1,4 +1,4 @@
-"""The per-op trace (parity/trace.py): correct twins stay inside every op's budget, and each
+"""The per-op trace (gptmod/parity/trace.py): correct twins stay inside every op's budget, and each
 one-twin bug below is found at the op where it is, by name and block; the HTML report and its PNG
 heatmap are written."""
 
@@ -19,8 +19,8 @@ import gptmod_jax.kernels as jk
 import gptmod_jax.model as jm
 import gptmod_torch.model as tm
 from gptmod.config import load_preset
-from parity.runner import Options, make_case
-from parity.trace import BUDGET, check_trace, forward_ops, half_ulp, run_trace
+from gptmod.parity.runner import Options, make_case
+from gptmod.parity.trace import BUDGET, check_trace, forward_ops, half_ulp, run_trace
 
 from conftest import smollm2_gguf_path
 
@@ -296,8 +296,8 @@ def test_correct_classic_within_budget(classic_cases, dtype):
 def test_reference_is_the_float64_model():
     """The trace's own float64 reference (written from DESIGN.md, so a patched twin cannot patch it)
     computes the float64 torch model's logits and hidden states."""
-    from parity.suite import torch_model, torch_run
-    from parity.trace import _Reference
+    from gptmod.parity.suite import torch_model, torch_run
+    from gptmod.parity.trace import _Reference
 
     for case in (tiny_case("bfloat16"), classic_case("float32", seq_len=8)):
         rec = _Reference(case).forward(case.idx)
@@ -381,7 +381,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_html_and_png(tiny_cases, tmp_path):
-    from parity.trace_html import write_html, write_png
+    from gptmod.parity.trace_html import write_html, write_png
 
     with _rmsnorm(in_dtype=True):
         bad = run_trace(_tiny(tiny_cases, "bfloat16"), weights="random, seed 0")

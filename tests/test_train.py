@@ -18,11 +18,11 @@ import gptmod_jax
 import gptmod_torch
 from gptmod import training
 from gptmod.data import prepare
+from gptmod.parity.training import update_errors
 from gptmod.training import TrainConfig, decays, lr_at
 from gptmod.weights import canonical_shapes
 from gptmod_jax.train import Trainer as JaxTrainer
 from gptmod_torch.train import Trainer as TorchTrainer
-from parity.training import update_errors
 
 from conftest import reduced
 
@@ -155,7 +155,7 @@ def test_ten_adamw_steps_agree_with_the_float64_reference():
         assert mt["lr"] == mj["lr"] == mr["lr"]
         assert abs(mt["loss"] - float(mj["loss"])) < 1e-5 * mr["loss"]
     st, sj, sr = torch_t.export_state(), jax_t.export_state(), ref_t.export_state()
-    # Judged as shares of the float64 update (parity.training explains why not elementwise).
+    # Judged as shares of the float64 update (gptmod.parity.training explains why not elementwise).
     travel = sum(lr_at(TC, s) for s in range(10))
     errors = update_errors(st, sj, sr, start, travel)
     for name, (e_t, e_j, d) in errors.items():

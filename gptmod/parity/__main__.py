@@ -1,4 +1,4 @@
-"""`python -m parity` (also `gptmod parity`): the whole parity ladder, torch
+"""`python -m gptmod.parity` (also `gptmod parity`): the whole parity ladder, torch
 vs JAX, against float64."""
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from pathlib import Path
 
 from gptmod.backends import JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
-from gptmod.textio import seed_arg
-from gptmod.weights import atomic_write_text
-from parity import generation, selftest
-from parity.runner import (
+from gptmod.parity import generation, selftest
+from gptmod.parity.runner import (
     CHECKS,
     Options,
     format_markdown,
@@ -24,7 +22,9 @@ from parity.runner import (
     summary,
     write_json,
 )
-from parity.suite import TF32_LABEL, Row, tf32_budget, versions
+from gptmod.parity.suite import TF32_LABEL, Row, tf32_budget, versions
+from gptmod.textio import seed_arg
+from gptmod.weights import atomic_write_text
 
 DEFAULT_PRESETS = ("tiny", "gpt2", "modern-gpt2")
 QUICK_PATHS = ("torch-eager", "torch-stream", "jax-jit", "jax-stream")
@@ -32,7 +32,7 @@ QUICK_PATHS = ("torch-eager", "torch-stream", "jax-jit", "jax-stream")
 QUICK_SETTINGS = tuple(generation.SETTINGS[i] for i in (0, 2, 4))
 
 
-def build_parser(prog: str = "python -m parity") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m gptmod.parity") -> argparse.ArgumentParser:
     """The parity options; `prog` is how usage lines name the command
     (`gptmod parity` from the gptmod CLI)."""
     p = argparse.ArgumentParser(
@@ -212,7 +212,7 @@ def label_tf32(rows: list[Row]) -> list[Row]:
     return [dataclasses.replace(r, dtype=TF32_LABEL) if r.dtype == "float32" else r for r in rows]
 
 
-def main(argv: list[str] | None = None, *, prog: str = "python -m parity") -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m gptmod.parity") -> int:
     args = build_parser(prog).parse_args(argv)
     if args.tf32 and args.device != "gpu":
         print(
@@ -349,8 +349,8 @@ def _trace_main(args, runs, opts: Options, what: str) -> int:
     """--trace: one trace per model and dtype, a summary line each, and the HTML/PNG reports."""
     from tqdm import tqdm
 
-    from parity import trace, trace_html
-    from parity.runner import make_case
+    from gptmod.parity import trace, trace_html
+    from gptmod.parity.runner import make_case
 
     traces = []
     plan = [(n, c, s, d) for n, c, s in runs for d in opts.dtypes]

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from gptmod.config import ModelConfig
+from gptmod.parity.suite import ABS_FLOOR, Case, Row
 from gptmod.training import TrainConfig, lr_at
-from parity.suite import ABS_FLOOR, Case, Row
 
 TC = TrainConfig(
     steps=200,
@@ -117,7 +117,7 @@ def _worst_row(
     note: str = "",
 ) -> Row:
     """One row for a family of tensors (errors with their scales): the worst
-    tensor, judged as in parity.suite.numeric_row (each e <= rel * scale,
+    tensor, judged as in gptmod.parity.suite.numeric_row (each e <= rel * scale,
     and |Δ| <= the same, floored at ABS_FLOOR * scale)."""
     results = []
     for name, (e_t, e_j, d, s) in errors.items():

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from parity.suite import REL, Case, Row, jax_model, jax_run, torch_model, torch_run
+from gptmod.parity.suite import REL, Case, Row, jax_model, jax_run, torch_model, torch_run
 
 PROMPT_LEN = 16
 # positions per chunk: the (positions, vocab) float64 temporaries stay ~25 MB each at vocab 49152

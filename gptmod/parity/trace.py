@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from parity.suite import Case, Row, jax_model, torch_model
+from gptmod.parity.suite import Case, Row, jax_model, torch_model
 
 U32 = 2.0**-24
 PRECISION = {"float32": 24, "bfloat16": 8, "float16": 11}  # significand bits, hidden bit included
@@ -555,7 +555,7 @@ def run_trace(
         )
     import torch
 
-    from parity.suite import versions
+    from gptmod.parity.suite import versions
 
     start = time.perf_counter()
     cfg = case.cfg

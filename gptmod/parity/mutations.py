@@ -4,21 +4,21 @@ run time, without editing a file.
 A mutation is a set of `unittest.mock.patch` replacements of module functions, class methods or
 attributes, applied through the module attribute the twin looks up at call time
 (`gptmod_jax.model.apply_rope`, `gptmod_jax.model.RMSNorm.__call__`,
-`gptmod_torch.generate.filter_logits`, ...), so models already built see it. `python -m parity
---self-test` (parity/selftest.py) runs the suite under each one and demands that some row fails:
-that is what shows the suite has the power to see the bug.
+`gptmod_torch.generate.filter_logits`, ...), so models already built see it.
+`python -m gptmod.parity --self-test` (gptmod/parity/selftest.py) runs the suite under each one and
+demands that some row fails: that is what shows the suite has the power to see the bug.
 
 The float64 reference is torch (`suite.torch_model(case, "float64", ...)`, and the float64 trainer
-of parity/training.py). A torch mutation must break the twin, not the oracle it is judged against,
-so every torch replacement hands float64 inputs to the original.
+of gptmod/parity/training.py). A torch mutation must break the twin, not the oracle it is judged
+against, so every torch replacement hands float64 inputs to the original.
 
 Entering and leaving a mutation drops compiled programs that may hold the unmutated (or mutated)
 code: the jitted generate and train functions take the graphdef (or the trainer) as a static
 argument, so an equal graphdef would reuse a stale program. `jax.clear_caches()` would do it too,
 but it also drops every eager op's compilation and then costs ~25 s (fp32) to ~50 s (bf16) per run
-on the tiny preset (measured), so only the jitted functions of gptmod_jax, gptmod and parity are
-cleared (each jitted function's own `clear_cache`, which evicts its traces as well); torch's
-compiled steps (`gptmod_torch.generate._compiled`, torch._dynamo) are reset too.
+on the tiny preset (measured), so only the jitted functions of gptmod_jax and gptmod (gptmod.parity
+included) are cleared (each jitted function's own `clear_cache`, which evicts its traces as well);
+torch's compiled steps (`gptmod_torch.generate._compiled`, torch._dynamo) are reset too.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 
 from gptmod.config import ModelConfig
 
-# The suite checks (parity.runner.CHECKS names) a mutation's family runs under `--self-test
+# The suite checks (gptmod.parity.runner.CHECKS names) a mutation's family runs under `--self-test
 # --all-checks`: every model check but the HF oracle and the conversion round trips, which no
 # mutation targets; sampling bugs the generation checks; optimizer bugs "train". By default each
 # mutation runs only its own `checks` (those expected to catch it): a full pass of the model checks
@@ -74,7 +74,7 @@ class Mutation:
     dtypes: tuple[str, ...]  # where it shows: logic bugs in fp32, precision bugs only at bf16/fp16
     # the rows expected to catch it (row names or their prefixes; for the report)
     expected: tuple[str, ...]
-    # the suite checks the self-test runs under it (parity.runner.CHECKS names)
+    # the suite checks the self-test runs under it (gptmod.parity.runner.CHECKS names)
     checks: tuple[str, ...]
     patches: Callable[[], list[tuple[object, str, object]]] = dataclasses.field(repr=False)
     needs: Callable[[ModelConfig], str | None] = dataclasses.field(
@@ -109,9 +109,9 @@ class Mutation:
 def reset_compiled() -> None:
     """Drop compiled programs that may have traced a patched (or unpatched) function: see the module
     docstring. Jitted functions are found as module attributes, class attributes, and items of
-    module-level lists, tuples and dicts (a lazily built one, as parity.generation keeps)."""
+    module-level lists, tuples and dicts (a lazily built one, as gptmod.parity.generation keeps)."""
     for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(("gptmod_jax", "gptmod.", "parity")):
+        if module is None or not name.startswith(("gptmod_jax", "gptmod.")):
             continue
         for value in list(vars(module).values()):
             if isinstance(value, type):

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from parity.suite import (
+from gptmod.parity.suite import (
     ABS_FLOOR,
     REL,
     Case,

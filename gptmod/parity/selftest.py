@@ -1,10 +1,10 @@
-"""The mutation self-test, `python -m parity --self-test`: proof that the
+"""The mutation self-test, `python -m gptmod.parity --self-test`: proof that the
 suite has the power to see known bugs.
 
-For each mutation of parity/mutations.py and each target where it applies: a CLEAN run of the same
-checks at the same dtype must pass first (else the baseline is broken and the self-test says so),
-then the checks run with the mutation applied to its twin, and some row must FAIL. A mutation no row
-catches fails the self-test.
+For each mutation of gptmod/parity/mutations.py and each target where it applies: a CLEAN run of the
+same checks at the same dtype must pass first (else the baseline is broken and the self-test says
+so), then the checks run with the mutation applied to its twin, and some row must FAIL. A mutation
+no row catches fails the self-test.
 
 Targets: random weights on "tiny" (RoPE, RMSNorm, GQA 4/2, SwiGLU, soft-cap), or where a mutation
 cannot show there (GELU), the classic 2-layer "gpt2/2L"; each mutation runs on the first random
@@ -27,17 +27,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gptmod.config import ModelConfig, load_preset
-from parity import mutations as mut
-from parity import runner
-from parity.runner import Options
-from parity.suite import Row
+from gptmod.parity import mutations as mut
+from gptmod.parity import runner
+from gptmod.parity.runner import Options
+from gptmod.parity.suite import Row
 
 SEQ_LEN = 32
 TRAIN_STEPS = 10  # the fewest that still give "train params @10 AdamW"
-# One setting per filter, and all of them together, as parity.generation.SETTINGS; top-p at T=0.5
-# and p=0.5, not T=0.8 and p=0.9: random weights give near-uniform next-token distributions, where a
-# temperature close to 1 (applied before or after the filters) moves the top-p cut by fewer tokens
-# than the near-ties the check must excuse.
+# One setting per filter, and all of them together, as gptmod.parity.generation.SETTINGS; top-p at
+# T=0.5 and p=0.5, not T=0.8 and p=0.9: random weights give near-uniform next-token distributions,
+# where a temperature close to 1 (applied before or after the filters) moves the top-p cut by fewer
+# tokens than the near-ties the check must excuse.
 SAMPLING_SETTINGS = (
     {"temperature": 0.7},
     {"temperature": 1.0, "top_k": 50},
@@ -147,12 +147,12 @@ def default_targets(weights: str = "auto") -> list[Target]:
 
 
 def run_checks(target: Target, dtype: str, checks: tuple[str, ...], opts: Options) -> list[Row]:
-    """The suite's `checks` (parity.runner.CHECKS names) on one target at
-    one dtype, through parity.runner."""
+    """The suite's `checks` (gptmod.parity.runner.CHECKS names) on one target at
+    one dtype, through gptmod.parity.runner."""
     unknown = [c for c in checks if c not in runner.CHECKS]
     if unknown:
         raise ValueError(
-            f"self-test: check(s) {', '.join(unknown)} are not in parity.runner.CHECKS"
+            f"self-test: check(s) {', '.join(unknown)} are not in gptmod.parity.runner.CHECKS"
         )
     o = dataclasses.replace(
         opts,
@@ -402,7 +402,7 @@ def wants_self_test(args: argparse.Namespace) -> bool:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """What `python -m parity --self-test/--list-mutations` does; exit code
+    """What `python -m gptmod.parity --self-test/--list-mutations` does; exit code
     0 only if every mutation is caught."""
     if args.list_mutations:
         print(format_mutations())
@@ -438,7 +438,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m parity.selftest", description=" ".join(__doc__.split("\n\n")[0].split())
+        prog="python -m gptmod.parity.selftest",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
     )
     add_arguments(p)
     args = p.parse_args(argv)

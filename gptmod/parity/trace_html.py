@@ -18,8 +18,8 @@ import math
 import os
 from pathlib import Path
 
+from gptmod.parity.trace import Entry, Trace, forward_ops
 from gptmod.weights import atomic_write_bytes, atomic_write_text
-from parity.trace import Entry, Trace, forward_ops
 
 CACHED = "attention (cached)"
 MODEL_OPS = ("embedding", "norm", "logits")
@@ -321,7 +321,8 @@ rounded to the dtype
 error in units of
 its worst-case bound for a correct implementation in the dtype (half an ulp of the result plus \
 each rounding and
-fp32 sum inside the op; see parity/trace.py); the <b>budget</b> is twice that, and <b>ratio</b> = \
+fp32 sum inside the op; see gptmod/parity/trace.py); the <b>budget</b> is twice that, and \
+<b>ratio</b> = \
 max(e_torch, e_jax,
 |&Delta;|/2) / budget.</p>
 <table class="summary"><tr><th>case</th><th>dtype</th><th>result</th><th></th></tr>{summary}</table>
@@ -336,7 +337,7 @@ def write_html(
     """Write the traces as one self-contained HTML page, atomically."""
     if not traces:
         raise ValueError(
-            "write_html: traces is empty; trace at least one case (parity.trace.run_trace)"
+            "write_html: traces is empty; trace at least one case (gptmod.parity.trace.run_trace)"
         )
     path = Path(path)
     atomic_write_text(path, render_html(traces, title))
