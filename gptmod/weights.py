@@ -23,11 +23,6 @@ from safetensors.numpy import save_file
 from gptmod.config import ModelConfig
 from gptmod.fileio import atomic_write
 
-# Re-exported for the callers that still import them from here (parity/, gptmod/bench.py); new code
-# imports gptmod.fileio.
-from gptmod.fileio import atomic_write_bytes as atomic_write_bytes
-from gptmod.fileio import atomic_write_text as atomic_write_text
-
 FORMAT = "gptmod-canonical-v1"
 _RESERVED_METADATA = ("format", "gptmod_config")
 # What a gptmod checkpoint may store. Anything else (float64, integers, bool) is refused, never

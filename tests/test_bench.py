@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gptmod.bench
+import gptmod.models
 from gptmod import cli
 from gptmod.bench import grid, measure, models, recompute, report, runners
 from gptmod.bench.__main__ import FULL, QUICK, main, select_frameworks
@@ -542,7 +543,7 @@ def test_real_weights_run_in_every_framework_hf_included(tmp_path, capsys):
         for k, s in weights.canonical_shapes(cfg).items()
     }
     weights.save(tmp_path / "m.safetensors", state, cfg)
-    hf = gptmod.bench.hf_model(cfg, state)
+    hf = gptmod.models.build("hf", cfg, state)
     ids = torch.tensor([[1, 5, 7, 9, 200]])
     m = models.build_models(cfg, ["torch-eager", "hf"], state=state)
     with torch.no_grad():

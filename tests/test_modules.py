@@ -137,9 +137,11 @@ def test_attention_twins(backend_t, backend_j, n_kv_head, dtype):
     x64, xt, xj = x64 * 0.3, xt * 0.3, jnp.asarray(x) * 0.3
     pos = np.broadcast_to(np.arange(12), (2, 12)).copy()
     tpos, jpos = torch.from_numpy(pos), jnp.asarray(pos)
-    ref = t64(x64, tm.rope_cos_sin(tpos, cfg, torch.float64), "math", tpos)
-    out_t = tmod(xt, tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype]), backend_t, tpos)
-    out_j = jmod(xj, jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype]), backend_j, jpos)
+    ref = t64(x64, tm.BlockInputs(tm.rope_cos_sin(tpos, cfg, torch.float64), tpos, None, "math"))
+    rope_t = tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype])
+    out_t = tmod(xt, tm.BlockInputs(rope_t, tpos, None, backend_t))
+    rope_j = jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype])
+    out_j = jmod(xj, jm.BlockInputs(rope_j, jpos, None, backend_j))
     _check(ref, out_t, out_j, dtype)
 
 
@@ -235,14 +237,10 @@ def test_block_twins(preset, dtype):
     pos = np.broadcast_to(np.arange(10), (2, 10)).copy()
     rope = cfg.pos == "rope"
     tpos, jpos = torch.from_numpy(pos), jnp.asarray(pos)
-    ref = t64(x64, tm.rope_cos_sin(tpos, cfg, torch.float64) if rope else None, "math", tpos)
-    out_t = tmod(
-        xt, tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype]) if rope else None, "sdpa", tpos
-    )
-    out_j = jmod(
-        jnp.asarray(x),
-        jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype]) if rope else None,
-        "auto",
-        jpos,
-    )
+    rope_ref = tm.rope_cos_sin(tpos, cfg, torch.float64) if rope else None
+    rope_t = tm.rope_cos_sin(tpos, cfg, TORCH_DTYPES[dtype]) if rope else None
+    rope_j = jm.rope_cos_sin(jpos, cfg, JAX_DTYPES[dtype]) if rope else None
+    ref = t64(x64, tm.BlockInputs(rope_ref, tpos, None, "math"))
+    out_t = tmod(xt, tm.BlockInputs(rope_t, tpos, None, "sdpa"))
+    out_j = jmod(jnp.asarray(x), jm.BlockInputs(rope_j, jpos, None, "auto"))
     _check(ref, out_t, out_j, dtype)

@@ -173,7 +173,9 @@ def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
             "note",
         } <= set(row)
     assert "| cached-decode | tiny | float32 |" in (tmp_path / "r.md").read_text()
-    assert main([*args, "--inject-fault", "blocks.0.attn.wq.weight=0.01"]) == 1
+    # a 10% fault in one JAX weight: about 8x the cached-decode budget (1% sat at the budget's edge,
+    # so whether it failed depended on the random weights)
+    assert main([*args, "--inject-fault", "blocks.0.attn.wq.weight=0.1"]) == 1
     assert main([*args, "--inject-fault", "no.such.weight=0.1"]) == 2
     assert set(CHECKS) == {
         "modules",

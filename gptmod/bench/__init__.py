@@ -53,7 +53,3 @@ tables, JSON), plots.py (PNGs), __main__.py (the command line).
 """
 
 from __future__ import annotations
-
-from gptmod.bench.models import hf_model  # parity's HF reference model
-
-__all__ = ["hf_model"]

@@ -13,11 +13,6 @@ from gptmod.config import ModelConfig
 from gptmod.models import build
 
 
-def hf_model(cfg: ModelConfig, state: dict[str, np.ndarray] | None = None) -> Any:
-    """The transformers model with the same weights (gptmod.models.build("hf", ...))."""
-    return build("hf", cfg, state)
-
-
 @dataclass
 class Models:
     cfg: ModelConfig

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gptmod.backends import JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
+from gptmod.fileio import atomic_write_text
 from gptmod.parity import generation, selftest
 from gptmod.parity.runner import (
     CHECKS,
@@ -24,7 +25,6 @@ from gptmod.parity.runner import (
 )
 from gptmod.parity.suite import TF32_LABEL, Row, tf32_budget, versions
 from gptmod.textio import seed_arg
-from gptmod.weights import atomic_write_text
 
 DEFAULT_PRESETS = ("tiny", "gpt2", "modern-gpt2")
 QUICK_PATHS = ("torch-eager", "torch-stream", "jax-jit", "jax-stream")

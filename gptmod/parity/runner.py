@@ -12,9 +12,9 @@ import numpy as np
 from tqdm import tqdm
 
 from gptmod.config import ModelConfig
+from gptmod.fileio import atomic_write_text
 from gptmod.parity import generation, suite, text, trace, training
 from gptmod.parity.suite import Case, Row
-from gptmod.weights import atomic_write_text
 
 CHECKS = (
     "modules",

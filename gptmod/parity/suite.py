@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gptmod import models
 from gptmod.backends import BackendUnavailableError, jax_cudnn_unmet, torch_pinned_unmet
 from gptmod.config import ModelConfig
 
@@ -117,12 +118,9 @@ def numeric_row(check, case, bt, bj, e_t, e_j, diff, scale, note="") -> Row:
 
 
 def random_state(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    import torch
-
     import gptmod_torch
 
-    torch.manual_seed(seed)
-    return gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+    return gptmod_torch.export_state(models.build("torch", cfg, seed=seed))
 
 
 def inject_outliers(
@@ -160,15 +158,11 @@ def torch_model(
 ):
     """The case's weights in torch at `dtype`; built once per case and dtype (the backend is a
     run-time switch)."""
-    import torch
-
-    import gptmod_torch
-
     device = device or case.device
 
     def build():
-        m = gptmod_torch.GPT(case.cfg).to(device=device, dtype=getattr(torch, dtype))
-        return gptmod_torch.load_state(m.eval(), case.state)
+        gpu = "gpu" if device.startswith("cuda") else "cpu"
+        return models.build("torch", case.cfg, case.state, dtype=dtype, device=gpu)
 
     return _model(case, ("torch", dtype, device), build, backend, fresh)
 
@@ -177,10 +171,6 @@ def jax_model(
     case: Case, backend: str, fault: tuple[str, float] | None = None, fresh: bool = False
 ):
     """The case's weights in JAX; `fault` perturbs one tensor (a deliberately broken twin)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import gptmod_jax
 
     def build():
         state = case.state
@@ -188,8 +178,7 @@ def jax_model(
             name, eps = fault
             state = dict(state)
             state[name] = (state[name].astype(np.float64) * (1.0 + eps)).astype(state[name].dtype)
-        m = gptmod_jax.GPT(case.cfg, rngs=nnx.Rngs(0), dtype=getattr(jnp, case.dtype))
-        return gptmod_jax.load_state(m, state)
+        return models.build("jax", case.cfg, state, dtype=case.dtype)
 
     return _model(case, ("jax", fault), build, backend, fresh)
 
@@ -269,6 +258,9 @@ def check_modules(case: Case, fault=None) -> Iterator[Row]:
     rope_t = tm.rope_cos_sin(p_t, case.cfg, tdt) if rope else None
     rope_j = jm.rope_cos_sin(p_j, case.cfg, getattr(jnp, case.dtype)) if rope else None
     b_ref, b_t, b_j = ref_m.blocks[0], t_m.blocks[0], j_m.blocks[0]
+    in_ref = tm.BlockInputs(rope_ref, p_ref, None, "math")
+    in_t = tm.BlockInputs(rope_t, p_t, None, "sdpa")
+    in_j = jm.BlockInputs(rope_j, p_j, None, "auto")
     probes: list[tuple[str, Callable, Callable, Callable]] = [
         (
             "norm",
@@ -278,16 +270,16 @@ def check_modules(case: Case, fault=None) -> Iterator[Row]:
         ),
         (
             "attention",
-            lambda: b_ref.attn(x_ref, rope_ref, "math", p_ref),
-            lambda: b_t.attn(x_t, rope_t, "sdpa", p_t),
-            lambda: b_j.attn(x_j, rope_j, "auto", p_j),
+            lambda: b_ref.attn(x_ref, in_ref),
+            lambda: b_t.attn(x_t, in_t),
+            lambda: b_j.attn(x_j, in_j),
         ),
         ("mlp", lambda: b_ref.mlp(x_ref), lambda: b_t.mlp(x_t), lambda: b_j.mlp(x_j)),
         (
             "block",
-            lambda: b_ref(x_ref, rope_ref, "math", p_ref),
-            lambda: b_t(x_t, rope_t, "sdpa", p_t),
-            lambda: b_j(x_j, rope_j, "auto", p_j),
+            lambda: b_ref(x_ref, in_ref),
+            lambda: b_t(x_t, in_t),
+            lambda: b_j(x_j, in_j),
         ),
     ]
     if rope:
@@ -624,11 +616,9 @@ def check_hf(case: Case, seed: int, greedy_steps: int = 32) -> Iterator[Row]:
         return
     import torch
 
-    from gptmod.bench import hf_model
     from gptmod.hf_gpt2 import from_hf_gpt2
 
-    torch.manual_seed(seed)
-    hf = hf_model(case.cfg)
+    hf = models.build("hf", case.cfg, seed=seed)
     state, _ = from_hf_gpt2(hf, case.cfg)
     hf_case = dataclasses.replace(case, state=state, models={})
     with torch.no_grad():
@@ -664,9 +654,8 @@ def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
 
     import gptmod_jax
     import gptmod_torch
-    from gptmod.bench import hf_model
 
-    hf = hf_model(case.cfg, {k: np.asarray(v, np.float32) for k, v in case.state.items()})
+    hf = models.build("hf", case.cfg, {k: np.asarray(v, np.float32) for k, v in case.state.items()})
     if case.dtype == "float32":
         with torch.no_grad():
             ref = hf(torch.from_numpy(case.idx)).logits.double().numpy()

@@ -18,8 +18,8 @@ import math
 import os
 from pathlib import Path
 
+from gptmod.fileio import atomic_write_bytes, atomic_write_text
 from gptmod.parity.trace import Entry, Trace, forward_ops
-from gptmod.weights import atomic_write_bytes, atomic_write_text
 
 CACHED = "attention (cached)"
 MODEL_OPS = ("embedding", "norm", "logits")
