@@ -123,9 +123,18 @@ def jax_mesh(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> Any:
 
 def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
     """(rank, world_size, device) from torchrun's environment, initialising torch.distributed (gloo
-    on the CPU, nccl on GPUs); (0, 1, "cpu") for one process."""
+    on the CPU, nccl on GPUs) through `gptmod_torch.distributed`; (0, 1, "cpu") for one process."""
+    if args.framework != "torch":
+        # WORLD_SIZE read here, not by gptmod_torch.distributed: a JAX run never imports torch
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            raise CLIError(
+                "several processes (torchrun) are for --framework torch; "
+                "JAX spans devices with --mesh"
+            )
+        return 0, 1, "cpu"
+    from gptmod_torch import distributed
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = distributed.world_size()
     if world == 1:
         if args.parallel is not None:
             raise CLIError(
@@ -133,27 +142,13 @@ def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
                 "torchrun --nproc_per_node 2 -m gptmod.cli train ..."
             )
         return 0, 1, "cpu"
-    if args.framework != "torch":
-        raise CLIError(
-            "several processes (torchrun) are for --framework torch; JAX spans devices with --mesh"
-        )
     if args.parallel is None:
         raise CLIError(
             f"running under torchrun with {world} processes: choose "
             "--parallel ddp or --parallel fsdp"
         )
-    import torch
-    import torch.distributed as dist
-
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device, backend = f"cuda:{local}", "nccl"
-    else:
-        device, backend = "cpu", "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return rank, world, device
+    launch = distributed.init()
+    return launch.rank, launch.world_size, launch.device
 
 
 def generation_backend(args: argparse.Namespace) -> str:
@@ -547,24 +542,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     rank, world, device = torch_distributed(args)
     if world == 1:
         return _train(args, cfg, tc, rank, world, device)
-    import torch.distributed as dist
+    from gptmod_torch import distributed
 
-    try:
-        code = _train(args, cfg, tc, rank, world, device)
-    except BaseException:
-        # no barrier: the other processes may be inside another collective
-        dist.destroy_process_group()
-        raise
-    # leave together: a process exiting while a peer is still in a collective aborts it (gloo)
-    dist.barrier()
-    dist.destroy_process_group()
-    # Skip the interpreter's teardown: on a loaded machine gloo's threads can
-    # still be winding down when C++ destructors run, which aborts the process
-    # ("terminate called without an active exception", seen in about 1 in 4
-    # two-process runs here) after the run has finished and written everything.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # the processes leave together, past the interpreter's teardown (see exit_together)
+    distributed.run_then_exit(lambda: _train(args, cfg, tc, rank, world, device))
 
 
 def _train(

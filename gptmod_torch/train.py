@@ -5,12 +5,13 @@ learning rate set before each update from `training.lr_at`, gradient clipping by
 gradient accumulation over micro-batches, and bf16 autocast with fp32 master weights. The loop, the
 checkpoints and the log are shared (gptmod/training.py).
 
-Under `torchrun` (torch.distributed initialised), `parallel="ddp"` wraps the model
-in DistributedDataParallel (gradients all-reduced) and `parallel="fsdp"` shards it
-with FSDP2's `fully_shard`, each block a unit (parameters all-gathered for use,
-gradients reduce-scattered). Each process then feeds its slice of the global
-batch; the logged loss is the mean over processes, and export/load work in full
-canonical tensors, so checkpoints are the same safetensors as a one-process run.
+Under `torchrun` (torch.distributed initialised by `gptmod_torch.distributed.init`),
+`parallel="ddp"` wraps the model in DistributedDataParallel (gradients all-reduced) and
+`parallel="fsdp"` shards it with FSDP2's `fully_shard`, each block a unit (parameters all-gathered
+for use, gradients reduce-scattered): `distributed.wrap`. Each process then feeds its slice of the
+global batch; the logged loss is the mean over processes, and export/load work in full canonical
+tensors (`distributed.full_tensors`, `shard_like`), so checkpoints are the same safetensors as a
+one-process run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 
 from gptmod.training import TrainConfig, decays, lr_at
 from gptmod.weights import check_state
+from gptmod_torch import distributed
+from gptmod_torch.distributed import full_tensor, full_tensors, shard_like
 from gptmod_torch.model import GPT, export_state, load_state
 
 
@@ -66,57 +69,6 @@ def _ids(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(a, dtype=torch.long, device=device)  # cross_entropy wants int64 targets
 
 
-PARALLEL = ("ddp", "fsdp")
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _wrap(model: GPT, parallel: str | None) -> torch.nn.Module:
-    """The module a step calls: the model itself, DDP around it, or the
-    model sharded in place by FSDP2."""
-    if parallel is None:
-        return model
-    if parallel not in PARALLEL:
-        raise ValueError(
-            f"parallel={parallel!r}: choose one of {', '.join(PARALLEL)} (or None for one process)"
-        )
-    if not _distributed():
-        raise RuntimeError(
-            f"parallel={parallel!r} needs torch.distributed initialised: launch with torchrun "
-            "(the gptmod train command initialises it from torchrun's environment)"
-        )
-    if parallel == "ddp":
-        device = next(model.parameters()).device
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.blocks:  # one unit per block: its weights are gathered only while it runs
-        fully_shard(block)
-    fully_shard(model)  # the rest: embeddings (tied head included), final norm
-    return model
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (a collective: every process must call it); a
-    plain tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _like(value: Any, p: torch.Tensor) -> torch.Tensor:
-    """A full canonical array as a tensor shaped and placed like `p` (this
-    process's shard of a DTensor)."""
-    t = torch.as_tensor(np.array(value), dtype=p.dtype, device=p.device)
-    if hasattr(p, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(t, p.device_mesh, p.placements)
-    return t
-
-
 class Trainer:
     """One model, its optimizer and the step count; the methods the shared loop calls."""
 
@@ -125,7 +77,7 @@ class Trainer:
     ) -> None:
         self.model, self.tc, self.parallel = model.train(), tc, parallel
         # after fully_shard the parameters are DTensors: optimizer after
-        self.module = _wrap(model, parallel)
+        self.module = distributed.wrap(model, parallel)
         self.optimizer = make_optimizer(model, tc)
         self.count = 0  # updates applied so far
         # compile=True: inductor fuses the soft-cap and cross-entropy passes over the (tokens,
@@ -164,14 +116,14 @@ class Trainer:
     def grads(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Mean loss and its gradient (not clipped), under canonical names and layout."""
         loss = self._backward(x_ABT, y_ABT)
-        return loss, {n: _numpy(_full(p.grad)) for n, p in self.model.named_parameters()}
+        return loss, {n: _numpy(full_tensor(p.grad)) for n, p in self.model.named_parameters()}
 
     def step(self, x_ABT: np.ndarray, y_ABT: np.ndarray) -> dict[str, Any]:
         """One optimizer update from a (grad_accum, batch, time) batch;
         metrics are python floats."""
         loss = self._backward(x_ABT, y_ABT)
         clip = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
-        grad_norm = _full(
+        grad_norm = full_tensor(
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=False)
         )
         lr = lr_at(self.tc, self.count)
@@ -196,7 +148,7 @@ class Trainer:
         every process must call it)."""
         if self.parallel != "fsdp":
             return export_state(self.model)
-        return {n: _numpy(_full(p)) for n, p in self.model.named_parameters()}
+        return {n: _numpy(t) for n, t in full_tensors(self.model.named_parameters()).items()}
 
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         if self.parallel != "fsdp":
@@ -205,7 +157,7 @@ class Trainer:
         check_state({n: tuple(p.shape) for n, p in self.model.named_parameters()}, state)
         with torch.no_grad():
             for n, p in self.model.named_parameters():
-                p.copy_(_like(state[n], p))
+                p.copy_(shard_like(state[n], p))
 
     def export_optimizer(self) -> dict[str, Any]:
         """AdamW's moments under canonical names (torch's names and layout
@@ -213,8 +165,9 @@ class Trainer:
         m, v = {}, {}
         for name, p in self.model.named_parameters():
             s = self.optimizer.state.get(p, {})
-            m[name] = _numpy(_full(s["exp_avg"])) if s else np.zeros(tuple(p.shape), np.float32)
-            v[name] = _numpy(_full(s["exp_avg_sq"])) if s else np.zeros(tuple(p.shape), np.float32)
+            zero = np.zeros(tuple(p.shape), np.float32)  # before the first update
+            m[name] = _numpy(full_tensor(s["exp_avg"])) if s else zero
+            v[name] = _numpy(full_tensor(s["exp_avg_sq"])) if s else zero.copy()
         return {"count": self.count, "m": m, "v": v}
 
     def load_optimizer(self, optimizer: Mapping[str, Any]) -> None:
@@ -222,16 +175,12 @@ class Trainer:
         for name, p in self.model.named_parameters():
             self.optimizer.state[p] = {
                 "step": torch.tensor(float(count)),
-                "exp_avg": _like(optimizer["m"][name], p),
-                "exp_avg_sq": _like(optimizer["v"][name], p),
+                "exp_avg": shard_like(optimizer["m"][name], p),
+                "exp_avg_sq": shard_like(optimizer["v"][name], p),
             }
         self.count = count
 
     def all_reduce_mean(self, value: float) -> float:
         """Mean of a python float over the processes of torch.distributed
         (itself when not distributed)."""
-        if not _distributed():
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t) / torch.distributed.get_world_size()
+        return distributed.all_reduce_mean(value)

@@ -5,7 +5,8 @@ the collectives each kind of parallelism needs and no replicated full-size weigh
 2-process torchrun (gloo) run of `gptmod train` under DDP and under FSDP2 logs the losses of
 the one-process run with the same global batch, ends with the same parameters, writes
 checkpoints that load anywhere, and resumes exactly.
-The rules, mesh and launch checks fail with errors that name the field, the value and the rule."""
+The rules, mesh and launch checks (torchrun's variables among them, read without starting processes)
+fail with errors that name the field, the value and the rule."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pytest
 from gptmod import training, weights
 from gptmod.config import load_preset
 from gptmod_jax import sharding
+from gptmod_torch import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
@@ -419,6 +421,75 @@ def test_launch_errors_name_the_option(args, msg, shards, tmp_path):
         [sys.executable, "-m", "gptmod.cli", *cmd], capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+# What torchrun sets in the second of two processes on one node.
+TORCHRUN_ENV = {
+    "RANK": "1",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "2",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+}
+
+
+def test_torchrun_env_gives_rank_device_and_backend_without_processes():
+    Launch, launch_from_env = distributed.Launch, distributed.launch_from_env
+    assert distributed.world_size({}) == 1 and distributed.world_size(TORCHRUN_ENV) == 2
+    assert launch_from_env({}, gpus=0) == Launch(0, 1, 0, "cpu", "gloo")
+    assert launch_from_env(TORCHRUN_ENV, gpus=0) == Launch(1, 2, 1, "cpu", "gloo")
+    assert launch_from_env(TORCHRUN_ENV, gpus=2) == Launch(1, 2, 1, "cuda:1", "nccl")
+
+
+@pytest.mark.parametrize(
+    ("change", "msg"),
+    [
+        ({"RANK": None}, "WORLD_SIZE=2 but RANK not set: launch with torchrun"),
+        ({"RANK": None, "MASTER_PORT": None}, "WORLD_SIZE=2 but RANK, MASTER_PORT not set"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+        ({"RANK": "2"}, r"RANK=2 must be in \[0, WORLD_SIZE=2\)"),
+        ({"LOCAL_RANK": "2"}, r"LOCAL_RANK=2 must be in \[0, LOCAL_WORLD_SIZE=2\)"),
+        ({"RANK": "0"}, "LOCAL_RANK=1 .* at most RANK=0"),
+        ({"LOCAL_WORLD_SIZE": "3"}, r"LOCAL_WORLD_SIZE=3 must be in \[1, WORLD_SIZE=2\]"),
+        ({"MASTER_PORT": "0"}, r"MASTER_PORT=0 must be in \[1, 65535\]"),
+        ({"gpus": 1}, "LOCAL_RANK=1 but only 1 GPU"),
+    ],
+)
+def test_torchrun_env_errors_name_the_variable(change, msg):
+    gpus = change.pop("gpus", 0)
+    env = {k: v for k, v in {**TORCHRUN_ENV, **change}.items() if v is not None}
+    with pytest.raises(distributed.TorchrunEnvError, match=msg):
+        distributed.launch_from_env(env, gpus=gpus)
+
+
+def test_wrap_without_a_process_group_is_a_named_error():
+    import gptmod_torch
+
+    model = gptmod_torch.GPT(load_preset("tiny"))
+    assert distributed.wrap(model, None) is model and not distributed.initialized()
+    with pytest.raises(ValueError, match="parallel='zero': choose one of ddp, fsdp"):
+        distributed.wrap(model, "zero")
+    with pytest.raises(RuntimeError, match=r"parallel='fsdp' needs torch\.distributed initialised"):
+        distributed.wrap(model, "fsdp")
+    assert distributed.all_reduce_mean(1.5) == 1.5
+
+
+def test_cli_names_the_missing_torchrun_variables(shards, tmp_path, monkeypatch, capsys):
+    from gptmod import cli
+
+    for name in (*distributed.TORCHRUN_VARS, "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["train", *TRAIN, "--parallel", "ddp", "--data", str(shards), "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "gptmod train: error: WORLD_SIZE=2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not "
+        "set: launch with torchrun, e.g. torchrun --standalone --nproc_per_node 2 -m gptmod.cli "
+        "train ..."
+    )
 
 
 def _jax_cli(*args: str, mesh: bool) -> subprocess.CompletedProcess:
