@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gptmod import models
 from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
 from gptmod.sampling import SamplingParams, check_request
@@ -73,23 +74,7 @@ def build_model(
     dtype: str = "float32",
 ):
     """One twin on `state` (None: a seeded random init), its parameters in `dtype`."""
-    if framework == "torch":
-        import torch
-
-        import gptmod_torch
-
-        torch.manual_seed(seed)
-        model = gptmod_torch.GPT(cfg, attn_backend=backend).to(getattr(torch, dtype)).eval()
-        return gptmod_torch.load_state(model, state) if state is not None else model
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import gptmod_jax
-
-    model = gptmod_jax.GPT(
-        cfg, rngs=nnx.Rngs(seed), attn_backend=backend, dtype=getattr(jnp, dtype)
-    )
-    return gptmod_jax.load_state(model, state) if state is not None else model
+    return models.build(framework, cfg, state, dtype=dtype, backend=backend, seed=seed)
 
 
 def jax_mesh(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> Any:

@@ -8,6 +8,7 @@ each framework is imported only when its model is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -28,21 +29,22 @@ def build(
     dtype: str = "float32",
     backend: str | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     kernels: bool = True,
 ) -> Any:
     """The `framework` model of `cfg` on `state`, its parameters in `dtype`, in eval mode.
 
-    `backend` is the attention backend (None: the twin's default, "sdpa" / "auto"); `device` is
-    "cpu" or "gpu"; `kernels` swaps in the twins' CPU decode fast paths (their kernels.py). "hf" is
-    transformers' LlamaForCausalLM (GPT2LMHeadModel for a classic config) with the same weights and
-    without the soft-cap, which neither has."""
+    `backend` is the attention backend (None: the twin's default, "sdpa" / "auto"). `device` is
+    "cpu" or "gpu" (None: the framework's default: torch's CPU, JAX's own placement). `kernels`
+    swaps in the twins' CPU decode fast paths (their kernels.py). "hf" is transformers'
+    LlamaForCausalLM (GPT2LMHeadModel for a classic config) with the same weights and without the
+    soft-cap, which neither has."""
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework={framework!r}: choose one of {', '.join(FRAMEWORKS)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device={device!r}: choose 'cpu' or 'gpu'")
+    if device not in (None, "cpu", "gpu"):
+        raise ValueError(f"device={device!r}: choose 'cpu' or 'gpu' (or None: the default)")
     if framework == "torch":
         return _torch(cfg, state, dtype, backend, seed, device, kernels)
     if framework == "jax":
@@ -70,7 +72,11 @@ def _jax(cfg, state, dtype, backend, seed, device, kernels):
 
     import gptmod_jax
 
-    with jax.default_device(jax.devices(device)[0]):
+    # None: JAX's own placement (its default device, or the shards of an active mesh)
+    where = (
+        contextlib.nullcontext() if device is None else jax.default_device(jax.devices(device)[0])
+    )
+    with where:
         model = gptmod_jax.GPT(
             cfg,
             rngs=nnx.Rngs(seed),

@@ -55,7 +55,7 @@ def test_a_seed_gives_the_same_random_weights_and_dtype_backend_apply():
     [
         ({"framework": "mlx"}, "framework='mlx': choose one of torch, jax, hf"),
         ({"dtype": "int8"}, "dtype='int8': choose one of float32, bfloat16, float16, float64"),
-        ({"device": "tpu"}, "device='tpu': choose 'cpu' or 'gpu'"),
+        ({"device": "tpu"}, r"device='tpu': choose 'cpu' or 'gpu' \(or None: the default\)"),
     ],
 )
 def test_bad_arguments_are_named(kw, message):
