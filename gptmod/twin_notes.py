@@ -682,27 +682,6 @@ _TRAIN = {
         "wants; JAX's `Trainer._batch` places the batches with `jnp.asarray` as they are.",
         torch=("torch.as_tensor(a, dtype=torch.long, device=device)",),
     ),
-    "_distributed": _n(
-        "PyTorch only: whether torchrun started `torch.distributed`. JAX's Trainer asks instead "
-        "for the mesh it is built under (`sharding.current`).",
-        torch=("torch.distributed.is_initialized()",),
-    ),
-    "_wrap": _n(
-        "PyTorch only: data parallelism wraps the model (`DistributedDataParallel`) and FSDP2 "
-        "shards it block by block (`fully_shard`). In JAX the parameters' shardings and GSPMD "
-        "do this, chosen by the mesh's rules table.",
-        torch=("torch.nn.parallel.DistributedDataParallel(", "fully_shard(block)"),
-    ),
-    "_full": _n(
-        "PyTorch only: an FSDP DTensor's full value (`full_tensor`); JAX gathers with "
-        "`sharding.gather`.",
-        torch=("t.full_tensor()",),
-    ),
-    "_like": _n(
-        "PyTorch only: a full array turned into this process's shard (`distribute_tensor`); "
-        "JAX places it with `jax.device_put` and the parameter's sharding.",
-        torch=("distribute_tensor(t, p.device_mesh, p.placements)",),
-    ),
     "Trainer": _n(
         "torch trains the module in place: `torch.optim` holds references to its parameters. "
         "JAX splits the model (`nnx.split`) into a graph and a flat dict of fp32 parameter "
@@ -779,7 +758,7 @@ _TRAIN = {
     "Trainer.grads": _n(
         "torch reads each parameter's `.grad` (gathered from FSDP shards); JAX's `_grads` "
         "returns the gradients, which are copied out under canonical names.",
-        torch=("_numpy(_full(p.grad))",),
+        torch=("_numpy(full_tensor(p.grad))",),
         jax=("self._canonical(g)",),
     ),
     "Trainer.step": _n(
@@ -806,12 +785,12 @@ _TRAIN = {
     ),
     "Trainer._canonical": _n(
         "JAX only: NumPy copies under canonical names (never views of buffers the step will "
-        "donate), gathered first on a multi-host mesh; torch uses `_numpy` and `_full`.",
+        "donate), gathered first on a multi-host mesh; torch uses `_numpy` and `full_tensor` (gptmod_torch/distributed.py).",
         jax=("np.array(sharding.gather(tree[n]), dtype=np.float32)",),
     ),
     "Trainer._from_canonical": _n(
         "JAX only: canonical arrays checked and placed like the parameters they replace; torch "
-        "copies into its parameters (`_like`).",
+        "copies into its parameters (`shard_like`).",
         jax=(
             "check_state(",
             "jax.device_put(np.array(state[n], np.float32, copy=True), self.params[n].sharding)",
@@ -825,7 +804,7 @@ _TRAIN = {
     ),
     "Trainer.load_state": _n(
         "torch copies into its parameters in place; JAX replaces its parameter dict.",
-        torch=("load_state(self.model, state)", "p.copy_(_like(state[n], p))"),
+        torch=("load_state(self.model, state)", "p.copy_(shard_like(state[n], p))"),
         jax=("self.params = self._from_canonical(state",),
     ),
     "Trainer.export_optimizer": _n(
@@ -837,13 +816,13 @@ _TRAIN = {
     "Trainer.load_optimizer": _n(
         "torch fills each parameter's state dict (with its `step`); optax's state is immutable, "
         "so `optax.tree_utils.tree_set` builds a new one with the moments and counts replaced.",
-        torch=('"step": torch.tensor(float(count))', '"exp_avg": _like('),
+        torch=('"step": torch.tensor(float(count))', '"exp_avg": shard_like('),
         jax=("optax.tree_utils.tree_set(self.opt_state, mu=mu, nu=nu, count=count)",),
     ),
     "Trainer.all_reduce_mean": _n(
-        "The mean of a Python float over processes: `torch.distributed.all_reduce` vs "
-        "`multihost_utils.process_allgather`.",
-        torch=("torch.distributed.all_reduce(t)",),
+        "The mean of a Python float over processes: an all-reduce in "
+        "gptmod_torch/distributed.py vs `multihost_utils.process_allgather`.",
+        torch=("distributed.all_reduce_mean(value)",),
         jax=("multihost_utils.process_allgather(np.float64(value))",),
     ),
     "_adam_state": _n(

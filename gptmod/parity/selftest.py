@@ -42,6 +42,10 @@ SAMPLING_SETTINGS = (
     {"temperature": 0.7},
     {"temperature": 1.0, "top_k": 50},
     {"temperature": 0.5, "top_p": 0.5},
+    # A top-p cut with a clear margin: random weights' distributions are a dominant token (the tied
+    # embedding's own) over a near-uniform tail, so alone top-p keeps 1 token or thousands, and a
+    # cut one token short sits among near-ties; top-k 20 at T=0.1 leaves a few well-spaced tokens.
+    {"temperature": 0.1, "top_k": 20, "top_p": 0.6},
     {"temperature": 0.6, "top_k": 40, "top_p": 0.95, "min_p": 0.02},
 )
 OPTIONS = Options(
