@@ -785,7 +785,8 @@ _TRAIN = {
     ),
     "Trainer._canonical": _n(
         "JAX only: NumPy copies under canonical names (never views of buffers the step will "
-        "donate), gathered first on a multi-host mesh; torch uses `_numpy` and `full_tensor` (gptmod_torch/distributed.py).",
+        "donate), gathered first on a multi-host mesh; torch uses `_numpy` and `full_tensor` "
+        "(gptmod_torch/distributed.py).",
         jax=("np.array(sharding.gather(tree[n]), dtype=np.float32)",),
     ),
     "Trainer._from_canonical": _n(
