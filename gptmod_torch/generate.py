@@ -109,12 +109,11 @@ def sample(
 def prefill(
     model: GPT, tokens_BP: torch.Tensor, lens_B: torch.Tensor, start_B: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """All prompts in one pass (right-padded), each row's tokens at
-    positions start..start+P-1 (start 0 by default; a Session passes where
-    its cache ends). Logits of each row's last real token, (B, V)."""
-    positions_BP = (
-        None  # every row from key 0: causal attention without a mask, which FlashAttention takes
-    )
+    """All prompts in one pass (right-padded), each row's tokens at positions start..start+P-1
+    (start 0 by default; a Session passes where its cache ends). Logits of each row's last real
+    token, (B, V)."""
+    # None: every row from key 0, causal attention without a mask, which FlashAttention takes
+    positions_BP = None
     if start_B is not None:
         positions_BP = (
             torch.arange(tokens_BP.shape[1], device=tokens_BP.device)[None] + start_B[:, None]
