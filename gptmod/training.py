@@ -448,6 +448,30 @@ class Trainer(Protocol):
     def all_reduce_mean(self, value: float) -> float: ...
 
 
+def build_trainer(
+    framework: str,
+    cfg: ModelConfig,
+    state: Mapping[str, np.ndarray] | None,
+    tc: TrainConfig,
+    *,
+    device: str = "cpu",
+    compile: bool = True,
+    parallel: str | None = None,
+) -> Trainer:
+    """A twin of `framework` on `state` (None: a seeded init from tc.seed) and its Trainer. torch
+    takes `device`, `compile` and `parallel` (ddp or fsdp, under torch.distributed); JAX builds
+    inside whatever mesh is active (`gptmod_jax.sharding.use_mesh`)."""
+    import importlib
+
+    from gptmod import models
+
+    model = models.build(framework, cfg, state, seed=tc.seed)
+    train_mod = importlib.import_module(f"gptmod_{framework}.train")
+    if framework != "torch":
+        return train_mod.Trainer(model, tc)
+    return train_mod.Trainer(model.to(device), tc, compile=compile, parallel=parallel)
+
+
 class RunLog:
     """One JSON object per line in run_dir/log.jsonl. On resume, rows past the resumed step are
     dropped first, so the file always reads as one run."""

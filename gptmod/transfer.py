@@ -25,6 +25,7 @@ import json
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -465,6 +466,15 @@ class TransferReport:
                 "fraction_copied": self.fraction_copied(),
             },
             indent=2,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TransferReport:
+        """The report back from `to_json`'s fields (the derived counts are recomputed)."""
+        return cls(
+            rows=[TransferRow(**r) for r in data["rows"]],
+            dropped=[tuple(d) for d in data["dropped"]],
+            notes=list(data["notes"]),
         )
 
     def save(self, path: PathLike) -> None:

@@ -37,6 +37,7 @@ but are not sharded), so nothing changes for single-device use.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -338,6 +339,32 @@ def use_mesh(
         mesh, table = replicate_kv_heads(cfg, mesh, table)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(table):
         yield mesh
+
+
+def parse_rules(items: list[str]) -> dict[str, Target]:
+    """Rule overrides written AXIS=MESH_AXIS (or AXIS=none, replicated), e.g. ["vocab=model"],
+    as `rules`' keyword overrides."""
+    overrides: dict[str, Target] = {}
+    for item in items:
+        axis, sep, target = item.partition("=")
+        if not sep:
+            raise ValueError(
+                f"--rule {item!r}: expected AXIS=MESH_AXIS or AXIS=none, e.g. vocab=model"
+            )
+        overrides[axis.strip()] = None if target.strip().lower() == "none" else target.strip()
+    return overrides
+
+
+def mesh_context(
+    shape: str, preset: str, overrides: list[str], *, cfg: ModelConfig, batch: int | None
+) -> contextlib.AbstractContextManager[Mesh]:
+    """`use_mesh` from the command line's words: a mesh shape ("data=2,model=4"), a rules preset
+    and AXIS=MESH_AXIS overrides, checked against `cfg` and `batch` before anything is built (KV
+    heads fewer than `model` are replicated over it)."""
+    mesh = make_mesh(shape)
+    table = rules(preset, **parse_rules(overrides))
+    check_divisible(cfg, mesh, table, batch=batch)
+    return use_mesh(mesh, table, cfg=cfg)
 
 
 def check_heads(cfg: ModelConfig) -> None:

@@ -18,8 +18,9 @@ import pytest
 
 import gptmod.cli
 from gptmod import chat, pretrained
-from gptmod.cli import CLIError, build_model
 from gptmod.config import load_preset
+from gptmod.models import build
+from gptmod.options import CLIError
 from gptmod.sampling import ContextFullError
 
 from conftest import smollm2_gguf_path, torch_pair_state
@@ -48,10 +49,7 @@ def smol():
 @pytest.fixture(scope="module")
 def smol_models(smol):
     p, _ = smol
-    return {
-        fw: build_model(fw, p.cfg, p.state, "sdpa" if fw == "torch" else "auto", 0)
-        for fw in ("torch", "jax")
-    }
+    return {fw: build(fw, p.cfg, p.state) for fw in ("torch", "jax")}
 
 
 CONVERSATIONS = {
@@ -381,7 +379,7 @@ class _InterruptingOut(io.StringIO):
 
 def test_ctrl_c_stops_the_reply_and_the_conversation_goes_on(tiny):
     cfg, state = tiny
-    model = build_model("torch", cfg, state, "sdpa", 0)
+    model = build("torch", cfg, state)
     c = chat.Chat(
         tg.Session(model), CharTokenizer(), CHATML, [2], system="Be brief.", max_new_tokens=12
     )
@@ -413,7 +411,7 @@ def test_ctrl_c_stops_the_reply_and_the_conversation_goes_on(tiny):
 def test_a_reply_never_started_still_keeps_the_roles_alternating(tiny):
     cfg, state = tiny
     c = chat.Chat(
-        tg.Session(build_model("torch", cfg, state, "sdpa", 0)),
+        tg.Session(build("torch", cfg, state)),
         CharTokenizer(),
         CHATML,
         [2],
@@ -432,7 +430,7 @@ def test_a_reply_never_started_still_keeps_the_roles_alternating(tiny):
 
 def test_chat_refuses_a_conversation_past_the_context_and_keeps_it_unchanged(tiny):
     cfg, state = tiny
-    model = build_model("jax", cfg, state, "auto", 0)
+    model = build("jax", cfg, state)
     c = chat.Chat(jg.Session(model, max_len=48), CharTokenizer(), CHATML, [2], max_new_tokens=8)
     text = "".join(c.reply("hi"))
     assert c.messages[-1] == {"role": "assistant", "content": text}

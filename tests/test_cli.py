@@ -192,6 +192,43 @@ def test_help_is_complete_for_every_command():
     assert r.returncode == 0 and "--inject-fault" in r.stdout
 
 
+def test_model_choice_is_one_option_set_in_every_command(tmp_path):
+    """--preset goes with --config wherever a command takes a model config (gptmod.options), both
+    are refused together, and a config file is read the same by every command."""
+    from gptmod import options
+    from gptmod.bench.__main__ import build_parser as bench_parser
+    from gptmod.cli import build_parser
+    from gptmod.config import load_preset
+    from gptmod.parity.__main__ import build_parser as parity_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = {name: sub.choices[name] for name in ("generate", "convert", "transfer-report")}
+    parsers |= {name: sub.choices[name] for name in ("train", "eval")}
+    parsers |= {"bench": bench_parser(), "parity": parity_parser()}
+    for name, parser in parsers.items():
+        flags = {f for a in parser._actions for f in a.option_strings}
+        assert {"--preset", "--config"} <= flags, name
+    path = tmp_path / "small.json"
+    load_preset("tiny").to_json(path)
+    train = sub.choices["train"]
+    args = train.parse_args(["--data", "d", "--out", "o", "--config", str(path)])
+    assert options.model_config(args, "shakespeare-small") == load_preset("tiny")
+    args = train.parse_args(["--data", "d", "--out", "o"])
+    assert options.model_config(args, "shakespeare-small") == load_preset("shakespeare-small")
+    args = train.parse_args(["--data", "d", "--out", "o", "--preset", "gpt2", "--config", "x"])
+    with pytest.raises(options.CLIError, match="give --preset or --config, not both"):
+        options.model_config(args, None)
+    args = train.parse_args(["--data", "d", "--out", "o", "--config", str(tmp_path / "no.json")])
+    with pytest.raises(options.CLIError, match=r"--config .*no.json: no such file"):
+        options.model_config(args, None)
+    args = parity_parser().parse_args(["--preset", "gpt2", "--config", str(path)])
+    got = options.model_configs(args, ("tiny", "gpt2", "modern-gpt2"))
+    assert got == [("gpt2", load_preset("gpt2")), ("small", load_preset("tiny"))]
+    args = parity_parser().parse_args([])
+    names = [n for n, _ in options.model_configs(args, ("tiny", "gpt2", "modern-gpt2"))]
+    assert names == ["tiny", "gpt2", "modern-gpt2"]
+
+
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory):
     """A random-weight Hugging Face GPT-2 folder (config.json + model.safetensors), and a modern
@@ -522,3 +559,15 @@ def test_uptraining_starts_from_transferred_gpt2(gpt2_folder, tmp_path):
     # Two small AdamW steps from the transfer: close to it, and far from a fresh random init.
     moved = max(float(np.abs(trained[k] - transferred[k]).max()) for k in trained)
     assert 0 < moved < 0.01
+
+
+def test_transfer_report_reads_back_from_its_json(gpt2_folder):
+    """`transfer-report --full` prints the report rebuilt from the run's JSON: the same rows,
+    dropped tensors and notes as the report the transfer made."""
+    from gptmod.transfer import TransferReport
+
+    cfg = ModelConfig.from_json(gpt2_folder / "modern-tiny.json")
+    _, report = hf_gpt2.from_hf_gpt2(gpt2_folder / "gpt2-tiny", cfg)
+    back = TransferReport.from_dict(json.loads(report.to_json()))
+    assert back == report and back.to_text() == report.to_text()
+    assert back.counts()["new"] > 0 and back.dropped  # a partial transfer, not an empty report

