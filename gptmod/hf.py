@@ -133,16 +133,7 @@ def read_file(path: Path) -> Mapping[str, Any]:
 
 def read_config(folder: Path) -> dict[str, Any] | None:
     """config.json of `folder` as a dict, None when there is none."""
-    path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(textio.read_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return textio.read_json_object(folder / "config.json")
 
 
 def read_folder(folder: Path) -> Folder:

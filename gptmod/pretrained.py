@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gptmod import textio
 from gptmod.config import ModelConfig
 from gptmod.transfer import TransferReport
 
@@ -257,7 +258,7 @@ def _load_hf(source: str, progress: bool | None) -> Pretrained:
         cfg, state, transfer, read = hf_llama.read(folder, progress=_progress(progress, "import"))
         fmt, files = "hf-llama", read.files
         types = dict(Counter(_dtype_name(v) for v in read.tensors.values()))
-    generation = _read_json(folder / "generation_config.json")
+    generation = textio.read_json_object(folder / "generation_config.json") or {}
     if (folder / "tokenizer.json").is_file():
         tok, where = tokenizer.from_hf_folder(folder), f"{folder / 'tokenizer.json'}"
     elif fmt == "hf-gpt2":
@@ -273,18 +274,6 @@ def _load_hf(source: str, progress: bool | None) -> Pretrained:
 
 def _dtype_name(value: Any) -> str:
     return str(value.dtype).removeprefix("torch.")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        from gptmod import textio
-
-        data = json.loads(textio.read_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _load_checkpoint(path: Path) -> Pretrained:

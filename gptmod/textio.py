@@ -7,9 +7,11 @@ Every error names the file (or flag) and says why, so `gptmod.cli.main` can prin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 # seeds must fit a signed 64-bit integer (JAX's PRNG keys and numpy's generators take them)
 SEED_LIMIT = 2**63
@@ -61,6 +63,21 @@ def read_text(path: str | os.PathLike[str], *, what: str = "") -> str:
             f"{label}: not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset {e.start} "
             f"({e.reason}); re-encode the file as UTF-8"
         ) from None
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A JSON file that holds one object (a config.json, tokenizer_config.json, ...), None when the
+    file is absent. Invalid JSON, or JSON that is not an object, is an error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def seed_arg(text: str) -> int:

@@ -36,7 +36,7 @@ import hashlib
 import json
 import numbers
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
@@ -409,21 +409,26 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         pieces = [backend.id_to_token(i) for i in range(self.vocab_size)]
         dec = _json_of(backend.decoder)
+
+        def spelled(spell: Callable[[int, str], bytes]) -> list[bytes]:
+            # a hole decodes to nothing (push refuses it before looking here); added tokens are
+            # their own text; the rest is spelled in the decoder's alphabet
+            return [
+                b"" if piece is None else piece.encode("utf-8") if i in added else spell(i, piece)
+                for i, piece in enumerate(pieces)
+            ]
+
         if dec is not None and dec.get("type") == "ByteLevel":
             inverse = {c: b for b, c in byte_alphabet().items()}
-            out = []
-            for i, piece in enumerate(pieces):
-                if piece is None:  # a hole: push refuses it before looking here
-                    out.append(b"")
-                elif i in added:
-                    out.append(piece.encode("utf-8"))
-                elif all(c in inverse for c in piece):
-                    out.append(bytes(inverse[c] for c in piece))
-                else:
+
+            def byte_level(i: int, piece: str) -> bytes:
+                if not all(c in inverse for c in piece):
                     raise ValueError(
                         f"token {i} {piece!r} is not spelled in the byte-level alphabet"
                     )
-            return out, False
+                return bytes(inverse[c] for c in piece)
+
+            return spelled(byte_level), False
         steps = (
             [d.get("type") for d in dec.get("decoders", [])]
             if dec is not None and "decoders" in dec
@@ -434,17 +439,13 @@ class Tokenizer:
             ["Replace", "ByteFallback", "Fuse", "Strip"],
         ):
             byte_re = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-            out = []
-            for i, piece in enumerate(pieces):
-                if piece is None:  # a hole: push refuses it before looking here
-                    out.append(b"")
-                elif i in added:
-                    out.append(piece.encode("utf-8"))
-                elif m := byte_re.fullmatch(piece):
-                    out.append(bytes([int(m.group(1), 16)]))
-                else:
-                    out.append(piece.replace("\u2581", " ").encode("utf-8"))
-            return out, steps[-1] == "Strip"
+
+            def sentencepiece(i: int, piece: str) -> bytes:
+                if m := byte_re.fullmatch(piece):  # <0xAB>: one raw byte
+                    return bytes([int(m.group(1), 16)])
+                return piece.replace("\u2581", " ").encode("utf-8")
+
+            return spelled(sentencepiece), steps[-1] == "Strip"
         raise ValueError(f"stream decoding is not supported for the decoder {json.dumps(dec)}")
 
     # -- the `tokenizers` form (hf and gguf kinds have it; gpt2 builds it from the ranks on demand)
@@ -634,15 +635,8 @@ def _gpt2_vocab_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(textio.read_text(path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    """A folder's optional JSON object: {} when the file is absent."""
+    return textio.read_json_object(path) or {}
 
 
 def _token_text(value: Any, where: str) -> str | None:

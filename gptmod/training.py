@@ -526,23 +526,173 @@ def train(
     config). `keep_last` N keeps the newest N step folders (None: all). With a val split, the best
     validation loss so far is kept as run_dir/best/."""
     main = rank == 0 if writer is None else writer
-    lock = lock_run(run_dir) if main else contextlib.nullcontext()
-    with lock:
-        return _train(
-            trainer,
-            cfg,
-            tc,
+    progress = progress and main
+    with lock_run(run_dir) if main else contextlib.nullcontext():
+        from tqdm import tqdm
+
+        from gptmod.data import TokenLoader
+
+        if tc.block_size > cfg.max_seq_len:
+            raise ValueError(
+                f"TrainConfig.block_size={tc.block_size} exceeds the model's "
+                f"max_seq_len={cfg.max_seq_len}"
+            )
+        if keep_last is not None and (
+            isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+        ):
+            raise ValueError(
+                f"keep_last={keep_last!r}: must be an int >= 1 (or None: keep every checkpoint)"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        micro = tc.batch_size
+        train_data = TokenLoader(
             data_dir,
-            run_dir,
-            framework=framework,
-            resume=resume,
-            overwrite=overwrite,
-            keep_last=keep_last,
-            progress=progress and main,
+            "train",
+            block_size=tc.block_size,
+            batch_size=micro * tc.grad_accum,
+            seed=tc.seed,
             rank=rank,
             world_size=world_size,
-            main=main,
         )
+        if train_data.manifest["vocab_size"] > cfg.vocab_size:
+            raise ValueError(
+                f"the model's vocab_size={cfg.vocab_size} is smaller than the data's vocabulary "
+                f"({train_data.manifest['vocab_size']}, {data_dir})"
+            )
+        val_data = None  # the manifest the train loader checked says whether there is a val split
+        if train_data.manifest["splits"].get("val", {}).get("tokens"):
+            val_data = TokenLoader(
+                data_dir,
+                "val",
+                block_size=tc.block_size,
+                batch_size=micro,
+                seed=tc.seed,
+                rank=rank,
+                world_size=world_size,
+            )
+        if not resume and main and holds_run(run_dir):
+            if not overwrite:
+                raise ValueError(
+                    f"{run_dir}: holds a previous run (log, checkpoints or model); --no-resume "
+                    "would mix the two: pass --overwrite too to delete it, or give another --out"
+                )
+            clear_run(run_dir)  # before anything of the new run is written
+        start = 0
+        ckpt = latest_checkpoint(run_dir) if resume else None
+        if ckpt is not None:
+            start = _resume(trainer, cfg, tc, ckpt, main)
+        best_val = math.inf
+        if val_data is not None and resume and (run_dir / "best" / "trainer.json").is_file():
+            best_val = read_meta(run_dir / "best").get("val_loss", math.inf)
+        log = RunLog(run_dir / "log.jsonl", start) if main else None
+        rows: list[dict[str, Any]] = []
+        # the last checkpoint on disk, for an interrupt's message
+        saved = ckpt.name if ckpt is not None else None
+        # A manual bar updated as each step finishes (its loss read back), with
+        # eval and checkpoint time left out.
+        bar = tqdm(initial=start, total=tc.steps, disable=not progress, unit="step")
+        t0, tokens = time.perf_counter(), 0
+        state = None  # the last step's export, which model.safetensors reuses
+        done = start
+        try:
+            for step in range(start, tc.steps):
+                x, y = train_data.batch(step)
+                shape = (tc.grad_accum, micro, tc.block_size)
+                metrics = trainer.step(x.reshape(shape), y.reshape(shape))
+                # Waits for the step (JAX dispatches asynchronously), so the bar counts finished
+                # steps. Its cost, the lost overlap of the next batch's loading with this step,
+                # measured -0.6% (noise): train_sync_cost.py.
+                loss = float(metrics["loss"])
+                tokens += tc.tokens_per_step * world_size
+                done = step + 1
+                bar.update(1)
+                if not math.isfinite(loss):
+                    raise NonFiniteError(f"step {done}: the training loss is {loss}. {_DIVERGED}")
+                last = done == tc.steps
+                evaluate = val_data is not None and (
+                    last or (tc.eval_every and done % tc.eval_every == 0)
+                )
+                if (
+                    done % tc.log_every == 0
+                    or last
+                    or (tc.eval_every and done % tc.eval_every == 0)
+                ):
+                    elapsed = time.perf_counter() - t0
+                    row = {
+                        "step": done,
+                        "loss": loss,
+                        "lr": float(metrics["lr"]),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "tokens_per_s": tokens / elapsed,
+                        "framework": framework,
+                    }
+                    with paused(bar):
+                        if evaluate:
+                            row["val_loss"] = _eval(trainer, val_data, tc.eval_batches, world_size)
+                        # every process exports (FSDP: a collective)
+                        if evaluate and row["val_loss"] < best_val:
+                            best_val = row["val_loss"]
+                            best_state, best_opt = (
+                                trainer.export_state(),
+                                trainer.export_optimizer(),
+                            )
+                            if main:
+                                save_checkpoint(
+                                    run_dir,
+                                    done,
+                                    best_state,
+                                    best_opt,
+                                    cfg,
+                                    tc,
+                                    framework=framework,
+                                    name="best",
+                                    val_loss=best_val,
+                                )
+                            del best_state, best_opt
+                    rows.append(row)
+                    if log is not None:
+                        log.write(row)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3f}",
+                        lr=f"{row['lr']:.2e}",
+                        gnorm=f"{row['grad_norm']:.2f}",
+                        tok_s=f"{row['tokens_per_s']:.0f}",
+                    )
+                    t0, tokens = time.perf_counter(), 0
+                if last or (tc.ckpt_every and done % tc.ckpt_every == 0):
+                    with paused(bar):
+                        # Every process exports (under FSDP that gathers the
+                        # shards, a collective); rank 0 writes.
+                        state, optimizer = trainer.export_state(), trainer.export_optimizer()
+                        if main:
+                            saved = save_checkpoint(
+                                run_dir, done, state, optimizer, cfg, tc, framework=framework
+                            ).name
+                            if keep_last is not None:
+                                prune_checkpoints(run_dir, keep_last)
+                    # tokens/s counts training time only, not checkpoints
+                    t0, tokens = (time.perf_counter(), 0)
+        except KeyboardInterrupt:
+            bar.close()
+            if main:
+                where = (
+                    f"the last checkpoint is {run_dir / saved}"
+                    if saved
+                    else "no checkpoint was saved yet"
+                )
+                print(f"interrupted after {done} of {tc.steps} steps: {where}", file=sys.stderr)
+            raise
+        bar.close()
+        if state is None:  # nothing left to train (resumed at tc.steps): the state as loaded
+            state = trainer.export_state()
+            check_finite(
+                state, step=tc.steps, what="parameter", then=f"refusing to save it. {_DIVERGED}"
+            )
+        if main:
+            weights.save(
+                run_dir / "model.safetensors", state, cfg, metadata={"step": str(tc.steps)}
+            )
+        return rows
 
 
 def _resume(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, ckpt: Path, main: bool) -> int:
@@ -582,180 +732,6 @@ def _resume(trainer: Trainer, cfg: ModelConfig, tc: TrainConfig, ckpt: Path, mai
     trainer.load_state(c.state)
     trainer.load_optimizer(c.optimizer)
     return c.step
-
-
-def _train(
-    trainer: Trainer,
-    cfg: ModelConfig,
-    tc: TrainConfig,
-    data_dir: Path,
-    run_dir: Path,
-    *,
-    framework: str,
-    resume: bool,
-    overwrite: bool,
-    keep_last: int | None,
-    progress: bool,
-    rank: int,
-    world_size: int,
-    main: bool,
-) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
-    from gptmod.data import TokenLoader
-
-    if tc.block_size > cfg.max_seq_len:
-        raise ValueError(
-            f"TrainConfig.block_size={tc.block_size} exceeds the model's "
-            f"max_seq_len={cfg.max_seq_len}"
-        )
-    if keep_last is not None and (
-        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
-    ):
-        raise ValueError(
-            f"keep_last={keep_last!r}: must be an int >= 1 (or None: keep every checkpoint)"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    micro = tc.batch_size
-    train_data = TokenLoader(
-        data_dir,
-        "train",
-        block_size=tc.block_size,
-        batch_size=micro * tc.grad_accum,
-        seed=tc.seed,
-        rank=rank,
-        world_size=world_size,
-    )
-    if train_data.manifest["vocab_size"] > cfg.vocab_size:
-        raise ValueError(
-            f"the model's vocab_size={cfg.vocab_size} is smaller than the data's vocabulary "
-            f"({train_data.manifest['vocab_size']}, {data_dir})"
-        )
-    val_data = None  # the manifest the train loader checked says whether there is a val split
-    if train_data.manifest["splits"].get("val", {}).get("tokens"):
-        val_data = TokenLoader(
-            data_dir,
-            "val",
-            block_size=tc.block_size,
-            batch_size=micro,
-            seed=tc.seed,
-            rank=rank,
-            world_size=world_size,
-        )
-    if not resume and main and holds_run(run_dir):
-        if not overwrite:
-            raise ValueError(
-                f"{run_dir}: holds a previous run (log, checkpoints or model); --no-resume would "
-                "mix the two: pass --overwrite too to delete it, or give another --out"
-            )
-        clear_run(run_dir)  # before anything of the new run is written
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        start = _resume(trainer, cfg, tc, ckpt, main)
-    best_val = math.inf
-    if val_data is not None and resume and (run_dir / "best" / "trainer.json").is_file():
-        best_val = read_meta(run_dir / "best").get("val_loss", math.inf)
-    log = RunLog(run_dir / "log.jsonl", start) if main else None
-    rows: list[dict[str, Any]] = []
-    # the last checkpoint on disk, for an interrupt's message
-    saved = ckpt.name if ckpt is not None else None
-    # A manual bar updated as each step finishes (its loss read back), with
-    # eval and checkpoint time left out.
-    bar = tqdm(initial=start, total=tc.steps, disable=not progress, unit="step")
-    t0, tokens = time.perf_counter(), 0
-    state = None  # the last step's export, which model.safetensors reuses
-    done = start
-    try:
-        for step in range(start, tc.steps):
-            x, y = train_data.batch(step)
-            shape = (tc.grad_accum, micro, tc.block_size)
-            metrics = trainer.step(x.reshape(shape), y.reshape(shape))
-            # Waits for the step (JAX dispatches asynchronously), so the bar counts finished steps.
-            # Its cost, the lost overlap of the next batch's loading with this step, measured -0.6%
-            # (noise): train_sync_cost.py.
-            loss = float(metrics["loss"])
-            tokens += tc.tokens_per_step * world_size
-            done = step + 1
-            bar.update(1)
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"step {done}: the training loss is {loss}. {_DIVERGED}")
-            last = done == tc.steps
-            evaluate = val_data is not None and (
-                last or (tc.eval_every and done % tc.eval_every == 0)
-            )
-            if done % tc.log_every == 0 or last or (tc.eval_every and done % tc.eval_every == 0):
-                elapsed = time.perf_counter() - t0
-                row = {
-                    "step": done,
-                    "loss": loss,
-                    "lr": float(metrics["lr"]),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "tokens_per_s": tokens / elapsed,
-                    "framework": framework,
-                }
-                with paused(bar):
-                    if evaluate:
-                        row["val_loss"] = _eval(trainer, val_data, tc.eval_batches, world_size)
-                    # every process exports (FSDP: a collective)
-                    if evaluate and row["val_loss"] < best_val:
-                        best_val = row["val_loss"]
-                        best_state, best_opt = trainer.export_state(), trainer.export_optimizer()
-                        if main:
-                            save_checkpoint(
-                                run_dir,
-                                done,
-                                best_state,
-                                best_opt,
-                                cfg,
-                                tc,
-                                framework=framework,
-                                name="best",
-                                val_loss=best_val,
-                            )
-                        del best_state, best_opt
-                rows.append(row)
-                if log is not None:
-                    log.write(row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}",
-                    lr=f"{row['lr']:.2e}",
-                    gnorm=f"{row['grad_norm']:.2f}",
-                    tok_s=f"{row['tokens_per_s']:.0f}",
-                )
-                t0, tokens = time.perf_counter(), 0
-            if last or (tc.ckpt_every and done % tc.ckpt_every == 0):
-                with paused(bar):
-                    # Every process exports (under FSDP that gathers the
-                    # shards, a collective); rank 0 writes.
-                    state, optimizer = trainer.export_state(), trainer.export_optimizer()
-                    if main:
-                        saved = save_checkpoint(
-                            run_dir, done, state, optimizer, cfg, tc, framework=framework
-                        ).name
-                        if keep_last is not None:
-                            prune_checkpoints(run_dir, keep_last)
-                # tokens/s counts training time only, not checkpoints
-                t0, tokens = (time.perf_counter(), 0)
-    except KeyboardInterrupt:
-        bar.close()
-        if main:
-            where = (
-                f"the last checkpoint is {run_dir / saved}"
-                if saved
-                else "no checkpoint was saved yet"
-            )
-            print(f"interrupted after {done} of {tc.steps} steps: {where}", file=sys.stderr)
-        raise
-    bar.close()
-    if state is None:  # nothing left to train (resumed at tc.steps): the state as loaded
-        state = trainer.export_state()
-        check_finite(
-            state, step=tc.steps, what="parameter", then=f"refusing to save it. {_DIVERGED}"
-        )
-    if main:
-        weights.save(run_dir / "model.safetensors", state, cfg, metadata={"step": str(tc.steps)})
-    return rows
 
 
 def _eval(trainer: Trainer, val_data: Any, n: int, world_size: int) -> float:
