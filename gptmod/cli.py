@@ -19,18 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptmod import options
+from gptmod import options, pretrained
 from gptmod.config import ModelConfig
 from gptmod.options import WEIGHTS_HELP, CLIError
 from gptmod.sampling import check_request
 from gptmod.training import TrainConfig
-
-
-def load_weights(spec: str, cfg: ModelConfig | None, *, dtype: str | None = None) -> Any:
-    """--weights/--init as a `gptmod.pretrained.Pretrained` (`pretrained.resolve`)."""
-    from gptmod import pretrained
-
-    return pretrained.resolve(spec, cfg, dtype=dtype)
 
 
 def torch_distributed(args: argparse.Namespace) -> tuple[int, int, str]:
@@ -79,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CLIError(f"--batch-file {args.batch_file}: no prompts in it (one per line)")
     else:
         texts = [args.prompt]
-    p = load_weights(args.weights, options.model_config(args, None))
+    p = pretrained.resolve(args.weights, options.model_config(args, None))
     cfg, tok = p.cfg, p.tokenizer
     if tok is None:
         raise CLIError(
@@ -153,15 +146,13 @@ def _generate(
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from gptmod import pretrained
-
     if (args.file is None) == (args.weights is None):
         raise CLIError("give exactly one of FILE or --weights SOURCE")
     if str(args.file or args.weights) == "random":
         raise CLIError(
             "info reads a model: give a checkpoint, GGUF file, HF folder or hub id, not random"
         )
-    print(pretrained.describe(load_weights(str(args.file or args.weights), None)))
+    print(pretrained.describe(pretrained.resolve(str(args.file or args.weights), None)))
     return 0
 
 
@@ -195,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "--weights random: export writes real weights; give a checkpoint, GGUF "
             "file, HF folder or hub id"
         )
-    p = load_weights(args.weights, None)
+    p = pretrained.resolve(args.weights, None)
     written = export.export(p, fmt, out, dtype=args.dtype, max_shard_mb=args.max_shard_mb)
     print(f"wrote {out}: {', '.join(written)}", file=sys.stderr)
     return 0
@@ -333,7 +324,7 @@ def _train(
     resuming = None if args.no_resume else training.latest_checkpoint(args.out)
     state = None
     if args.init and resuming is None:
-        state = load_weights(str(args.init), cfg).state
+        state = pretrained.resolve(str(args.init), cfg).state
     elif resuming is None:  # one numpy init from the seed: both twins start from the same weights
         state = training.init_state(cfg, tc.seed)
     # --mesh: sharded parameters, batches and steps
@@ -448,7 +439,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ):
         if v is not None and v < 1:
             raise CLIError(f"{flag} {v}: must be >= 1")
-    p = load_weights(args.weights, options.model_config(args, None))
+    p = pretrained.resolve(args.weights, options.model_config(args, None))
     block = args.block_size or min(p.cfg.max_seq_len, 1024)
     if block > p.cfg.max_seq_len:
         raise CLIError(f"--block-size {block} exceeds the model's max_seq_len={p.cfg.max_seq_len}")
