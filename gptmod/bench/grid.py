@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from gptmod.bench.measure import Peak, peak_memory, time_call
 from gptmod.bench.models import Models
@@ -76,16 +77,16 @@ def run_grid(
     new_tokens: int,
     repeats: int,
     roofline_tok_s: float | None = None,
-    bar: Any = None,
+    bar: tqdm | None = None,
 ) -> list[Row]:
     """One row per (framework, batch, prompt_len); the frameworks take turns cell by cell."""
+    bar = bar if bar is not None else tqdm(disable=True)  # a bar that shows nothing
     rows = []
     for prompt_len in prompt_lens:
         for batch in batches:
             ids = prompts(models.cfg, batch, prompt_len)
             for name in frameworks:
-                if bar is not None:
-                    bar.set_postfix_str(f"{name} batch {batch} prompt {prompt_len} +{new_tokens}")
+                bar.set_postfix_str(f"{name} batch {batch} prompt {prompt_len} +{new_tokens}")
                 run = runner(models, name, ids)
                 rows.append(
                     measure_cell(
@@ -99,8 +100,7 @@ def run_grid(
                         memory_meter(models, name),
                     )
                 )
-                if bar is not None:
-                    bar.update()
+                bar.update()
     return rows
 
 
@@ -110,26 +110,25 @@ def run_scaling(
     contexts: Sequence[int],
     new_tokens: int,
     repeats: int,
-    bar: Any = None,
+    bar: tqdm | None = None,
 ) -> list[ScalingRow]:
     """Per-token decode time at batch 1 for each context, with the KV cache
     and recomputing without it (`recompute_runner`)."""
+    bar = bar if bar is not None else tqdm(disable=True)  # a bar that shows nothing
     out = []
     for context in contexts:
         ids = prompts(models.cfg, 1, context - new_tokens)
         for name in frameworks:
             for cache in (True, False):
-                if bar is not None:
-                    bar.set_postfix_str(
-                        f"scaling {name} context {context} {'cache' if cache else 'recompute'}"
-                    )
+                bar.set_postfix_str(
+                    f"scaling {name} context {context} {'cache' if cache else 'recompute'}"
+                )
                 run = (runner if cache else recompute_runner)(models, name, ids)
                 t_n = time_call(lambda run=run: run(new_tokens), repeats).median_s
                 t_1 = time_call(lambda run=run: run(1), repeats).median_s
                 per_token = (t_n - t_1) / (new_tokens - 1) if t_n > t_1 else None
                 out.append(ScalingRow(*FRAMEWORKS[name], context, cache, per_token))
-                if bar is not None:
-                    bar.update()
+                bar.update()
     return out
 
 
@@ -139,24 +138,21 @@ def run_compile(
     new_tokens: int,
     dtype: str = "float32",
     device: Any = None,
-    bar: Any = None,
+    bar: tqdm | None = None,
 ) -> list[CompileRow]:
     """JAX generate traced and compiled ahead of time (`compile_cell`) at each depth, layers
     unrolled and scanned. JAX's caches are cleared first, so nothing an earlier cell compiled is
     reused."""
+    bar = bar if bar is not None else tqdm(disable=True)  # a bar that shows nothing
     import jax
 
     jax.clear_caches()
     out = []
     for n_layer in depths:
         for scan in (False, True):
-            if bar is not None:
-                bar.set_postfix_str(
-                    f"compile jax {n_layer} layers {'scanned' if scan else 'unrolled'}"
-                )
+            bar.set_postfix_str(f"compile jax {n_layer} layers {'scanned' if scan else 'unrolled'}")
             c = replace(cfg, n_layer=n_layer)
             trace_s, compile_s = compile_cell(c, scan, new_tokens, dtype, device)
             out.append(CompileRow(n_layer, scan, trace_s, compile_s))
-            if bar is not None:
-                bar.update()
+            bar.update()
     return out
