@@ -44,6 +44,8 @@ from gptmod.parity.suite import (
     Case,
     K,
     Row,
+    case_row,
+    first_difference,
     jax_model,
     numeric_row,
     torch_model,
@@ -78,10 +80,6 @@ def _gen(framework: str) -> Any:
     """The twin's generate module (the package's `generate` attribute is the
     function of that name)."""
     return importlib.import_module(f"gptmod_{framework}.generate")
-
-
-def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
 class _Forwards:
@@ -219,7 +217,7 @@ def check_generate_paths(case: Case, steps: int, paths: Sequence[str] = PATHS) -
         if base is None:
             base = toks
         else:
-            i = _first_difference(toks, base)
+            i = first_difference(toks, base, strict=False)
             # the contexts agree up to step i: judged there, on the float64 logits of that context
             if i is not None:
                 mismatches.append(
@@ -255,20 +253,19 @@ def check_generate_paths(case: Case, steps: int, paths: Sequence[str] = PATHS) -
             f"logits vs float64 {e:.1e}; {wall:.2f} s" + "".join(f"; {w}: {m}" for w, m in problems)
         )
         torch_side = fw == "torch"
-        yield Row(
+        yield case_row(
             f"generate:{path}",
-            case.name,
-            case.dtype,
+            case,
             "sdpa" if torch_side else "-",
             "-" if torch_side else "auto",
-            e if torch_side else None,
-            None if torch_side else e,
-            worst,
-            2 * e_max,
-            not problems,
-            note,
-            e_max,
-            problems[0][0] if problems else "",
+            e_torch=e if torch_side else None,
+            e_jax=None if torch_side else e,
+            diff=worst,
+            budget=2 * e_max,
+            passed=not problems,
+            note=note,
+            e_max=e_max,
+            where=problems[0][0] if problems else "",
         )
 
 
@@ -619,21 +616,7 @@ def check_sampling(
                     )
                 )
         if problems:
-            yield Row(
-                check,
-                case.name,
-                case.dtype,
-                "sdpa",
-                "auto",
-                None,
-                None,
-                None,
-                None,
-                False,
-                problems[0][1],
-                e_max,
-                "spy",
-            )
+            yield case_row(check, case, passed=False, note=problems[0][1], e_max=e_max, where="spy")
             continue
         logits = {fw: np.stack([r[0] for r in rec]) for fw, (_, rec) in caps.items()}
         filt = {fw: np.stack([r[1] for r in rec]) for fw, (_, rec) in caps.items()}
@@ -688,20 +671,17 @@ def check_sampling(
             f"{int((~same).sum())} steps left out of TV; TV budget from d={d:.1e}; {wall:.1f} s"
             + "".join(f"; {w}: {m}" for w, m in problems)
         )
-        yield Row(
+        yield case_row(
             check,
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            e_t,
-            e_j,
-            tv,
-            budget,
-            not problems,
-            note,
-            e_max,
-            problems[0][0] if problems else "",
+            case,
+            e_torch=e_t,
+            e_jax=e_j,
+            diff=tv,
+            budget=budget,
+            passed=not problems,
+            note=note,
+            e_max=e_max,
+            where=problems[0][0] if problems else "",
         )
 
 

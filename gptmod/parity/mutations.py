@@ -35,24 +35,14 @@ from unittest import mock
 import numpy as np
 
 from gptmod.config import ModelConfig
+from gptmod.parity.runner import CHECKS
 
 # The suite checks (gptmod.parity.runner.CHECKS names) a mutation's family runs under `--self-test
 # --all-checks`: every model check but the HF oracle and the conversion round trips, which no
 # mutation targets; sampling bugs the generation checks; optimizer bugs "train". By default each
 # mutation runs only its own `checks` (those expected to catch it): a full pass of the model checks
 # compiles afresh under every mutation and takes minutes on a CPU.
-MODEL_CHECKS = (
-    "modules",
-    "trace",
-    "logits",
-    "text",
-    "cached",
-    "ragged",
-    "greedy",
-    "generate",
-    "sampling",
-    "divergence",
-)
+MODEL_CHECKS = tuple(c for c in CHECKS if c not in ("roundtrip", "hf", "train"))
 SAMPLING_CHECKS = ("sampling", "generate")
 TRAIN_CHECKS = ("train",)
 FAMILY_CHECKS = {"model": MODEL_CHECKS, "sampling": SAMPLING_CHECKS, "train": TRAIN_CHECKS}

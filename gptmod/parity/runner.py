@@ -184,67 +184,36 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2e}"
 
 
-HEADERS = [
-    "check",
-    "preset",
-    "dtype",
-    "torch",
-    "jax",
-    "e_torch",
-    "e_jax",
-    "|Δ|",
-    "budget",
-    "result",
-    "note",
-]
-GROUP_HEADERS = [
-    "check",
-    "torch",
-    "jax",
-    "e_torch",
-    "e_jax",
-    "|Δ|",
-    "budget",
-    "share",
-    "result",
-    "note",
-]
-
-
-def _cells(r: Row) -> list[str]:
-    return [
-        r.check,
-        r.preset,
-        r.dtype,
-        r.backend_torch,
-        r.backend_jax,
-        _fmt(r.e_torch),
-        _fmt(r.e_jax),
-        _fmt(r.diff),
-        _fmt(r.budget),
-        r.status,
-        r.note,
-    ]
-
-
 def _note(r: Row) -> str:
     return f"{r.note} [at {r.where}]" if r.where and r.where not in r.note else r.note
 
 
+# Every column of a report, in order, and its cell. The Markdown report leaves out "share"; the
+# terminal table, one block per (preset, dtype), leaves out those two and notes where a row failed.
+COLUMNS: dict[str, Callable[[Row], str]] = {
+    "check": lambda r: r.check,
+    "preset": lambda r: r.preset,
+    "dtype": lambda r: r.dtype,
+    "torch": lambda r: r.backend_torch,
+    "jax": lambda r: r.backend_jax,
+    "e_torch": lambda r: _fmt(r.e_torch),
+    "e_jax": lambda r: _fmt(r.e_jax),
+    "|Δ|": lambda r: _fmt(r.diff),
+    "budget": lambda r: _fmt(r.budget),
+    "share": lambda r: "-" if r.ratio is None else f"{r.ratio:.2f}",
+    "result": lambda r: r.status,
+    "note": lambda r: r.note,
+}
+HEADERS = [h for h in COLUMNS if h != "share"]
+GROUP_HEADERS = [h for h in COLUMNS if h not in ("preset", "dtype")]
+
+
+def _cells(r: Row) -> list[str]:
+    return [COLUMNS[h](r) for h in HEADERS]
+
+
 def _group_cells(r: Row) -> list[str]:
-    share = "-" if r.ratio is None else f"{r.ratio:.2f}"
-    return [
-        r.check,
-        r.backend_torch,
-        r.backend_jax,
-        _fmt(r.e_torch),
-        _fmt(r.e_jax),
-        _fmt(r.diff),
-        _fmt(r.budget),
-        share,
-        r.status,
-        _note(r),
-    ]
+    return [_note(r) if h == "note" else COLUMNS[h](r) for h in GROUP_HEADERS]
 
 
 def format_table(rows: list[Row], width: int | None = None) -> str:

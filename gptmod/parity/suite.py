@@ -21,8 +21,9 @@ import contextlib
 import dataclasses
 import math
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -58,11 +59,12 @@ class Row:
     dtype: str
     backend_torch: str
     backend_jax: str
-    e_torch: float | None
-    e_jax: float | None
-    diff: float | None
-    budget: float | None
-    passed: bool | None  # None: skipped (see note)
+    # None where not measured; passed None: skipped (see note)
+    e_torch: float | None = None
+    e_jax: float | None = None
+    diff: float | None = None
+    budget: float | None = None
+    passed: bool | None = None
     note: str = ""
     e_max: float | None = None  # rule 2's bound on e_torch and e_jax, where the row has one
     where: str = (
@@ -101,6 +103,15 @@ class Case:
     device: str = "cpu"
     # built once per case, see torch_model
     models: dict = dataclasses.field(default_factory=dict, repr=False)
+
+
+def case_row(
+    check: str, case: Case, backend_torch: str = "sdpa", backend_jax: str = "auto", **fields: Any
+) -> Row:
+    """A row of `case` (its preset and dtype), by default on the twins' default backends; `fields`
+    are Row's others by name, and with no figures and no verdict the row is skipped (its note says
+    why)."""
+    return Row(check, case.name, case.dtype, backend_torch, backend_jax, **fields)
 
 
 def numeric_row(check, case, bt, bj, e_t, e_j, diff, scale, note="") -> Row:
@@ -318,40 +329,16 @@ def check_logits_and_hidden(case: Case, backends_t, backends_j, fault=None) -> I
     for b in backends_t:
         reasons = unmet("torch", b, case)
         if reasons:
-            yield Row(
-                "logits",
-                case.name,
-                case.dtype,
-                b,
-                "-",
-                None,
-                None,
-                None,
-                None,
-                None,
-                "; ".join(reasons),
-            )
+            yield case_row("logits", case, b, "-", note="; ".join(reasons))
             continue
         try:
             out_t[b] = torch_run(torch_model(case, case.dtype, b), case.idx, return_hidden=True)
         except BackendUnavailableError as e:
-            yield Row("logits", case.name, case.dtype, b, "-", None, None, None, None, None, str(e))
+            yield case_row("logits", case, b, "-", note=str(e))
     for b in backends_j:
         reasons = unmet("jax", b, case)
         if reasons:
-            yield Row(
-                "logits",
-                case.name,
-                case.dtype,
-                "-",
-                b,
-                None,
-                None,
-                None,
-                None,
-                None,
-                "; ".join(reasons),
-            )
+            yield case_row("logits", case, "-", b, note="; ".join(reasons))
             continue
         out_j[b] = jax_run(jax_model(case, b, fault), case.idx, return_hidden=True)
     if not out_t or not out_j:
@@ -433,7 +420,7 @@ def _topk_kl_row(case, bt, bj, ref, lt, lj, scale) -> Row:
         f"top-{TOP_K} agree at {agree.mean():.1%} of {len(agree)} positions "
         f"({(~agree).sum() - unexplained.sum()} near-ties); KL(torch||jax)={kl:.2e} <= {kl_max:.1e}"
     )
-    return Row(f"top{TOP_K}+kl", case.name, case.dtype, bt, bj, None, None, kl, kl_max, ok, note)
+    return case_row(f"top{TOP_K}+kl", case, bt, bj, diff=kl, budget=kl_max, passed=ok, note=note)
 
 
 def check_cached_decode(case: Case, steps: int, fault=None) -> Iterator[Row]:
@@ -493,6 +480,42 @@ def check_cached_decode(case: Case, steps: int, fault=None) -> Iterator[Row]:
     yield row
 
 
+def first_difference(a: Sequence[int], b: Sequence[int], strict: bool = True) -> int | None:
+    """The first step at which two token streams differ (None: they agree); `strict`: they must be
+    as long as each other, else only the shorter's length is compared."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=strict)) if x != y), None)
+
+
+def greedy_row(
+    check: str,
+    case: Case,
+    prompt: list[int],
+    ours: tuple[str, list[int]],
+    theirs: tuple[str, list[int]],
+    identical: str,
+    show_bound: bool = True,
+) -> Row:
+    """Two greedy streams from `prompt`, each (whose, tokens): the note `identical` if they agree,
+    else judged where they first differ, on the float64 reference's logits after the shared context:
+    a near-tie the dtype explains (the two tokens' margin <= 2 e_max at that logit scale) passes.
+    `show_bound` puts the comparison with 2 e_max in the note too."""
+    (a_name, a), (b_name, b) = ours, theirs
+    step = first_difference(a, b)
+    if step is None:
+        return case_row(check, case, diff=0.0, budget=0.0, passed=True, note=identical)
+    f64 = torch_model(case, "float64", "math", "cpu")
+    ref_V = torch_run(f64, np.array([prompt + a[:step]]))[0, -1]
+    margin = float(abs(ref_V[a[step]] - ref_V[b[step]]))
+    e_max = REL[case.dtype] * float(np.abs(ref_V).max())
+    tie = margin <= 2 * e_max
+    bound = f" {'<=' if tie else '>'} {2 * e_max:.2e}" if show_bound else ""
+    note = (
+        f"diverge at step {step}: {a_name} {a[step]} vs {b_name} {b[step]}, float64 margin "
+        f"{margin:.2e}{bound} ({'near-tie' if tie else 'not a tie'})"
+    )
+    return case_row(check, case, diff=margin, budget=2 * e_max, passed=tie, note=note)
+
+
 def check_greedy(case: Case, steps: int, fault=None) -> Iterator[Row]:
     """Cross-framework greedy tokens; a divergence at a near-tie is reported
     with its position and margin."""
@@ -503,36 +526,8 @@ def check_greedy(case: Case, steps: int, fault=None) -> Iterator[Row]:
     steps = min(steps, case.cfg.max_seq_len - len(prompt))
     out_t = gptmod_torch.generate(torch_model(case, case.dtype, "sdpa"), [prompt], steps)[0]
     out_j = gptmod_jax.generate(jax_model(case, "auto", fault), [prompt], steps)[0]
-    same = next((i for i, (a, b) in enumerate(zip(out_t, out_j, strict=True)) if a != b), None)
-    if same is None:
-        yield Row(
-            "greedy",
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            None,
-            None,
-            0.0,
-            0.0,
-            True,
-            f"{steps} tokens identical",
-        )
-        return
-    ref = torch_run(torch_model(case, "float64", "math", "cpu"), np.array([prompt + out_t[:same]]))[
-        0, -1
-    ]
-    margin = float(abs(ref[out_t[same]] - ref[out_j[same]]))
-    e_max = REL[case.dtype] * float(np.abs(ref).max())
-    tie = margin <= 2 * e_max
-    note = (
-        f"diverge at step {same}: torch {out_t[same]} vs jax {out_j[same]}, float64 margin "
-        f"{margin:.2e} {'<=' if tie else '>'} {2 * e_max:.2e} "
-        f"({'near-tie' if tie else 'not a tie'})"
-    )
-    yield Row(
-        "greedy", case.name, case.dtype, "sdpa", "auto", None, None, margin, 2 * e_max, tie, note
-    )
+    identical = f"{steps} tokens identical"
+    yield greedy_row("greedy", case, prompt, ("torch", out_t), ("jax", out_j), identical)
 
 
 def check_round_trips(case: Case) -> Iterator[Row]:
@@ -557,18 +552,15 @@ def check_round_trips(case: Case) -> Iterator[Row]:
         bad = [
             k for k in case.state if a[k].tobytes() != b[k].tobytes() or a[k].dtype != b[k].dtype
         ]
-        yield Row(
+        yield case_row(
             f"round-trip {name}",
-            case.name,
-            case.dtype,
+            case,
             "-",
             "-",
-            None,
-            None,
-            float(len(bad)),
-            0.0,
-            not bad,
-            "bit-exact" if not bad else f"{len(bad)} tensors differ, e.g. {bad[0]}",
+            diff=float(len(bad)),
+            budget=0.0,
+            passed=not bad,
+            note="bit-exact" if not bad else f"{len(bad)} tensors differ, e.g. {bad[0]}",
         )
 
 
@@ -582,65 +574,45 @@ def check_hf(case: Case, seed: int, greedy_steps: int = 32) -> Iterator[Row]:
     check = "hf-gpt2" if case.cfg.is_classic or not llama else "hf-llama"
     if not case.cfg.is_classic and not llama:
         why = "; ".join(llama_problems(case.cfg))
-        yield Row(
-            check,
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            None,
-            None,
-            None,
-            None,
-            None,
-            f"neither GPT-2 nor a Llama: {why}",
-        )
+        yield case_row(check, case, note=f"neither GPT-2 nor a Llama: {why}")
         return
     if llama:
         yield from _check_hf_llama(case, greedy_steps)
         return
     if case.dtype != "float32":
-        yield Row(
-            check,
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            None,
-            None,
-            None,
-            None,
-            None,
-            "HF oracle runs in fp32",
-        )
+        yield case_row(check, case, note="HF oracle runs in fp32")
         return
-    import torch
-
     from gptmod.hf_gpt2 import from_hf_gpt2
 
     hf = models.build("hf", case.cfg, seed=seed)
     state, _ = from_hf_gpt2(hf, case.cfg)
-    hf_case = dataclasses.replace(case, state=state, models={})
+    yield _hf_logits_row("hf-gpt2", dataclasses.replace(case, state=state, models={}), hf, ".2g")
+
+
+def _hf_logits_row(check: str, case: Case, hf, scale_format: str) -> Row:
+    """Both twins' fp32 logits on the case's weights against those of `hf`, the HF model of the same
+    weights: each twin within REL[float32] of HF's logit scale (printed in the note with
+    `scale_format`)."""
+    import torch
+
     with torch.no_grad():
         ref = hf(torch.from_numpy(case.idx)).logits.double().numpy()
-    lt = torch_run(torch_model(hf_case, "float32", "sdpa", "cpu"), case.idx)
-    lj = jax_run(jax_model(hf_case, "auto"), case.idx)
+    lt = torch_run(torch_model(case, "float32", "sdpa", "cpu"), case.idx)
+    lj = jax_run(jax_model(case, "auto"), case.idx)
     e_t, e_j = float(np.abs(lt - ref).max()), float(np.abs(lj - ref).max())
     scale = float(np.abs(ref).max())
     bound = REL["float32"] * scale
-    yield Row(
-        "hf-gpt2",
-        case.name,
-        case.dtype,
-        "sdpa",
-        "auto",
-        e_t,
-        e_j,
-        float(np.abs(lt - lj).max()),
-        bound,
-        e_t <= bound and e_j <= bound,
-        f"e = vs HF GPT2LMHeadModel logits; budget {REL['float32']:g} of max|logit| {scale:.2g}",
-        bound,
+    return case_row(
+        check,
+        case,
+        e_torch=e_t,
+        e_jax=e_j,
+        diff=float(np.abs(lt - lj).max()),
+        budget=bound,
+        passed=e_t <= bound and e_j <= bound,
+        note=f"e = vs HF {type(hf).__name__} logits; budget {REL['float32']:g} of "
+        f"max|logit| {scale:{scale_format}}",
+        e_max=bound,
     )
 
 
@@ -657,28 +629,7 @@ def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
 
     hf = models.build("hf", case.cfg, {k: np.asarray(v, np.float32) for k, v in case.state.items()})
     if case.dtype == "float32":
-        with torch.no_grad():
-            ref = hf(torch.from_numpy(case.idx)).logits.double().numpy()
-        lt = torch_run(torch_model(case, "float32", "sdpa", "cpu"), case.idx)
-        lj = jax_run(jax_model(case, "auto"), case.idx)
-        e_t, e_j = float(np.abs(lt - ref).max()), float(np.abs(lj - ref).max())
-        scale = float(np.abs(ref).max())
-        bound = REL["float32"] * scale
-        yield Row(
-            "hf-llama",
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            e_t,
-            e_j,
-            float(np.abs(lt - lj).max()),
-            bound,
-            e_t <= bound and e_j <= bound,
-            f"e = vs HF LlamaForCausalLM logits; budget {REL['float32']:g} of "
-            f"max|logit| {scale:.1f}",
-            bound,
-        )
+        yield _hf_logits_row("hf-llama", case, hf, ".1f")
     prompt = case.idx[0, : min(16, case.idx.shape[1])].tolist()
     steps = min(steps, case.cfg.max_seq_len - len(prompt))
     with torch.no_grad():
@@ -697,58 +648,15 @@ def _check_hf_llama(case: Case, steps: int) -> Iterator[Row]:
         "jax": gptmod_jax.generate(jax_model(case, "auto"), [prompt], steps)[0],
     }
     for fw, out in outs.items():
-        first = next((i for i, (a, b) in enumerate(zip(out, theirs, strict=True)) if a != b), None)
+        check = f"hf-llama greedy {fw}"
         if case.dtype != "float32":
+            first = first_difference(out, theirs)
             agree = steps if first is None else first
-            yield Row(
-                f"hf-llama greedy {fw}",
-                case.name,
-                case.dtype,
-                "sdpa",
-                "auto",
-                None,
-                None,
-                None,
-                None,
-                None,
-                f"{agree} of {steps} greedy tokens agree with HF's fp32 greedy (informational)",
-            )
+            note = f"{agree} of {steps} greedy tokens agree with HF's fp32 greedy (informational)"
+            yield case_row(check, case, note=note)
             continue
-        if first is None:
-            yield Row(
-                f"hf-llama greedy {fw}",
-                case.name,
-                case.dtype,
-                "sdpa",
-                "auto",
-                None,
-                None,
-                0.0,
-                0.0,
-                True,
-                f"{steps} tokens identical to HF's greedy",
-            )
-            continue
-        ref = torch_run(
-            torch_model(case, "float64", "math", "cpu"), np.array([prompt + theirs[:first]])
-        )[0, -1]
-        margin = float(abs(ref[out[first]] - ref[theirs[first]]))
-        e_max = REL[case.dtype] * float(np.abs(ref).max())
-        tie = margin <= 2 * e_max
-        yield Row(
-            f"hf-llama greedy {fw}",
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            None,
-            None,
-            margin,
-            2 * e_max,
-            tie,
-            f"diverge at step {first}: {fw} {out[first]} vs HF {theirs[first]}, float64 margin "
-            f"{margin:.2e} ({'near-tie' if tie else 'not a tie'})",
-        )
+        identical = f"{steps} tokens identical to HF's greedy"
+        yield greedy_row(check, case, prompt, (fw, out), ("HF", theirs), identical, False)
 
 
 def versions() -> dict[str, str]:

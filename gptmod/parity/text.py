@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptmod.parity.suite import REL, Case, Row, jax_model, jax_run, torch_model, torch_run
+from gptmod.parity import suite
+from gptmod.parity.suite import REL, Case, Row, case_row, jax_model, jax_run, torch_model, torch_run
 
 PROMPT_LEN = 16
 # positions per chunk: the (positions, vocab) float64 temporaries stay ~25 MB each at vocab 49152
@@ -195,7 +196,6 @@ def text_rows(case: Case, m: TextMetrics, text: str | None = None) -> Iterator[R
     """check_text's rows from metrics already measured (see check_text)."""
     e_max, kl = m.e_max, m.kl
     what = f"{case.idx.size} tokens of {text}" if text else f"{case.idx.size} random ids"
-    row = dict(preset=case.name, dtype=case.dtype, backend_torch="sdpa", backend_jax="auto")
 
     # "kl": the row's e_torch/e_jax are max KL(float64||twin), its diff max
     # KL(torch||jax); all bounded alike.
@@ -213,9 +213,9 @@ def text_rows(case: Case, m: TextMetrics, text: str | None = None) -> Iterator[R
         f"{REL[case.dtype]:g}*max|logit| = {e_max:.2e}; {what}"
     )
     e_t, e_j, diff = (float(kl[k].max()) for k in ("f64||torch", "f64||jax", "torch||jax"))
-    yield Row(
+    yield case_row(
         "kl",
-        **row,
+        case,
         e_torch=e_t,
         e_jax=e_j,
         diff=diff,
@@ -240,9 +240,9 @@ def text_rows(case: Case, m: TextMetrics, text: str | None = None) -> Iterator[R
             f"{ag['torch|f64'].n} positions; a near-tie: swapped tokens within 2e_max = "
             f"{2 * e_max:.2e} in float64; {what}"
         )
-        yield Row(
+        yield case_row(
             f"top{k}",
-            **row,
+            case,
             e_torch=1 - ag["torch|f64"].rate,
             e_jax=1 - ag["jax|f64"].rate,
             diff=1 - ag["torch|jax"].rate,
@@ -268,16 +268,12 @@ def text_rows(case: Case, m: TextMetrics, text: str | None = None) -> Iterator[R
         f"next-token loss (perplexity) on {m.n_targets} targets of {what}: "
         f"{ppl}; bound 2e_max{chance}"
     )
-    yield Row(
-        "loss", **row, e_torch=e_t, e_jax=e_j, diff=diff, budget=lb, passed=ok, note=note, e_max=lb
+    yield case_row(
+        "loss", case, e_torch=e_t, e_jax=e_j, diff=diff, budget=lb, passed=ok, note=note, e_max=lb
     )
 
 
 # ----------------------------------------------------------------------------- greedy divergence
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
 
 
 def check_divergence(
@@ -302,19 +298,8 @@ def check_divergence(
     n = min(steps, case.cfg.max_seq_len - len(prompt))
     capped = f" (capped from {steps} by max_seq_len {case.cfg.max_seq_len})" if n < steps else ""
     if n < 1:
-        yield Row(
-            "divergence",
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            None,
-            None,
-            None,
-            None,
-            None,
-            f"no room to decode: prompt {len(prompt)} tokens, max_seq_len {case.cfg.max_seq_len}",
-        )
+        room = f"prompt {len(prompt)} tokens, max_seq_len {case.cfg.max_seq_len}"
+        yield case_row("divergence", case, note=f"no room to decode: {room}")
         return
     ref_m = torch_model(case, "float64", "math", "cpu")
     secs, outs = {}, {}
@@ -337,26 +322,19 @@ def check_divergence(
     }
     secs["float64 verify"] = time.perf_counter() - start
     e_max = REL[case.dtype] * max(float(np.abs(r).max()) for r in ref.values())
-    f64_first = {name: first_difference(outs[name], ref[name].argmax(-1).tolist()) for name in outs}
+    f64_first = {
+        name: suite.first_difference(outs[name], ref[name].argmax(-1).tolist()) for name in outs
+    }
     times = (
         ", ".join(f"{k} {v:.1f} s" for k, v in secs.items()) + " (jax: including its JIT compile)"
     )
     for a, b in (("torch", "float64"), ("jax", "float64"), ("torch", "jax")):
         label = f"{a}|{'f64' if b == 'float64' else b}"
-        step = f64_first[a] if b == "float64" else first_difference(outs[a], outs[b])
+        step = f64_first[a] if b == "float64" else suite.first_difference(outs[a], outs[b])
         if step is None:
-            yield Row(
-                f"divergence {label}",
-                case.name,
-                case.dtype,
-                "sdpa",
-                "auto",
-                None,
-                None,
-                0.0,
-                2 * e_max,
-                True,
-                f"{n} greedy tokens identical{capped}; {times}",
+            note = f"{n} greedy tokens identical{capped}; {times}"
+            yield case_row(
+                f"divergence {label}", case, diff=0.0, budget=2 * e_max, passed=True, note=note
             )
             continue
         logits = ref[a][step]  # float64 on the shared context: a's stream up to this step (b's too)
@@ -371,18 +349,12 @@ def check_divergence(
             f"({'near-tie' if tie else 'NOT a near-tie'}; float64 top-2 margin there "
             f"{top[1] - top[0]:.3g}); {times}"
         )
-        yield Row(
+        yield case_row(
             f"divergence {label}",
-            case.name,
-            case.dtype,
-            "sdpa",
-            "auto",
-            None,
-            None,
-            margin,
-            2 * e_max,
-            tie,
-            note,
-            None,
-            "" if tie else f"step {step}",
+            case,
+            diff=margin,
+            budget=2 * e_max,
+            passed=tie,
+            note=note,
+            where="" if tie else f"step {step}",
         )

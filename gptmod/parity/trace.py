@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gptmod.parity.suite import Case, Row, jax_model, torch_model
+from gptmod.parity.suite import Case, Row, case_row, jax_model, torch_model
 
 U32 = 2.0**-24
 PRECISION = {"float32": 24, "bfloat16": 8, "float16": 11}  # significand bits, hidden bit included
@@ -909,20 +909,18 @@ def check_trace(
                 f"first op out of budget: {bad.label} ({bad.culprit}), {bad.ratio:.2f} of budget; "
                 + note
             )
-        yield Row(
+        yield case_row(
             check,
-            case.name,
-            case.dtype,
-            trace.backends[0],
-            trace.backends[1],
-            worst.e_torch,
-            worst.e_jax,
-            worst.diff,
-            K_DIFF * worst.budget,
-            bad is None,
-            note,
-            worst.budget,
-            "" if bad is None else f"{bad.label} ({bad.culprit})",
+            case,
+            *trace.backends,
+            e_torch=worst.e_torch,
+            e_jax=worst.e_jax,
+            diff=worst.diff,
+            budget=K_DIFF * worst.budget,
+            passed=bad is None,
+            note=note,
+            e_max=worst.budget,
+            where="" if bad is None else f"{bad.label} ({bad.culprit})",
         )
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from gptmod.config import ModelConfig
-from gptmod.parity.suite import ABS_FLOOR, Case, Row
+from gptmod.parity.suite import ABS_FLOOR, Case, Row, case_row
 from gptmod.training import TrainConfig, lr_at
 
 TC = TrainConfig(
@@ -134,19 +134,16 @@ def _worst_row(
     # a failing tensor first, then the nearest miss
     failed, ratio, worst, (e_t, e_j, d, budget, e_max) = max(results)
     note = f"worst: {worst} at {ratio:.2f} of its budget; {note}".rstrip("; ")
-    return Row(
+    return case_row(
         check,
-        case.name,
-        case.dtype,
-        "sdpa",
-        "auto",
-        e_t,
-        e_j,
-        d,
-        budget,
-        not failed,
-        note,
-        e_max,
+        case,
+        e_torch=e_t,
+        e_jax=e_j,
+        diff=d,
+        budget=budget,
+        passed=not failed,
+        note=note,
+        e_max=e_max,
         where=worst if failed else "",
     )
 
@@ -201,25 +198,9 @@ def check_training(
     """Gradients, 10 AdamW steps, and a `steps`-step loss curve on bundled Shakespeare, on a random
     2-layer copy of the case's switches; with `own_weights`, the loss and gradients of the case's
     own weights first."""
-    if case.dtype != "float32":
-        yield Row(
-            "train",
-            case.name,
-            case.dtype,
-            "-",
-            "-",
-            None,
-            None,
-            None,
-            None,
-            None,
-            "training parity is fp32",
-        )
-        return
-    if case.device != "cpu":
-        yield Row(
-            "train", case.name, case.dtype, "-", "-", None, None, None, None, None, "CPU only"
-        )
+    if case.dtype != "float32" or case.device != "cpu":
+        why = "training parity is fp32" if case.dtype != "float32" else "CPU only"
+        yield case_row("train", case, "-", "-", note=why)
         return
     if own_weights:
         yield from check_own_grads(case, seed)
@@ -279,18 +260,15 @@ def check_training(
         float(np.abs(curve["j"] - curve["r"]).max()),
     )
     scale = float(curve["r"].min())
-    ok = max(e_t, e_j) <= CURVE_REL * scale and gap <= CURVE_REL * scale
-    yield Row(
+    bound = CURVE_REL * scale
+    yield case_row(
         f"train curve {tc.steps} steps",
-        case.name,
-        case.dtype,
-        "sdpa",
-        "auto",
-        e_t,
-        e_j,
-        gap,
-        CURVE_REL * scale,
-        ok,
-        f"max |loss gap| {gap:.2e}; loss {curve['r'][0]:.3f} -> {curve['r'][-1]:.3f}; {size}",
-        CURVE_REL * scale,
+        case,
+        e_torch=e_t,
+        e_jax=e_j,
+        diff=gap,
+        budget=bound,
+        passed=max(e_t, e_j) <= bound and gap <= bound,
+        note=f"max |loss gap| {gap:.2e}; loss {curve['r'][0]:.3f} -> {curve['r'][-1]:.3f}; {size}",
+        e_max=bound,
     )
