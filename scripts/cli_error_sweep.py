@@ -58,16 +58,17 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- fixtures
+# (tests/test_cli_hardening.py builds its checkpoints with these too)
 
 
-def _tiny_cfg(**overrides):
+def tiny_cfg(**overrides):
     from gptmod.config import load_preset
 
     small = dict(d_model=16, n_head=2, n_kv_head=2, d_ff=32, n_layer=1, max_seq_len=64)
     return dataclasses.replace(load_preset("tiny"), **{**small, **overrides})
 
 
-def _random_state(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+def random_state(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     from gptmod import weights
 
     rng = np.random.default_rng(seed)
@@ -79,7 +80,7 @@ def _random_state(cfg, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _raw_checkpoint(path: Path, state: dict[str, np.ndarray], cfg, **meta: str) -> None:
+def raw_checkpoint(path: Path, state: dict[str, np.ndarray], cfg, **meta: str) -> Path:
     """A gptmod-format file written past `weights.save`'s checks (bad
     dtypes, NaN), as a foreign tool might."""
     from safetensors.numpy import save_file
@@ -91,6 +92,23 @@ def _raw_checkpoint(path: Path, state: dict[str, np.ndarray], cfg, **meta: str) 
         str(path),
         metadata={"format": weights.FORMAT, "gptmod_config": cfg.to_json(), **meta},
     )
+    return path
+
+
+def run_folder(run: Path, state: dict[str, np.ndarray], cfg, log: str) -> Path:
+    """A training run as `gptmod train` lays it out (gptmod.training.save_checkpoint), written by
+    hand: step_0000002/ (the model, trainer.json), latest, and `log` as log.jsonl."""
+    from gptmod import weights
+
+    step = run / "step_0000002"
+    step.mkdir(parents=True)
+    weights.save(step / "model.safetensors", state, cfg, metadata={"step": "2"})
+    (step / "trainer.json").write_text(
+        json.dumps({"format": "gptmod-train-v1", "step": 2, "framework": "torch"})
+    )
+    (run / "latest").write_text("step_0000002\n")
+    (run / "log.jsonl").write_text(log)
+    return run
 
 
 def make_fixtures(d: Path) -> None:
@@ -99,28 +117,28 @@ def make_fixtures(d: Path) -> None:
 
     from gptmod import weights
 
-    cfg = _tiny_cfg()
-    state = _random_state(cfg)
+    cfg = tiny_cfg()
+    state = random_state(cfg)
     weights.save(d / "tiny.safetensors", state, cfg)
-    llama = _tiny_cfg(logit_softcap=None)  # what a Llama (HF export) can express
-    weights.save(d / "llama.safetensors", _random_state(llama), llama)
+    llama = tiny_cfg(logit_softcap=None)  # what a Llama (HF export) can express
+    weights.save(d / "llama.safetensors", random_state(llama), llama)
     # Padded vocabulary: untied head whose real-token rows are 0 and padding
     # rows +-v, so greedy picks a padding id.
-    pad_cfg = _tiny_cfg(vocab_size=50304, tie_embeddings=False)
-    pad = _random_state(pad_cfg)
+    pad_cfg = tiny_cfg(vocab_size=50304, tie_embeddings=False)
+    pad = random_state(pad_cfg)
     v = np.random.default_rng(1).standard_normal(pad_cfg.d_model).astype(np.float32)
     pad["lm_head.weight"][:50257] = 0
     pad["lm_head.weight"][50257::2], pad["lm_head.weight"][50258::2] = v, -v
     weights.save(d / "pad.safetensors", pad, pad_cfg)
-    small_cfg = _tiny_cfg(vocab_size=300)  # no tokenizer: cannot read a text prompt
-    weights.save(d / "small-vocab.safetensors", _random_state(small_cfg), small_cfg)
-    classic = _tiny_cfg(**_classic())
-    weights.save(d / "classic.safetensors", _random_state(classic), classic)
+    small_cfg = tiny_cfg(vocab_size=300)  # no tokenizer: cannot read a text prompt
+    weights.save(d / "small-vocab.safetensors", random_state(small_cfg), small_cfg)
+    classic = tiny_cfg(**_classic())
+    weights.save(d / "classic.safetensors", random_state(classic), classic)
     # HF GPT-2 folders with one broken side file each (the weights themselves are fine).
     from gptmod import hf, hf_gpt2
 
     hf_tensors, hf_config = (
-        hf_gpt2.to_hf_gpt2(_random_state(classic), classic),
+        hf_gpt2.to_hf_gpt2(random_state(classic), classic),
         hf_gpt2.config_to_hf(classic),
     )
     broken = {
@@ -136,18 +154,18 @@ def make_fixtures(d: Path) -> None:
     (d / "hf-bad-tokenizer-config" / "tokenizer.json").unlink()
     (d / "hf-latin1-config").mkdir()
     (d / "hf-latin1-config" / "config.json").write_bytes(b'{"model_type": "caf\xe9"}')
-    _raw_checkpoint(
+    raw_checkpoint(
         d / "nan.safetensors",
         {**state, "norm.weight": np.full_like(state["norm.weight"], np.nan)},
         cfg,
     )
-    _raw_checkpoint(d / "f64.safetensors", {k: v.astype(np.float64) for k, v in state.items()}, cfg)
-    _raw_checkpoint(
+    raw_checkpoint(d / "f64.safetensors", {k: v.astype(np.float64) for k, v in state.items()}, cfg)
+    raw_checkpoint(
         d / "int8.safetensors",
         {**state, "tok_emb.weight": state["tok_emb.weight"].astype(np.int8)},
         cfg,
     )
-    _raw_checkpoint(
+    raw_checkpoint(
         d / "wrong-shape.safetensors", {**state, "norm.weight": np.ones(3, np.float32)}, cfg
     )
     from safetensors.numpy import save_file
@@ -182,18 +200,11 @@ def make_fixtures(d: Path) -> None:
         (d / name).mkdir()
         (d / name / "config.json").write_text(text)
     (d / "emptydir").mkdir()
-    # A training run as `gptmod train` lays it out
-    # (gptmod.training.save_checkpoint), written by hand.
-    run = d / "run"
-    step = run / "step_0000002"
-    step.mkdir(parents=True)
-    weights.save(step / "model.safetensors", state, cfg, metadata={"step": "2"})
-    (step / "trainer.json").write_text(
-        json.dumps({"format": "gptmod-train-v1", "step": 2, "framework": "torch"})
-    )
-    (run / "latest").write_text("step_0000002\n")
-    (run / "log.jsonl").write_text(
-        '{"step": 1, "loss": 10.0}\n{"step": 2, "loss": 9.0, "val_loss": 9.5}\n'
+    run_folder(
+        d / "run",
+        state,
+        cfg,
+        '{"step": 1, "loss": 10.0}\n{"step": 2, "loss": 9.0, "val_loss": 9.5}\n',
     )
     dangling = d / "run-dangling"
     dangling.mkdir()
@@ -292,28 +303,9 @@ def probes() -> list[Probe]:
         "2",
         expect=0,
     )
-    add(
-        "generate padded vocab (jax)",
-        "generate",
-        "--weights",
-        "pad.safetensors",
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "3",
-    )
-    add(
-        "generate padded vocab (torch)",
-        "generate",
-        "--framework",
-        "torch",
-        "--weights",
-        "pad.safetensors",
-        "--prompt",
-        "hi",
-        "--max-new-tokens",
-        "3",
-    )
+    pad = ("--weights", "pad.safetensors", "--prompt", "hi", "--max-new-tokens", "3")
+    add("generate padded vocab (jax)", "generate", *pad)
+    add("generate padded vocab (torch)", "generate", "--framework", "torch", *pad)
     add(
         "generate padded vocab batch",
         "generate",
@@ -407,37 +399,15 @@ def probes() -> list[Probe]:
     ):
         add(f"info --weights {spec}", "info", "--weights", spec)
     add("info hf-ok", "info", "--weights", "hf-ok", expect=0)
-    add(
-        "generate run folder",
-        "generate",
-        "--weights",
-        "run",
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "1",
-        expect=0,
-    )
-    add(
-        "generate step folder",
-        "generate",
-        "--weights",
-        "run/step_0000002",
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "1",
-        expect=0,
-    )
+    one_token = ("--prompt", "x", "--max-new-tokens", "1")
+    add("generate run folder", "generate", "--weights", "run", *one_token, expect=0)
+    add("generate step folder", "generate", "--weights", "run/step_0000002", *one_token, expect=0)
     add(
         "generate nan checkpoint (warns)",
         "generate",
         "--weights",
         "nan.safetensors",
-        "--prompt",
-        "x",
-        "--max-new-tokens",
-        "1",
+        *one_token,
         expect=0,
     )
     # ---- info
@@ -623,28 +593,9 @@ def probes() -> list[Probe]:
     ):
         add(f"train {flag} {v}", *trn, "--data", "data-bad", flag, v)
     add("train --init missing", *trn, "--data", "data-bad", "--init", "nope.safetensors")
-    add(
-        "train --preset and --config",
-        "train",
-        "--preset",
-        "tiny",
-        "--config",
-        "bad.json",
-        "--data",
-        "data-bad",
-        "--out",
-        "trainrun",
-    )
-    add(
-        "train --config bad json",
-        "train",
-        "--config",
-        "bad.json",
-        "--data",
-        "data-bad",
-        "--out",
-        "trainrun",
-    )
+    bad_config = ("--config", "bad.json", "--data", "data-bad", "--out", "trainrun")
+    add("train --preset and --config", "train", "--preset", "tiny", *bad_config)
+    add("train --config bad json", "train", *bad_config)
     add(
         "train --parallel without torchrun",
         *trn,

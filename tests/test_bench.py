@@ -23,6 +23,8 @@ from gptmod.bench import grid, measure, models, recompute, report, runners
 from gptmod.bench.__main__ import FULL, QUICK, main, select_frameworks
 from gptmod.config import load_preset
 
+from conftest import llama_cfg, random_state
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_OK = ["--preset", "tiny", "--new-tokens", "8", "--prompt-len", "16", "--contexts", "64"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -522,26 +524,9 @@ def test_real_weights_run_in_every_framework_hf_included(tmp_path, capsys):
     """--weights: the checkpoint's own config, and the same weights in torch, JAX and HF (HF's
     logits are ours)."""
     from gptmod import hf_llama, weights
-    from gptmod.config import ModelConfig
 
-    cfg = ModelConfig(
-        vocab_size=300,
-        max_seq_len=128,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        d_model=32,
-        d_ff=64,
-        pos="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        bias=False,
-    )
-    rng = np.random.default_rng(0)
-    state = {
-        k: (rng.standard_normal(s) * 0.1).astype(np.float32)
-        for k, s in weights.canonical_shapes(cfg).items()
-    }
+    cfg = llama_cfg(vocab_size=300)
+    state = random_state(cfg, scale=0.1)
     weights.save(tmp_path / "m.safetensors", state, cfg)
     hf = gptmod.models.build("hf", cfg, state)
     ids = torch.tensor([[1, 5, 7, 9, 200]])

@@ -5,9 +5,7 @@ and a representative subset of scripts/cli_error_sweep.py run in-process."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -17,34 +15,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 
 from gptmod import hf, pretrained, textio, tokenizer, weights
 from gptmod.cli import main
-from gptmod.config import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cfg(**overrides):
-    small = dict(d_model=16, n_head=2, n_kv_head=2, d_ff=32, n_layer=1, max_seq_len=64)
-    return dataclasses.replace(load_preset("tiny"), **{**small, **overrides})
+def _sweep():
+    spec = importlib.util.spec_from_file_location(
+        "cli_error_sweep", ROOT / "scripts" / "cli_error_sweep.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def _state(cfg, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        k: (rng.standard_normal(s) * 0.02).astype(np.float32)
-        if len(s) == 2
-        else np.ones(s, np.float32)
-        for k, s in weights.canonical_shapes(cfg).items()
-    }
-
-
-def _raw(path: Path, state: dict, cfg) -> Path:
-    """A gptmod-format file written past `weights.save`'s checks, as a foreign tool might."""
-    save_file(state, str(path), metadata={"format": weights.FORMAT, "gptmod_config": cfg.to_json()})
-    return path
+SWEEP = _sweep()
+# The sweep's own fixture builders: a 1-layer, 16-wide tiny model, its random state, and a
+# gptmod-format file written past weights.save's checks.
+_cfg, _state, _raw = SWEEP.tiny_cfg, SWEEP.random_state, SWEEP.raw_checkpoint
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -376,18 +367,8 @@ def _run_folder(root: Path) -> tuple[Path, dict]:
     (model, trainer.json), latest, log."""
     cfg = _cfg()
     state = _state(cfg)
-    run = root / "run"
-    step = run / "step_0000002"
-    step.mkdir(parents=True)
-    weights.save(step / "model.safetensors", state, cfg, metadata={"step": "2"})
-    (step / "trainer.json").write_text(
-        json.dumps({"format": "gptmod-train-v1", "step": 2, "framework": "torch"})
-    )
-    (run / "latest").write_text("step_0000002\n")
-    (run / "log.jsonl").write_text(
-        '{"step": 1, "loss": 10.0, "val_loss": 9.75}\n{"step": 2, "loss": 9.0, "val_loss": 9.5}\n'
-    )
-    return run, state
+    log = '{"step": 1, "loss": 10.0, "val_loss": 9.75}\n{"step": 2, "loss": 9.0, "val_loss": 9.5}\n'
+    return SWEEP.run_folder(root / "run", state, cfg, log), state
 
 
 def test_run_and_step_folders_load_as_checkpoints(tmp_path):
@@ -495,16 +476,6 @@ def test_version_and_delegated_usage_lines(capsys):
 # --------------------------------------------------------------- 11. the sweep, a subset in-process
 
 
-def _sweep():
-    spec = importlib.util.spec_from_file_location(
-        "cli_error_sweep", ROOT / "scripts" / "cli_error_sweep.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 SUBSET = (
     "generate --seed 9223372036854775808",
     "generate --weights nope.safetensors",
@@ -523,10 +494,9 @@ SUBSET = (
 
 
 def test_sweep_subset_in_process(tmp_path, monkeypatch, capsys):
-    sweep = _sweep()
-    by_name = {p.name: p for p in sweep.probes()}
+    by_name = {p.name: p for p in SWEEP.probes()}
     assert len(by_name) >= 120 and set(SUBSET) <= set(by_name)
-    sweep.make_fixtures(tmp_path)
+    SWEEP.make_fixtures(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in SUBSET:

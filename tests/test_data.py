@@ -13,6 +13,8 @@ import pytest
 from gptmod import corpus, data, tokenizer
 from gptmod.data import TokenLoader, prepare
 
+from conftest import refuse_folder_rename
+
 EOT = tokenizer.EOT_ID
 TEXTS = {
     "a.txt": "To be, or not to be, that is the question:\nWhether 'tis "
@@ -225,14 +227,7 @@ def test_failed_final_rename_puts_the_previous_folder_back(tmp_path, monkeypatch
     src, out = write_texts(tmp_path / "src"), tmp_path / "out"
     prepare(src, out, val_fraction=0, progress=False)
     files = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = data.os.replace
-
-    def refuse_new_folder(a, b):
-        if str(a).endswith(".tmp"):
-            raise OSError("rename refused")
-        real(a, b)
-
-    monkeypatch.setattr(data.os, "replace", refuse_new_folder)
+    refuse_folder_rename(monkeypatch)
     with pytest.raises(OSError, match="rename refused"):
         prepare(src, out, val_fraction=0.5, overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files

@@ -35,24 +35,25 @@ MESH_ENV_FULL = {**os.environ, **MESH_ENV}
 # ------------------------------------------------------------------------- JAX, 8 simulated devices
 
 
+def _sharded_worker(*args: str, timeout: float) -> dict:
+    """tests/sharded_worker.py's JSON from a run on 8 simulated CPU devices (stderr's tail if it
+    fails)."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharded_worker.py"), *args],
+        env={**os.environ, **MESH_ENV},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout)
+
+
 def test_on_8_devices_every_rules_table_equals_one_device():
     # One test reading one subprocess: a fixture shared by several tests would run the subprocess
     # once per pytest-xdist worker (grouping with --dist loadgroup does not work with pytest 9.2,
     # pytest-xdist issue 1386).
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sharded_worker.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    sharded = json.loads(r.stdout)
+    sharded = _sharded_worker(timeout=1200)
     for preset in sharding.PRESETS:
         _sharded_equals_unsharded(sharded, preset)
     _parameters_are_sharded_as_their_rules_say(sharded)
@@ -62,15 +63,7 @@ def test_on_8_devices_every_rules_table_equals_one_device():
 def test_on_8_devices_kv_heads_replicate_over_a_larger_model_axis():
     # tiny has 2 KV heads for 4 query heads; on data=2,model=4 each KV head
     # sits on the 2 devices of its query heads.
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sharded_worker.py"), "kv"],
-        env=MESH_ENV_FULL,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    kv = json.loads(r.stdout)
+    kv = _sharded_worker("kv", timeout=900)
     assert min(len(set(row)) for row in kv["want_tokens"]) >= 4, "degenerate tokens prove little"
     for preset in ("tp", "fsdp"):
         p = kv["presets"][preset]

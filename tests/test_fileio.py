@@ -9,6 +9,8 @@ import pytest
 
 from gptmod import fileio
 
+from conftest import refuse_folder_rename
+
 
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
@@ -116,14 +118,7 @@ def test_a_failed_folder_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     dest = tmp_path / "out"
     dest.mkdir()
     _fill(dest, "old")
-    real = fileio.os.replace
-
-    def refuse_new_folder(a, b):
-        if str(a).endswith(".tmp"):
-            raise OSError("rename refused")
-        real(a, b)
-
-    monkeypatch.setattr(fileio.os, "replace", refuse_new_folder)
+    refuse_folder_rename(monkeypatch)
     with pytest.raises(OSError, match="rename refused"), fileio.atomic_folder(dest) as tmp:
         _fill(tmp, "new")
     assert _tree(dest) == {"a.txt": "old", "sub/b.txt": "old"}

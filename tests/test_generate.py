@@ -49,31 +49,24 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [120, 8], [33, 1, 4, 1, 5, 9, 2, 6, 5, 3,
 # ----------------------------------------------------------------------------- cache
 
 
-def _torch_cached_steps(model, seq, prefill_chunks):
+def _torch_forward(model, idx: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(idx), torch.from_numpy(pos)).double().numpy()
+
+
+def _jax_forward(model, idx: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(idx), jnp.asarray(pos)), np.float64)
+
+
+def _cached_steps(model, forward, seq, prefill_chunks):
     """Prefill `seq[:n]` in chunks, then decode the rest one token at a
-    time; logits at each new token."""
+    time; logits at each new token (`forward`: one twin's call with positions)."""
     model.setup_cache(1, len(seq))
     out, start = [], 0
     try:
         for end in prefill_chunks + list(range(prefill_chunks[-1] + 1, len(seq) + 1)):
-            idx = torch.tensor([seq[start:end]])
-            pos = torch.arange(start, end)[None]
-            with torch.no_grad():
-                out.append(model(idx, pos)[0, -1].double().numpy())
-            start = end
-    finally:
-        model.clear_cache()
-    return np.stack(out)
-
-
-def _jax_cached_steps(model, seq, prefill_chunks):
-    model.setup_cache(1, len(seq))
-    out, start = [], 0
-    try:
-        for end in prefill_chunks + list(range(prefill_chunks[-1] + 1, len(seq) + 1)):
-            idx = jnp.asarray([seq[start:end]])
-            pos = jnp.arange(start, end)[None]
-            out.append(np.asarray(model(idx, pos)[0, -1], np.float64))
+            idx, pos = np.asarray([seq[start:end]]), np.arange(start, end)[None]
+            out.append(forward(model, idx, pos)[0, -1])
             start = end
     finally:
         model.clear_cache()
@@ -92,8 +85,8 @@ def test_cached_decode_equals_full_forward(name, chunks):
     with torch.no_grad():
         full_t = tm(torch.tensor([seq]))[0].double().numpy()
     full_j = np.asarray(jm(jnp.asarray([seq]))[0], np.float64)
-    cached_t = _torch_cached_steps(tm, seq, chunks)
-    cached_j = _jax_cached_steps(jm, seq, chunks)
+    cached_t = _cached_steps(tm, _torch_forward, seq, chunks)
+    cached_j = _cached_steps(jm, _jax_forward, seq, chunks)
     rows = [e - 1 for e in ends]
     assert np.abs(full_t).max() > 1.0
     assert np.abs(cached_t - full_t[rows]).max() <= 1e-5

@@ -26,8 +26,10 @@ from gptmod.gguf_llama import GGUFError, permute_rows, read, unpermute_rows, wri
 from gptmod.weights import StateError
 
 from conftest import (
+    SMOLLM2_135M,
     jax_logits,
     jax_model,
+    llama_cfg,
     smollm2_gguf_path,
     torch_logits,
     torch_model,
@@ -39,20 +41,7 @@ from conftest import (
 FP32_REL = 2e-5
 N_TOKENS = 200
 
-TINY = ModelConfig(
-    vocab_size=96,
-    max_seq_len=128,
-    n_layer=2,
-    n_head=4,
-    n_kv_head=2,
-    d_model=64,
-    d_ff=128,
-    pos="rope",
-    rope_theta=500000.0,
-    norm="rmsnorm",
-    mlp="swiglu",
-    bias=False,
-)
+TINY = llama_cfg(d_model=64, d_ff=128, rope_theta=500000.0)
 
 
 def _hf_name(canonical: str) -> str:
@@ -136,22 +125,7 @@ def ours_torch(real, idx) -> np.ndarray:
 def test_real_config_and_fields(real, hf):
     _, m = real
     c = hf.config
-    assert m.cfg == ModelConfig(
-        vocab_size=49152,
-        max_seq_len=8192,
-        n_layer=30,
-        n_head=9,
-        n_kv_head=3,
-        d_model=576,
-        d_ff=1536,
-        pos="rope",
-        rope_theta=100000.0,
-        norm="rmsnorm",
-        norm_eps=1e-5,
-        mlp="swiglu",
-        bias=False,
-        tie_embeddings=True,
-    )
+    assert m.cfg == SMOLLM2_135M
     assert (m.cfg.n_layer, m.cfg.n_head, m.cfg.n_kv_head) == (
         c.num_hidden_layers,
         c.num_attention_heads,

@@ -45,100 +45,34 @@ def test_help_names_every_step(capsys):
 
 
 def _expected(out: Path) -> list[list[str]]:
-    bench = [
-        "--dtype",
-        "bfloat16",
-        "--batch",
-        "1",
-        "--batch",
-        "8",
-        "--batch",
-        "32",
-        "--frameworks",
-        "jax,torch-eager,torch-cudagraphs",
-        "--no-scaling",
-        "--no-compile-table",
-        "--json",
-    ]
+    """The five commands as a user would type them: an oracle written out independently of
+    gpu_check.plan."""
+    parity = [PY, *shlex.split("-m gptmod.parity --device gpu --quick")]
+    tf32 = shlex.split(
+        "--tf32 --dtype float32 --check modules --check logits --check text --check cached"
+        " --check greedy --check divergence"
+    )
+    bench = shlex.split(
+        "--dtype bfloat16 --batch 1 --batch 8 --batch 32 --frameworks jax,torch-eager,"
+        "torch-cudagraphs --no-scaling --no-compile-table --json"
+    )
     return [
+        [*parity, "--json", f"{out}/parity.json", "--markdown", f"{out}/parity.md"],
         [
-            PY,
-            "-m",
-            "gptmod.parity",
-            "--device",
-            "gpu",
-            "--quick",
-            "--json",
-            f"{out}/parity.json",
-            "--markdown",
-            f"{out}/parity.md",
+            *parity,
+            *tf32,
+            *["--json", f"{out}/parity-tf32.json", "--markdown", f"{out}/parity-tf32.md"],
         ],
-        [
-            PY,
-            "-m",
-            "gptmod.parity",
-            "--device",
-            "gpu",
-            "--quick",
-            "--tf32",
-            "--dtype",
-            "float32",
-            "--check",
-            "modules",
-            "--check",
-            "logits",
-            "--check",
-            "text",
-            "--check",
-            "cached",
-            "--check",
-            "greedy",
-            "--check",
-            "divergence",
-            "--json",
-            f"{out}/parity-tf32.json",
-            "--markdown",
-            f"{out}/parity-tf32.md",
-        ],
-        [
-            PY,
-            "-m",
-            "gptmod.cli",
-            "bench",
-            "--device",
-            "gpu",
-            "--quick",
-            "--preset",
-            "gpt2",
-            *bench,
-            f"{out}/bench-gpt2.json",
-        ],
-        [
-            PY,
-            "-m",
-            "gptmod.cli",
-            "bench",
-            "--device",
-            "gpu",
-            "--quick",
-            "--preset",
-            "gpt2-medium",
-            *bench,
-            f"{out}/bench-gpt2-medium.json",
-        ],
-        [
-            PY,
-            "-m",
-            "gptmod.cli",
-            "bench",
-            "--device",
-            "gpu",
-            "--quick",
-            "--preset",
-            "modern-gpt2",
-            *bench,
-            f"{out}/bench-modern-gpt2.json",
-        ],
+        *(
+            [
+                PY,
+                *shlex.split("-m gptmod.cli bench --device gpu --quick --preset"),
+                preset,
+                *bench,
+                f"{out}/bench-{preset}.json",
+            ]
+            for preset in ("gpt2", "gpt2-medium", "modern-gpt2")
+        ),
     ]
 
 

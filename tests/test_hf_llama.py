@@ -37,6 +37,8 @@ from gptmod.config import ModelConfig, RopeScaling, load_preset
 from gptmod.hf_llama import HFConfigError
 from gptmod.weights import StateError
 
+from conftest import llama_cfg
+
 BOUND = 1e-5  # max |Δlogit| relative to max |logit|, fp32
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -152,7 +154,7 @@ def smol(tmp_path_factory):
 def test_llama32_logits_of_both_twins_match_transformers(llama32, capsys):
     model, folder = llama32
     cfg, state, report, read = hf_llama.read(folder)
-    assert cfg == ModelConfig(
+    assert cfg == llama_cfg(
         vocab_size=512,
         max_seq_len=131072,
         n_layer=2,
@@ -160,13 +162,9 @@ def test_llama32_logits_of_both_twins_match_transformers(llama32, capsys):
         n_kv_head=2,
         d_model=128,
         d_ff=256,
-        pos="rope",
         rope_theta=500000.0,
         rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
-        norm="rmsnorm",
         norm_eps=1e-5,
-        mlp="swiglu",
-        bias=False,
         tie_embeddings=False,
     )
     assert read.files == ["model.safetensors"]
@@ -288,20 +286,7 @@ def test_export_loads_in_transformers_and_round_trips(llama32, smol, tmp_path):
 
 
 def test_bias_true_is_attention_bias_and_mlp_bias(tmp_path):
-    cfg = ModelConfig(
-        vocab_size=96,
-        max_seq_len=128,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        d_model=32,
-        d_ff=64,
-        pos="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        bias=True,
-        tie_embeddings=False,
-    )
+    cfg = llama_cfg(bias=True, tie_embeddings=False)
     torch.manual_seed(0)
     tm = gptmod_torch.GPT(cfg)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from gptmod.parity import suite
 from gptmod.parity.__main__ import main
 from gptmod.parity.runner import CHECKS, Options, run_suite, summary
 
-from conftest import reduced
+from conftest import reduced, save_tiny_hf_llama
 
 
 def _opts(**kw) -> Options:
@@ -274,25 +274,10 @@ def test_a_llama_checkpoint_runs_its_own_config_on_real_text_against_hf_llama(tm
     """--weights with a model of its own (here a tiny HF Llama folder with a real tokenizer): its
     config, not the presets; its tokenizer on Hamlet instead of random ids; and transformers'
     LlamaForCausalLM as the oracle."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from gptmod import corpus, tokenizer
 
     tok = tokenizer.gpt2()
-    hf_cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "llama")
-    tok.save_hf(tmp_path / "llama")
+    save_tiny_hf_llama(tmp_path / "llama", tok, max_position_embeddings=128)
     args = [
         "--weights",
         str(tmp_path / "llama"),

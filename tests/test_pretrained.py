@@ -4,17 +4,16 @@ source it cannot read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gptmod import corpus, pretrained, weights
 from gptmod.config import ModelConfig
 
-from conftest import smollm2_gguf_path
+from conftest import SMOLLM2_135M, llama_cfg, random_state, save_tiny_hf_llama, smollm2_gguf_path
 
 
 @pytest.fixture(scope="module")
@@ -25,25 +24,9 @@ def smollm2():
 
 def test_smollm2_is_the_model_the_package_ships(smollm2):
     # The architecture as published for SmolLM2-135M-Instruct: the modern
-    # switches with the soft-cap off.
-    want = ModelConfig(
-        vocab_size=49152,
-        max_seq_len=8192,
-        n_layer=30,
-        n_head=9,
-        n_kv_head=3,
-        d_model=576,
-        d_ff=1536,
-        pos="rope",
-        rope_theta=100000.0,
-        norm="rmsnorm",
-        norm_eps=smollm2.cfg.norm_eps,
-        mlp="swiglu",
-        bias=False,
-        logit_softcap=None,
-        tie_embeddings=True,
-    )
-    # stored as float32 in the GGUF
+    # switches with the soft-cap off; its norm eps is stored as float32 in the GGUF.
+    want = dataclasses.replace(SMOLLM2_135M, norm_eps=smollm2.cfg.norm_eps)
+    assert SMOLLM2_135M.logit_softcap is None
     assert smollm2.cfg == want and abs(smollm2.cfg.norm_eps - 1e-5) < 1e-12
     assert list(smollm2.state) == list(weights.canonical_shapes(smollm2.cfg))
     assert all(v.dtype == np.float32 for v in smollm2.state.values())
@@ -80,19 +63,7 @@ def test_sources_it_cannot_read_are_named_errors(tmp_path):
 
 
 def _tiny_llama_folder(path, tokenizer, eos):
-    hf_cfg = LlamaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(hf_cfg).save_pretrained(path)
-    tokenizer.save_hf(path)
+    save_tiny_hf_llama(path, tokenizer, max_position_embeddings=256)
     (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
 
@@ -108,24 +79,10 @@ def test_hf_llama_folder_brings_its_tokenizer_template_and_eos_ids(tmp_path, smo
 
 
 def test_a_gptmod_checkpoint_carries_its_tokenizer_and_template(tmp_path, smollm2):
-    cfg = ModelConfig(
-        vocab_size=49152,
-        n_layer=1,
-        d_model=16,
-        n_head=2,
-        n_kv_head=1,
-        d_ff=32,
-        max_seq_len=64,
-        pos="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        bias=False,
+    cfg = llama_cfg(
+        vocab_size=49152, n_layer=1, d_model=16, n_head=2, n_kv_head=1, d_ff=32, max_seq_len=64
     )
-    rng = np.random.default_rng(0)
-    state = {
-        k: rng.standard_normal(s).astype(np.float32)
-        for k, s in weights.canonical_shapes(cfg).items()
-    }
+    state = random_state(cfg)
     weights.save(
         tmp_path / "m.safetensors", state, cfg, metadata=pretrained.checkpoint_metadata(smollm2)
     )

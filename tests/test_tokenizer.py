@@ -218,39 +218,38 @@ def gpt2_fields() -> dict:
     return tokenizer.gpt2().gguf_fields()
 
 
-def test_gguf_bad_input(gpt2_fields):
-    def build(**changes):
-        fields = {**gpt2_fields, **{f"tokenizer.ggml.{k}": v for k, v in changes.items()}}
-        return tokenizer.from_gguf_fields({k: v for k, v in fields.items() if v is not None})
+def _from_gguf_fields_with(fields: dict, **changes) -> tokenizer.Tokenizer:
+    """GPT-2's GGUF fields with `tokenizer.ggml.<name>` changed (a None value drops the field)."""
+    fields = {**fields, **{f"tokenizer.ggml.{k}": v for k, v in changes.items()}}
+    return tokenizer.from_gguf_fields({k: v for k, v in fields.items() if v is not None})
 
-    with pytest.raises(
-        ValueError, match=r"tokenizer.ggml.model='bert' is not supported; supported: gpt2, llama"
-    ):
-        build(model="bert")
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.model=None is not supported"):
-        build(model=None)
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.tokens is missing"):
-        build(tokens=None)
-    with pytest.raises(
-        ValueError, match=r"tokenizer.ggml.merges is missing or empty \(needed for .*'gpt2'\)"
-    ):
-        build(merges=None)
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.merges entry 'abc' is not two tokens"):
-        build(merges=["abc"])
-    with pytest.raises(
-        ValueError, match=r"tokenizer.ggml.pre='tiny-lm' is not a known byte-level pre-tokenizer"
-    ):
-        build(pre="tiny-lm")
-    with pytest.raises(ValueError, match=r"tokenizer\.ggml\.pre is missing"):
-        build(pre=None)
-    with pytest.raises(ValueError, match=r"token_type has 3 entries for 50257 tokens"):
-        build(token_type=[1, 1, 1])
-    with pytest.raises(
-        ValueError, match=r"tokenizer.ggml.bos_token_id=50257 is not a token id in \[0, 50257\)"
-    ):
-        build(bos_token_id=50257)
+
+# (tokenizer.ggml.<field>, its bad value or None for missing, the error it names)
+GGUF_BAD_FIELDS = [
+    ("model", "bert", r"tokenizer.ggml.model='bert' is not supported; supported: gpt2, llama"),
+    ("model", None, r"tokenizer\.ggml\.model=None is not supported"),
+    ("tokens", None, r"tokenizer\.ggml\.tokens is missing"),
+    ("merges", None, r"tokenizer.ggml.merges is missing or empty \(needed for .*'gpt2'\)"),
+    ("merges", ["abc"], r"tokenizer\.ggml\.merges entry 'abc' is not two tokens"),
+    ("pre", "tiny-lm", r"tokenizer.ggml.pre='tiny-lm' is not a known byte-level pre-tokenizer"),
+    ("pre", None, r"tokenizer\.ggml\.pre is missing"),
+    ("token_type", [1, 1, 1], r"token_type has 3 entries for 50257 tokens"),
+    ("bos_token_id", 50257, r"tokenizer.ggml.bos_token_id=50257 is not a token id in \[0, 50257\)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"), GGUF_BAD_FIELDS, ids=[f"{f}={v}" for f, v, _ in GGUF_BAD_FIELDS]
+)
+def test_gguf_bad_input(gpt2_fields, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        _from_gguf_fields_with(gpt2_fields, **{field: value})
+
+
+def test_gguf_duplicate_token_is_named(gpt2_fields):
+    tokens = ["Ċ", *gpt2_fields["tokenizer.ggml.tokens"][1:-1], "Ċ"]
     with pytest.raises(ValueError, match=r"lists 'Ċ' twice"):
-        build(tokens=["Ċ", *gpt2_fields["tokenizer.ggml.tokens"][1:-1], "Ċ"])
+        _from_gguf_fields_with(gpt2_fields, tokens=tokens)
 
 
 def test_gguf_pre_tokenizer_names_match_transformers(gpt2_fields):

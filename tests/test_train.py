@@ -17,14 +17,13 @@ from flax import nnx
 import gptmod_jax
 import gptmod_torch
 from gptmod import training
-from gptmod.data import prepare
 from gptmod.parity.training import update_errors
 from gptmod.training import TrainConfig, decays, lr_at
 from gptmod.weights import canonical_shapes
 from gptmod_jax.train import Trainer as JaxTrainer
 from gptmod_torch.train import Trainer as TorchTrainer
 
-from conftest import reduced
+from conftest import interrupt_loader_at, line_shards, reduced
 
 VOCAB = 512
 TC = TrainConfig(
@@ -209,13 +208,7 @@ def test_bf16_trains(trainer):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    text = root / "text.txt"
-    text.write_text(
-        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
-    )
-    prepare(text, root / "data", val_fraction=0.1, progress=False)
-    return root / "data"
+    return line_shards(tmp_path_factory.mktemp("shards"), 400)
 
 
 def _run(framework, cfg, tc, data, out, **kw):
@@ -244,14 +237,7 @@ def test_resume_gives_the_same_loss_curve(framework, shards, tmp_path, monkeypat
     cfg = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
     full = _run(framework, cfg, RUN, shards, tmp_path / "full")
     # Interrupt the second run in step 5 (after the checkpoint at 3), then rerun the same command.
-    from gptmod import data
-
-    def crash(self, step, _real=data.TokenLoader.batch):
-        if step == 4:
-            raise KeyboardInterrupt
-        return _real(self, step)
-
-    monkeypatch.setattr(data.TokenLoader, "batch", crash)
+    interrupt_loader_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         _run(framework, cfg, RUN, shards, tmp_path / "resumed")
     monkeypatch.undo()

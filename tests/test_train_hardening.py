@@ -20,7 +20,7 @@ from gptmod.training import TrainConfig
 from gptmod_jax.train import Trainer as JaxTrainer
 from gptmod_torch.train import Trainer as TorchTrainer
 
-from conftest import reduced
+from conftest import interrupt_loader_at, line_shards, reduced
 
 RUN = TrainConfig(
     steps=4,
@@ -37,13 +37,7 @@ CFG = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    text = root / "text.txt"
-    text.write_text(
-        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
-    )
-    prepare(text, root / "data", val_fraction=0.1, progress=False)
-    return root / "data"
+    return line_shards(tmp_path_factory.mktemp("shards"), 200)
 
 
 def _run(cfg, tc, data, out, framework="torch", **kw):
@@ -144,14 +138,7 @@ def test_pointer_step_and_missing_keys_are_refused(shards, tmp_path):
 
 
 def test_interrupt_names_the_last_checkpoint(shards, tmp_path, monkeypatch, capsys):
-    from gptmod import data
-
-    def crash(self, step, _real=data.TokenLoader.batch):
-        if step == 2:
-            raise KeyboardInterrupt
-        return _real(self, step)
-
-    monkeypatch.setattr(data.TokenLoader, "batch", crash)
+    interrupt_loader_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         _run(CFG, RUN, shards, tmp_path)
     assert (
@@ -366,13 +353,7 @@ def test_ctrl_c_in_cli_training_prints_a_resume_command_that_resumes(
         "1e-07",
     ]
     real = data.TokenLoader.batch
-
-    def crash(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(self, step)
-
-    monkeypatch.setattr(data.TokenLoader, "batch", crash)
+    interrupt_loader_at(monkeypatch, 2)
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
     assert f"interrupted after 2 of 4 steps: the last checkpoint is {out / 'step_0000002'}" in err
