@@ -194,28 +194,22 @@ def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
     }
 
 
-def test_cli_weight_errors():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--preset", "gpt2", "--weights", "gpt2"], "offline"),
+        (["--preset", "tiny", "--weights", "no/such/dir"], "no such file or folder: no/such/dir"),
+    ],
+)
+def test_cli_weight_errors(args, msg):
     r = subprocess.run(
-        [sys.executable, "-m", "gptmod.parity", "--preset", "gpt2", "--weights", "gpt2"],
+        [sys.executable, "-m", "gptmod.parity", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         timeout=300,
     )
-    assert r.returncode == 2 and "offline" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "gptmod.parity", "--preset", "tiny", "--weights", "no/such/dir"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert (
-        r.returncode == 2
-        and "no such file or folder: no/such/dir" in r.stderr
-        and "Traceback" not in r.stderr
-    )
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
 def test_gpt2_weights_run_in_modern_presets_through_the_partial_transfer(tmp_path):
