@@ -208,6 +208,10 @@ def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
             f"{path}: no 'gptmod_config' in its metadata, so it is not a gptmod checkpoint "
             "(Hugging Face GPT-2 files go through gptmod.hf_gpt2.from_hf_gpt2)"
         )
+    if "gptmod_quant" in meta:  # int8 weights and scales: not a float state
+        raise ValueError(
+            f"{path}: an int8 checkpoint ({meta['gptmod_quant']}); read it with gptmod.quant.load"
+        )
     if meta.get("format", FORMAT) != FORMAT:
         raise ValueError(
             f"{path}: format {meta['format']!r} is not supported (this gptmod reads {FORMAT!r})"
