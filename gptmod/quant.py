@@ -132,6 +132,9 @@ def save(
     metadata; either twin reads it through `load`."""
     check(qstate, cfg, what=f"state to save to {path}")
     meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"save: metadata must map str to str, got {k!r}: {type(v).__name__}")
     for k in (META_QUANT, *weights._RESERVED_METADATA):
         if k in meta:
             raise ValueError(f"save: metadata key {k!r} is reserved (gptmod writes it itself)")

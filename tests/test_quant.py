@@ -103,4 +103,6 @@ def test_a_wrong_quantized_state_is_refused_by_name(modern, tmp_path):
         quant.dequantize(missing, cfg)
     with pytest.raises(ValueError, match="reserved"):
         quant.save(tmp_path / "x.safetensors", q, cfg, metadata={quant.META_QUANT: "int4"})
+    with pytest.raises(TypeError, match="metadata must map str to str, got 'step': int"):
+        quant.save(tmp_path / "x.safetensors", q, cfg, metadata={"step": 3})
     assert not (tmp_path / "x.safetensors").exists()
