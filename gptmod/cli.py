@@ -159,8 +159,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from gptmod import convert
 
-    convert.check_out(args.out)  # before the (slow) read
-    done = convert.convert(
+    done = convert.convert(  # --out is checked before the (slow) read
         args.source,
         args.out,
         target=options.model_config(args, None),

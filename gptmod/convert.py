@@ -40,7 +40,7 @@ def is_gptmod_file(path: Path) -> bool:
         return False
 
 
-def check_out(out: Path) -> None:
+def _check_out(out: Path) -> None:
     """Refuse a checkpoint path that is not a .safetensors file in an existing folder."""
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: the file name must end in .safetensors")
@@ -60,7 +60,7 @@ def convert(
     """Read `source` (anything `pretrained.load` reads, or a bare GPT-2 .safetensors/.bin file),
     map a GPT-2 source into `target` (default: its own config; `seed` draws the few new tensors),
     cast to `dtype` and write `out` atomically. A non-GPT-2 source refuses another `target`."""
-    check_out(out)
+    _check_out(out)
     path = Path(source)
     # A bare GPT-2 weight file (no config.json beside it) is GPT-2 by convention; anything else is
     # read by the loader, which tells its format.

@@ -66,12 +66,7 @@ def model_config(args: argparse.Namespace, default: str | None) -> ModelConfig |
     if args.preset is not None and args.config is not None:
         raise CLIError("give --preset or --config, not both")
     if args.config is not None:
-        if not args.config.is_file():
-            raise CLIError(f"--config {args.config}: no such file")
-        try:
-            return ModelConfig.from_json(args.config)
-        except ValueError as e:
-            raise CLIError(f"--config {args.config}: {e}") from None
+        return _config_file(args.config)
     name = args.preset or default
     return None if name is None else load_preset(name)
 
@@ -82,16 +77,18 @@ def model_configs(
     """(name, config) of every repeatable --preset, then every --config (named by its file's
     stem); `default`'s presets when neither is given."""
     presets, files = args.preset or [], args.config or []
-    for path in files:
-        if not path.is_file():
-            raise CLIError(f"--config {path}: no such file")
-    out = [(n, load_preset(n)) for n in presets or ([] if files else default)]
-    for path in files:
-        try:
-            out.append((path.stem, ModelConfig.from_json(path)))
-        except ValueError as e:
-            raise CLIError(f"--config {path}: {e}") from None
-    return out
+    from_files = [(path.stem, _config_file(path)) for path in files]
+    return [(n, load_preset(n)) for n in presets or ([] if files else default)] + from_files
+
+
+def _config_file(path: Path) -> ModelConfig:
+    """A --config file's ModelConfig; a missing or invalid file is an error naming it."""
+    if not path.is_file():
+        raise CLIError(f"--config {path}: no such file")
+    try:
+        return ModelConfig.from_json(path)
+    except ValueError as e:
+        raise CLIError(f"--config {path}: {e}") from None
 
 
 def add_framework_option(p: argparse.ArgumentParser, default: str, does: str = "runs") -> None:

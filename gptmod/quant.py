@@ -20,7 +20,6 @@ refuses it by name.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from gptmod.config import ModelConfig
 from gptmod.fileio import PathLike, atomic_write
 
 SCHEME = "int8-weight-only-per-channel-symmetric-v1"
-META_QUANT = "gptmod_quant"
+META_QUANT = weights.META_QUANT
 SCALE_SUFFIX = "_scale"
 QMAX = 127
 _FLOATS = ("float32", "bfloat16", "float16", "float64")
@@ -100,10 +99,6 @@ def dequantize(qstate: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, 
     }
 
 
-def is_quantized(state: Mapping[str, object]) -> bool:
-    return any(k.endswith(SCALE_SUFFIX) for k in state)
-
-
 def check(qstate: Mapping[str, np.ndarray], cfg: ModelConfig, *, what: str = "state") -> None:
     """Names and shapes against `quant_shapes(cfg)`, int8 weights and float32 scales (named)."""
     weights.check_state(quant_shapes(cfg), qstate, what=f"quantized {what}")
@@ -131,16 +126,9 @@ def save(
     """Write a quantized state as a gptmod safetensors checkpoint (atomic), the scheme in its
     metadata; either twin reads it through `load`."""
     check(qstate, cfg, what=f"state to save to {path}")
-    meta = dict(metadata or {})
-    for k, v in meta.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"save: metadata must map str to str, got {k!r}: {type(v).__name__}")
-    for k in (META_QUANT, *weights._RESERVED_METADATA):
-        if k in meta:
-            raise ValueError(f"save: metadata key {k!r} is reserved (gptmod writes it itself)")
+    meta = weights.checkpoint_metadata(cfg, metadata, **{META_QUANT: SCHEME})
     if bad := weights.non_finite({n: v for n, v in qstate.items() if v.dtype != np.int8}):
         raise weights.NonFiniteError(f"save: refusing to write {path}: NaN or inf in {sorted(bad)}")
-    meta.update({"format": weights.FORMAT, "gptmod_config": cfg.to_json(), META_QUANT: SCHEME})
     arrays = {k: np.ascontiguousarray(v) for k, v in qstate.items()}
     atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=meta))
 
@@ -148,18 +136,12 @@ def save(
 def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
     """(quantized state in model order, config) of a checkpoint `save` wrote. Never unpickles."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state, meta = weights._read_safetensors(path)
+    state, meta, cfg = weights.read_checkpoint(path)
     if meta.get(META_QUANT) != SCHEME:
         got = meta.get(META_QUANT)
         raise ValueError(
             f"{path}: not an int8 gptmod checkpoint ({META_QUANT}={got!r}, this gptmod reads "
             f"{SCHEME!r}); a float checkpoint loads with gptmod.weights.load"
         )
-    try:
-        cfg = ModelConfig.from_dict(json.loads(meta["gptmod_config"]))
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path}: invalid config in metadata: {e}") from None
     check(state, cfg, what=f"checkpoint {path}")
     return {k: state[k] for k in quant_shapes(cfg)}, cfg

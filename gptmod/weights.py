@@ -25,6 +25,7 @@ from gptmod.fileio import atomic_write
 
 FORMAT = "gptmod-canonical-v1"
 _RESERVED_METADATA = ("format", "gptmod_config")
+META_QUANT = "gptmod_quant"  # the quantization scheme of an int8 checkpoint (gptmod.quant)
 # What a gptmod checkpoint may store. Anything else (float64, integers, bool) is refused, never
 # cast: an integer tensor in a float checkpoint is a quantized or foreign file whose values would be
 # silently wrong as floats.
@@ -144,6 +145,20 @@ def check_state(
 # ----------------------------------------------------------------------------- safetensors I/O
 
 
+def checkpoint_metadata(
+    cfg: ModelConfig, metadata: Mapping[str, str] | None, **own: str
+) -> dict[str, str]:
+    """A checkpoint's metadata: the caller's (str to str; gptmod's keys are refused), then the
+    format, the config and `own` (e.g. a quantization scheme), which gptmod writes itself."""
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"save: metadata must map str to str, got {k!r}: {type(v).__name__}")
+        if k in _RESERVED_METADATA or k in own:
+            raise ValueError(f"save: metadata key {k!r} is reserved (gptmod writes it itself)")
+    return meta | {"format": FORMAT, "gptmod_config": cfg.to_json(), **own}
+
+
 def save(
     path: PathLike,
     state: Mapping[str, Any],
@@ -156,13 +171,7 @@ def save(
     Atomic: the file is written beside `path` under a temporary name, fsynced, then renamed over
     `path`, so a crash leaves either the old file or the new one, never half a file."""
     check_state(canonical_shapes(cfg), state, what=f"state to save to {path}")
-    meta = dict(metadata or {})
-    for k, v in meta.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"save: metadata must map str to str, got {k!r}: {type(v).__name__}")
-        if k in _RESERVED_METADATA:
-            raise ValueError(f"save: metadata key {k!r} is reserved (gptmod writes it itself)")
-    meta.update({"format": FORMAT, "gptmod_config": cfg.to_json()})
+    meta = checkpoint_metadata(cfg, metadata)
     arrays = {}
     for k, v in state.items():
         try:  # np.asarray also takes jax arrays; safetensors needs C order
@@ -192,10 +201,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
-    """Read a checkpoint written by `save`: (canonical state in model order,
-    its config). Never unpickles."""
-    path = Path(path)
+def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str], ModelConfig]:
+    """(tensors, metadata, config) of a gptmod safetensors checkpoint, float or quantized, before
+    any check of its tensors; errors name the path. Never unpickles."""
     if path.is_dir():
         raise IsADirectoryError(
             f"{path} is a folder; expected a gptmod .safetensors checkpoint file"
@@ -208,10 +216,6 @@ def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
             f"{path}: no 'gptmod_config' in its metadata, so it is not a gptmod checkpoint "
             "(Hugging Face GPT-2 files go through gptmod.hf_gpt2.from_hf_gpt2)"
         )
-    if "gptmod_quant" in meta:  # int8 weights and scales: not a float state
-        raise ValueError(
-            f"{path}: an int8 checkpoint ({meta['gptmod_quant']}); read it with gptmod.quant.load"
-        )
     if meta.get("format", FORMAT) != FORMAT:
         raise ValueError(
             f"{path}: format {meta['format']!r} is not supported (this gptmod reads {FORMAT!r})"
@@ -222,6 +226,18 @@ def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
         raise ValueError(f"{path}: invalid config in metadata: not JSON ({e})") from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: invalid config in metadata: {e}") from None
+    return state, meta, cfg
+
+
+def load(path: PathLike) -> tuple[dict[str, np.ndarray], ModelConfig]:
+    """Read a checkpoint written by `save`: (canonical state in model order,
+    its config). Never unpickles."""
+    path = Path(path)
+    state, meta, cfg = read_checkpoint(path)
+    if META_QUANT in meta:  # int8 weights and scales: not a float state
+        raise ValueError(
+            f"{path}: an int8 checkpoint ({meta[META_QUANT]}); read it with gptmod.quant.load"
+        )
     expected = canonical_shapes(cfg)
     check_state(expected, state, what=f"checkpoint {path}")
     check_dtypes(state, what=f"checkpoint {path}")
