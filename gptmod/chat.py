@@ -395,7 +395,13 @@ def _load_and_converse(args: argparse.Namespace, backend: str, sampling: dict[st
                 f"--max-context {args.max_context}: must be in [1, max_seq_len={p.cfg.max_seq_len}]"
             )
         model = models.build(
-            args.framework, p.cfg, p.state, dtype=args.dtype, backend=backend, seed=args.seed
+            args.framework,
+            p.cfg,
+            p.state,
+            dtype=args.dtype,
+            backend=backend,
+            seed=args.seed,
+            quant=args.quant,
         )
         gen = importlib.import_module(f"gptmod_{args.framework}.generate")
         kw = {"compile": args.compile} if args.framework == "torch" else {}

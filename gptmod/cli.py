@@ -108,7 +108,13 @@ def _generate(
     from gptmod import models
 
     model = models.build(
-        args.framework, p.cfg, p.state, dtype=args.dtype, backend=backend, seed=args.seed
+        args.framework,
+        p.cfg,
+        p.state,
+        dtype=args.dtype,
+        backend=backend,
+        seed=args.seed,
+        quant=args.quant,
     )
     gen = importlib.import_module(f"gptmod_{args.framework}.generate")
     if args.framework == "torch":
@@ -138,8 +144,8 @@ def _generate(
             print(f"--- [{i}] {text}{p.tokenizer.decode([t for t in out if t not in stops])}")
     elapsed = time.perf_counter() - start
     print(
-        f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {args.framework}, first "
-        "call includes compilation]",
+        f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {args.framework}"
+        f"{', int8' if model.quant else ''}, first call includes compilation]",
         file=sys.stderr,
     )
     return 0
@@ -431,6 +437,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if (args.data is None) == (args.text is None):
         raise CLIError("give exactly one of --data DIR or --text FILE")
+    options.apply_threads(args)
     for flag, v in (
         ("--batch-size", args.batch_size),
         ("--max-batches", args.max_batches),
@@ -447,7 +454,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         streams, source = evaluate.shard_streams(p, args.data)
     wins = evaluate.windows(streams, block, p.cfg.vocab_size, source)
-    model = models.build(args.framework, p.cfg, p.state)
+    model = models.build(args.framework, p.cfg, p.state, quant=args.quant)
     s = evaluate.score(
         model, args.framework, wins, batch_size=args.batch_size, max_batches=args.max_batches
     )
@@ -458,7 +465,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(
         f"{source}: loss {s.loss:.4f}, perplexity {s.perplexity:.2f} over {s.tokens:,} "
-        f"tokens{part}, block size {block}"
+        f"tokens{part}, block size {block}{', int8 weights' if args.quant else ''}"
     )
     return 0
 
@@ -740,6 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, help="a shard folder made by `gptmod prepare`")
     ev.add_argument("--text", type=Path, help="a UTF-8 text file")
     options.add_framework_option(ev, "torch")
+    options.add_quant_option(ev)
+    options.add_threads_option(ev)
     ev.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
     ev.add_argument(
         "--block-size", type=int, help="tokens per window (default min(max_seq_len, 1024))"

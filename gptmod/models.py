@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from gptmod import quant as gquant
 from gptmod.config import ModelConfig
 
 FRAMEWORKS = ("torch", "jax", "hf")
@@ -31,8 +32,14 @@ def build(
     seed: int = 0,
     device: str | None = None,
     kernels: bool = True,
+    quant: str | None = None,
 ) -> Any:
     """The `framework` model of `cfg` on `state`, its parameters in `dtype`, in eval mode.
+
+    `quant="int8"` builds the twin on int8 weights (gptmod/quant.py): a float `state` (or the seeded
+    init) is quantized first, and a quantized state is used as it is, which a quantized `state`
+    also implies on its own. The int8 twins compute in float32 (float64 for a reference); HF has no
+    int8 path here.
 
     `backend` is the attention backend (None: the twin's default, "sdpa" / "auto"). `device` is
     "cpu" or "gpu" (None: the framework's default: torch's CPU, JAX's own placement). `kernels`
@@ -45,27 +52,61 @@ def build(
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     if device not in (None, "cpu", "gpu"):
         raise ValueError(f"device={device!r}: choose 'cpu' or 'gpu' (or None: the default)")
+    quant = _quant(framework, cfg, state, dtype, quant)
+    if quant is not None and (state is None or not gquant.is_quantized(state)):
+        # one quantizer on one float state: both twins get the identical int8 weights
+        float_state = state if state is not None else _seeded_state(cfg, seed)
+        state = gquant.quantize(float_state, cfg)
     if framework == "torch":
-        return _torch(cfg, state, dtype, backend, seed, device, kernels)
+        return _torch(cfg, state, dtype, backend, seed, device, kernels, quant)
     if framework == "jax":
-        return _jax(cfg, state, dtype, backend, seed, device, kernels)
+        return _jax(cfg, state, dtype, backend, seed, device, kernels, quant)
     return _hf(cfg, state, dtype, seed, device)
 
 
-def _torch(cfg, state, dtype, backend, seed, device, kernels):
+def _quant(
+    framework: str, cfg: ModelConfig, state: Mapping | None, dtype: str, quant: str | None
+) -> str | None:
+    """The quantization the build asks for (`quant`, or "int8" for a quantized state), checked."""
+    gquant.check_quant(quant)
+    if state is not None and gquant.is_quantized(state):
+        gquant.check(state, cfg, what="state to build on")
+        quant = quant or "int8"
+    if quant is None:
+        return None
+    if framework == "hf":
+        raise ValueError(
+            f"quant={quant!r}: the hf model has no int8 path here; build it on the float weights"
+        )
+    if dtype not in ("float32", "float64"):
+        raise ValueError(
+            f"quant={quant!r} with dtype={dtype!r}: the int8 twins compute in float32 (or float64, "
+            "the reference); choose one of those"
+        )
+    return quant
+
+
+def _seeded_state(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """The float state of the seeded torch init (what `build("torch", cfg, seed=seed)` draws)."""
+    import gptmod_torch
+
+    return gptmod_torch.export_state(_torch(cfg, None, "float32", None, seed, None, False, None))
+
+
+def _torch(cfg, state, dtype, backend, seed, device, kernels, quant):
     import torch
 
     import gptmod_torch
 
     torch.manual_seed(seed)
-    model = gptmod_torch.GPT(cfg, attn_backend=backend or "sdpa", kernels=kernels)
+    model = gptmod_torch.GPT(cfg, attn_backend=backend or "sdpa", kernels=kernels, quant=quant)
     model = model.to(device="cuda" if device == "gpu" else "cpu", dtype=getattr(torch, dtype))
     if state is not None:
         gptmod_torch.load_state(model, state)
     return model.eval()
 
 
-def _jax(cfg, state, dtype, backend, seed, device, kernels):
+def _jax(cfg, state, dtype, backend, seed, device, kernels, quant):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -83,6 +124,7 @@ def _jax(cfg, state, dtype, backend, seed, device, kernels):
             attn_backend=backend or "auto",
             dtype=getattr(jnp, dtype),
             kernels=kernels,
+            quant=quant,
         )
         return model if state is None else gptmod_jax.load_state(model, state)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from gptmod.backends import DEFAULT_BACKEND, JAX_BACKENDS, TORCH_BACKENDS
 from gptmod.config import ModelConfig, list_presets, load_preset
+from gptmod.quant import QUANTS
 from gptmod.sampling import IgnoredFiltersWarning, SamplingParams
 from gptmod.textio import seed_arg
 
@@ -114,7 +115,8 @@ def add_sampling_options(p: argparse.ArgumentParser, seed_help: str) -> None:
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """--backend, --compile and --dtype: `generation_backend` checks them."""
+    """--backend, --compile, --dtype, --quant and --threads: `generation_backend` checks them and
+    applies --threads."""
     p.add_argument(
         "--backend",
         help=f"attention backend (torch: {', '.join(TORCH_BACKENDS)}; jax: "
@@ -130,6 +132,40 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
         default="float32",
         help="parameter and compute dtype",
     )
+    add_quant_option(p)
+    add_threads_option(p)
+
+
+def add_quant_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quant",
+        choices=QUANTS,
+        help="int8: the twin runs on int8 weight-only quantized weights (gptmod/quant.py: one "
+        "scale per output channel; norms stay float), quantized on load unless the checkpoint "
+        "already is; compute stays float32",
+    )
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch, XLA and HF alike (the process is limited to that many "
+        "CPUs; default: all of them). On a machine shared with other work, 1 avoids OpenMP's "
+        "spin-waiting on contended cores",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """--threads, applied before any framework starts (gptmod.threads.limit_threads)."""
+    if getattr(args, "threads", None) is None:
+        return
+    from gptmod import threads
+
+    try:
+        threads.limit_threads(args.threads)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(str(e)) from None
 
 
 def generation_backend(args: argparse.Namespace) -> str:
@@ -143,6 +179,11 @@ def generation_backend(args: argparse.Namespace) -> str:
         )
     if args.compile and args.framework != "torch":
         raise CLIError("--compile is for --framework torch (JAX generation is always jitted)")
+    if args.quant is not None and args.dtype != "float32":
+        raise CLIError(
+            f"--quant {args.quant} with --dtype {args.dtype}: int8 weights compute in float32"
+        )
+    apply_threads(args)
     return backend
 
 

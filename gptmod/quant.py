@@ -31,10 +31,23 @@ from gptmod.config import ModelConfig
 from gptmod.fileio import PathLike, atomic_write
 
 SCHEME = "int8-weight-only-per-channel-symmetric-v1"
+QUANTS = ("int8",)  # what `--quant` and the twins' `GPT(quant=...)` accept (None: float weights)
 META_QUANT = weights.META_QUANT
 SCALE_SUFFIX = "_scale"
 QMAX = 127
 _FLOATS = ("float32", "bfloat16", "float16", "float64")
+
+
+def check_quant(quant: str | None) -> str | None:
+    """`quant` as given when it is None or one of `QUANTS`; anything else is a named error."""
+    if quant is not None and quant not in QUANTS:
+        raise ValueError(f"quant={quant!r}: choose one of {', '.join(QUANTS)} (or None: float)")
+    return quant
+
+
+def is_quantized(state: Mapping[str, np.ndarray]) -> bool:
+    """Whether `state` is a quantized state (it holds scales), not a float canonical one."""
+    return any(name.endswith(SCALE_SUFFIX) for name in state)
 
 
 def quantized_names(cfg: ModelConfig) -> list[str]:

@@ -97,6 +97,50 @@ _MODEL = {
         torch=("F.linear(x, self.weight)",),
         jax=("x @ self.weight[...].T",),
     ),
+    "int8_linear": _n(
+        "The int8 product, identical in both: convert q to the activation dtype (exact, since "
+        "|q| <= 127), multiply, then scale each output channel. The scale can wait until after "
+        "the sum because it is one per output row. `kernels.py` writes the same product so "
+        "that the compiler reads the int8 weights directly.",
+        torch=("F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)",),
+        jax=("(x @ q.T.astype(x.dtype)) * scale.astype(x.dtype)",),
+    ),
+    "Int8Linear": _n(
+        "The same names in both: `weight` (int8, (out, in)), `weight_scale` and `bias`, so a "
+        "quantized state (gptmod/quant.py) loads by name. torch keeps the int8 weight and its "
+        "scale as buffers, because an integer tensor cannot require grad. JAX holds them as "
+        "`nnx.Param`s like any other weight, so `load_state` and `export_state` see them. "
+        "There is nothing to draw: `load_state` fills in the zeros.",
+        torch=(
+            'register_buffer("weight", torch.zeros(d_out, d_in, dtype=torch.int8))',
+            'register_buffer("weight_scale", torch.ones(d_out))',
+        ),
+        jax=(
+            "sharding.param(jnp.zeros((d_out, d_in), jnp.int8), axes)",
+            "sharding.param(jnp.ones((d_out,), dtype), axes[:1])",
+        ),
+    ),
+    "Int8Embedding": _n(
+        "The int8 table and one scale per row, named and held as in `Int8Linear`.",
+        torch=('register_buffer("weight", torch.zeros(n, d, dtype=torch.int8))',),
+        jax=("sharding.param(jnp.zeros((n, d), jnp.int8), axes)",),
+    ),
+    "Int8Embedding.forward": _n(
+        "A lookup dequantizes only the rows it reads, each with its own scale: `F.embedding` "
+        "twice in torch (the table, then the scales as a one-column table), `jnp.take` twice "
+        "in JAX. The tied unembedding (`attend`) is `int8_linear`, because each row of the "
+        "table is one output channel there.",
+        torch=("F.embedding(idx, self.weight).to(scale.dtype)", "F.embedding(idx, scale[:, None])"),
+        jax=("jnp.take(self.weight[...], idx, axis=0)", "jnp.take(scale, idx, axis=0)"),
+    ),
+    "to_int8": _n(
+        "It swaps every layer that `quantized_names` lists for its int8 twin, in place. torch "
+        "finds and replaces a layer by its dotted path (`get_submodule`, `set_submodule`). "
+        "JAX walks the path itself, indexing `nnx.List` by number, and hands the old weight's "
+        "logical axes on, so that under a mesh the int8 weights shard like the float ones.",
+        torch=("model.get_submodule(path)", "model.set_submodule(path, new.to(old.weight.device))"),
+        jax=('get_metadata().get("out_sharding"', "setattr(parent, leaf, new)"),
+    ),
     "LayerNorm": _n(
         "torch registers a parameter by assigning an `nn.Parameter`; JAX assigns "
         "`sharding.param(...)`, an `nnx.Param`. The JAX twin creates parameters directly in the "
@@ -340,7 +384,7 @@ _MODEL = {
         "torch allocates the cache on the parameters' device and dtype; JAX needs only the "
         "dtype, since `sharding.cache` places the arrays (the default device, or the mesh).",
         torch=("p.dtype, p.device",),
-        jax=("dtype = self.tok_emb.weight.dtype",),
+        jax=("dtype = self.norm.weight.dtype",),
     ),
     "GPT.check_input": _n(
         "Both hand the shared `check_input` (gptmod/inputs.py) their own notion of an integer "

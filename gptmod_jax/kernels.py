@@ -14,8 +14,17 @@ same parameters and results, other arithmetic order.
    it; `jax.nn.dot_product_attention` reads keys as (B, S, K, H) and makes XLA transpose the whole
    cache every step (decode at batch 8 over 288 keys: 10 ms for the 12 layers, 3.8 ms here).
 
+3. Int8 products (model.py's `Int8Linear`, `Int8Embedding`) by row count. One row: model.py's
+   `x @ q.T.astype(f32)`, which XLA compiles into one loop fusion that reads the int8 weights and
+   converts them in registers (tests/test_kernels.py checks the HLO). From two rows on that fusion
+   recomputes the convert for every row and runs 13x slower, and a convert on its own costs more
+   than the fp32 product; written as a multiply and a sum over `in`, XLA emits a reduction that
+   reads each int8 weight once for all rows: at 8 rows the SmolLM2-135M chain takes 40 ms against
+   182 ms. Past `INT8_REDUCE_MAX_ROWS` (prefill) the product is compute bound and model.py's form
+   is kept.
+
 `python -m gptmod.bench` shows the effect on whole steps. The torch twin's kernels.py does the same
-job with oneDNN.
+job with oneDNN, and with inductor for int8.
 """
 
 from __future__ import annotations
@@ -28,7 +37,15 @@ from flax import nnx
 
 # model.cached_attention looked up per call: parity's mutations patch it
 from gptmod_jax import model
-from gptmod_jax.model import Attention, Embedding, Linear, compute_dtype, resolve_backend
+from gptmod_jax.model import (
+    Attention,
+    Embedding,
+    Int8Embedding,
+    Int8Linear,
+    Linear,
+    compute_dtype,
+    resolve_backend,
+)
 
 # Up to this many rows (batch x tokens) the weights-first product wins on the CPU; from about 128 on
 # the two forms take the same time, measured for 768 <-> 2048 and 768 -> 50257.
@@ -52,6 +69,22 @@ def linear(x: jax.Array, weight: jax.Array, bias: jax.Array | None = None) -> ja
     else:
         y = x @ weight.T
     return y if bias is None else y + bias
+
+
+# Rows up to which int8 products are a multiply-and-sum reduction (see the module docstring).
+INT8_REDUCE_MAX_ROWS = 64
+
+
+def int8_linear(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """`model.int8_linear(x, q, scale)`: the same product, for 2..INT8_REDUCE_MAX_ROWS rows on the
+    CPU as a reduction that reads the int8 weights once."""
+    *lead, d_in = x.shape
+    rows = math.prod(lead)
+    if not (1 < rows <= INT8_REDUCE_MAX_ROWS and jax.default_backend() == "cpu"):
+        return model.int8_linear(x, q, scale)
+    x_RI = x.reshape(rows, d_in)
+    y_RO = (x_RI[:, None, :] * q.astype(x.dtype)[None]).sum(-1) * scale.astype(x.dtype)
+    return y_RO.reshape(*lead, q.shape[0])
 
 
 def cached_attention(
@@ -114,10 +147,27 @@ class CpuDecodeAttention(Attention):
         return cached_attention(q_BTNH, k_BKHS, v_BKSH, backend=backend, mask_BTS=mask_BTS)
 
 
+class CpuDecodeInt8Linear(Int8Linear):
+    """`Int8Linear` (the same parameters) computed by `int8_linear`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = int8_linear(x, self.weight[...], self.weight_scale[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+class CpuDecodeInt8Embedding(Int8Embedding):
+    """`Int8Embedding` whose tied unembedding runs on `int8_linear`."""
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return int8_linear(x, self.weight[...], self.weight_scale[...])
+
+
 SWAPS: dict[type[nnx.Module], type[nnx.Module]] = {
     Linear: CpuDecodeLinear,
     Embedding: CpuDecodeEmbedding,
     Attention: CpuDecodeAttention,
+    Int8Linear: CpuDecodeInt8Linear,
+    Int8Embedding: CpuDecodeInt8Embedding,
 }
 
 

@@ -21,6 +21,7 @@ from flax import nnx
 from gptmod.backends import BackendUnavailableError, check_backend_name, jax_cudnn_unmet
 from gptmod.config import ModelConfig
 from gptmod.inputs import check_input
+from gptmod.quant import check_quant, quantized_names
 from gptmod.sampling import check_cache_shape
 from gptmod.weights import check_state
 from gptmod_jax import sharding  # logical axis names on parameters and the KV cache
@@ -87,6 +88,76 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         return x @ self.weight[...].T
+
+
+# ----------------------------------------------------------------------------- int8 layers
+
+
+def int8_linear(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x W^T for W = q * scale (gptmod/quant.py): the scale is one per output channel, so it
+    factors out of each dot product and multiplies the result; q (|q| <= 127) converts exactly."""
+    return (x @ q.T.astype(x.dtype)) * scale.astype(x.dtype)
+
+
+class Int8Linear(nnx.Module):
+    """`Linear` on int8 weights: `weight` (out, in) int8 and `weight_scale` (out,), the bias a float
+    parameter. All are nnx.Params, so that the canonical state holds them (torch: buffers)."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        bias: bool,
+        dtype: jnp.dtype,
+        axes: tuple[str | None, str | None] = (None, None),
+    ):
+        self.weight = sharding.param(jnp.zeros((d_out, d_in), jnp.int8), axes)
+        self.weight_scale = sharding.param(jnp.ones((d_out,), dtype), axes[:1])
+        self.bias = sharding.param(jnp.zeros((d_out,), dtype), axes[:1]) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = int8_linear(x, self.weight[...], self.weight_scale[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Int8Embedding(nnx.Module):
+    """`Embedding` on int8 weights: a lookup scales the rows it reads by their own scales, and the
+    tied unembedding is `int8_linear` (each row of the table is one output channel there)."""
+
+    def __init__(self, n: int, d: int, *, dtype: jnp.dtype, axes: tuple[str | None, str | None]):
+        self.weight = sharding.param(jnp.zeros((n, d), jnp.int8), axes)
+        self.weight_scale = sharding.param(jnp.ones((n,), dtype), axes[:1])
+
+    def __call__(self, idx: jax.Array) -> jax.Array:
+        scale = self.weight_scale[...]
+        return (
+            jnp.take(self.weight[...], idx, axis=0).astype(scale.dtype)
+            * jnp.take(scale, idx, axis=0)[..., None]
+        )
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return int8_linear(x, self.weight[...], self.weight_scale[...])
+
+
+def to_int8(model: nnx.Module, cfg: ModelConfig) -> nnx.Module:
+    """Swap the layers whose weights `quant.quantized_names` names for their int8 twins, in place
+    (zeros until `load_state` copies a quantized state in)."""
+    for name in quantized_names(cfg):
+        *parents, leaf = name.removesuffix(".weight").split(".")
+        parent = model
+        for part in parents:
+            parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+        old = getattr(parent, leaf)
+        d_out, d_in = old.weight.shape
+        dtype, axes = old.weight.dtype, old.weight.get_metadata().get("out_sharding", (None, None))
+        new = (
+            Int8Embedding(d_out, d_in, dtype=dtype, axes=axes)
+            if isinstance(old, Embedding)
+            else Int8Linear(d_in, d_out, bias=old.bias is not None, dtype=dtype, axes=axes)
+        )
+        setattr(parent, leaf, new)
+    return model
 
 
 # ----------------------------------------------------------------------------- norms
@@ -396,7 +467,8 @@ class GPT(nnx.Module):
     gptmod.backends.JAX_BACKENDS.
 
     `dtype` is the parameter dtype and so the compute dtype (torch: `model.to(dtype)`). Each layer
-    draws its weights from `rngs` as it is built. `kernels` swaps in the CPU decode fast paths of
+    draws its weights from `rngs` as it is built. `quant="int8"` makes the matmul layers int8 ones
+    (`to_int8`), to load a quantized state into. `kernels` swaps in the CPU decode fast paths of
     gptmod_jax/kernels.py (the same parameters and results)."""
 
     def __init__(
@@ -407,8 +479,10 @@ class GPT(nnx.Module):
         attn_backend: str = "auto",
         dtype: jnp.dtype = jnp.float32,
         kernels: bool = True,
+        quant: str | None = None,
     ):
         self.cfg = cfg
+        self.quant = check_quant(quant)
         self.attn_backend = check_backend_name("jax", attn_backend)
         emb = {"std": cfg.init_std, "dtype": dtype, "rngs": rngs}
         self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), **emb)
@@ -424,6 +498,8 @@ class GPT(nnx.Module):
             if cfg.tie_embeddings
             else Linear(cfg.d_model, cfg.vocab_size, axes=("vocab", "embed"), bias=False, **emb)
         )
+        if quant is not None:
+            to_int8(self, cfg)
         if kernels:
             from gptmod_jax.kernels import install  # imports this file: a late import
 
@@ -433,7 +509,7 @@ class GPT(nnx.Module):
         """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         check_cache_shape(batch, max_len, self.cfg)
-        dtype = self.tok_emb.weight.dtype
+        dtype = self.norm.weight.dtype  # float, where an int8 model's tok_emb is not
         for block in self.blocks:
             block.attn.kv_cache = KVCache(
                 batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, dtype

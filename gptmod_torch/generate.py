@@ -246,7 +246,7 @@ def _setup_cache(model: GPT, batch: int, cache_len: int, mode: str | None) -> No
     if mode != "reduce-overhead":
         model.setup_cache(batch, cache_len)
         return
-    w = model.tok_emb.weight
+    w = model.norm.weight  # float in an int8 model too
     pool = _graph_caches.setdefault(model, {})
     key = (batch, cache_len, w.dtype, w.device)
     if key not in pool:

@@ -9,6 +9,13 @@ Training (grad enabled), other dtypes and other devices keep `F.linear`. `instal
 `Linear` and `Embedding` for subclasses that call `linear`; model.py itself keeps `F.linear`, the
 readable path (`GPT(cfg, kernels=False)` runs it everywhere).
 
+The int8 layers (model.py's `Int8Linear`, `Int8Embedding`) get `int8_linear`: under
+`torch.compile`, a one-row product on the CPU written as a multiply and a sum, which inductor turns
+into one reduction loop that reads the int8 weights once and converts them in registers. Eager
+PyTorch has no such kernel on this CPU: `aten._weight_int8pack_mm` and a dequantize-then-matmul
+both run at about half of fp32's speed here (docs/bench.md has the figures), so eager and many-row
+calls keep model.py's arithmetic.
+
 The JAX twin has its own kernels.py for the same step: the few-row product turned around for XLA's
 CPU dot, and cached attention in the cache's own layouts.
 """
@@ -19,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptmod_torch.model import Embedding, Linear
+from gptmod_torch import model
+from gptmod_torch.model import Embedding, Int8Embedding, Int8Linear, Linear
 
 # oneDNN's fused linear (`mkldnn::_linear_pointwise`, what inductor emits for frozen CPU graphs),
 # where this build of PyTorch has it; None elsewhere, and `linear` is then `F.linear`.
@@ -72,7 +80,41 @@ class OneDNNEmbedding(Embedding):
         return linear(x, self.weight)
 
 
-SWAPS: dict[type[nn.Module], type[nn.Module]] = {Linear: OneDNNLinear, Embedding: OneDNNEmbedding}
+def fuses_int8(x: torch.Tensor) -> bool:
+    """Whether `int8_linear` takes the multiply-and-sum form: one row, on the CPU, compiled."""
+    one_row = x.numel() == x.shape[-1]
+    return one_row and x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`model.int8_linear(x, q, scale)`: the same product, as a fused reduction where
+    `fuses_int8(x)` (a matmul would make inductor write the converted weights out first)."""
+    if not fuses_int8(x):
+        return model.int8_linear(x, q, scale)
+    return (x[..., None, :] * q.to(x.dtype)).sum(-1) * scale.to(x.dtype)
+
+
+class FastInt8Linear(Int8Linear):
+    """`Int8Linear` (the same buffers) computed by `int8_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_linear(x, self.weight, self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+
+class FastInt8Embedding(Int8Embedding):
+    """`Int8Embedding` whose tied unembedding runs on `int8_linear`."""
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale)
+
+
+SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+    Linear: OneDNNLinear,
+    Embedding: OneDNNEmbedding,
+    Int8Linear: FastInt8Linear,
+    Int8Embedding: FastInt8Embedding,
+}
 
 
 def install(model: nn.Module) -> nn.Module:

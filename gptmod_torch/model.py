@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gptmod.backends import BackendUnavailableError, check_backend_name, torch_pinned_unmet
 from gptmod.config import ModelConfig
 from gptmod.inputs import check_input
+from gptmod.quant import check_quant, quantized_names
 from gptmod.sampling import check_cache_shape
 from gptmod.weights import check_state
 
@@ -75,6 +76,63 @@ class Embedding(nn.Module):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+# ----------------------------------------------------------------------------- int8 layers
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x W^T for W = q * scale (gptmod/quant.py): the scale is one per output channel, so it
+    factors out of each dot product and multiplies the result; q (|q| <= 127) converts exactly."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """`Linear` on int8 weights: `weight` (out, in) int8 and `weight_scale` (out,) are buffers
+    (an integer tensor cannot require grad; nothing here trains), the bias a float parameter."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(d_out, d_in, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8_linear(x, self.weight, self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """`Embedding` on int8 weights: a lookup scales the rows it reads by their own scales, and the
+    tied unembedding is `int8_linear` (each row of the table is one output channel there)."""
+
+    def __init__(self, n: int, d: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(n, d, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(n))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        scale = self.weight_scale
+        return F.embedding(idx, self.weight).to(scale.dtype) * F.embedding(idx, scale[:, None])
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale)
+
+
+def to_int8(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Swap the layers whose weights `quant.quantized_names` names for their int8 twins, in place
+    (zeros until `load_state` copies a quantized state in)."""
+    for name in quantized_names(cfg):
+        path = name.removesuffix(".weight")
+        old = model.get_submodule(path)
+        d_out, d_in = old.weight.shape
+        new = (
+            Int8Embedding(d_out, d_in)
+            if isinstance(old, Embedding)
+            else Int8Linear(d_in, d_out, bias=old.bias is not None)
+        )
+        model.set_submodule(path, new.to(old.weight.device))
+    return model
 
 
 # ----------------------------------------------------------------------------- norms
@@ -381,12 +439,20 @@ class GPT(nn.Module):
     gptmod.backends.TORCH_BACKENDS.
 
     Weights are drawn from the global RNG (`torch.manual_seed`) as each
-    layer is built. `kernels` swaps in the CPU decode fast paths of
+    layer is built. `quant="int8"` makes the matmul layers int8 ones (`to_int8`), to load a
+    quantized state into. `kernels` swaps in the CPU decode fast paths of
     gptmod_torch/kernels.py (the same parameters and results)."""
 
-    def __init__(self, cfg: ModelConfig, attn_backend: str = "sdpa", kernels: bool = True):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        attn_backend: str = "sdpa",
+        kernels: bool = True,
+        quant: str | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
+        self.quant = check_quant(quant)
         self.attn_backend = check_backend_name("torch", attn_backend)
         self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, std=cfg.init_std)
         self.pos_emb = (
@@ -401,6 +467,8 @@ class GPT(nn.Module):
             if cfg.tie_embeddings
             else Linear(cfg.d_model, cfg.vocab_size, bias=False, std=cfg.init_std)
         )
+        if quant is not None:
+            to_int8(self, cfg)
         if kernels:
             from gptmod_torch.kernels import install  # imports this file: a late import
 
@@ -410,7 +478,7 @@ class GPT(nn.Module):
         """Preallocate a static KV cache in every layer (max_len defaults to cfg.max_seq_len)."""
         max_len = self.cfg.max_seq_len if max_len is None else max_len
         check_cache_shape(batch, max_len, self.cfg)
-        p = self.tok_emb.weight
+        p = self.norm.weight  # float, where an int8 model's tok_emb is not
         for block in self.blocks:
             block.attn.kv_cache = KVCache(
                 batch, max_len, self.cfg.n_kv_head, self.cfg.head_dim, p.dtype, p.device

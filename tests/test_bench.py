@@ -18,7 +18,7 @@ import torch
 
 import gptmod.bench
 import gptmod.models
-from gptmod import cli
+from gptmod import cli, quant, weights
 from gptmod.bench import grid, measure, models, recompute, report, runners
 from gptmod.bench.__main__ import FULL, QUICK, main, select_frameworks
 from gptmod.config import load_preset
@@ -37,6 +37,10 @@ TOP_KEYS = {
     "bandwidth_method",
     "weight_bytes",
     "roofline_tok_s",
+    "weight_bytes_by_weights",
+    "roofline_tok_s_by_weights",
+    "threads",
+    "cpus",
     "versions",
     "rows",
     "scaling",
@@ -56,6 +60,9 @@ ROW_KEYS = {
     "compile_s",
     "peak_mem_mb",
     "roofline_fraction",
+    "weights",
+    "load_before",
+    "load_after",
 }
 
 
@@ -148,9 +155,22 @@ def _row(
     prompt_len: int = 32,
     fraction=None,
     compile_s=None,
+    weights="fp32",
 ):
     return report.Row(
-        framework, mode, batch, prompt_len, 64, 1.0, decode, None, 1.0, compile_s, 0.0, fraction
+        framework,
+        mode,
+        batch,
+        prompt_len,
+        64,
+        1.0,
+        decode,
+        None,
+        1.0,
+        compile_s,
+        0.0,
+        fraction,
+        weights,
     )
 
 
@@ -162,6 +182,8 @@ GOALS = {
     "jax decode / roofline (batch 1)": (">=", 0.4),
     "torch decode / hf (batch 1, torch ": (">=", 1.3),  # the faster of eager and compile
     ": batch 8 decode / batch 1": (">=", 5.0),  # every framework and mode
+    "int8 decode / fp32 (batch 1)": (">=", 1.8),  # each twin and mode on int8 against fp32
+    "int8 decode / int8 roofline (batch 1)": (">=", 0.4),
     "jax generate compile (batch 1)": ("<=", 10.0),
 }
 
@@ -486,10 +508,11 @@ def test_report_names_the_gpu_copy_bandwidth_and_step_time():
     lines = report.format_report(result).splitlines()
     assert "HBM copy bandwidth 3900.0/4000.0 GB/s (start/end)" in lines[0]
     header, cells = lines[2].split(), lines[4].split()
-    assert header[5:12] == ["prefill", "tok/s", "decode", "tok/s", "µs/step", "TTFT", "s"]
+    assert header[6:13] == ["prefill", "tok/s", "decode", "tok/s", "µs/step", "TTFT", "s"]
     assert cells == [
         "torch",
         "cudagraphs",
+        "fp32",
         "1",
         "32",
         "64",
@@ -501,6 +524,7 @@ def test_report_names_the_gpu_copy_bandwidth_and_step_time():
         "10",
         "40.0",
         "-",
+        "-",  # no load recorded
     ]
 
 
@@ -569,3 +593,89 @@ def test_real_weights_run_in_every_framework_hf_included(tmp_path, capsys):
     assert [row["framework"] for row in r["rows"]] == ["jax", "hf"]
     assert main(["--weights", str(tmp_path / "missing.gguf")]) == 2
     assert "gptmod bench: error: --weights" in capsys.readouterr().err
+
+
+def test_int8_key_figures_of_hand_made_rows():
+    rows = [
+        _row("jax", "jit", 1, 100.0, fraction=0.5),
+        _row("jax", "jit", 1, 190.0, fraction=0.3, weights="int8"),
+        _row("torch", "eager", 1, 50.0),
+        _row("torch", "eager", 1, 40.0, weights="int8"),
+        _row("torch", "compile", 1, 60.0),
+        _row("torch", "compile", 1, 120.0, fraction=0.25, weights="int8"),
+        _row("jax", "jit", 8, 380.0, weights="int8"),
+    ]
+    got = {f.name: round(f.value, 6) for f in report.key_figures(rows)}
+    assert got == {
+        "jax decode / roofline (batch 1)": 0.5,
+        "jax jit int8 decode / fp32 (batch 1)": 1.9,
+        "jax jit int8 decode / int8 roofline (batch 1)": 0.3,
+        "torch eager int8 decode / fp32 (batch 1)": 0.8,
+        "torch compile int8 decode / fp32 (batch 1)": 2.0,
+        "torch compile int8 decode / int8 roofline (batch 1)": 0.25,
+        "jax jit int8: batch 8 decode / batch 1": 2.0,
+    }
+    # an fp32 figure never reads an int8 row: HF alone at fp32 gives no ratio
+    assert "jax decode / hf (batch 1)" not in got
+
+
+def test_int8_cells_run_beside_fp32_with_their_own_roofline(tmp_path, monkeypatch, capsys):
+    """--quant fp32,int8: each twin on both, HF on fp32 only, cell by cell; int8 rows' roofline is
+    that of the int8 byte count; a load above the CPU count is warned about."""
+    monkeypatch.setattr(grid, "load_average", lambda: 99.0)
+    out = tmp_path / "b.json"
+    code = main(
+        [
+            *TINY_OK,
+            "--batch",
+            "1",
+            "--repeats",
+            "1",
+            "--frameworks",
+            "jax,torch-eager,hf",
+            "--quant",
+            "fp32,int8",
+            "--no-scaling",
+            "--no-compile-table",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    r = json.loads(out.read_text())
+    cells = [(x["framework"], x["mode"], x["weights"]) for x in r["rows"] if x["batch"] == 1]
+    assert cells == [
+        ("jax", "jit", "fp32"),
+        ("jax", "jit", "int8"),
+        ("torch", "eager", "fp32"),
+        ("torch", "eager", "int8"),
+        ("hf", "generate", "fp32"),
+    ]
+    cfg = load_preset("tiny")
+    wb = r["weight_bytes_by_weights"]
+    # int8: one byte per quantized weight, plus a float32 scale per output row and the float norms
+    names = quant.quantized_names(cfg)
+    shapes = weights.canonical_shapes(cfg)
+    n_q = sum(math.prod(shapes[n]) for n in names)
+    n_float = sum(math.prod(v) for k, v in shapes.items() if k not in names)
+    assert wb == {
+        "fp32": 4 * cfg.num_params(),
+        "int8": n_q + 4 * sum(shapes[n][0] for n in names) + 4 * n_float,
+    }
+    for x in r["rows"]:
+        if x["batch"] == 1 and x["decode_tok_s"]:
+            roof = r["roofline_tok_s_by_weights"][x["weights"]]
+            assert x["roofline_fraction"] == pytest.approx(x["decode_tok_s"] / roof)
+        assert x["load_before"] == x["load_after"] == 99.0
+    assert r["roofline_tok_s_by_weights"]["int8"] > 2 * r["roofline_tok_s"]
+    err = capsys.readouterr().err
+    assert "warning: load average 99.0 above the" in err and "jax int8 batch 1" in err
+
+
+def test_int8_needs_float32(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*TINY_OK, "--quant", "int8", "--dtype", "bfloat16"])
+    assert e.value.code == 2
+    assert "--quant int8 with --dtype bfloat16: int8 weights compute in float32" in (
+        capsys.readouterr().err
+    )

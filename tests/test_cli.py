@@ -558,3 +558,30 @@ def test_transfer_report_reads_back_from_its_json(gpt2_folder):
     back = TransferReport.from_dict(json.loads(report.to_json()))
     assert back == report and back.to_text() == report.to_text()
     assert back.counts()["new"] > 0 and back.dropped  # a partial transfer, not an empty report
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_generate_on_int8_weights(framework):
+    r = run(
+        "generate",
+        "--framework",
+        framework,
+        "--preset",
+        "tiny",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "5",
+        "--quant",
+        "int8",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello") and f"{framework}, int8, first call" in r.stderr
+
+
+def test_int8_with_bfloat16_is_one_line():
+    r = run(
+        "generate", "--preset", "tiny", "--prompt", "x", "--quant", "int8", "--dtype", "bfloat16"
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--quant int8 with --dtype bfloat16: int8 weights compute in float32" in r.stderr

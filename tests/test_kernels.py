@@ -6,6 +6,8 @@ in the cache layouts equals model.py's; and a whole model with kernels equals on
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from flax import nnx
 
 import gptmod_jax
 import gptmod_torch
+from gptmod import quant as quant_mod
 from gptmod_jax import kernels as jkernels
 from gptmod_jax import model as jmodel
 from gptmod_torch import kernels
@@ -147,23 +150,32 @@ def test_jax_cached_attention_in_the_cache_layouts_equals_the_readable_one(mask,
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-def test_install_swaps_every_layer_and_kernels_false_keeps_model_py():
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_install_swaps_every_layer_and_kernels_false_keeps_model_py(quant):
     cfg = reduced("modern-gpt2", tie_embeddings=False)
     torch.manual_seed(0)
-    fast_t, plain_t = gptmod_torch.GPT(cfg), gptmod_torch.GPT(cfg, kernels=False)
-    fast_j = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
-    plain_j = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), kernels=False)
+    fast_t = gptmod_torch.GPT(cfg, quant=quant)
+    plain_t = gptmod_torch.GPT(cfg, kernels=False, quant=quant)
+    fast_j = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), quant=quant)
+    plain_j = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), kernels=False, quant=quant)
     for fast, plain, swaps in ((fast_t, plain_t, kernels.SWAPS), (fast_j, plain_j, jkernels.SWAPS)):
         modules = [m for _, m in nnx.iter_graph(fast)] if fast is fast_j else list(fast.modules())
         types_fast = {type(m) for m in modules}
-        assert set(swaps.values()) <= types_fast and not set(swaps) & types_fast
         plain_modules = (
             [m for _, m in nnx.iter_graph(plain)] if plain is plain_j else list(plain.modules())
         )
-        assert not set(swaps.values()) & {type(m) for m in plain_modules}
+        types_plain = {type(m) for m in plain_modules}
+        # every layer the plain model has a fast class for is swapped, and only those
+        wanted = {swaps[t] for t in types_plain if t in swaps}
+        assert len(wanted) >= 2 and wanted <= types_fast and not set(swaps) & types_fast
+        assert not set(swaps.values()) & types_plain
+        int8_layers = {t for t in types_plain if t.__name__.startswith("Int8")}
+        assert (len(int8_layers) == 2) == (quant == "int8")
     # The same parameters by the same names, and the same logits and tokens
     # with and without kernels.
     state = torch_pair_state(cfg)
+    if quant is not None:
+        state = quant_mod.quantize(state, cfg)
     assert (
         set(gptmod_torch.export_state(fast_t)) == set(state) == set(gptmod_jax.export_state(fast_j))
     )
@@ -183,3 +195,89 @@ def test_install_swaps_every_layer_and_kernels_false_keeps_model_py():
     assert (
         gptmod_jax.generate(fast_j, prompts, 8) == gptmod_jax.generate(plain_j, prompts, 8) == want
     )
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def _int8_weights(d_out: int = 512, d_in: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    q = rng.integers(-127, 128, (d_out, d_in)).astype(np.int8)
+    return q, rng.uniform(1e-3, 1e-2, d_out).astype(np.float32)
+
+
+def _int8_reference(x: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float64) @ q.T.astype(np.float64)) * s.astype(np.float64)
+
+
+def _entry_shapes(hlo: str) -> list[str]:
+    """The result shapes of the instructions of an optimized HLO module's ENTRY computation."""
+    entry = hlo[hlo.index("\nENTRY") :].split("\n}")[0]
+    return re.findall(r"= (\w+\[[\d,]*\])", entry)
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2,), (2, 4), (64,), (65,), (3, 40)])
+def test_jax_int8_linear_equals_the_readable_product(lead):
+    q, s = _int8_weights()
+    x = np.random.default_rng(0).standard_normal((*lead, 256)).astype(np.float32)
+    want = _int8_reference(x, q, s)
+    for f in (jkernels.int8_linear, jmodel.int8_linear):
+        got = np.asarray(jax.jit(f)(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s)))
+        assert got.shape == (*lead, 512)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_jax_int8_products_read_the_int8_weights_without_writing_them_out_in_fp32():
+    """The compiled HLO of one-row decode (model.py's form) and of 8 rows (kernels.py's reduction)
+    holds no fp32 (out, in) array at the top level: XLA converts inside the fusion that reads q.
+    model.py's form at 8 rows does write it out, which shows the check can fail."""
+    q, s = (jnp.asarray(a) for a in _int8_weights())
+
+    def shapes(f, rows):
+        x = jnp.ones((rows, 256), jnp.float32)
+        return _entry_shapes(jax.jit(f).lower(x, q, s).compile().as_text())
+
+    assert "f32[512,256]" not in shapes(jmodel.int8_linear, 1)
+    assert "f32[512,256]" not in shapes(jkernels.int8_linear, 8)
+    assert "f32[512,256]" in shapes(jmodel.int8_linear, 8)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_torch_int8_linear_equals_the_readable_product_eager_and_compiled(rows):
+    from torch._inductor.utils import run_and_get_code
+
+    q, s = _int8_weights()
+    x = np.random.default_rng(0).standard_normal((1, rows, 256)).astype(np.float32)
+    want = _int8_reference(x, q, s)
+    tq, ts, tx = torch.from_numpy(q), torch.from_numpy(s), torch.from_numpy(x)
+    assert not kernels.fuses_int8(tx)  # eager: model.py's product
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = kernels.int8_linear(tx, tq, ts).numpy()
+        compiled, codes = run_and_get_code(
+            torch.compile(kernels.int8_linear, fullgraph=True), tx, tq, ts
+        )
+    for got in (eager, compiled.numpy()):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    # One row compiles to a reduction over the int8 weights; more rows dequantize into a buffer.
+    buffers = [b for c in codes for b in re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", c)]
+    assert ("512, 256" in buffers) == (rows > 1), buffers
+
+
+def test_int8_models_of_both_twins_agree_with_the_dequantized_float64_model():
+    cfg = reduced("modern-gpt2", tie_embeddings=False)
+    qstate = quant_mod.quantize(torch_pair_state(cfg), cfg)
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    ref = gptmod_torch.load_state(gptmod_torch.GPT(cfg).double(), quant_mod.dequantize(qstate, cfg))
+    tm = gptmod_torch.load_state(gptmod_torch.GPT(cfg, quant="int8").eval(), qstate)
+    jm = gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0), quant="int8"), qstate)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(idx)).numpy()
+        lt = tm(torch.from_numpy(idx)).numpy()
+    lj = np.asarray(jm(jnp.asarray(idx)))
+    scale = np.abs(want).max()
+    assert np.abs(lt - want).max() <= 1e-5 * scale and np.abs(lj - want).max() <= 1e-5 * scale
+    # the int8 weights are held as int8 in both, not converted on load
+    assert tm.blocks[0].mlp.w_up.weight.dtype == torch.int8
+    assert jm.blocks[0].mlp.w_up.weight.dtype == jnp.int8
+    assert gptmod_torch.export_state(tm)["lm_head.weight"].dtype == np.int8

@@ -106,3 +106,107 @@ def test_a_wrong_quantized_state_is_refused_by_name(modern, tmp_path):
     with pytest.raises(TypeError, match="metadata must map str to str, got 'step': int"):
         quant.save(tmp_path / "x.safetensors", q, cfg, metadata={"step": 3})
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- int8 twins
+
+
+def test_build_quantizes_once_and_both_twins_hold_the_same_int8_state(modern):
+    import gptmod_jax
+    import gptmod_torch
+    from gptmod import models
+
+    cfg, state = modern
+    want = quant.quantize(state, cfg)
+    tm = models.build("torch", cfg, state, quant="int8")
+    jm = models.build("jax", cfg, want)  # a quantized state implies int8 on its own
+    assert tm.quant == jm.quant == "int8"
+    for got in (gptmod_torch.export_state(tm), gptmod_jax.export_state(jm)):
+        assert set(got) == set(want)
+        for name, v in want.items():
+            assert got[name].dtype == v.dtype and np.array_equal(got[name], v), name
+
+
+@pytest.mark.parametrize(
+    ("framework", "kw", "msg"),
+    [
+        ("hf", {"quant": "int8"}, "the hf model has no int8 path here"),
+        ("torch", {"quant": "int8", "dtype": "bfloat16"}, "int8 twins compute in float32"),
+        ("jax", {"quant": "int4"}, "quant='int4': choose one of int8"),
+    ],
+)
+def test_build_refuses_what_int8_cannot_do(modern, framework, kw, msg):
+    from gptmod import models
+
+    cfg, state = modern
+    with pytest.raises(ValueError, match=msg):
+        models.build(framework, cfg, state, **kw)
+
+
+def test_a_quantized_state_of_another_config_is_refused_by_name(modern):
+    from gptmod import models
+
+    cfg, state = modern
+    qstate = quant.quantize(state, cfg)
+    qstate.pop("blocks.0.mlp.w_up.weight_scale")
+    with pytest.raises(weights.StateError, match=r"blocks\.0\.mlp\.w_up\.weight_scale"):
+        models.build("torch", cfg, qstate)
+
+
+def test_next_token_loss_and_kl_are_torch_s():
+    from gptmod.parity.quant_agreement import mean_kl, next_token_loss
+
+    rng = np.random.default_rng(0)
+    logits, idx = rng.standard_normal((2, 7, 11)) * 3, rng.integers(0, 11, (2, 7))
+    want = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits[:, :-1]).reshape(-1, 11), torch.from_numpy(idx[:, 1:]).reshape(-1)
+    )
+    assert next_token_loss(logits, idx) == pytest.approx(float(want), rel=1e-12)
+    other = rng.standard_normal((2, 7, 11))
+    lp, lq = (torch.from_numpy(x).log_softmax(-1) for x in (logits, other))
+    kl = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1).mean()
+    assert mean_kl(logits, other) == pytest.approx(float(kl), rel=1e-12)
+    assert mean_kl(logits, logits) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_parity_on_int8_weights(modern):
+    """--quant int8: the int8 twins pass against their float64 int8 model, the `quant` rows compare
+    int8 with float32 in each twin, and the checks int8 cannot run are skipped with a reason."""
+    from gptmod.parity.runner import Options, run_suite
+
+    cfg, state = modern
+    opts = Options(
+        dtypes=("float32",),
+        seq_len=32,
+        greedy_steps=8,
+        divergence_steps=16,
+        checks=("logits", "cached", "roundtrip", "quant", "hf", "modules"),
+        quant="int8",
+    )
+    rows = run_suite([("llama", cfg, state)], opts, progress=False)
+    assert {r.preset for r in rows} == {"llama int8"}
+    by_check = {r.check: r for r in rows}
+    assert {"quant int8|fp32 torch", "quant int8|fp32 jax"} <= set(by_check)
+    for check in ("hf", "modules"):
+        assert by_check[check].status == "skip"
+        assert by_check[check].note.startswith("not run on int8 weights")
+    judged = [r for r in rows if r.check not in ("hf", "modules") and r.passed is not None]
+    assert len(judged) >= 6 and all(r.passed for r in judged), [
+        (r.check, r.note) for r in judged if not r.passed
+    ]
+    assert "greedy" in by_check["quant int8|fp32 jax"].note
+
+
+def test_the_quant_check_fails_when_int8_is_not_the_model_it_claims(modern):
+    """The `quant` row can fail: int8 weights of other weights than the float32 ones."""
+    from gptmod.parity import quant_agreement
+    from gptmod.parity.suite import Case
+
+    cfg = modern[0]
+    # weights large enough that the next-token distributions are far from uniform
+    state, other = (random_state(cfg, seed=s, scale=0.5) for s in (3, 4))
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 32))
+    case = Case("llama int8", cfg, "float32", quant.quantize(other, cfg), idx, float_state=state)
+    rows = list(quant_agreement.check_quant(case, steps=4))
+    assert [r.check for r in rows] == ["quant int8|fp32 torch", "quant int8|fp32 jax"]
+    assert all(r.passed is False and r.diff > quant_agreement.QUANT_PPL_BUDGET for r in rows)

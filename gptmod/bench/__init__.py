@@ -31,9 +31,13 @@ also pays any compilation.
   a block freed by an earlier call is allocated, and counted, anew.
   GPU: the allocator's peak (torch/HF), JAX's peak_bytes_in_use (an upper
   bound: it cannot be reset).
+- Weights (`--quant fp32,int8`): the twins on the float weights, on their int8 weight-only
+  quantization (gptmod/quant.py), or both, cell by cell in one run; HF runs on the float weights
+  only. Each row says which.
 - Roofline: every decode step reads all weights once, so bandwidth / weight_bytes
-  is the batch-1 decode ceiling; batch-1 rows report decode_tok_s as a fraction of
-  it. Bandwidth, measured before and after the grid (the higher median is the
+  is the batch-1 decode ceiling, one per byte count (an int8 row's is that of its int8 weights
+  and float32 scales and norms); batch-1 rows report decode_tok_s as a fraction of
+  their own. Bandwidth, measured before and after the grid (the higher median is the
   ceiling): on the CPU the all-core read bandwidth, torch's multi-threaded sum
   over 1 GiB; on a GPU (--device gpu) the HBM bandwidth of a device-to-device copy
   of 1 GiB (`dst.copy_(src)`, 2 x 1 GiB moved per copy, timed with CUDA events).
@@ -43,8 +47,13 @@ also pays any compilation.
   (t(prompt c-n, n new) - t(prompt c-n, 1 new)) / (n-1).
 - Compile: JAX generate traced and compiled ahead of time on abstract weights (no memory needed) at
   the preset's depth and deeper, layers unrolled and scanned: the scan lever for compile time.
-- Key figures (prompt 32): JAX and torch batch-1 decode against HF's, JAX's fraction of the
-  roofline, each mode's batch-8 decode against its batch 1, JAX's compile time. Their targets are
+- Load: the 1-minute load average before and after each cell; a cell where it is above the CPU
+  count gets a warning on stderr (other work shares the cores, and OpenMP's spin-waiting makes
+  torch's figures especially unreliable). `--threads N` runs torch, XLA and HF on N threads and
+  CPUs (gptmod/threads.py).
+- Key figures (prompt 32): JAX and torch batch-1 decode against HF's, the fractions of the
+  roofline, int8 against fp32 in each twin and mode, each mode's batch-8 decode against its batch
+  1, JAX's compile time. Their targets are
   in docs/bench.md; the bench reports figures, not verdicts.
 
 measure.py (timers, memory, bandwidth), models.py (the three models), runners.py (one callable per

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import gptmod.bench
 from gptmod import options
-from gptmod.bench.grid import run_compile, run_grid, run_scaling
+from gptmod.bench.grid import grid_cells, run_compile, run_grid, run_scaling
 from gptmod.bench.measure import bandwidth, roofline_tok_s, weight_bytes
 from gptmod.bench.models import build_models
 from gptmod.bench.plots import plot
 from gptmod.bench.report import format_report, key_figures, write_json
 from gptmod.bench.runners import FRAMEWORKS, GPU_ONLY, SCALING
 from gptmod.config import ModelConfig
+
+WEIGHTS = ("fp32", "int8")  # --quant: the weights the twins run on (HF: fp32 only)
 
 # Scaling calls generate 16 tokens: the per-token time is a difference of two calls that both
 # prefill the context, and at context 1024 prefill's run-to-run noise (tens of ms) swamps a
@@ -56,6 +58,15 @@ def _frameworks(text: str) -> list[str]:
     if bad or not names:
         raise argparse.ArgumentTypeError(
             f"{text!r}: choose a comma-separated subset of {', '.join(FRAMEWORKS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _weights(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in WEIGHTS for n in names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: choose a comma-separated subset of {', '.join(WEIGHTS)}"
         )
     return list(dict.fromkeys(names))
 
@@ -132,6 +143,16 @@ def build_parser(prog: str = "gptmod bench") -> argparse.ArgumentParser:
         default="float32",
         help="weights and compute dtype",
     )
+    p.add_argument(
+        "--quant",
+        type=_weights,
+        default=["fp32"],
+        metavar="fp32,int8",
+        help="the weights the twins run on, comma-separated: fp32 (default), int8 "
+        "(gptmod/quant.py), or both, cell by cell in one run so that int8/fp32 ratios hold; HF "
+        "runs fp32 only",
+    )
+    options.add_threads_option(p)
     p.add_argument("--json", type=Path, help="also write every figure to this JSON file (atomic)")
     p.add_argument(
         "--plot",
@@ -175,6 +196,8 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace, cfg: ModelConfi
         p.error(f"--json {args.json}: folder {args.json.parent} does not exist")
     if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
         p.error(f"--plot {args.plot}: exists and is not a folder")
+    if "int8" in args.quant and args.dtype != "float32":
+        p.error(f"--quant int8 with --dtype {args.dtype}: int8 weights compute in float32")
 
 
 def _device_name(device: str) -> str:
@@ -256,6 +279,10 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
     if not depths_given:
         args.compile_depths = [k * cfg.n_layer for k in defaults["depths"]]
     _check(p, args, cfg)
+    try:
+        options.apply_threads(args)  # before torch or JAX start their thread pools
+    except options.CLIError as e:
+        p.error(str(e))
     if args.device == "gpu" and (missing := _gpu_missing(args.frameworks)):
         print(f"gptmod bench: error: {missing}", file=sys.stderr)
         return 2
@@ -276,9 +303,20 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
         file=sys.stderr,
     )
     models = build_models(cfg, args.frameworks, args.device, args.dtype, state)
-    wbytes = weight_bytes(models.torch_model)
+    int8 = None
+    if "int8" in args.quant:
+        import gptmod_torch
+
+        twins = [n for n in args.frameworks if n != "hf"]
+        float_state = state if state is not None else gptmod_torch.export_state(models.torch_model)
+        int8 = build_models(cfg, twins, args.device, args.dtype, float_state, quant="int8")
+    wbytes = {"fp32": weight_bytes(models.torch_model)}
+    if int8 is not None:
+        wbytes["int8"] = weight_bytes(int8.torch_model)
     cells = (
-        len(args.frameworks) * len(args.batch) * len(args.prompt_len)
+        len(grid_cells(models, args.frameworks, int8, args.quant))
+        * len(args.batch)
+        * len(args.prompt_len)
         + 2 * len(scaling) * len(args.contexts)
         + 2 * len(depths)
     )
@@ -292,6 +330,8 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
             args.repeats,
             None,
             bar,
+            int8,
+            args.quant,
         )
         scale = run_scaling(
             models, scaling, args.contexts, args.scaling_new_tokens, args.repeats, bar
@@ -300,9 +340,9 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
     # Measured again at the end: this machine's bandwidth drifts with its
     # neighbours; the ceiling is the higher.
     samples.append(bandwidth(args.device))
-    roofline = roofline_tok_s(max(samples), wbytes)
+    roofline = {w: roofline_tok_s(max(samples), b) for w, b in wbytes.items()}
     rows = [
-        replace(r, roofline_fraction=r.decode_tok_s / roofline)
+        replace(r, roofline_fraction=r.decode_tok_s / roofline[r.weights])
         if r.batch == 1 and r.decode_tok_s
         else r
         for r in rows
@@ -315,8 +355,13 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
         "bandwidth_gb_s": max(samples),
         "bandwidth_samples_gb_s": samples,
         "bandwidth_method": "copy" if args.device == "gpu" else "sum",
-        "weight_bytes": wbytes,
-        "roofline_tok_s": roofline,
+        "weight_bytes": wbytes["fp32"],
+        "roofline_tok_s": roofline["fp32"],
+        # per weights ("fp32", and "int8" with --quant int8): the byte count each roofline is for
+        "weight_bytes_by_weights": wbytes,
+        "roofline_tok_s_by_weights": roofline,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
         "versions": {
             k: importlib.metadata.version(k) for k in ("torch", "jax", "flax", "transformers")
         },

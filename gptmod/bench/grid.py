@@ -4,6 +4,8 @@ figure computed as the package docstring defines it."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -24,6 +26,7 @@ from gptmod.bench.runners import (
     runner,
 )
 from gptmod.config import ModelConfig
+from gptmod.threads import load_average
 
 
 def prompts(cfg: ModelConfig, batch: int, prompt_len: int, seed: int = 0) -> np.ndarray:
@@ -39,9 +42,12 @@ def measure_cell(
     repeats: int,
     roofline_tok_s: float | None = None,
     memory: Callable[[], AbstractContextManager[Peak]] | None = None,
+    weights: str = "fp32",
 ) -> Row:
-    """One grid row from a generate-like `run(n)` (the package docstring defines each figure)."""
+    """One grid row from a generate-like `run(n)` (the package docstring defines each figure),
+    with the load average before and after it."""
     framework, mode = FRAMEWORKS[name]
+    load_before = load_average()
     full = time_call(lambda: run(new_tokens), repeats)
     first = time_call(lambda: run(1), repeats)
     peak_mb = None if memory is None else peak_memory(lambda: run(new_tokens), memory)
@@ -66,7 +72,35 @@ def measure_cell(
         compile_s,
         peak_mb,
         fraction,
+        weights,
+        load_before,
+        load_average(),
     )
+
+
+def grid_cells(
+    models: Models, frameworks: Sequence[str], int8: Models | None, weights: Sequence[str]
+) -> list[tuple[str, str, Models]]:
+    """(framework name, weights, models) of every cell at one (batch, prompt length), in the order
+    they run: each framework at each of `weights` ("fp32", "int8"), HF at fp32 only (it has no int8
+    path), whether or not fp32 is among `weights`."""
+    out = []
+    for name in frameworks:
+        for w in ("fp32",) if name == "hf" else weights:
+            out.append((name, w, int8 if w == "int8" else models))
+    return out
+
+
+def warn_if_loaded(row: Row, what: str, bar: tqdm) -> None:
+    """A warning line when the load average around a cell was above the machine's CPU count."""
+    cpus = os.cpu_count() or 1
+    loads = [x for x in (row.load_before, row.load_after) if x is not None]
+    if loads and max(loads) > cpus:
+        bar.write(
+            f"gptmod bench: warning: load average {max(loads):.1f} above the {cpus} CPUs "
+            f"around {what}: other work shares the cores, so its figures are unreliable",
+            file=sys.stderr,
+        )
 
 
 def run_grid(
@@ -78,28 +112,33 @@ def run_grid(
     repeats: int,
     roofline_tok_s: float | None = None,
     bar: tqdm | None = None,
+    int8: Models | None = None,
+    weights: Sequence[str] = ("fp32",),
 ) -> list[Row]:
-    """One row per (framework, batch, prompt_len); the frameworks take turns cell by cell."""
+    """One row per (framework, weights, batch, prompt_len); the frameworks and weights take turns
+    cell by cell (`grid_cells`), so that drift on a shared machine hits them alike."""
     bar = bar if bar is not None else tqdm(disable=True)  # a bar that shows nothing
     rows = []
     for prompt_len in prompt_lens:
         for batch in batches:
             ids = prompts(models.cfg, batch, prompt_len)
-            for name in frameworks:
-                bar.set_postfix_str(f"{name} batch {batch} prompt {prompt_len} +{new_tokens}")
-                run = runner(models, name, ids)
-                rows.append(
-                    measure_cell(
-                        run,
-                        name,
-                        batch,
-                        prompt_len,
-                        new_tokens,
-                        repeats,
-                        roofline_tok_s,
-                        memory_meter(models, name),
-                    )
+            for name, w, m in grid_cells(models, frameworks, int8, weights):
+                what = f"{name} {w} batch {batch} prompt {prompt_len} +{new_tokens}"
+                bar.set_postfix_str(what)
+                run = runner(m, name, ids)
+                row = measure_cell(
+                    run,
+                    name,
+                    batch,
+                    prompt_len,
+                    new_tokens,
+                    repeats,
+                    roofline_tok_s,
+                    memory_meter(m, name),
+                    w,
                 )
+                rows.append(row)
+                warn_if_loaded(row, what, bar)
                 bar.update()
     return rows
 

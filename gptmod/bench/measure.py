@@ -216,5 +216,9 @@ def roofline_tok_s(bandwidth_gb_s: float, wbytes: int) -> float:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of parameters one decode step reads: `parameters()` yields a tied embedding once."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights one decode step reads: the parameters and persistent buffers of the state
+    dict (an int8 model's weights and scales are buffers), each tensor once (a tied one too)."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict().values():
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())

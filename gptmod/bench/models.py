@@ -29,16 +29,21 @@ def build_models(
     device: str = "cpu",
     dtype: str = "float32",
     state: dict[str, np.ndarray] | None = None,
+    quant: str | None = None,
 ) -> Models:
     """The torch model always, on `state` (None: a seeded random init); the JAX twin on the same
-    state and the HF model with the same weights only when asked for (gptmod.models.build)."""
+    state and the HF model with the same weights only when asked for (gptmod.models.build).
+    `quant="int8"`: both twins on the int8 weights of that state; HF, which has no int8 path, is
+    then not built (it runs on the float weights)."""
     import torch
 
     import gptmod_torch
 
-    tm = build("torch", cfg, state, dtype=dtype, device=device)
-    if state is None:
-        state = gptmod_torch.export_state(tm)
+    tm = build("torch", cfg, state, dtype=dtype, device=device, quant=quant)
+    if state is None:  # the seeded init the others then share (quantized the same way in each)
+        state = gptmod_torch.export_state(
+            tm if quant is None else build("torch", cfg, dtype=dtype, device=device)
+        )
     models = Models(cfg, device, tm)
     if "torch-compile" in frameworks or "torch-cudagraphs" in frameworks:
         # Each batch, cache length and step function is its own static-shape graph; dynamo's default
@@ -48,7 +53,7 @@ def build_models(
         import jax
 
         models.jax_device = jax.devices("gpu" if device == "gpu" else "cpu")[0]
-        models.jax_model = build("jax", cfg, state, dtype=dtype, device=device)
-    if "hf" in frameworks:
+        models.jax_model = build("jax", cfg, state, dtype=dtype, device=device, quant=quant)
+    if "hf" in frameworks and quant is None:
         models.hf = build("hf", cfg, state, dtype=dtype, device=device)
     return models

@@ -25,6 +25,9 @@ class Row:
     compile_s: float | None
     peak_mem_mb: float | None
     roofline_fraction: float | None  # batch 1 only
+    weights: str = "fp32"  # "fp32" or "int8" (gptmod/quant.py); older JSON files have fp32 only
+    load_before: float | None = None  # the 1-minute load average as the cell started
+    load_after: float | None = None  # ... and as it ended
 
 
 @dataclass
@@ -58,13 +61,13 @@ def key_figures(rows: Sequence[Row]) -> list[KeyFigure]:
     """The figures docs/bench.md's targets are about, from the prompt-RATIO_PROMPT rows; a figure
     whose rows were not measured is left out."""
 
-    def find(framework: str, mode: str, batch: int) -> Row | None:
+    def find(framework: str, mode: str, batch: int, weights: str = "fp32") -> Row | None:
         return next(
             (
                 r
                 for r in rows
-                if (r.framework, r.mode, r.batch, r.prompt_len)
-                == (framework, mode, batch, RATIO_PROMPT)
+                if (r.framework, r.mode, r.batch, r.prompt_len, r.weights)
+                == (framework, mode, batch, RATIO_PROMPT, weights)
                 and r.decode_tok_s is not None
             ),
             None,
@@ -85,12 +88,31 @@ def key_figures(rows: Sequence[Row]) -> list[KeyFigure]:
                 best.decode_tok_s / hf1.decode_tok_s,
             )
         )
-    for framework, mode in dict.fromkeys((r.framework, r.mode) for r in rows):
-        one, eight = find(framework, mode, 1), find(framework, mode, 8)
-        if one and eight:
+    # int8 weights against the same twin and mode on fp32, and against int8's own roofline
+    for framework, mode in (("jax", "jit"), ("torch", "eager"), ("torch", "compile")):
+        fp32, q8 = find(framework, mode, 1), find(framework, mode, 1, "int8")
+        if fp32 and q8:
             out.append(
                 KeyFigure(
-                    f"{framework} {mode}: batch 8 decode / batch 1",
+                    f"{framework} {mode} int8 decode / fp32 (batch 1)",
+                    q8.decode_tok_s / fp32.decode_tok_s,
+                )
+            )
+        if q8 and q8.roofline_fraction is not None:
+            out.append(
+                KeyFigure(
+                    f"{framework} {mode} int8 decode / int8 roofline (batch 1)",
+                    q8.roofline_fraction,
+                    "%",
+                )
+            )
+    for framework, mode, weights in dict.fromkeys((r.framework, r.mode, r.weights) for r in rows):
+        one, eight = find(framework, mode, 1, weights), find(framework, mode, 8, weights)
+        if one and eight:
+            tag = "" if weights == "fp32" else f" {weights}"
+            out.append(
+                KeyFigure(
+                    f"{framework} {mode}{tag}: batch 8 decode / batch 1",
                     eight.decode_tok_s / one.decode_tok_s,
                 )
             )
@@ -122,10 +144,15 @@ def format_report(result: dict, figures: Sequence[KeyFigure] = ()) -> str:
     r = result
     samples = "/".join(f"{b:.1f}" for b in r.get("bandwidth_samples_gb_s", [r["bandwidth_gb_s"]]))
     kind = "HBM copy bandwidth" if r.get("bandwidth_method") == "copy" else "bandwidth"
+    by_weights = r.get("roofline_tok_s_by_weights", {"fp32": r["roofline_tok_s"]})
+    wbytes = r.get("weight_bytes_by_weights", {"fp32": r["weight_bytes"]})
+    ceilings = ", ".join(
+        f"{w} {wbytes[w] / 1e6:.1f} MB -> {t:.1f} tok/s" for w, t in by_weights.items()
+    )
+    threads = f" | {r['threads']} threads of {r['cpus']} CPUs" if "threads" in r else ""
     out = [
         f"device {r['device']} | {r['preset']} | {r['dtype']} | {kind} {samples} GB/s "
-        f"(start/end) | weights {r['weight_bytes'] / 1e6:.1f} MB | batch-1 roofline "
-        f"{r['roofline_tok_s']:.1f} tok/s",
+        f"(start/end){threads} | batch-1 roofline: {ceilings}",
         "",
     ]
     hf = {
@@ -138,10 +165,13 @@ def format_report(result: dict, figures: Sequence[KeyFigure] = ()) -> str:
         ref = hf.get((x["batch"], x["prompt_len"]))
         vs_hf = x["decode_tok_s"] / ref if x["decode_tok_s"] and ref else None
         frac = None if x["roofline_fraction"] is None else 100 * x["roofline_fraction"]
+        loads = (x.get("load_before"), x.get("load_after"))
+        load = "-" if None in loads else f"{loads[0]:.1f}>{loads[1]:.1f}"
         body.append(
             [
                 x["framework"],
                 x["mode"],
+                x.get("weights", "fp32"),
                 str(x["batch"]),
                 str(x["prompt_len"]),
                 str(x["new_tokens"]),
@@ -153,6 +183,7 @@ def format_report(result: dict, figures: Sequence[KeyFigure] = ()) -> str:
                 _fmt(x["peak_mem_mb"], ".0f"),
                 _fmt(frac, ".1f"),
                 _fmt(vs_hf, ".2f"),
+                load,
             ]
         )
     out.append(
@@ -160,6 +191,7 @@ def format_report(result: dict, figures: Sequence[KeyFigure] = ()) -> str:
             [
                 "framework",
                 "mode",
+                "weights",
                 "batch",
                 "prompt",
                 "new",
@@ -171,8 +203,10 @@ def format_report(result: dict, figures: Sequence[KeyFigure] = ()) -> str:
                 "peak MB",
                 "% roofline",
                 "x HF",
+                "load",
             ],
             body,
+            left=3,
         )
     )
     if figures:

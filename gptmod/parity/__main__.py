@@ -25,6 +25,7 @@ from gptmod.parity.runner import (
     write_json,
 )
 from gptmod.parity.suite import TF32_LABEL, Row, tf32_budget, versions
+from gptmod.quant import QUANTS
 from gptmod.textio import seed_arg
 
 DEFAULT_PRESETS = ("tiny", "gpt2", "modern-gpt2")
@@ -93,6 +94,14 @@ def build_parser(prog: str = "python -m gptmod.parity") -> argparse.ArgumentPars
         help="with --device gpu: fp32 matmuls on TF32 tensor cores in both twins (JAX's default "
         "on Ampere and Hopper, not torch's), fp32 rows judged on fp16's budget (TF32 keeps "
         f"10 mantissa bits) and labelled {TF32_LABEL!r}; --dtype defaults to float32 alone",
+    )
+    p.add_argument(
+        "--quant",
+        choices=QUANTS,
+        help="int8: both twins run on the int8 weights of each preset (gptmod/quant.py), judged "
+        "against the float64 model of the same int8 weights, plus the `quant` check (int8 "
+        "against float32: perplexity within 1%%, greedy agreement over --divergence-steps); "
+        "float32 only",
     )
     p.add_argument(
         "--quick",
@@ -208,6 +217,15 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m gptmod.parity"
             file=sys.stderr,
         )
         return 2
+    if args.quant is not None and (
+        args.trace or args.tf32 or any(d != "float32" for d in args.dtype or ())
+    ):
+        print(
+            f"parity: error: --quant {args.quant}: int8 weights compute in float32; it takes "
+            "neither --trace, --tf32 nor a --dtype other than float32",
+            file=sys.stderr,
+        )
+        return 2
     if args.tf32 and args.trace:
         print(
             "parity: error: --tf32 with --trace: the per-op trace has fp32's budgets only",
@@ -273,7 +291,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m gptmod.parity"
             args.dtype
             or (
                 ("float32",)
-                if args.tf32
+                if args.tf32 or args.quant
                 else ("float32", "bfloat16", "float16")
                 if gpu
                 else ("float32", "bfloat16")
@@ -298,6 +316,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m gptmod.parity"
         backends_jax=tuple(args.backend_jax or ()),
         text_ids=text_ids,
         text_name="hamlet" if text_ids else None,
+        quant=args.quant,
     )
     start = time.perf_counter()
     if args.trace:

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gptmod import quant
 from gptmod.config import ModelConfig
 from gptmod.fileio import atomic_write_text
-from gptmod.parity import generation, suite, text, trace, training
+from gptmod.parity import generation, quant_agreement, suite, text, trace, training
 from gptmod.parity.suite import Case, Row
 
 CHECKS = (
@@ -30,6 +31,23 @@ CHECKS = (
     "roundtrip",
     "hf",
     "train",
+    "quant",
+)
+# What an int8 case runs (`Options.quant`): the twins' agreement on the same int8 weights, judged
+# against the float64 int8 model, and int8 against float32. The per-module and per-op ladders
+# rebuild float layers from canonical weights, HF has no int8 path here, and int8 does not train:
+# those checks give a skipped row that says so.
+QUANT_CHECKS = (
+    "logits",
+    "text",
+    "cached",
+    "ragged",
+    "greedy",
+    "generate",
+    "sampling",
+    "divergence",
+    "roundtrip",
+    "quant",
 )
 
 
@@ -66,6 +84,7 @@ class Options:
         int, ...
     ] = ()  # real text (a real model's tokenizer on a bundled play) instead of random ids
     text_name: str | None = None  # which play text_ids hold, for the report (None: random ids)
+    quant: str | None = None  # "int8": the twins run on the int8 weights of each preset's state
 
 
 def default_backends(device: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -101,7 +120,13 @@ def make_case(name: str, cfg: ModelConfig, dtype: str, opts: Options, state: dic
         idx = np.random.default_rng(opts.seed).integers(
             0, cfg.vocab_size, size=(opts.batch, seq_len)
         )
-    return Case(name, cfg, dtype, suite.cast_state(state, dtype), idx, opts.device)
+    if opts.quant is None:
+        return Case(name, cfg, dtype, suite.cast_state(state, dtype), idx, opts.device)
+    if dtype != "float32":
+        raise ValueError(f"parity: int8 weights compute in float32, not {dtype}")
+    float_state = suite.cast_state(state, "float32")
+    qstate = quant.quantize(float_state, cfg)
+    return Case(f"{name} int8", cfg, dtype, qstate, idx, opts.device, float_state=float_state)
 
 
 def run_suite(
@@ -157,7 +182,12 @@ def run_suite(
                         c, opts.train_steps, opts.seed, own_weights=own, progress=progress
                     ),
                 ),
+                ("quant", lambda c: quant_agreement.check_quant(c, opts.divergence_steps)),
             ]
+            if opts.quant is None:  # int8 against float32 needs an int8 case
+                checks = [(k, f) for k, f in checks if k != "quant"]
+            else:
+                checks = [(k, f if k in QUANT_CHECKS else _not_for_int8(k)) for k, f in checks]
             plan.append((name, cfg, state, dtype, [(k, f) for k, f in checks if k in opts.checks]))
     rows: list[Row] = []
     # No ETA: checks differ in cost by 100x (the training curve's own bar shows its steps).
@@ -178,6 +208,17 @@ def run_suite(
             bar.update()
     bar.close()
     return rows
+
+
+def _not_for_int8(check: str) -> Callable[[Case], Iterable[Row]]:
+    """A check that an int8 case skips, as one row that says why (see QUANT_CHECKS)."""
+    why = {
+        "modules": "rebuilds float layers from canonical weights",
+        "trace": "replays float ops on canonical weights",
+        "hf": "HF has no int8 path here",
+        "train": "int8 weights do not train",
+    }[check]
+    return lambda c: [suite.case_row(check, c, note=f"not run on int8 weights: {why}")]
 
 
 def _fmt(v: float | None) -> str:

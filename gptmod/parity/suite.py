@@ -103,6 +103,8 @@ class Case:
     device: str = "cpu"
     # built once per case, see torch_model
     models: dict = dataclasses.field(default_factory=dict, repr=False)
+    # an int8 case (`state` quantized, gptmod/quant.py): the float32 weights it was quantized from
+    float_state: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
 
 def case_row(
@@ -538,13 +540,15 @@ def check_round_trips(case: Case) -> Iterator[Row]:
 
     import gptmod_jax
     import gptmod_torch
-    from gptmod import weights
+    from gptmod import quant, weights
 
+    # an int8 case goes through the int8 checkpoint format
+    fmt = quant if case.float_state is not None else weights
     s1 = gptmod_torch.export_state(torch_model(case, case.dtype, "sdpa", "cpu"))
     s2 = gptmod_jax.export_state(gptmod_jax.load_state(jax_model(case, "auto", fresh=True), s1))
     with tempfile.TemporaryDirectory() as d:
-        weights.save(Path(d) / "rt.safetensors", s2, case.cfg)
-        s3, _ = weights.load(Path(d) / "rt.safetensors")
+        fmt.save(Path(d) / "rt.safetensors", s2, case.cfg)
+        s3, _ = fmt.load(Path(d) / "rt.safetensors")
     s4 = gptmod_torch.export_state(
         gptmod_torch.load_state(torch_model(case, case.dtype, "sdpa", "cpu", fresh=True), s3)
     )

@@ -1,0 +1,70 @@
+"""One CPU thread count for torch, XLA and HF alike (`--threads` of generate, chat and bench), and
+the machine's load, which bench records around every cell.
+
+JAX has no thread-count setting: XLA's CPU client sizes its thread pools by the CPUs the process may
+run on when its backend starts. So `limit_threads(n)` restricts the process's CPU affinity to n of
+its CPUs (which XLA then counts), sets torch's intra-op threads to n (HF's models run on them too),
+and exports the OpenMP/MKL variables for any library that starts later. It must run before JAX's
+backend starts, and says so by name when it is too late.
+
+Why it matters: OpenMP threads spin-wait for each other, so on a machine whose cores are busy with
+other work, two threads on two contended cores can run several times slower than one (docs/bench.md
+has the figures measured here).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one, else the CPU count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def check_threads(n: int, flag: str = "--threads") -> int:
+    """`n` when 1 <= n <= available_cpus(); otherwise a ValueError naming `flag`."""
+    cpus = available_cpus()
+    if not 1 <= n <= cpus:
+        raise ValueError(
+            f"{flag} {n}: must be between 1 and the {cpus} CPU(s) this process may use"
+        )
+    return n
+
+
+def limit_threads(n: int) -> None:
+    """Run torch, XLA and HF on `n` threads and CPUs (see the module docstring)."""
+    check_threads(n)
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge  # the one place that knows whether XLA has started
+
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError(
+                "limit_threads: JAX's backend has already started with its own thread pools; "
+                "call it before the first JAX computation"
+            )
+    if hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))[:n]
+        os.sched_setaffinity(0, cpus)
+    for name in _ENV:
+        os.environ[name] = str(n)
+    if n == 1:  # Eigen's own pool inside XLA's CPU matmuls
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
