@@ -96,6 +96,9 @@ class Embedding(nnx.Module):
 def int8_linear(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x W^T for W = q * scale (gptmod/quant.py): the scale is one per output channel, so it
     factors out of each dot product and multiplies the result; q (|q| <= 127) converts exactly."""
+    # Tied to this call's x: inside generate's decode loop q is loop-invariant, and XLA would hoist
+    # its conversion out of the loop, holding (and reading) a float32 copy of every weight.
+    q = jax.lax.optimization_barrier((q, x))[0]
     return (x @ q.T.astype(x.dtype)) * scale.astype(x.dtype)
 
 

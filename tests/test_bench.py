@@ -679,3 +679,58 @@ def test_int8_needs_float32(capsys):
     assert "--quant int8 with --dtype bfloat16: int8 weights compute in float32" in (
         capsys.readouterr().err
     )
+
+
+def test_llama_cpp_is_asked_for_by_name_and_refused_clearly_without_its_needs(capsys, monkeypatch):
+    assert "llama-cpp" not in FULL["frameworks"] and "llama-cpp" not in QUICK["frameworks"]
+    assert main([*TINY_OK, "--frameworks", "jax,llama-cpp"]) == 2
+    assert "--frameworks llama-cpp: needs --weights" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a)
+    )
+    cfg = llama_cfg(vocab_size=300)
+    monkeypatch.setattr(
+        "gptmod.pretrained.load", lambda *a, **k: type("P", (), {"cfg": cfg, "state": None})()
+    )
+    small = ["--new-tokens", "8", "--prompt-len", "16", "--contexts", "64"]
+    assert main(["--weights", "x.gguf", "--frameworks", "llama-cpp", *small]) == 2
+    assert "the llama_cpp package is not installed (pip install llama-cpp-python" in (
+        capsys.readouterr().err
+    )
+
+
+def test_llama_cpp_runner_evaluates_the_prompt_then_each_token_but_the_last():
+    class FakeLlama:
+        def __init__(self):
+            self.calls: list = []
+
+        def reset(self):
+            self.calls.append("reset")
+
+        def eval(self, ids):
+            self.calls.append(("eval", list(ids)))
+
+        def sample(self, temp):
+            assert temp == 0.0  # greedy
+            return 7
+
+    llm = FakeLlama()
+    run = runners._llama_cpp_runner(llm, np.array([[1, 2, 3]]))
+    assert run(3) == [7, 7, 7]
+    assert llm.calls == ["reset", ("eval", [1, 2, 3]), ("eval", [7]), ("eval", [7])]
+    with pytest.raises(ValueError, match="llama-cpp: batch 2: its Python API decodes one row"):
+        runners._llama_cpp_runner(llm, np.zeros((2, 3), np.int64))
+    m = models.Models(load_preset("tiny"), "cpu", None)
+    names = lambda b: [
+        (n, w) for n, w, _ in grid.grid_cells(m, ["jax", "llama-cpp"], m, ["fp32", "int8"], b)
+    ]
+    assert names(1) == [
+        ("jax", "fp32"),
+        ("jax", "int8"),
+        ("llama-cpp", "fp32"),
+        ("llama-cpp", "int8"),
+    ]
+    assert names(8) == [("jax", "fp32"), ("jax", "int8")]

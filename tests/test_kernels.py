@@ -281,3 +281,26 @@ def test_int8_models_of_both_twins_agree_with_the_dequantized_float64_model():
     assert tm.blocks[0].mlp.w_up.weight.dtype == torch.int8
     assert jm.blocks[0].mlp.w_up.weight.dtype == jnp.int8
     assert gptmod_torch.export_state(tm)["lm_head.weight"].dtype == np.int8
+
+
+def _unfused_shapes(hlo: str) -> list[str]:
+    """Result shapes of the instructions outside fusions (ENTRY, loop bodies and conditions)."""
+    comps = re.split(r"\n(?=%|ENTRY)", hlo)
+    kept = [c for c in comps if not c.startswith(("%fused", "%wrapped", "HloModule"))]
+    return [s for c in kept for s in re.findall(r"= (\w+\[[\d,]*\])", c)]
+
+
+def test_jax_int8_weights_are_not_converted_once_outside_a_decode_loop():
+    """In a loop, as in generate's decode, XLA would hoist a loop-invariant q.astype(f32) out and
+    read a float32 copy every step; model.py's barrier keeps the conversion in the step's fusion.
+    The same loop over the product written without it shows the hoisted copy."""
+    q, s = (jnp.asarray(a) for a in _int8_weights(256, 256))
+    x = jnp.ones((1, 256), jnp.float32)
+
+    def loop(product):
+        step = lambda i, x: product(x, q, s) * 1e-3
+        return jax.jit(lambda x: jax.lax.fori_loop(0, 8, step, x)).lower(x).compile().as_text()
+
+    plain = lambda x, q, s: (x @ q.T.astype(x.dtype)) * s
+    assert "f32[256,256]" in _unfused_shapes(loop(plain))
+    assert "f32[256,256]" not in _unfused_shapes(loop(jmodel.int8_linear))

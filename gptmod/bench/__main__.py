@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import gptmod.bench
 from gptmod import options
@@ -18,7 +21,7 @@ from gptmod.bench.measure import bandwidth, roofline_tok_s, weight_bytes
 from gptmod.bench.models import build_models
 from gptmod.bench.plots import plot
 from gptmod.bench.report import format_report, key_figures, write_json
-from gptmod.bench.runners import FRAMEWORKS, GPU_ONLY, SCALING
+from gptmod.bench.runners import FRAMEWORKS, GPU_ONLY, OPTIONAL, SCALING
 from gptmod.config import ModelConfig
 
 WEIGHTS = ("fp32", "int8")  # --quant: the weights the twins run on (HF: fp32 only)
@@ -33,7 +36,7 @@ FULL = dict(
     repeats=3,
     contexts=[64, 256, 1024],
     scaling_new_tokens=16,
-    frameworks=list(FRAMEWORKS),
+    frameworks=[n for n in FRAMEWORKS if n not in OPTIONAL],
     scaling=SCALING,
     depths=(1, 2, 4),
 )
@@ -46,7 +49,7 @@ QUICK = dict(
     repeats=1,
     contexts=[64, 256],
     scaling_new_tokens=8,
-    frameworks=[n for n in FRAMEWORKS if n != "jax-scan"],
+    frameworks=[n for n in FRAMEWORKS if n != "jax-scan" and n not in OPTIONAL],
     scaling=("jax", "torch-eager"),
     depths=(1, 4),
 )
@@ -114,7 +117,8 @@ def build_parser(prog: str = "gptmod bench") -> argparse.ArgumentParser:
         "--frameworks",
         type=_frameworks,
         help=f"comma-separated subset of {','.join(FRAMEWORKS)} "
-        f"(default all; {', '.join(GPU_ONLY)} with --device gpu only)",
+        f"(default all but {', '.join(OPTIONAL)}; {', '.join(GPU_ONLY)} with --device gpu only; "
+        "llama-cpp needs the llama_cpp package and --weights, and runs batch 1 only)",
     )
     p.add_argument("--contexts", type=int, nargs="+", help="scaling contexts (default 64 256 1024)")
     p.add_argument(
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
         p.error(str(e))
     depths_given = args.compile_depths is not None
     args.compile_depths = args.compile_depths or []
-    state = None
+    state, loaded = None, None
     if args.weights is not None:
         from gptmod import pretrained
 
@@ -286,6 +290,46 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
     if args.device == "gpu" and (missing := _gpu_missing(args.frameworks)):
         print(f"gptmod bench: error: {missing}", file=sys.stderr)
         return 2
+    if "llama-cpp" in args.frameworks and (missing := _llama_cpp_missing(args)):
+        print(f"gptmod bench: error: --frameworks llama-cpp: {missing}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="gptmod-bench-") as tmp:
+        return _run(args, cfg, state, preset, defaults, loaded, Path(tmp))
+
+
+def _llama_cpp_missing(args: argparse.Namespace) -> str | None:
+    if args.weights is None:
+        return "needs --weights (a real model with a tokenizer, exported to GGUF for llama.cpp)"
+    if args.device != "cpu":
+        return "runs on the CPU only here"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return (
+            "the llama_cpp package is not installed (pip install llama-cpp-python, which "
+            "compiles llama.cpp)"
+        )
+    return None
+
+
+def _gguf(loaded: Any, tmp: Path, weights: str) -> Path:
+    """`loaded` as the GGUF llama.cpp reads at `weights`' precision: F32, or Q8_0 (llama.cpp's 8-bit
+    blocks of 32, its counterpart of int8 weights)."""
+    from gptmod.export import export_gguf
+
+    path = tmp / f"model-{weights}.gguf"
+    export_gguf(loaded, path, dtype="float32" if weights == "fp32" else "q8_0")
+    return path
+
+
+def _run(
+    args: argparse.Namespace,
+    cfg: ModelConfig,
+    state: dict | None,
+    preset: str,
+    defaults: dict,
+    loaded: Any,
+    tmp: Path,
+) -> int:
+    """The measured part of `main`, after every check (llama.cpp's GGUF files go into `tmp`)."""
     import torch
     from tqdm import tqdm
 
@@ -302,20 +346,35 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
         f"building {preset} ({', '.join(args.frameworks)}, {args.dtype}, {args.device})...",
         file=sys.stderr,
     )
-    models = build_models(cfg, args.frameworks, args.device, args.dtype, state)
+    llama = "llama-cpp" in args.frameworks
+    models = build_models(
+        cfg,
+        args.frameworks,
+        args.device,
+        args.dtype,
+        state,
+        gguf=_gguf(loaded, tmp, "fp32") if llama else None,
+    )
     int8 = None
     if "int8" in args.quant:
         import gptmod_torch
 
         twins = [n for n in args.frameworks if n != "hf"]
         float_state = state if state is not None else gptmod_torch.export_state(models.torch_model)
-        int8 = build_models(cfg, twins, args.device, args.dtype, float_state, quant="int8")
+        int8 = build_models(
+            cfg,
+            twins,
+            args.device,
+            args.dtype,
+            float_state,
+            quant="int8",
+            gguf=_gguf(loaded, tmp, "int8") if llama else None,
+        )
     wbytes = {"fp32": weight_bytes(models.torch_model)}
     if int8 is not None:
         wbytes["int8"] = weight_bytes(int8.torch_model)
     cells = (
-        len(grid_cells(models, args.frameworks, int8, args.quant))
-        * len(args.batch)
+        sum(len(grid_cells(models, args.frameworks, int8, args.quant, b)) for b in args.batch)
         * len(args.prompt_len)
         + 2 * len(scaling) * len(args.contexts)
         + 2 * len(depths)
@@ -363,7 +422,9 @@ def main(argv: list[str] | None = None, *, prog: str = "gptmod bench") -> int:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "versions": {
-            k: importlib.metadata.version(k) for k in ("torch", "jax", "flax", "transformers")
+            k: importlib.metadata.version(k)
+            for k in ("torch", "jax", "flax", "transformers")
+            + (("llama_cpp_python",) if "llama-cpp" in args.frameworks else ())
         },
         "rows": [asdict(r) for r in rows],
         "scaling": [asdict(s) for s in scale],

@@ -79,13 +79,19 @@ def measure_cell(
 
 
 def grid_cells(
-    models: Models, frameworks: Sequence[str], int8: Models | None, weights: Sequence[str]
+    models: Models,
+    frameworks: Sequence[str],
+    int8: Models | None,
+    weights: Sequence[str],
+    batch: int = 1,
 ) -> list[tuple[str, str, Models]]:
     """(framework name, weights, models) of every cell at one (batch, prompt length), in the order
     they run: each framework at each of `weights` ("fp32", "int8"), HF at fp32 only (it has no int8
-    path), whether or not fp32 is among `weights`."""
+    path), whether or not fp32 is among `weights`; llama.cpp at batch 1 only."""
     out = []
     for name in frameworks:
+        if name == "llama-cpp" and batch > 1:
+            continue
         for w in ("fp32",) if name == "hf" else weights:
             out.append((name, w, int8 if w == "int8" else models))
     return out
@@ -122,7 +128,7 @@ def run_grid(
     for prompt_len in prompt_lens:
         for batch in batches:
             ids = prompts(models.cfg, batch, prompt_len)
-            for name, w, m in grid_cells(models, frameworks, int8, weights):
+            for name, w, m in grid_cells(models, frameworks, int8, weights, batch):
                 what = f"{name} {w} batch {batch} prompt {prompt_len} +{new_tokens}"
                 bar.set_postfix_str(what)
                 run = runner(m, name, ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ class Models:
     jax_model: Any = None
     jax_device: Any = None
     hf: Any = None
+    llama_cpp: Any = None  # a llama_cpp.Llama on the same weights as GGUF (frameworks llama-cpp)
 
 
 def build_models(
@@ -30,11 +32,13 @@ def build_models(
     dtype: str = "float32",
     state: dict[str, np.ndarray] | None = None,
     quant: str | None = None,
+    gguf: Path | None = None,
 ) -> Models:
     """The torch model always, on `state` (None: a seeded random init); the JAX twin on the same
     state and the HF model with the same weights only when asked for (gptmod.models.build).
     `quant="int8"`: both twins on the int8 weights of that state; HF, which has no int8 path, is
-    then not built (it runs on the float weights)."""
+    then not built (it runs on the float weights). `gguf`: the file llama.cpp loads for frameworks
+    "llama-cpp" (the same weights, F32 or Q8_0), on as many threads as torch has."""
     import torch
 
     import gptmod_torch
@@ -56,4 +60,15 @@ def build_models(
         models.jax_model = build("jax", cfg, state, dtype=dtype, device=device, quant=quant)
     if "hf" in frameworks and quant is None:
         models.hf = build("hf", cfg, state, dtype=dtype, device=device)
+    if "llama-cpp" in frameworks:
+        import llama_cpp
+
+        threads = torch.get_num_threads()
+        models.llama_cpp = llama_cpp.Llama(
+            str(gguf),
+            n_ctx=cfg.max_seq_len,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
     return models

@@ -24,7 +24,12 @@ FRAMEWORKS = {
     "torch-compile": ("torch", "compile"),
     "torch-cudagraphs": ("torch", "cudagraphs"),
     "hf": ("hf", "generate"),
+    "llama-cpp": ("llama.cpp", "generate"),
 }
+# Asked for by name only: llama.cpp (the `llama_cpp` package, llama-cpp-python, which compiles
+# llama.cpp on install) runs the same weights exported as GGUF, F32 for fp32 and Q8_0 for int8, at
+# batch 1 (its Python API decodes one sequence).
+OPTIONAL = ("llama-cpp",)
 # torch --frameworks name -> generate's `compile`
 TORCH_COMPILE = {
     "torch-eager": False,
@@ -71,6 +76,8 @@ def runner(models: Models, name: str, prompts_BP: np.ndarray) -> Callable[[int],
                 return jax_generate(models.jax_model, ids, n, **kw)
 
         return run_jax
+    if name == "llama-cpp":
+        return _llama_cpp_runner(models.llama_cpp, prompts_BP)
     import torch
 
     if name in TORCH_COMPILE:
@@ -87,6 +94,26 @@ def runner(models: Models, name: str, prompts_BP: np.ndarray) -> Callable[[int],
         return out
 
     return run_hf
+
+
+def _llama_cpp_runner(llm: Any, prompts_BP: np.ndarray) -> Callable[[int], object]:
+    """Greedy decoding of one prompt in llama.cpp: the prompt evaluated from an empty cache, then
+    n tokens sampled, each evaluated in turn but the last (generate's n tokens take n - 1 steps)."""
+    if prompts_BP.shape[0] != 1:
+        raise ValueError(f"llama-cpp: batch {prompts_BP.shape[0]}: its Python API decodes one row")
+    ids = prompts_BP[0].tolist()
+
+    def run_llama(n: int) -> object:
+        llm.reset()
+        llm.eval(ids)
+        out = []
+        for i in range(n):
+            out.append(llm.sample(temp=0.0))  # temperature 0: llama.cpp's greedy sampler
+            if i < n - 1:
+                llm.eval(out[-1:])
+        return out
+
+    return run_llama
 
 
 def recompute_runner(models: Models, name: str, prompts_BP: np.ndarray) -> Callable[[int], object]:
