@@ -231,6 +231,22 @@ def test_eval_matches_an_independent_cross_entropy_in_both_twins(tmp_path, capsy
         assert abs(float(ppl) - np.exp(float(loss))) < 0.01 * float(ppl)
         got[fw] = float(loss)
     assert abs(got["torch"] - want) < 1e-3 and abs(got["jax"] - want) < 1e-3
+    # --quant int8: the loss of the float64 model of the int8 weights, in either twin
+    from gptmod import quant
+
+    deq = quant.dequantize(quant.quantize(state, cfg), cfg)
+    model8 = gptmod_torch.load_state(gptmod_torch.GPT(cfg), deq).double().eval()
+    with torch.no_grad():
+        logp8 = torch.log_softmax(model8(torch.from_numpy(wins[:, :-1]).long()), -1)
+    want8 = -logp8.gather(-1, torch.from_numpy(wins[:, 1:]).long()[..., None]).mean().item()
+    for fw in ("torch", "jax"):
+        argv = ["eval", "--weights", str(tmp_path / "m.safetensors"), "--text"]
+        argv += [str(tmp_path / "t.txt"), "--framework", fw, "--block-size", str(block)]
+        assert cli.main([*argv, "--quant", "int8"]) == 0
+        out = capsys.readouterr().out
+        assert out.rstrip().endswith("int8 weights")
+        loss8 = float(re.search(r"loss ([\d.]+)", out).group(1))
+        assert abs(loss8 - want8) < 1e-3, (fw, loss8, want8)
     assert cli.main(["eval", "--weights", str(tmp_path / "m.safetensors")]) == 2
     assert "give exactly one of --data DIR or --text FILE" in capsys.readouterr().err
     assert (
