@@ -28,7 +28,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
 
-from gptmod import models, options
+from gptmod import options
 from gptmod.options import CLIError
 
 # End-of-turn tokens of the common chat formats: ChatML (<|im_end|>), Llama 3 (<|eot_id|>,
@@ -394,15 +394,7 @@ def _load_and_converse(args: argparse.Namespace, backend: str, sampling: dict[st
             raise CLIError(
                 f"--max-context {args.max_context}: must be in [1, max_seq_len={p.cfg.max_seq_len}]"
             )
-        model = models.build(
-            args.framework,
-            p.cfg,
-            p.state,
-            dtype=args.dtype,
-            backend=backend,
-            seed=args.seed,
-            quant=args.quant,
-        )
+        model = options.generation_model(args, p, backend)
         gen = importlib.import_module(f"gptmod_{args.framework}.generate")
         kw = {"compile": args.compile} if args.framework == "torch" else {}
         session = gen.Session(model, args.max_context, **kw)

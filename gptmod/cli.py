@@ -105,17 +105,8 @@ def _generate(
     prompts: list[list[int]],
     kw: dict,
 ) -> int:
-    from gptmod import models
 
-    model = models.build(
-        args.framework,
-        p.cfg,
-        p.state,
-        dtype=args.dtype,
-        backend=backend,
-        seed=args.seed,
-        quant=args.quant,
-    )
+    model = options.generation_model(args, p, backend)
     gen = importlib.import_module(f"gptmod_{args.framework}.generate")
     if args.framework == "torch":
         kw["compile"] = args.compile
@@ -145,10 +136,19 @@ def _generate(
     elapsed = time.perf_counter() - start
     print(
         f"[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s, {args.framework}"
-        f"{', int8' if model.quant else ''}, first call includes compilation]",
+        f"{', int8' if model.quant else ''}, {_threads(args.threads)}, first call includes "
+        "compilation]",
         file=sys.stderr,
     )
     return 0
+
+
+def _threads(n: int) -> str:
+    """The thread count for a summary line, with why when it is fewer than the CPUs."""
+    from gptmod.threads import available_cpus
+
+    cpus = available_cpus()
+    return f"{n} thread{'s' if n > 1 else ''}" + (f" of {cpus} CPUs" if n < cpus else "")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

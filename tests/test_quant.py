@@ -210,3 +210,18 @@ def test_the_quant_check_fails_when_int8_is_not_the_model_it_claims(modern):
     rows = list(quant_agreement.check_quant(case, steps=4))
     assert [r.check for r in rows] == ["quant int8|fp32 torch", "quant int8|fp32 jax"]
     assert all(r.passed is False and r.diff > quant_agreement.QUANT_PPL_BUDGET for r in rows)
+
+
+def test_perplexity_is_scored_on_thousands_of_tokens_of_real_text(modern):
+    from gptmod.parity import quant_agreement as qa
+    from gptmod.parity.suite import Case
+
+    cfg, state = modern
+    idx = np.zeros((2, 16), np.int64)
+    case = Case("c", cfg, "float32", quant.quantize(state, cfg), idx, float_state=state)
+    text = list(range(90)) * 60  # 5,400 tokens of "text"
+    wins = qa.scoring_windows(case, text)
+    block = min(qa.QUANT_BLOCK, cfg.max_seq_len)
+    assert wins.shape == (qa.QUANT_TOKENS // block, block)
+    assert wins.reshape(-1).tolist() == text[: wins.size]
+    assert qa.scoring_windows(case) is idx  # random ids: the case's own

@@ -3,6 +3,7 @@ own setting, refused by name when out of range or too late, and the load average
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -70,3 +71,44 @@ def test_generate_takes_threads_and_refuses_a_bad_count():
 def test_load_average_is_the_one_minute_figure():
     load = threads.load_average()
     assert load is None or (load >= 0 and load == pytest.approx(os.getloadavg()[0], abs=5.0))
+
+
+def _fake_stat(monkeypatch, busy: dict[int, str]):
+    """/proc/stat counters over the sample for every CPU of this process: idle, or busy in `busy`'s
+    field ("user" or "steal")."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    field = {"user": 0, "steal": 7}
+    calls = itertools.cycle([0, 1])  # before and after, for each sample
+
+    def times():
+        t = next(calls)
+        out = {}
+        for c in cpus:
+            row = [0] * 8
+            row[field[busy[c]] if c in busy else 3] = 100 * t  # user/steal, or idle
+            out[c] = row
+        return out
+
+    monkeypatch.setattr(threads, "_cpu_times", times)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    return cpus
+
+
+def test_idle_cpus_counts_neither_busy_nor_stolen_cpus(monkeypatch):
+    cpus = _fake_stat(monkeypatch, {})
+    assert threads.idle_cpus() == len(cpus)
+    first = cpus[0]
+    _fake_stat(monkeypatch, {first: "user"})
+    assert threads.idle_cpus() == len(cpus) - 1
+    _fake_stat(monkeypatch, {first: "steal"})  # a hypervisor's other guest on that core
+    assert threads.idle_cpus() == len(cpus) - 1
+    _fake_stat(monkeypatch, {c: "user" for c in cpus})
+    assert threads.idle_cpus() == 0 and threads.auto_threads() == 1  # never fewer than one
+
+
+def test_auto_threads_is_every_cpu_where_idleness_cannot_be_read(monkeypatch):
+    def missing():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(threads, "_cpu_times", missing)
+    assert threads.idle_cpus() is None and threads.auto_threads() == threads.available_cpus()

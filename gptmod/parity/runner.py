@@ -33,22 +33,15 @@ CHECKS = (
     "train",
     "quant",
 )
-# What an int8 case runs (`Options.quant`): the twins' agreement on the same int8 weights, judged
-# against the float64 int8 model, and int8 against float32. The per-module and per-op ladders
-# rebuild float layers from canonical weights, HF has no int8 path here, and int8 does not train:
-# those checks give a skipped row that says so.
-QUANT_CHECKS = (
-    "logits",
-    "text",
-    "cached",
-    "ragged",
-    "greedy",
-    "generate",
-    "sampling",
-    "divergence",
-    "roundtrip",
-    "quant",
-)
+# The checks an int8 case (`Options.quant`) skips, and why: the per-module and per-op ladders
+# rebuild float layers from canonical weights, HF has no int8 path here, and int8 does not train.
+# The others judge the twins on the same int8 weights against the float64 model of those weights.
+NOT_FOR_INT8 = {
+    "modules": "rebuilds float layers from canonical weights",
+    "trace": "replays float ops on canonical weights",
+    "hf": "HF has no int8 path here",
+    "train": "int8 weights do not train",
+}
 
 
 @dataclass
@@ -182,12 +175,15 @@ def run_suite(
                         c, opts.train_steps, opts.seed, own_weights=own, progress=progress
                     ),
                 ),
-                ("quant", lambda c: quant_agreement.check_quant(c, opts.divergence_steps)),
+                (
+                    "quant",
+                    lambda c: quant_agreement.check_quant(c, opts.divergence_steps, opts.text_ids),
+                ),
             ]
             if opts.quant is None:  # int8 against float32 needs an int8 case
                 checks = [(k, f) for k, f in checks if k != "quant"]
             else:
-                checks = [(k, f if k in QUANT_CHECKS else _not_for_int8(k)) for k, f in checks]
+                checks = [(k, _not_for_int8(k) if k in NOT_FOR_INT8 else f) for k, f in checks]
             plan.append((name, cfg, state, dtype, [(k, f) for k, f in checks if k in opts.checks]))
     rows: list[Row] = []
     # No ETA: checks differ in cost by 100x (the training curve's own bar shows its steps).
@@ -211,14 +207,9 @@ def run_suite(
 
 
 def _not_for_int8(check: str) -> Callable[[Case], Iterable[Row]]:
-    """A check that an int8 case skips, as one row that says why (see QUANT_CHECKS)."""
-    why = {
-        "modules": "rebuilds float layers from canonical weights",
-        "trace": "replays float ops on canonical weights",
-        "hf": "HF has no int8 path here",
-        "train": "int8 weights do not train",
-    }[check]
-    return lambda c: [suite.case_row(check, c, note=f"not run on int8 weights: {why}")]
+    """A check that an int8 case skips, as one row that says why (NOT_FOR_INT8)."""
+    note = f"not run on int8 weights: {NOT_FOR_INT8[check]}"
+    return lambda c: [suite.case_row(check, c, note=note)]
 
 
 def _fmt(v: float | None) -> str:
