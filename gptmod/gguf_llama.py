@@ -491,6 +491,27 @@ _KNOWN_TYPES: dict[str, tuple[str, str | None]] = {
     "general.file_type": ("UINT32", None),
     "general.base_model.count": ("UINT32", None),
     "general.dataset.count": ("UINT32", None),
+    # llama.cpp reads every integer hyperparameter as UINT32 and refuses a file that stores one
+    # as INT32 ("key llama.context_length has wrong type i32 but expected type u32")
+    **{
+        f"{ARCH}.{k}": ("UINT32", None)
+        for k in (
+            "context_length",
+            "embedding_length",
+            "block_count",
+            "feed_forward_length",
+            "vocab_size",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "attention.key_length",
+            "attention.value_length",
+            "attention.sliding_window",
+            "rope.dimension_count",
+            "rope.scaling.original_context_length",
+            "expert_count",
+            "expert_used_count",
+        )
+    },
     "tokenizer.ggml.token_type": ("ARRAY", "INT32"),
     "tokenizer.ggml.token_type_count": ("UINT32", None),
     "tokenizer.ggml.scores": ("ARRAY", "FLOAT32"),

@@ -622,3 +622,19 @@ def test_write_keeps_metadata_types(tmp_path):
     back = read(out).fields
     assert {k: back[k] for k in fields} == fields
     assert gguf_llama.OUT_TYPES == ("f32", "f16", "q8_0")
+
+
+def test_written_hyperparameters_are_uint32_as_llama_cpp_reads_them(tmp_path):
+    """llama.cpp refuses a file whose llama.context_length (or any integer hyperparameter) is
+    INT32: "key llama.context_length has wrong type i32 but expected type u32"."""
+    out = tmp_path / "t.gguf"
+    write(out, _tiny_state(TINY), TINY)
+    f = GGUFReader(out).fields
+    ints = [k for k in f if k.startswith("llama.") and k not in ("llama.rope.freq_base",)]
+    ints = [k for k in ints if "epsilon" not in k]
+    assert {"llama.context_length", "llama.block_count", "llama.attention.head_count_kv"} <= set(
+        ints
+    )
+    assert {k: [GGUFValueType(t).name for t in f[k].types] for k in ints} == {
+        k: ["UINT32"] for k in ints
+    }
