@@ -267,11 +267,11 @@ def test_checkpoint_from_one_framework_loads_in_the_other(tmp_path):
 
 
 def _class_layout(path: Path) -> dict[str, list[str]]:
-    """Class name -> attributes assigned in __init__ (`self.<attr> = ...`), in order."""
+    """Class name -> attributes assigned in __init__ (`self.<attr> = ...`), in source order."""
     layout = {}
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.ClassDef):
-            attrs = []
+            attrs = []  # (line, name): ast.walk is breadth-first, the source order is by line
             for fn in node.body:
                 if isinstance(fn, ast.FunctionDef) and fn.name == "__init__":
                     for sub in ast.walk(fn):
@@ -279,14 +279,16 @@ def _class_layout(path: Path) -> dict[str, list[str]]:
                         targets += [sub.target] if isinstance(sub, ast.AnnAssign) else []
                         for t in targets:
                             elts = t.elts if isinstance(t, ast.Tuple) else [t]
-                            attrs += [e.attr for e in elts if isinstance(e, ast.Attribute)]
+                            attrs += [
+                                (e.lineno, e.attr) for e in elts if isinstance(e, ast.Attribute)
+                            ]
                         # torch's register_buffer("k", ...) is the twin of `self.k = nnx.Cache(...)`
                         if (
                             isinstance(sub, ast.Call)
                             and getattr(sub.func, "attr", "") == "register_buffer"
                         ):
-                            attrs.append(sub.args[0].value)
-            layout[node.name] = attrs
+                            attrs.append((sub.lineno, sub.args[0].value))
+            layout[node.name] = [name for _, name in sorted(attrs)]
     return layout
 
 

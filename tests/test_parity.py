@@ -191,6 +191,7 @@ def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
         "roundtrip",
         "hf",
         "train",
+        "quant",
     }
 
 
