@@ -161,14 +161,19 @@ def apply_threads(args: argparse.Namespace) -> int:
     (gptmod.threads.limit_threads); the count, which `args.threads` then holds too."""
     from gptmod import threads
 
-    n = args.threads if args.threads is not None else threads.auto_threads()
-    try:
-        if args.threads is not None or n < threads.available_cpus():
+    if args.threads is None:
+        # The default never fails: where JAX already runs in this process (a library caller),
+        # its pools are as they are, and so is everything else.
+        n = threads.available_cpus() if threads.jax_started() else threads.auto_threads()
+        if n < threads.available_cpus():
             threads.limit_threads(n)
+        args.threads = n
+        return n
+    try:
+        threads.limit_threads(args.threads)
     except (ValueError, RuntimeError) as e:
         raise CLIError(str(e)) from None
-    args.threads = n
-    return n
+    return args.threads
 
 
 def generation_model(args: argparse.Namespace, p: Any, backend: str) -> Any:

@@ -73,17 +73,23 @@ def auto_threads() -> int:
     return available_cpus() if idle is None else max(1, idle)
 
 
+def jax_started() -> bool:
+    """Whether JAX's backend (and so XLA's thread pools) has started in this process."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # the one place that knows whether XLA has started
+
+    return xla_bridge.backends_are_initialized()
+
+
 def limit_threads(n: int) -> None:
     """Run torch, XLA and HF on `n` threads and CPUs (see the module docstring)."""
     check_threads(n)
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge  # the one place that knows whether XLA has started
-
-        if xla_bridge.backends_are_initialized():
-            raise RuntimeError(
-                "limit_threads: JAX's backend has already started with its own thread pools; "
-                "call it before the first JAX computation"
-            )
+    if jax_started():
+        raise RuntimeError(
+            "limit_threads: JAX's backend has already started with its own thread pools; "
+            "call it before the first JAX computation"
+        )
     if hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))[:n]
         os.sched_setaffinity(0, cpus)
