@@ -156,6 +156,16 @@ _LLAMA_KEYS = (
 )
 
 
+# The llama.* keys of _LLAMA_KEYS that are not integers (floats, and the scaling type's string).
+_LLAMA_NOT_INT = (
+    "attention.layer_norm_rms_epsilon",
+    "rope.freq_base",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+)
+
+
 def _int_key(fields: Mapping[str, Any], key: str, where: str, *, default: int | None = None) -> int:
     if key not in fields:
         if default is None:
@@ -493,25 +503,7 @@ _KNOWN_TYPES: dict[str, tuple[str, str | None]] = {
     "general.dataset.count": ("UINT32", None),
     # llama.cpp reads every integer hyperparameter as UINT32 and refuses a file that stores one
     # as INT32 ("key llama.context_length has wrong type i32 but expected type u32")
-    **{
-        f"{ARCH}.{k}": ("UINT32", None)
-        for k in (
-            "context_length",
-            "embedding_length",
-            "block_count",
-            "feed_forward_length",
-            "vocab_size",
-            "attention.head_count",
-            "attention.head_count_kv",
-            "attention.key_length",
-            "attention.value_length",
-            "attention.sliding_window",
-            "rope.dimension_count",
-            "rope.scaling.original_context_length",
-            "expert_count",
-            "expert_used_count",
-        )
-    },
+    **{f"{ARCH}.{k}": ("UINT32", None) for k in _LLAMA_KEYS if k not in _LLAMA_NOT_INT},
     "tokenizer.ggml.token_type": ("ARRAY", "INT32"),
     "tokenizer.ggml.token_type_count": ("UINT32", None),
     "tokenizer.ggml.scores": ("ARRAY", "FLOAT32"),
