@@ -112,13 +112,15 @@ def _jax(cfg, state, dtype, backend, seed, device, kernels, quant):
     from flax import nnx
 
     import gptmod_jax
+    from gptmod_jax import sharding
 
     # None: JAX's own placement (its default device, or the shards of an active mesh)
     where = (
         contextlib.nullcontext() if device is None else jax.default_device(jax.devices(device)[0])
     )
-    with where:
-        model = gptmod_jax.GPT(
+
+    def make() -> gptmod_jax.GPT:
+        return gptmod_jax.GPT(
             cfg,
             rngs=nnx.Rngs(seed),
             attn_backend=backend or "auto",
@@ -126,7 +128,16 @@ def _jax(cfg, state, dtype, backend, seed, device, kernels, quant):
             kernels=kernels,
             quant=quant,
         )
-        return model if state is None else gptmod_jax.load_state(model, state)
+
+    with where:
+        if state is None:
+            return make()
+        # The state replaces every parameter: build their shapes only, not a random init that
+        # would be thrown away (each initializer compiles for each new shape, about a second a
+        # model on a CPU). Under a mesh the parameters are built for real, as their shardings are
+        # set when they are made.
+        model = make() if sharding.mesh_active() else nnx.eval_shape(make)
+        return gptmod_jax.load_state(model, state)
 
 
 def _hf(cfg, state, dtype, seed, device):

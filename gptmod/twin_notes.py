@@ -445,10 +445,10 @@ _MODEL = {
     "load_state": _n(
         "torch copies in place with `copy_` under `torch.no_grad`, which also casts to the "
         "parameter's dtype. JAX arrays are immutable, so each `nnx.Param` is given a new array, "
-        "`p[...] = jax.device_put(...)`: a copy cast to the parameter's dtype and placed like the "
-        "array it replaces.",
+        "`p.set_value(jax.device_put(...))`: a copy cast to the parameter's dtype and placed like "
+        "the array it replaces (or, where the model holds only shapes, on the default device).",
         torch=("@torch.no_grad()", "t.copy_("),
-        jax=("p[...] = jax.device_put(np.array(state[name], dtype=p.dtype, copy=True)",),
+        jax=("p.set_value(jax.device_put(np.array(state[name], dtype=p.dtype, copy=True)",),
     ),
 }
 
@@ -731,7 +731,8 @@ _TRAIN = {
         "JAX splits the model (`nnx.split`) into a graph and a flat dict of fp32 parameter "
         "copies, which the jitted step takes, donates and returns, with the optax state "
         "(`tx.init`) beside them. Only torch takes `compile` (the loss through "
-        "`torch.compile`); every JAX step is jitted.",
+        "`torch.compile`); every JAX step is jitted, per Trainer: a jitted method with `self` "
+        "static would keep every Trainer, and its arrays, in JAX's cache for good.",
         torch=(
             "self.optimizer = make_optimizer(model, tc)",
             "torch.compile(loss_fn) if compile else loss_fn",
@@ -740,6 +741,7 @@ _TRAIN = {
             "nnx.split(model, nnx.Param, ...)",
             "jnp.array(v, jnp.float32, copy=True)",
             "self.tx.init(self.params)",
+            "jax.jit(self._step, donate_argnums=(0, 1))",
         ),
     ),
     "Trainer._autocast": _n(
@@ -771,20 +773,18 @@ _TRAIN = {
     ),
     "Trainer._grads": _n(
         "JAX only: the mean loss and gradient over the micro-batches as a `jax.lax.scan` of "
-        "`jax.value_and_grad`, one jitted function (`self` is static); torch's twin is "
-        "`Trainer._backward`.",
+        "`jax.value_and_grad`, one function that `__init__` jits for this Trainer; torch's twin "
+        "is `Trainer._backward`.",
         jax=(
             "jax.value_and_grad(self._loss)(params, *xy)",
             "jax.lax.scan(micro, zeros, (x_ABT, y_ABT))",
-            "@partial(jax.jit, static_argnums=0)",
         ),
     ),
     "Trainer._step": _n(
-        "JAX only: gradients, `tx.update` and `optax.apply_updates` in one jitted step that "
-        "donates the parameters and optimizer state, so XLA updates them in place; torch's "
-        "`optimizer.step()` mutates its parameters itself.",
+        "JAX only: gradients, `tx.update` and `optax.apply_updates` in one step that `__init__` "
+        "jits, donating the parameters and optimizer state so that XLA updates them in place; "
+        "torch's `optimizer.step()` mutates its parameters itself.",
         jax=(
-            "donate_argnums=(1, 2)",
             "self.tx.update(g, opt_state, params)",
             "optax.apply_updates(params, updates)",
         ),

@@ -623,6 +623,8 @@ def load_state(model: nnx.Module, state: Mapping[str, np.ndarray]) -> nnx.Module
     for name, p in params.items():
         # A copy (on CPU a device array may alias a numpy buffer, which the caller can still
         # mutate), placed where the parameter is: one device, or its shards under a mesh
-        # (gptmod_jax/sharding.py).
-        p[...] = jax.device_put(np.array(state[name], dtype=p.dtype, copy=True), p[...].sharding)
+        # (gptmod_jax/sharding.py); the default device for a model of shapes only
+        # (`nnx.eval_shape`, as gptmod.models.build makes one to load).
+        where = p.get_value().sharding
+        p.set_value(jax.device_put(np.array(state[name], dtype=p.dtype, copy=True), where))
     return model

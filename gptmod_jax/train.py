@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from typing import Any
 
 import jax
@@ -79,6 +78,12 @@ class Trainer:
         self.tx = make_optimizer(tc, self.names)
         self.opt_state = self.tx.init(self.params)
         self.count = 0  # updates applied so far
+        # Jitted per Trainer, as bound methods: with `self` a static argument, JAX's compilation
+        # cache would hold every Trainer ever used, its parameters and optimizer state with it, for
+        # the rest of the process. These programs go when the Trainer goes.
+        self._grads = jax.jit(self._grads)
+        self._step = jax.jit(self._step, donate_argnums=(0, 1))
+        self._eval = jax.jit(self._eval)
 
     def _model(self, params: Mapping[str, jax.Array]) -> GPT:
         if self.tc.dtype == "bfloat16":  # bf16 compute; gradients flow back to the fp32 masters
@@ -89,7 +94,6 @@ class Trainer:
     def _loss(self, params: Mapping[str, jax.Array], x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
         return loss_fn(self._model(params), x_BT, y_BT)
 
-    @partial(jax.jit, static_argnums=0)
     def _grads(
         self, params: dict[str, jax.Array], x_ABT: jax.Array, y_ABT: jax.Array
     ) -> tuple[jax.Array, dict]:
@@ -105,7 +109,6 @@ class Trainer:
         n = x_ABT.shape[0]
         return loss / n, jax.tree.map(lambda a: a / n, g)
 
-    @partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
     def _step(self, params: dict, opt_state: Any, x_ABT: jax.Array, y_ABT: jax.Array) -> tuple:
         loss, g = self._grads(params, x_ABT, y_ABT)
         updates, opt_state = self.tx.update(g, opt_state, params)
@@ -138,7 +141,6 @@ class Trainer:
         self.count += 1
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
-    @partial(jax.jit, static_argnums=0)
     def _eval(self, params: dict, x_BT: jax.Array, y_BT: jax.Array) -> jax.Array:
         return self._loss(params, x_BT, y_BT)
 

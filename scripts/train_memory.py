@@ -75,8 +75,8 @@ def one(framework: str, preset: str, batch: int, accum: int, steps: int, block: 
     if framework == "jax":  # after the peak is read: this second compile must not count in it
         import jax.numpy as jnp
 
-        lowered = Trainer._step.lower(
-            trainer, trainer.params, trainer.opt_state, jnp.asarray(x), jnp.asarray(y)
+        lowered = trainer._step.lower(
+            trainer.params, trainer.opt_state, jnp.asarray(x), jnp.asarray(y)
         )
         m = lowered.compile().memory_analysis()
         if m is not None:

@@ -1,11 +1,15 @@
 """Shared helpers: twin builders, the float64 torch reference, tiny Llama configs, states and
-folders, and the real SmolLM2 (its config, its GGUF)."""
+folders, and the real SmolLM2 (its config, its GGUF, its loaded weights once per worker); and the
+session's machine: each xdist worker's share of the CPUs and the persistent compilation caches
+(docs/testing.md)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
+import subprocess
 from pathlib import Path
 
 import jax
@@ -24,6 +28,85 @@ from gptmod.data import TokenLoader, prepare
 
 torch.backends.cuda.matmul.allow_tf32 = False
 jax.config.update("jax_default_matmul_precision", "highest")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------- the session's machine
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test: this worker's share of the CPUs and the compilation caches; then JAX's
+    backend starts, with both. Started here, it also keeps the in-process CLI calls' --threads
+    default from limiting the worker: that default leaves a process whose JAX already runs as it is
+    (gptmod.options.apply_threads), where it would otherwise pin the whole worker to the CPUs that
+    happened to be idle."""
+    _share_the_cpus()
+    _compilation_caches()
+    jax.devices()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked slow first, the others after them in their usual order: with
+    `--maxschedchunk=1` (pyproject.toml) pytest-xdist hands out one test at a time, so the two
+    workers start on the long tests and share the short ones at the end, instead of one of them
+    finishing a long test alone while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _share_the_cpus() -> None:
+    """Under pytest-xdist, each worker computes on its share of the CPUs: one thread each with
+    `-n 2` on 2 cores. torch's OpenMP threads spin-wait and XLA's Eigen pool sizes itself to the
+    whole machine, so two workers of two threads each on two cores ran test_generate.py 1.4x slower
+    than one thread each. The OMP/MKL variables and XLA_FLAGS also reach the CLI subprocesses that
+    tests start. A test that needs other threads sets them itself (test_threads.py). A thread count
+    the user set (OMP_NUM_THREADS) is left as it is."""
+    from gptmod import threads
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = threads.available_cpus() // workers
+    if "OMP_NUM_THREADS" in os.environ or not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if share < threads.available_cpus():
+        share = max(1, share)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[name] = str(share)
+        if share == 1:  # XLA's Eigen pool (the flag limit_threads sets for one thread)
+            flags = os.environ.get("XLA_FLAGS", "")
+            if "xla_cpu_multi_thread_eigen" not in flags:
+                os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+        torch.set_num_threads(share)
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where compiled programs persist across tests, workers, subprocesses and runs:
+    $GPTMOD_TEST_CACHE, or .cache/compile in the checkout; None with GPTMOD_TEST_CACHE=off (a cold
+    run, as on a fresh machine)."""
+    where = os.environ.get("GPTMOD_TEST_CACHE", str(ROOT / ".cache" / "compile"))
+    return None if where == "off" else Path(where)
+
+
+def _compilation_caches() -> None:
+    """JAX's persistent compilation cache with no size or compile-time threshold (the tests' small
+    programs are the ones compiled again and again) and inductor's FX graph cache, both in one
+    folder that every xdist worker and every CLI subprocess shares. The keys hold the jax/jaxlib or
+    torch versions, so both CI stacks may share the folder."""
+    folder = compilation_cache_dir()
+    if folder is None:
+        return
+    jax_dir, inductor_dir = folder / "jax", folder / "inductor"
+    jax_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "jax_compilation_cache_dir": str(jax_dir),
+        "jax_persistent_cache_min_compile_time_secs": 0,
+        "jax_persistent_cache_min_entry_size_bytes": -1,
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)  # for the subprocesses' JAX
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
+
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -73,6 +156,22 @@ SMOLLM2_135M = llama_cfg(
     norm_eps=1e-5,
     tie_embeddings=True,
 )
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> subprocess.CompletedProcess:
+    """`gptmod ARGV` run in this process, as a CompletedProcess: main()'s exit code (argparse's
+    usage errors and --help exit through SystemExit, as they do in the command), stdout and
+    stderr. A subprocess costs seconds of imports a call; tests start one only where a fresh
+    process is the point (the command's own exit status, signals, environment read at start)."""
+    from gptmod.cli import main
+
+    capsys.readouterr()  # what the test printed before is not the command's
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["gptmod", *argv], code, out, err)
 
 
 def random_state(cfg: ModelConfig, seed: int = 0, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -167,7 +266,16 @@ def torch_logits(model: torch.nn.Module, idx: np.ndarray) -> np.ndarray:
 
 
 def jax_logits(model: nnx.Module, idx: np.ndarray) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(idx)), dtype=np.float64)
+    """The JAX twin's logits in float64, from one jitted forward: run eagerly, JAX compiles every
+    op of a new shape on its own (about 40 ms each on this CPU; 1,255 compilations, 60 of
+    test_model.py's 96 s). Eager calls keep their own tests (the input errors, test_modules.py)."""
+    graphdef, state = nnx.split(model)
+    return np.asarray(_jitted_forward(graphdef, state, jnp.asarray(idx)), dtype=np.float64)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_forward(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(idx)
 
 
 def tokens(cfg: ModelConfig, batch: int, seq_len: int, seed: int = 0) -> np.ndarray:
@@ -196,3 +304,28 @@ def smollm2_gguf_path() -> Path:
             pytest.fail(why)
         pytest.skip(why)
     return path
+
+
+# The real model's parts that many tests read, built once per worker (session scope): a fixture of
+# module scope would build them again in every module that asks. Tests treat them as read-only; one
+# that changes a state or a tokenizer works on its own copy.
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as gptmod loads it (gptmod.pretrained.load: config, fp32 canonical
+    state, tokenizer, chat template, eos ids, report)."""
+    from gptmod import pretrained
+
+    smollm2_gguf_path()  # skips (or fails under CI) without the package
+    return pretrained.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer():
+    """transformers' tokenizer of the same GGUF (AutoTokenizer with gguf_file): the independent
+    oracle of the tokenizer, chat and GGUF tests."""
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -5,7 +5,9 @@ prints, as one JSON object, how far the sharded forward, generation and training
 unsharded ones, the shardings the parameters got, and the collectives in one compiled train step.
 
 With the argument `kv` it checks KV-head replication instead (`kv_replication`): tiny, 2 KV heads,
-on data=2,model=4, where each KV head is replicated over two devices."""
+on data=2,model=4, where each KV head is replicated over two devices. With `cli DATA OUT` it runs
+the `gptmod` command in this one process (`cli_runs`): generate and train without a mesh and on
+meshes of the 8 devices, training on the shards in DATA into runs under OUT."""
 
 from __future__ import annotations
 
@@ -45,9 +47,14 @@ def main() -> None:
     if sys.argv[1:] == ["kv"]:
         json.dump(kv_replication(), sys.stdout)
         return
+    if sys.argv[1:2] == ["cli"]:
+        json.dump(cli_runs(*sys.argv[2:]), sys.stdout)
+        return
     # n_kv_head 4 so that tensor parallelism over model=4 splits whole kv heads; an untied head with
     # biases puts every kind of parameter (lm_head, bias vectors) under the rules.
-    cfg = dataclasses.replace(load_preset("tiny"), n_kv_head=4, tie_embeddings=False, bias=True)
+    cfg = dataclasses.replace(
+        load_preset("tiny"), vocab_size=257, n_kv_head=4, tie_embeddings=False, bias=True
+    )
     ref = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
     # varied tokens
     state = {k: v * 4 if v.ndim == 2 else v for k, v in gptmod_jax.export_state(ref).items()}
@@ -102,11 +109,7 @@ def main() -> None:
                 if np.abs(want_grads[n]).max() > 0
             )
             x = trainer._batch(batches[0][0], (None, "batch", None))
-            hlo = (
-                Trainer._step.lower(trainer, trainer.params, trainer.opt_state, x, x)
-                .compile()
-                .as_text()
-            )
+            hlo = trainer._step.lower(trainer.params, trainer.opt_state, x, x).compile().as_text()
             r["collectives"] = collectives(hlo)
             r["hlo_param_shapes"] = sorted(
                 set(re.findall(r"= (f32\[[0-9,]*\])[^ ]* parameter\(", hlo))
@@ -133,7 +136,7 @@ def kv_replication() -> dict:
     how far logits, greedy tokens and a train step are from one device; where wk and the cache sit;
     and the collectives of a compiled forward and decode step beside a 4-KV-head twin of tiny, whose
     KV heads split evenly over model=4 (one per device, no replication)."""
-    cfg = load_preset("tiny")
+    cfg = dataclasses.replace(load_preset("tiny"), vocab_size=257)
     ref = gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0))
     # Larger weights (the tied embedding aside) for varied greedy tokens.
     state = {
@@ -208,6 +211,42 @@ def kv_replication() -> dict:
         except ValueError as e:
             out["refusal"] = str(e)
     return out
+
+
+GENERATE = ["generate", "--preset", "tiny", "--prompt", "To be, or not to be", "--max-new-tokens"]
+TRAIN = ["train", "--framework", "jax", "--preset", "tiny", "--steps", "3", "--batch-size", "8"]
+TRAIN_MORE = ["--block-size", "32", "--log-every", "1", "--eval-every", "0", "--eval-batches", "1"]
+
+
+def cli_runs(data: str, out: str) -> dict:
+    """`gptmod generate` without a mesh, on data=4,model=2 (tiny's 4 query and 2 KV heads split
+    evenly) and on data=2,model=4 (each KV head replicated twice), and on model=8, which nothing
+    can serve (a one-line error); `gptmod train` without a mesh and on data=4,model=2 under fsdp.
+    Each command's exit code, stdout and stderr, in this process: what the command prints is what
+    main() prints (tests/test_cli.py runs it as a process), and the 8 devices are fixed at start."""
+    import contextlib
+    import io
+
+    from gptmod.cli import main
+
+    def run(*argv: str) -> dict:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(list(argv))
+        return {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+
+    gen = [*GENERATE, "12"]
+    train = [*TRAIN, *TRAIN_MORE, "--warmup-steps", "1", "--ckpt-every", "0", "--data", data]
+    return {
+        "generate": run(*gen),
+        "generate data=4,model=2": run(*gen, "--mesh", "data=4,model=2"),
+        "generate data=2,model=4": run(*gen, "--mesh", "data=2,model=4"),
+        "generate model=8": run(*gen, "--mesh", "model=8"),
+        "train": run(*train, "--out", f"{out}/one"),
+        "train data=4,model=2": run(
+            *train, "--out", f"{out}/mesh", "--mesh", "data=4,model=2", "--rules", "fsdp"
+        ),
+    }
 
 
 def forward_hlo(model: gptmod_jax.GPT, x: jax.Array) -> str:

@@ -268,6 +268,7 @@ def test_documented_targets_on_the_committed_runs(name):
         }
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     out, plots = tmp_path / "bench.json", tmp_path / "plots" / "new"
     frameworks = ["jax", "jax-scan", "torch-eager", "hf"]
@@ -358,6 +359,7 @@ def test_tiny_end_to_end_json_and_plots(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_torch_compile_cell_reports_its_compile_time():
     cfg = load_preset("tiny")
     m = models.build_models(cfg, ["torch-compile"])
@@ -544,6 +546,7 @@ def test_cli_forwards_bench(capsys):
     assert out.startswith("usage: gptmod bench") and "--quick" in out and "--frameworks" in out
 
 
+@pytest.mark.slow
 def test_real_weights_run_in_every_framework_hf_included(tmp_path, capsys):
     """--weights: the checkpoint's own config, and the same weights in torch, JAX and HF (HF's
     logits are ours)."""
@@ -619,6 +622,7 @@ def test_int8_key_figures_of_hand_made_rows():
     assert "jax decode / hf (batch 1)" not in got
 
 
+@pytest.mark.slow
 def test_int8_cells_run_beside_fp32_with_their_own_roofline(tmp_path, monkeypatch, capsys):
     """--quant fp32,int8: each twin on both, HF on fp32 only, cell by cell; int8 rows' roofline is
     that of the int8 byte count; a load above the CPU count is warned about."""

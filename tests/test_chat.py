@@ -23,7 +23,7 @@ from gptmod.models import build
 from gptmod.options import CLIError
 from gptmod.sampling import ContextFullError
 
-from conftest import smollm2_gguf_path, torch_pair_state
+from conftest import torch_pair_state
 
 jg = importlib.import_module("gptmod_jax.generate")
 tg = importlib.import_module("gptmod_torch.generate")
@@ -35,15 +35,10 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(smollm2, smollm2_hf_tokenizer):
     """(SmolLM2 through gptmod.pretrained.load, transformers' tokenizer of
     the same GGUF: the oracle)."""
-    from transformers import AutoTokenizer
-
-    path = smollm2_gguf_path()
-    return pretrained.load("smollm2"), AutoTokenizer.from_pretrained(
-        path.parent, gguf_file=path.name
-    )
+    return smollm2, smollm2_hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +183,7 @@ def _fresh_logits(framework, model, ids):
     return s.feed(ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_real_model_session_reuses_the_cache_across_turns(smol, smol_models, framework):
     _, hf_tok = smol
@@ -233,6 +229,7 @@ def _args(argv):
     return parser.parse_args(["chat", *argv])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_cli_chat_answers_piped_messages_and_reuses_the_cache(smol, framework, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTION}\n\nAnd what is it famous for?\n"))

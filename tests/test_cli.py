@@ -1,4 +1,6 @@
-"""The `gptmod` command, driven as a user would: a subprocess, its output and its exit code."""
+"""The `gptmod` command, driven as a user would: its arguments, output and exit code. Calls run
+in-process (conftest.cli); one test runs the command as a process, for the exit status it gives
+the shell."""
 
 from __future__ import annotations
 
@@ -14,16 +16,42 @@ import pytest
 from gptmod import hf_gpt2, weights
 from gptmod.config import ModelConfig, load_preset
 
+from conftest import cli
 
-def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gptmod.cli", *args], capture_output=True, text=True, timeout=timeout
+
+def test_the_command_as_a_process_exits_0_or_2_with_one_line():
+    """`python -m gptmod.cli` as a process: what main() returns is the exit status the shell sees,
+    and an error is one line on stderr, with no traceback."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gptmod.cli", *args], capture_output=True, text=True, timeout=300
+        )
+
+    ok = run(
+        "generate",
+        "--framework",
+        "torch",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--no-eos",
+    )
+    assert ok.returncode == 0 and ok.stdout.startswith("Hi"), ok.stderr
+    bad = run("info", "missing.safetensors")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == (
+        "gptmod info: error: checkpoint not found: missing.safetensors: no such file"
     )
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_generate_streams_prompt_and_continuation(framework):
-    r = run(
+def test_generate_streams_prompt_and_continuation(framework, capsys):
+    r = cli(
+        capsys,
         "generate",
         "--framework",
         framework,
@@ -40,7 +68,7 @@ def test_generate_streams_prompt_and_continuation(framework):
     assert "6 tokens in" in r.stderr and "tokens/s" in r.stderr
 
 
-def test_same_greedy_text_from_both_frameworks_on_a_checkpoint(tmp_path):
+def test_same_greedy_text_from_both_frameworks_on_a_checkpoint(tmp_path, capsys):
     import torch
 
     import gptmod_torch
@@ -53,7 +81,8 @@ def test_same_greedy_text_from_both_frameworks_on_a_checkpoint(tmp_path):
     }
     weights.save(tmp_path / "m.safetensors", state, cfg)
     outs = [
-        run(
+        cli(
+            capsys,
             "generate",
             "--framework",
             fw,
@@ -69,7 +98,7 @@ def test_same_greedy_text_from_both_frameworks_on_a_checkpoint(tmp_path):
     ]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     assert outs[0].stdout == outs[1].stdout
-    info = run("info", str(tmp_path / "m.safetensors"))
+    info = cli(capsys, "info", str(tmp_path / "m.safetensors"))
     assert (
         info.returncode == 0
         and f"parameters: {cfg.num_params():,}" in info.stdout
@@ -77,10 +106,11 @@ def test_same_greedy_text_from_both_frameworks_on_a_checkpoint(tmp_path):
     )
 
 
-def test_batch_file(tmp_path):
+def test_batch_file(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("First prompt\n\nA second, longer prompt here\n")
-    r = run(
+    r = cli(
+        capsys,
         "generate",
         "--preset",
         "tiny",
@@ -128,18 +158,18 @@ def test_batch_file(tmp_path):
         (["plot", "nolog.jsonl"], "no training log at nolog.jsonl"),
     ],
 )
-def test_errors_are_one_line_without_traceback(args, msg):
-    r = run(*args)
+def test_errors_are_one_line_without_traceback(args, msg, capsys):
+    r = cli(capsys, *args)
     assert r.returncode == 2
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert r.stdout == ""
 
 
-def test_corrupt_checkpoint(tmp_path):
+def test_corrupt_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(np.random.default_rng(0).bytes(100))
-    r = run("info", str(bad))
+    r = cli(capsys, "info", str(bad))
     assert (
         r.returncode == 2
         and "not a valid safetensors file" in r.stderr
@@ -147,8 +177,8 @@ def test_corrupt_checkpoint(tmp_path):
     )
 
 
-def test_help_is_complete():
-    r = run("generate", "--help")
+def test_help_is_complete(capsys):
+    r = cli(capsys, "generate", "--help")
     for flag in (
         "--framework",
         "--preset",
@@ -164,10 +194,10 @@ def test_help_is_complete():
         "--compile",
     ):
         assert flag in r.stdout
-    assert run("--help").returncode == 0
+    assert cli(capsys, "--help").returncode == 0
 
 
-def test_help_is_complete_for_every_command():
+def test_help_is_complete_for_every_command(capsys):
     from gptmod.cli import build_parser
 
     parser = build_parser()
@@ -192,14 +222,14 @@ def test_help_is_complete_for_every_command():
         # their own parsers (gpu-check's: tests/test_gpu_check.py)
         if name in ("parity", "bench", "gpu-check"):
             continue
-        r = run(name, "--help")
+        r = cli(capsys, name, "--help")
         assert r.returncode == 0 and p.description, name
         for action in p._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
             assert (action.option_strings or [action.dest])[0] in r.stdout, (name, action.dest)
-    r = run("parity", "--help")
+    r = cli(capsys, "parity", "--help")
     assert r.returncode == 0 and "--inject-fault" in r.stdout
 
 
@@ -265,9 +295,10 @@ def gpt2_folder(tmp_path_factory):
     return root
 
 
-def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path):
+def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path, capsys):
     out = tmp_path / "modern.safetensors"
-    r = run(
+    r = cli(
+        capsys,
         "convert",
         "--from",
         str(gpt2_folder / "gpt2-tiny"),
@@ -290,15 +321,23 @@ def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path):
         .splitlines()[-1]
         .startswith(f"{len(state)} target tensors, {n:,} parameters: ")
     )
-    info = run("info", str(out))
+    info = cli(capsys, "info", str(out))
     assert (
         info.returncode == 0
         and "mlp: swiglu" in info.stdout
         and f"parameters: {cfg.num_params():,}" in info.stdout
     )
     assert f"transfer: {len(state)} target tensors" in info.stdout
-    gen = run(
-        "generate", "--weights", str(out), "--prompt", "To be", "--max-new-tokens", "3", "--no-eos"
+    gen = cli(
+        capsys,
+        "generate",
+        "--weights",
+        str(out),
+        "--prompt",
+        "To be",
+        "--max-new-tokens",
+        "3",
+        "--no-eos",
     )
     assert gen.returncode == 0 and gen.stdout.startswith("To be"), gen.stderr
     classic = tmp_path / "classic.safetensors"
@@ -306,7 +345,8 @@ def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path):
         load_preset("gpt2"), n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=256, max_seq_len=128
     )
     cfg_classic.to_json(tmp_path / "classic.json")
-    r = run(
+    r = cli(
+        capsys,
         "convert",
         "--from",
         str(gpt2_folder / "gpt2-tiny"),
@@ -320,10 +360,10 @@ def test_convert_writes_checkpoint_and_report(gpt2_folder, tmp_path):
     assert r.returncode == 0, r.stderr
     # save_pretrained omits lm_head
     assert "36 copied (100.0% of parameters); 0 source tensor(s) dropped" in r.stdout
-    assert "bfloat16" in run("info", str(classic)).stdout
+    assert "bfloat16" in cli(capsys, "info", str(classic)).stdout
 
 
-def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path):
+def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path, capsys):
     """Random weights: the figures mean nothing, so check the mechanics, and
     that the GPT-2 row is HF's loss."""
     import torch
@@ -331,7 +371,8 @@ def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path):
 
     from gptmod import corpus, tokenizer
 
-    r = run(
+    r = cli(
+        capsys,
         "transfer-report",
         "--weights",
         str(gpt2_folder / "gpt2-tiny"),
@@ -408,16 +449,17 @@ def test_transfer_report_offline_mechanics(gpt2_folder, tmp_path):
         (["side-by-side", "--out", "no/such/dir/x.html"], "folder no/such/dir does not exist"),
     ],
 )
-def test_more_errors_are_one_line(args, msg):
-    r = run(*args)
+def test_more_errors_are_one_line(args, msg, capsys):
+    r = cli(capsys, *args)
     assert r.returncode == 2, r.stderr
     assert (
         msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     )
 
 
-def test_convert_size_mismatch_is_one_line(gpt2_folder, tmp_path):
-    r = run(
+def test_convert_size_mismatch_is_one_line(gpt2_folder, tmp_path, capsys):
+    r = cli(
+        capsys,
         "convert",
         "--from",
         str(gpt2_folder / "gpt2-tiny"),
@@ -432,15 +474,22 @@ def test_convert_size_mismatch_is_one_line(gpt2_folder, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_prepare_train_resume_plot_generate(tmp_path):
+def test_prepare_train_resume_plot_generate(tmp_path, capsys):
     """The training path as a user drives it: shards, a short run, a rerun
     that resumes, a plot, generation."""
     text = tmp_path / "play.txt"
     text.write_text(
         "".join(f"KING. My lord, line {i} of the play.\nQUEEN. Aye, my lord.\n" for i in range(300))
     )
-    r = run(
-        "prepare", "--input", str(text), "--out", str(tmp_path / "data"), "--val-fraction", "0.1"
+    r = cli(
+        capsys,
+        "prepare",
+        "--input",
+        str(text),
+        "--out",
+        str(tmp_path / "data"),
+        "--val-fraction",
+        "0.1",
     )
     assert r.returncode == 0, r.stderr
     assert "1 document(s); train:" in r.stdout and (tmp_path / "data" / "manifest.json").is_file()
@@ -473,20 +522,21 @@ def test_prepare_train_resume_plot_generate(tmp_path):
         "3",
     ]
     dataclasses.replace(load_preset("tiny"), max_seq_len=64).to_json(tmp_path / "cfg.json")
-    r = run(*args)
+    r = cli(capsys, *args)
     assert r.returncode == 0, r.stderr
     assert "done: 6 steps" in r.stdout and "val loss" in r.stdout
     assert "6/6" in r.stderr  # the progress bar reached the end
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 6]
     # The same command again resumes from the last checkpoint and has nothing left to do.
-    r = run(*args)
+    r = cli(capsys, *args)
     assert r.returncode == 0 and "resuming from" in r.stderr and "step_0000006" in r.stderr, (
         r.stderr
     )
     assert "nothing to do" in r.stdout and "already at step 6" in r.stdout
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 6
-    r = run(
+    r = cli(
+        capsys,
         "plot",
         str(tmp_path / "run"),
         str(tmp_path / "run" / "log.jsonl"),
@@ -497,7 +547,8 @@ def test_prepare_train_resume_plot_generate(tmp_path):
         r.stdout
     )
     assert (tmp_path / "l.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    gen = run(
+    gen = cli(
+        capsys,
         "generate",
         "--weights",
         str(tmp_path / "run" / "model.safetensors"),
@@ -510,14 +561,16 @@ def test_prepare_train_resume_plot_generate(tmp_path):
     assert gen.returncode == 0 and gen.stdout.startswith("KING."), gen.stderr
 
 
-def test_uptraining_starts_from_transferred_gpt2(gpt2_folder, tmp_path):
+@pytest.mark.slow
+def test_uptraining_starts_from_transferred_gpt2(gpt2_folder, tmp_path, capsys):
     """--init with GPT-2 weights: the partial transfer is the starting point
     (its first loss is the transfer's)."""
     from gptmod import data, weights
 
     data.prepare("bundled", tmp_path / "data", progress=False)
     cfg_file = gpt2_folder / "modern-tiny.json"
-    r = run(
+    r = cli(
+        capsys,
         "train",
         "--framework",
         "jax",
@@ -561,8 +614,9 @@ def test_transfer_report_reads_back_from_its_json(gpt2_folder):
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
-def test_generate_on_int8_weights(framework):
-    r = run(
+def test_generate_on_int8_weights(framework, capsys):
+    r = cli(
+        capsys,
         "generate",
         "--framework",
         framework,
@@ -579,9 +633,18 @@ def test_generate_on_int8_weights(framework):
     assert r.stdout.startswith("Hello") and f"tokens/s, {framework}, int8, " in r.stderr
 
 
-def test_int8_with_bfloat16_is_one_line():
-    r = run(
-        "generate", "--preset", "tiny", "--prompt", "x", "--quant", "int8", "--dtype", "bfloat16"
+def test_int8_with_bfloat16_is_one_line(capsys):
+    r = cli(
+        capsys,
+        "generate",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "x",
+        "--quant",
+        "int8",
+        "--dtype",
+        "bfloat16",
     )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--quant int8 with --dtype bfloat16: int8 weights compute in float32" in r.stderr

@@ -19,6 +19,8 @@ import torch
 from gptmod import hf, pretrained, textio, tokenizer, weights
 from gptmod.cli import main
 
+from conftest import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,9 +41,8 @@ _cfg, _state, _raw = SWEEP.tiny_cfg, SWEEP.random_state, SWEEP.raw_checkpoint
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
+    r = cli(capsys, *argv)
+    return r.returncode, r.stdout, r.stderr
 
 
 class _Payload:

@@ -24,12 +24,14 @@ import pytest
 
 from gptmod import training, weights
 from gptmod.config import load_preset
+from gptmod.data import prepare
 from gptmod_jax import sharding
 from gptmod_torch import distributed
 
+from conftest import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 MESH_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-MESH_ENV_FULL = {**os.environ, **MESH_ENV}
 
 
 # ------------------------------------------------------------------------- JAX, 8 simulated devices
@@ -49,6 +51,7 @@ def _sharded_worker(*args: str, timeout: float) -> dict:
     return json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_on_8_devices_every_rules_table_equals_one_device():
     # One test reading one subprocess: a fixture shared by several tests would run the subprocess
     # once per pytest-xdist worker (grouping with --dist loadgroup does not work with pytest 9.2,
@@ -60,6 +63,7 @@ def test_on_8_devices_every_rules_table_equals_one_device():
     _compiled_train_step_has_the_expected_collectives(sharded)
 
 
+@pytest.mark.slow
 def test_on_8_devices_kv_heads_replicate_over_a_larger_model_axis():
     # tiny has 2 KV heads for 4 query heads; on data=2,model=4 each KV head
     # sits on the 2 devices of its query heads.
@@ -128,7 +132,7 @@ def _parameters_are_sharded_as_their_rules_say(sharded: dict) -> None:
         "model"
     ]
     assert tp["blocks.0.attn.wk.weight"] == ["model", None]
-    # the vocabulary stays replicated (50257 divides by nothing)
+    # the vocabulary stays replicated (257 divides by nothing)
     assert tp["tok_emb.weight"] == [None, None]
     assert fsdp["blocks.0.mlp.w_gate.weight"] == ["model", "data"] and fsdp["lm_head.weight"] == [
         None,
@@ -264,6 +268,7 @@ def test_mesh_size_and_divisibility_are_checked():
     sharding.check_divisible(cfg, FakeMesh(), sharding.rules("dp"), batch=4)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_builds_the_same_model():
     import jax.numpy as jnp
     from flax import nnx
@@ -332,8 +337,9 @@ def _gptmod(*args: str, procs: int = 1) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
+    """The bundled plays as token shards (what `gptmod prepare --input bundled` writes)."""
     out = tmp_path_factory.mktemp("data") / "shk"
-    _gptmod("prepare", "--input", "bundled", "--out", str(out))
+    prepare("bundled", out, progress=False)
     return out
 
 
@@ -345,10 +351,15 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-def test_torchrun_ddp_and_fsdp_equal_one_process_and_resume(shards, tmp_path):
-    # One test for the runs that share the one-process reference (see the 8-device test on xdist).
+@pytest.mark.slow
+def test_torchrun_ddp_and_fsdp_equal_one_process_and_resume(shards, tmp_path, capsys):
+    # One test for the runs that share the one-process reference (see the 8-device test on xdist);
+    # the reference runs in this process.
     single = tmp_path / "single"
-    _gptmod("train", *TRAIN, "--batch-size", "4", "--data", str(shards), "--out", str(single))
+    r = cli(
+        capsys, "train", *TRAIN, "--batch-size", "4", "--data", str(shards), "--out", str(single)
+    )
+    assert r.returncode == 0, r.stderr
     want, (a, cfg_a) = _losses(single), weights.load(single / "model.safetensors")
     for parallel in ("ddp", "fsdp"):
         run = tmp_path / parallel
@@ -398,7 +409,7 @@ def test_torchrun_ddp_and_fsdp_equal_one_process_and_resume(shards, tmp_path):
         (["--mesh", "data=1", "--rule", "vocab"], "--rule 'vocab': expected AXIS=MESH_AXIS"),
     ],
 )
-def test_launch_errors_name_the_option(args, msg, shards, tmp_path):
+def test_launch_errors_name_the_option(args, msg, shards, tmp_path, capsys):
     cmd = [
         "train",
         *[a for a in TRAIN if a != "--framework" and a != "torch"],
@@ -410,10 +421,8 @@ def test_launch_errors_name_the_option(args, msg, shards, tmp_path):
     ]
     if "--framework" not in args:
         cmd += ["--framework", "jax" if "--mesh" in args or "--rules" in args else "torch"]
-    r = subprocess.run(
-        [sys.executable, "-m", "gptmod.cli", *cmd], capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+    r = cli(capsys, *cmd)
+    assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # What torchrun sets in the second of two processes on one node.
@@ -485,82 +494,25 @@ def test_cli_names_the_missing_torchrun_variables(shards, tmp_path, monkeypatch,
     )
 
 
-def _jax_cli(*args: str, mesh: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(MESH_ENV if mesh else {})}
-    r = subprocess.run(
-        [sys.executable, "-m", "gptmod.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r
-
-
+@pytest.mark.slow
 def test_cli_generate_and_train_on_a_mesh_match_one_device(shards, tmp_path):
-    gen = [
-        "generate",
-        "--preset",
-        "tiny",
-        "--prompt",
-        "To be, or not to be",
-        "--max-new-tokens",
-        "12",
-    ]
+    # One subprocess with 8 devices runs every command (tests/sharded_worker.py, cli_runs).
+    runs = _sharded_worker("cli", str(shards), str(tmp_path), timeout=900)
+    for name, r in runs.items():
+        if name != "generate model=8":
+            assert r["code"] == 0, (name, r["stderr"][-4000:])
     # tiny has 4 query and 2 kv heads: a model axis of 2 splits both evenly,
     # one of 4 replicates each KV head twice.
-    want = _jax_cli(*gen, mesh=False).stdout
-    assert _jax_cli(*gen, "--mesh", "data=4,model=2", mesh=True).stdout == want
-    assert _jax_cli(*gen, "--mesh", "data=2,model=4", mesh=True).stdout == want
+    want = runs["generate"]["stdout"]
+    assert want.startswith("To be, or not to be") and len(want) > len("To be, or not to be\n")
+    assert runs["generate data=4,model=2"]["stdout"] == want
+    assert runs["generate data=2,model=4"]["stdout"] == want
     # What replication cannot serve stays a one-line error: 8 devices on `model` for 4 query heads.
-    r = subprocess.run(
-        [sys.executable, "-m", "gptmod.cli", *gen, "--mesh", "model=8"],
-        env=MESH_ENV_FULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 2 and "n_head=4 is not divisible by mesh axis model=8" in r.stderr, (
-        r.stderr
-    )
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    train = [
-        "train",
-        "--framework",
-        "jax",
-        "--preset",
-        "tiny",
-        "--data",
-        str(shards),
-        "--steps",
-        "3",
-        "--batch-size",
-        "8",
-        "--block-size",
-        "32",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        "--eval-batches",
-        "1",
-        "--warmup-steps",
-        "1",
-        "--ckpt-every",
-        "0",
+    r = runs["generate model=8"]
+    assert r["code"] == 2 and "n_head=4 is not divisible by mesh axis model=8" in r["stderr"], r[
+        "stderr"
     ]
-    _jax_cli(*train, "--out", str(tmp_path / "one"), mesh=False)
-    _jax_cli(
-        *train,
-        "--out",
-        str(tmp_path / "mesh"),
-        "--mesh",
-        "data=4,model=2",
-        "--rules",
-        "fsdp",
-        mesh=True,
-    )
+    assert "Traceback" not in r["stderr"] and len(r["stderr"].strip().splitlines()) == 1
     want, got = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
     assert len(got) == 3 and np.abs(np.subtract(got, want)).max() <= 1e-5
     a, _ = weights.load(tmp_path / "one" / "model.safetensors")

@@ -15,15 +15,7 @@ import gptmod_torch
 from gptmod import corpus, pretrained
 from gptmod.cli import main
 
-from conftest import smollm2_gguf_path
-
 REL = 2e-5  # max |Δlogit| / max |logit|: fp32 reordering over 30 layers (measured: about 4e-6)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    smollm2_gguf_path()
-    return pretrained.load("smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +35,7 @@ def _hf_logits(model, ids) -> np.ndarray:
         return model(torch.tensor([ids])).logits.double().numpy()
 
 
+@pytest.mark.slow
 def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, smollm2, text_ids, ours, capsys):
     out = tmp_path / "hf"
     assert main(["export", "--weights", "smollm2", "--to", "hf", str(out)]) == 0
@@ -69,6 +62,7 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path, smollm2, text
     shutil.rmtree(out)  # 540 MB: pytest keeps the last runs' tmp folders
 
 
+@pytest.mark.slow
 def test_export_gguf_f16_round_trips_with_its_tokenizer(tmp_path, smollm2):
     # F32, bit-exact, read back by transformers' GGUF loader too: tests/test_gguf.py's
     # test_real_f32_round_trip.

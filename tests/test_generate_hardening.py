@@ -49,6 +49,7 @@ def models():
 # ----------------------------------------------------------------- 1. torch.compile, 12 batch sizes
 
 
+@pytest.mark.slow
 def test_torch_compile_twelve_batch_sizes_match_eager(models):
     tm, _ = models
     for B in range(1, 13):

@@ -100,13 +100,9 @@ def hf(real):
 
 
 @pytest.fixture(scope="module")
-def idx(real) -> np.ndarray:
+def idx(smollm2_hf_tokenizer) -> np.ndarray:
     """The start of Hamlet, tokenized by transformers' own tokenizer from the same GGUF."""
-    from transformers import AutoTokenizer
-
-    path = real[0]
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    ids = tok(bundled_text("hamlet")[:4000])["input_ids"]
+    ids = smollm2_hf_tokenizer(bundled_text("hamlet")[:4000])["input_ids"]
     assert len(ids) >= N_TOKENS
     return np.asarray([ids[:N_TOKENS]])
 
@@ -122,6 +118,7 @@ def ours_torch(real, idx) -> np.ndarray:
     return torch_logits(torch_model(m.cfg, m.state), idx)
 
 
+@pytest.mark.slow
 def test_real_config_and_fields(real, hf):
     _, m = real
     c = hf.config
@@ -178,6 +175,7 @@ def test_real_state_equals_transformers(real, hf):
     np.testing.assert_array_equal(sd["lm_head.weight"].numpy(), m.state["tok_emb.weight"])  # tied
 
 
+@pytest.mark.slow
 def test_real_logits_both_twins_match_transformers(real, idx, hf_ref, ours_torch):
     _, m = real
     peak = np.abs(hf_ref).max()
@@ -194,6 +192,7 @@ def test_real_logits_both_twins_match_transformers(real, idx, hf_ref, ours_torch
     ).mean() > 0.99  # not vacuous: the logits are real
 
 
+@pytest.mark.slow
 def test_real_f32_round_trip(real, idx, hf_ref, ours_torch, tmp_path):
     """write(F32) then transformers (an independent reader) and our read()
     get the very same model back."""

@@ -73,6 +73,7 @@ def test_hf_gpt2_hidden_states_match_per_layer():
         np.testing.assert_allclose(ours[i].numpy(), hf_hidden[i].numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpt2_small_shape_hf_equivalence():
     """GPT-2 small's exact shapes (12 layers, 768 wide, 50257 vocab) in fp32, on a short input."""
     torch.manual_seed(0)

@@ -151,6 +151,7 @@ def smol(tmp_path_factory):
 # ------------------------------------------------------------------------ import, logits against HF
 
 
+@pytest.mark.slow
 def test_llama32_logits_of_both_twins_match_transformers(llama32, capsys):
     model, folder = llama32
     cfg, state, report, read = hf_llama.read(folder)
@@ -216,6 +217,7 @@ def test_sharded_and_half_precision_copies_import_exactly(llama32, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_smollm2_shaped_tied_model(smol, capsys):
     model, folder = smol
     cfg, state, _, _ = hf_llama.read(folder)

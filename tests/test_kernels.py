@@ -150,6 +150,7 @@ def test_jax_cached_attention_in_the_cache_layouts_equals_the_readable_one(mask,
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", [None, "int8"])
 def test_install_swaps_every_layer_and_kernels_false_keeps_model_py(quant):
     cfg = reduced("modern-gpt2", tie_embeddings=False)

@@ -99,6 +99,7 @@ def test_every_switch_combination(combo):
     _fp32_check(cfg, _scaled_state(cfg, seed=combo), tokens(cfg, 2, 24, seed=combo))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 def test_randomised_configs(seed):
     rng = np.random.default_rng(seed)
@@ -133,6 +134,7 @@ def test_backends_agree_whole_model(backend_t, backend_j):
     _fp32_check(cfg, _scaled_state(cfg), tokens(cfg, 2, 40), backend_t, backend_j)
 
 
+@pytest.mark.slow
 def test_bf16_whole_model_close_to_exact():
     cfg = reduced("modern-gpt2")
     state = cast_state(_scaled_state(cfg), "bfloat16")
@@ -332,10 +334,11 @@ def test_bad_token_ids_and_lengths(framework):
     cfg = reduced("tiny")
     state = torch_pair_state(cfg)
     model = torch_model(cfg, state) if framework == "torch" else jax_model(cfg, state)
+    # eager calls: jax_logits jits the forward, where values cannot be checked (the next test)
     run = (
         (lambda x: torch_logits(model, x))
         if framework == "torch"
-        else (lambda x: jax_logits(model, x))
+        else (lambda x: model(jnp.asarray(x)))
     )
     with pytest.raises(ValueError, match=r"token id 257 is out of range \[0, vocab_size=257\)"):
         run(np.array([[1, 2, 257]]))

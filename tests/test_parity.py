@@ -18,17 +18,19 @@ from gptmod.parity.runner import CHECKS, Options, run_suite, summary
 
 from conftest import reduced, save_tiny_hf_llama
 
+# The fewest training steps that still give every training row ("train params @10 AdamW" needs 10),
+# not the CLI's 200: each step runs three trainers, one in float64. The full curve is the CLI's job.
+TRAIN_STEPS = 10
+
 
 def _opts(**kw) -> Options:
-    # 40 training steps, not the CLI's 200 (each step runs three trainers, one in float64): the same
-    # rows, a shorter curve.
     # The ladder's model-level checks; trace, text, ragged, generate,
     # sampling and divergence have their own files.
     base = dict(
         seq_len=32,
         decode_steps=8,
         greedy_steps=12,
-        train_steps=40,
+        train_steps=TRAIN_STEPS,
         checks=("modules", "logits", "cached", "greedy", "roundtrip", "hf", "train"),
         backends_torch=("sdpa", "math", "efficient"),
         backends_jax=("xla", "reference", "cudnn"),
@@ -36,17 +38,23 @@ def _opts(**kw) -> Options:
     return Options(**{**base, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "gpt2-small"])
 def test_cpu_ladder_passes_and_skips_what_cannot_run(name):
-    # tiny covers the modern column (RoPE, RMSNorm, GQA 4:2, SwiGLU, no bias, soft-cap); gpt2-small
-    # the classic one. One ladder per test, not a fixture shared by several tests: pytest-xdist
-    # would build that on every worker that runs one of them (grouping with --dist loadgroup does
-    # not work with pytest 9.2, pytest-xdist issue 1386), while one test per preset lets the two
-    # workers share the load.
+    # tiny covers the modern column (RoPE, RMSNorm, GQA 4:2, SwiGLU, no bias, soft-cap), with the
+    # training rows of a short curve; gpt2-small the classic one, whose training arithmetic
+    # test_train.py holds to float64 (its loss and every gradient, ten AdamW steps), given as a
+    # checkpoint's own weights (the same seeded weights, passed in). One ladder per test, not a
+    # fixture shared by several tests: pytest-xdist would build that on every worker that runs one
+    # of them, while one test per preset lets the two workers share the load.
     cfg = load_preset("tiny") if name == "tiny" else reduced("gpt2")
-    cpu_rows = run_suite([(name, cfg, None)], _opts(), progress=False)
+    state = None if name == "tiny" else suite.random_state(cfg, 0)
+    checks = _opts().checks if name == "tiny" else tuple(c for c in _opts().checks if c != "train")
+    cpu_rows = run_suite([(name, cfg, state)], _opts(checks=checks), progress=False)
     _ladder_passes(cpu_rows, classic=cfg.is_classic)
     _unavailable_backends_are_skipped_rows_with_reasons(cpu_rows)
+    if name == "tiny":
+        _training_rows(cpu_rows)
 
 
 def _ladder_passes(cpu_rows, classic: bool):
@@ -100,6 +108,47 @@ def _unavailable_backends_are_skipped_rows_with_reasons(cpu_rows):
     assert "needs an NVIDIA GPU" in skipped[("-", "cudnn")]
 
 
+def _training_rows(cpu_rows):
+    """The training rows of a short curve: all within budget, bf16 skipped with a reason."""
+    rows = [r for r in cpu_rows if r.check.startswith("train")]
+    fp32 = [r for r in rows if r.dtype == "float32"]
+    # 2 layers without biases, tied: 20 tensors
+    assert [r.check for r in fp32] == [
+        "train loss",
+        "train grads (20)",
+        "train params @10 AdamW",
+        f"train curve {TRAIN_STEPS} steps",
+    ]
+    assert all(r.passed for r in fp32), [(r.check, r.note) for r in fp32 if not r.passed]
+    assert "max |loss gap|" in fp32[-1].note and fp32[-1].diff <= fp32[-1].budget
+    assert all("random 2-layer copy" in r.note for r in fp32)
+    bf16 = [r for r in rows if r.dtype == "bfloat16"]
+    assert len(bf16) == 1 and bf16[0].passed is None and "fp32" in bf16[0].note
+
+
+def test_own_gradients_reuse_the_cases_models_and_leave_them_as_they_were():
+    """The own-weights gradient rows train on the models the case's other checks use, one trainer
+    at a time, and hand them back in eval mode with no gradients: a later check sees the model it
+    would have seen."""
+    from gptmod.parity.runner import make_case
+    from gptmod.parity.training import check_own_grads
+
+    cfg = reduced("tiny")
+    case = make_case("ckpt", cfg, "float32", Options(seq_len=16), suite.random_state(cfg, 3))
+    before = suite.torch_run(suite.torch_model(case, "float64", "math", "cpu"), case.idx)
+    rows = list(check_own_grads(case))
+    assert [r.check for r in rows] == ["train loss (own weights)", "train grads (20, own weights)"]
+    assert all(r.passed for r in rows), [(r.check, r.note) for r in rows]
+    assert all("the given weights, 1x15 of its own tokens" in r.note for r in rows)
+    torch_models = [m for key, m in case.models.items() if key[0] == "torch"]
+    assert len(torch_models) == 2 and len(case.models) == 3  # fp32 and float64 torch, JAX
+    for m in torch_models:
+        assert not m.training and all(p.grad is None for p in m.parameters())
+    after = suite.torch_run(suite.torch_model(case, "float64", "math", "cpu"), case.idx)
+    np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_broken_twin_is_caught_and_the_layer_named(dtype):
     cfg = reduced("modern-gpt2", n_layer=3)
@@ -124,6 +173,7 @@ def test_broken_twin_is_caught_and_the_layer_named(dtype):
     assert summary(clean)[0]  # the same run without the fault passes: the fault is what failed it
 
 
+@pytest.mark.slow
 def test_outlier_weights():
     cfg = reduced("gpt2")
     state = suite.random_state(cfg, 0)
@@ -137,6 +187,7 @@ def test_outlier_weights():
     assert summary(rows)[0], [(r.check, r.dtype, r.note) for r in rows if r.passed is False]
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_markdown_and_exit_codes(tmp_path):
     args = [
         "--preset",
@@ -213,6 +264,7 @@ def test_cli_weight_errors(args, msg):
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_gpt2_weights_run_in_modern_presets_through_the_partial_transfer(tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -244,27 +296,7 @@ def test_gpt2_weights_run_in_modern_presets_through_the_partial_transfer(tmp_pat
     assert rows and all(r["preset"] == "tiny (GPT-2 transferred)" and r["passed"] for r in rows)
 
 
-def test_training_rows():
-    """The suite's training rows on a short curve: four rows, all within
-    budget, bf16 skipped with a reason."""
-    from gptmod.config import load_preset
-    from gptmod.parity.runner import Options, make_case
-    from gptmod.parity.training import check_training
-
-    case = make_case("modern-gpt2", load_preset("modern-gpt2"), "float32", Options(), None)
-    rows = list(check_training(case, steps=12))
-    assert [r.check for r in rows] == [
-        "train loss",
-        "train grads (20)",
-        "train params @10 AdamW",
-        "train curve 12 steps",
-    ]
-    assert all(r.passed for r in rows), [(r.check, r.note) for r in rows]
-    assert "max |loss gap|" in rows[-1].note and rows[-1].diff <= rows[-1].budget
-    bf16 = list(check_training(make_case("tiny", load_preset("tiny"), "bfloat16", Options(), None)))
-    assert len(bf16) == 1 and bf16[0].passed is None and "fp32" in bf16[0].note
-
-
+@pytest.mark.slow
 def test_a_llama_checkpoint_runs_its_own_config_on_real_text_against_hf_llama(tmp_path):
     """--weights with a model of its own (here a tiny HF Llama folder with a real tokenizer): its
     config, not the presets; its tokenizer on Hamlet instead of random ids; and transformers'
@@ -327,6 +359,7 @@ def test_a_llama_checkpoint_runs_its_own_config_on_real_text_against_hf_llama(tm
         make_case("x", case.cfg, "float32", Options(seq_len=32, text_ids=(1, 2, 3)), None)
 
 
+@pytest.mark.slow
 def test_trace_cli_writes_html_png_and_json_and_refuses_html_without_trace(tmp_path, capsys):
     args = ["--preset", "tiny", "--quick", "--dtype", "float32", "--seq-len", "16"]
     assert main([*args, "--html", str(tmp_path / "t.html")]) == 2
@@ -387,24 +420,3 @@ def test_table_groups_by_model_and_dtype_and_fits_the_width():
     assert text.splitlines()[0] == "run/model.safetensors · float32"
     assert max(len(line) for line in text.splitlines()) <= 120
     assert "0.03" in text  # the share of the budget: 2e-5 / 7e-4
-
-
-def test_training_rows_on_a_checkpoints_own_weights():
-    """Given weights, the loss and gradient rows run on them (and say so);
-    the optimizer rows say they do not."""
-    from gptmod.parity.runner import make_case
-    from gptmod.parity.training import check_training
-
-    cfg = ModelConfig(
-        vocab_size=512, n_layer=1, d_model=32, n_head=2, n_kv_head=1, d_ff=64, max_seq_len=64
-    )
-    state = suite.random_state(cfg, 3)
-    case = make_case("ckpt", cfg, "float32", Options(seq_len=32), state)
-    rows = list(check_training(case, steps=10, own_weights=True))
-    assert [r.check for r in rows[:2]] == [
-        "train loss (own weights)",
-        f"train grads ({len(state)}, own weights)",
-    ]
-    assert all(r.passed for r in rows), [(r.check, r.note) for r in rows if not r.passed]
-    assert "the given weights, 1x31 of its own tokens" in rows[0].note
-    assert all("random 2-layer copy" in r.note for r in rows[2:])

@@ -19,7 +19,7 @@ from gptmod.config import load_preset
 from gptmod.parity import suite, text
 from gptmod.parity.runner import Options, make_case
 
-from conftest import smollm2_gguf_path, torch_model
+from conftest import torch_model
 
 TEXT_ROWS = ("kl", "top1", "top5", "loss")
 
@@ -175,12 +175,13 @@ def test_divergence_refuses_no_steps():
 
 
 @pytest.fixture(scope="module")
-def smollm2_fp32():
-    p = gptmod.pretrained.load(smollm2_gguf_path())
+def smollm2_fp32(smollm2):
+    p = smollm2
     ids = tuple(p.tokenizer.encode(gptmod.corpus.bundled_text("hamlet")))
     return make_case("smollm2", p.cfg, "float32", Options(seq_len=64, text_ids=ids), p.state)
 
 
+@pytest.mark.slow
 def test_smollm2_text_rows_pass_on_hamlet(smollm2_fp32):
     case = smollm2_fp32
     m = text.measure_text(case)

@@ -22,8 +22,6 @@ from gptmod.config import load_preset
 from gptmod.parity.runner import Options, make_case
 from gptmod.parity.trace import BUDGET, check_trace, forward_ops, half_ulp, run_trace
 
-from conftest import smollm2_gguf_path
-
 CORRECT_MAX = (
     0.8  # the requirement: a correct twin never above 0.8 of any op's budget (target: 0.5)
 )
@@ -273,6 +271,7 @@ def test_correct_tiny_within_budget(tiny_cases, dtype, seed):
         assert max(max(e.e_torch, e.e_jax) for e in trace.entries) >= 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_correct_classic_within_budget(classic_cases, dtype):
     trace = run_trace(classic_cases[dtype])
@@ -400,18 +399,17 @@ def test_html_and_png(tiny_cases, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    import gptmod.pretrained
+def smollm2_hamlet(smollm2):
     from gptmod import corpus
 
-    p = gptmod.pretrained.load(smollm2_gguf_path())
-    return p, tuple(p.tokenizer.encode(corpus.bundled_text("hamlet")))
+    return smollm2, tuple(smollm2.tokenizer.encode(corpus.bundled_text("hamlet")))
 
 
-def test_smollm2_bf16_within_budget(smollm2):
+@pytest.mark.slow
+def test_smollm2_bf16_within_budget(smollm2_hamlet):
     """The real model, all 30 blocks, in bf16 (where the budgets are
     tightest): 16 tokens of Hamlet."""
-    p, ids = smollm2
+    p, ids = smollm2_hamlet
     case = make_case("smollm2", p.cfg, "bfloat16", Options(seq_len=16, text_ids=ids), p.state)
     trace = run_trace(case, weights="SmolLM2-135M-Instruct")
     _assert_correct(trace)
@@ -421,11 +419,12 @@ def test_smollm2_bf16_within_budget(smollm2):
     assert max(max(e.e_torch, e.e_jax) for e in trace.entries) >= 0.9
 
 
-def test_smollm2_fp32_first_blocks_within_budget(smollm2):
+@pytest.mark.slow
+def test_smollm2_fp32_first_blocks_within_budget(smollm2_hamlet):
     """fp32 on the real weights of the first 4 blocks (embeddings, norms and head included): what
     fp32's sums cost on a trained model's activations. (The whole model: see the report; 30 blocks
     take minutes here.)"""
-    p, ids = smollm2
+    p, ids = smollm2_hamlet
     cfg = dataclasses.replace(p.cfg, n_layer=4)
     state = {
         k: v for k, v in p.state.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < 4

@@ -13,13 +13,7 @@ import pytest
 from gptmod import corpus, pretrained, weights
 from gptmod.config import ModelConfig
 
-from conftest import SMOLLM2_135M, llama_cfg, random_state, save_tiny_hf_llama, smollm2_gguf_path
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    smollm2_gguf_path()  # skips (or fails under CI) without the package
-    return pretrained.load("smollm2")
+from conftest import SMOLLM2_135M, llama_cfg, random_state, save_tiny_hf_llama
 
 
 def test_smollm2_is_the_model_the_package_ships(smollm2):
@@ -121,6 +115,7 @@ def test_a_checkpoint_without_a_tokenizer(tmp_path):
     assert g.tokenizer.kind == "gpt2" and g.eos_ids == [50256]
 
 
+@pytest.mark.slow
 def test_generate_on_the_real_model_with_its_own_tokenizer(smollm2, capsys):
     # torch only: JAX on the real model through the CLI is tests/test_chat.py's piped chat.
     from gptmod.cli import main

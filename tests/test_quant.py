@@ -169,6 +169,7 @@ def test_next_token_loss_and_kl_are_torch_s():
     assert mean_kl(logits, logits) == pytest.approx(0.0, abs=1e-15)
 
 
+@pytest.mark.slow
 def test_parity_on_int8_weights(modern):
     """--quant int8: the int8 twins pass against their float64 int8 model, the `quant` rows compare
     int8 with float32 in each twin, and the checks int8 cannot run are skipped with a reason."""
@@ -197,6 +198,7 @@ def test_parity_on_int8_weights(modern):
     assert "greedy" in by_check["quant int8|fp32 jax"].note
 
 
+@pytest.mark.slow
 def test_the_quant_check_fails_when_int8_is_not_the_model_it_claims(modern):
     """The `quant` row can fail: int8 weights of other weights than the float32 ones."""
     from gptmod.parity import quant_agreement

@@ -12,9 +12,16 @@ import pytest
 
 from gptmod import threads
 
+# What limit_threads sets, and the test session sets for its workers (tests/conftest.py): the
+# subprocesses here start without them, so that what they see is limit_threads' doing.
+THREAD_ENV = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 @pytest.mark.parametrize("n", [0, -1, threads.available_cpus() + 1])

@@ -37,12 +37,11 @@ def plays() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_hf_tokenizer):
     path = smollm2_gguf_path()
     reader = gguf.GGUFReader(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return fields, tk.from_gguf_fields(fields), hf
+    return fields, tk.from_gguf_fields(fields), smollm2_hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +60,7 @@ def gpt2_hf(tmp_path_factory):
     return GPT2TokenizerFast.from_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_smollm2_ids_equal_transformers_on_all_plays(smollm2, plays, capsys):
     _, ours, hf = smollm2
     # The oracle keeps transformers' vocabulary, merges and added tokens; only its pre-tokenizer is

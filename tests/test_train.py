@@ -143,6 +143,7 @@ def test_a_broken_gradient_is_caught():
     assert not _within_budget(gt[name], gj[name] * (1 + 1e-4), gr[name])[0]
 
 
+@pytest.mark.slow
 def test_ten_adamw_steps_agree_with_the_float64_reference():
     cfg = _cfg()
     torch_t, jax_t, ref_t = _trainers(cfg)
@@ -172,6 +173,27 @@ def test_ten_adamw_steps_agree_with_the_float64_reference():
             ot["m"][name], oj["m"][name], orf["m"][name], rel=1e-4, floor=floor
         )
         assert ok, f"first moment of {name}: {why}"
+
+
+def test_a_jax_trainer_is_freed_when_dropped():
+    """Nothing outlives a JAX Trainer: its jitted grads, step and eval belong to it. As methods
+    jitted with `self` static, JAX's compilation cache held every Trainer ever used, with its
+    parameters and optimizer state, until jax.clear_caches()."""
+    import gc
+    import weakref
+
+    cfg = _cfg()
+    trainer = JaxTrainer(
+        gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), _state(cfg)), TC
+    )
+    x, y = _batch(np.random.default_rng(0))
+    trainer.grads(x, y)
+    trainer.step(x, y)
+    trainer.eval_loss(x[0], y[0])
+    gone = weakref.ref(trainer)
+    del trainer
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.parametrize("trainer", [TorchTrainer, JaxTrainer])
@@ -232,6 +254,7 @@ RUN = TrainConfig(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_resume_gives_the_same_loss_curve(framework, shards, tmp_path, monkeypatch):
     cfg = reduced("modern-gpt2", max_seq_len=32, vocab_size=50257)

@@ -185,6 +185,7 @@ def test_prepare_refuses_an_empty_corpus_and_cli_says_overwrite(tmp_path, capsys
     assert "pass --overwrite to replace them" in err and "overwrite=True" not in err
 
 
+@pytest.mark.slow
 def test_eval_matches_an_independent_cross_entropy_in_both_twins(tmp_path, capsys):
     """`gptmod eval --text`: the printed loss is the mean next-token cross-entropy over
     non-overlapping windows, computed here from torch's logits in float64; torch and JAX agree; bad
@@ -269,6 +270,7 @@ def test_eval_matches_an_independent_cross_entropy_in_both_twins(tmp_path, capsy
 # ---------------------------------------------------------------------- the progress bar and Ctrl-C
 
 
+@pytest.mark.slow
 def test_progress_bar_moves_once_per_finished_step(shards, tmp_path, monkeypatch):
     """Item 9: the bar moved only every --log-every steps and counted dispatched (unfinished) JAX
     steps. Each update must now follow the read of that step's loss (the sync on the step), with

@@ -601,6 +601,12 @@ def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
 def test_hub_unreachable_fails_clearly(tmp_path, monkeypatch):
     import httpx2
     import huggingface_hub
+    import huggingface_hub.constants as hub_constants
+
+    # Online as far as huggingface_hub knows, whatever the shell's HF_HUB_OFFLINE (read once, at
+    # import): the network itself fails here.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
 
     def no_network(repo_id, **kw):
         assert (

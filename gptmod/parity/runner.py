@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptmod import quant
+from gptmod.bench.measure import release_memory
 from gptmod.config import ModelConfig
 from gptmod.fileio import atomic_write_text
 from gptmod.parity import generation, quant_agreement, suite, text, trace, training
@@ -202,6 +203,9 @@ def run_suite(
             bar.set_postfix_str(f"{name} {dtype} {key}")
             rows.extend(check(case))
             bar.update()
+            release_memory()
+        del case  # before the next case's models are built
+        release_memory()
     bar.close()
     return rows
 

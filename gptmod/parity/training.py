@@ -30,8 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
+from gptmod.bench.measure import release_memory
 from gptmod.config import ModelConfig
-from gptmod.parity.suite import ABS_FLOOR, Case, Row, case_row
+from gptmod.parity.suite import (
+    ABS_FLOOR,
+    Case,
+    Row,
+    case_row,
+    jax_model,
+    torch_model,
+)
 from gptmod.training import TrainConfig, lr_at
 
 TC = TrainConfig(
@@ -169,14 +177,31 @@ def update_errors(
 
 def check_own_grads(case: Case, seed: int = 0) -> Iterator[Row]:
     """Loss and gradients of the case's own weights and config on its own
-    tokens (case.idx), fp32 vs float64."""
+    tokens (case.idx), fp32 vs float64: the trainers' `grads`, one trainer at a time, on the models
+    the case's other checks use. Three trainers on fresh copies, all at once, held three more copies
+    of a real model's weights with their gradients and optimizer state (+8 GB for SmolLM2)."""
+    from gptmod_jax.train import Trainer as JaxTrainer
+    from gptmod_torch.train import Trainer as TorchTrainer
+
     B, T = case.idx.shape
     tc = dataclasses.replace(
         TC, steps=1, warmup_steps=0, batch_size=B, grad_accum=1, block_size=T - 1
     )
-    t, j, r = _trainers(case.cfg, tc, seed, case.state)
     x, y = case.idx[None, :, :-1], case.idx[None, :, 1:]
-    (lt, gt), (lj, gj), (lr, gr) = t.grads(x, y), j.grads(x, y), r.grads(x, y)
+    grads = []
+    for build in (
+        lambda: TorchTrainer(torch_model(case, "float32", "sdpa"), tc),
+        lambda: JaxTrainer(jax_model(case, "auto"), tc),  # its own copy of the parameters
+        lambda: TorchTrainer(torch_model(case, "float64", "math", "cpu"), tc),
+    ):
+        trainer = build()
+        grads.append(trainer.grads(x, y))
+        if isinstance(trainer, TorchTrainer):  # the case's model as its other checks expect it
+            trainer.model.zero_grad(set_to_none=True)
+            trainer.model.eval()
+        del trainer
+        release_memory()  # gone, and its memory the OS's, before the next one is built
+    (lt, gt), (lj, gj), (lr, gr) = grads
     loss = _abs_errors({"loss": np.array(lt)}, {"loss": np.array(lj)}, {"loss": np.array(lr)})
     note = f"the given weights, {B}x{T - 1} of its own tokens"
     yield _worst_row("train loss (own weights)", case, loss, GRAD_REL, note=note)
