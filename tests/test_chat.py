@@ -34,14 +34,14 @@ QUESTION = "What is the capital of France?"
 # ----------------------------------------------------------------------------- the real model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smol(smollm2, smollm2_hf_tokenizer):
     """(SmolLM2 through gptmod.pretrained.load, transformers' tokenizer of
     the same GGUF: the oracle)."""
     return smollm2, smollm2_hf_tokenizer
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker leaves and re-enters modules (test_gguf.py)
 def smol_models(smol):
     p, _ = smol
     return {fw: build(fw, p.cfg, p.state) for fw in ("torch", "jax")}

@@ -84,8 +84,12 @@ def _hf_logits(model: torch.nn.Module, idx: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the real model
 
+# Session-scoped, not module-scoped: tests are handed out one at a time (--maxschedchunk=1), so a
+# worker moves between modules, and pytest tears a module's fixtures down each time it leaves one:
+# transformers' GGUF load (about 15 s) ran three times a run.
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="session")
 def real():
     path = smollm2_gguf_path()
     t0 = time.perf_counter()
@@ -94,12 +98,12 @@ def real():
     return path, model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf(real):
     return _hf_load(real[0])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def idx(smollm2_hf_tokenizer) -> np.ndarray:
     """The start of Hamlet, tokenized by transformers' own tokenizer from the same GGUF."""
     ids = smollm2_hf_tokenizer(bundled_text("hamlet")[:4000])["input_ids"]
@@ -107,12 +111,12 @@ def idx(smollm2_hf_tokenizer) -> np.ndarray:
     return np.asarray([ids[:N_TOKENS]])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_ref(hf, idx) -> np.ndarray:
     return _hf_logits(hf, idx)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ours_torch(real, idx) -> np.ndarray:
     _, m = real
     return torch_logits(torch_model(m.cfg, m.state), idx)

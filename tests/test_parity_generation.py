@@ -232,7 +232,7 @@ def test_temperature_after_the_filters_fails_sampling(tiny32, clean_jit):
 # ----------------------------------------------------------------------------- real weights
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker leaves and re-enters modules (test_gguf.py)
 def smollm2_case(smollm2):
     """The real weights' first 4 blocks (embeddings, final norm and tied head included) on Hamlet,
     as the self-test's real target takes them: trained weights and activations at a seventh of the

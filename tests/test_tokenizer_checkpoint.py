@@ -31,12 +31,12 @@ from conftest import smollm2_gguf_path
 SPACES_THEN_DIGIT = re.compile(r"\s\s\d")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def plays() -> dict[str, str]:
     return {name: f.read_text(encoding="utf-8") for name, f in corpus.bundled_files().items()}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: a worker leaves and re-enters modules (test_gguf.py)
 def smollm2(smollm2_hf_tokenizer):
     path = smollm2_gguf_path()
     reader = gguf.GGUFReader(path)
