@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -42,7 +43,17 @@ def pytest_configure(config: pytest.Config) -> None:
     happened to be idle."""
     _share_the_cpus()
     _compilation_caches()
+    _sigint_as_python_starts_it()
     jax.devices()
+
+
+def _sigint_as_python_starts_it() -> None:
+    """SIGINT delivered as KeyboardInterrupt, in this process and (by default, on exec) in every
+    subprocess a test starts, whatever the shell handed down: a shell without job control starts
+    background commands (`pytest ... &`) with SIGINT ignored, and an ignored signal stays ignored
+    across exec, so the Ctrl-C tests' children never saw their signal."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(trylast=True)
