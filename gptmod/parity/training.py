@@ -81,11 +81,8 @@ def small(cfg: ModelConfig) -> ModelConfig:
     )
 
 
-def _trainers(
-    cfg: ModelConfig, tc: TrainConfig, seed: int, state: dict[str, np.ndarray] | None = None
-) -> tuple:
-    """torch, JAX and float64 torch trainers from the same fp32 weights
-    (`state`, or a seeded random init)."""
+def _trainers(cfg: ModelConfig, tc: TrainConfig, seed: int) -> tuple:
+    """torch, JAX and float64 torch trainers from the same seeded random fp32 weights."""
     import torch
     from flax import nnx
 
@@ -94,9 +91,8 @@ def _trainers(
     from gptmod_jax.train import Trainer as JaxTrainer
     from gptmod_torch.train import Trainer as TorchTrainer
 
-    if state is None:
-        torch.manual_seed(seed)
-        state = gptmod_torch.export_state(gptmod_torch.GPT(cfg))
+    torch.manual_seed(seed)
+    state = gptmod_torch.export_state(gptmod_torch.GPT(cfg))
     state = {k: np.asarray(v, np.float32) for k, v in state.items()}
     t = TorchTrainer(gptmod_torch.load_state(gptmod_torch.GPT(cfg), state), tc)
     j = JaxTrainer(gptmod_jax.load_state(gptmod_jax.GPT(cfg, rngs=nnx.Rngs(0)), state), tc)
@@ -175,7 +171,7 @@ def update_errors(
     return out
 
 
-def check_own_grads(case: Case, seed: int = 0) -> Iterator[Row]:
+def check_own_grads(case: Case) -> Iterator[Row]:
     """Loss and gradients of the case's own weights and config on its own
     tokens (case.idx), fp32 vs float64: the trainers' `grads`, one trainer at a time, on the models
     the case's other checks use. Three trainers on fresh copies, all at once, held three more copies
@@ -228,7 +224,7 @@ def check_training(
         yield case_row("train", case, "-", "-", note=why)
         return
     if own_weights:
-        yield from check_own_grads(case, seed)
+        yield from check_own_grads(case)
     cfg = dataclasses.replace(small(case.cfg), vocab_size=max(case.cfg.vocab_size, 50257))
     tc = dataclasses.replace(TC, steps=steps, warmup_steps=min(TC.warmup_steps, steps // 10))
     size = f"random 2-layer copy, d_model 128 ({cfg.num_params():,} params)"
