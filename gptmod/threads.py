@@ -82,15 +82,17 @@ def jax_started() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
-def limit_threads(n: int) -> None:
-    """Run torch, XLA and HF on `n` threads and CPUs (see the module docstring)."""
+def limit_threads(n: int, pin: bool = True) -> None:
+    """Run torch, XLA and HF on `n` threads and CPUs (see the module docstring). `pin=False` leaves
+    the CPU affinity as it is, for processes that share the CPUs with siblings doing the same (the
+    test session's xdist workers): pinning would put each of them on the same first `n` CPUs."""
     check_threads(n)
     if jax_started():
         raise RuntimeError(
             "limit_threads: JAX's backend has already started with its own thread pools; "
             "call it before the first JAX computation"
         )
-    if hasattr(os, "sched_setaffinity"):
+    if pin and hasattr(os, "sched_setaffinity"):
         cpus = sorted(os.sched_getaffinity(0))[:n]
         os.sched_setaffinity(0, cpus)
     for name in _ENV:

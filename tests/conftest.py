@@ -70,8 +70,9 @@ def _share_the_cpus() -> None:
     `-n 2` on 2 cores. torch's OpenMP threads spin-wait and XLA's Eigen pool sizes itself to the
     whole machine, so two workers of two threads each on two cores ran test_generate.py 1.4x slower
     than one thread each. The OMP/MKL variables and XLA_FLAGS also reach the CLI subprocesses that
-    tests start. A test that needs other threads sets them itself (test_threads.py). A thread count
-    the user set (OMP_NUM_THREADS) is left as it is."""
+    tests start. It is `--threads`' own limit_threads, unpinned: pinned, every worker would sit on
+    the same first CPUs. A test that needs other threads sets them itself (test_threads.py). A
+    thread count the user set (OMP_NUM_THREADS) is left as it is."""
     from gptmod import threads
 
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -79,14 +80,7 @@ def _share_the_cpus() -> None:
     if "OMP_NUM_THREADS" in os.environ or not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     if share < threads.available_cpus():
-        share = max(1, share)
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[name] = str(share)
-        if share == 1:  # XLA's Eigen pool (the flag limit_threads sets for one thread)
-            flags = os.environ.get("XLA_FLAGS", "")
-            if "xla_cpu_multi_thread_eigen" not in flags:
-                os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
-        torch.set_num_threads(share)
+        threads.limit_threads(max(1, share), pin=False)
 
 
 def compilation_cache_dir() -> Path | None:

@@ -31,9 +31,11 @@ def test_a_count_out_of_range_is_refused_naming_the_flag(n):
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
-def test_one_thread_limits_torch_xla_and_the_cpus_before_jax_starts():
+@pytest.mark.parametrize("pin", [True, False])
+def test_one_thread_limits_torch_xla_and_the_cpus_before_jax_starts(pin):
+    # pin=False (the test session's workers, tests/conftest.py): the same limits, every CPU kept
     r = _python(
-        "from gptmod.threads import limit_threads; limit_threads(1)\n"
+        f"from gptmod.threads import limit_threads; limit_threads(1, pin={pin})\n"
         "import os, torch, jax, jax.numpy as jnp\n"
         "print(len(os.sched_getaffinity(0)), torch.get_num_threads(),\n"
         "      os.environ['OMP_NUM_THREADS'])\n"
@@ -42,7 +44,7 @@ def test_one_thread_limits_torch_xla_and_the_cpus_before_jax_starts():
     )
     assert r.returncode == 0, r.stderr
     counts, flags, product = r.stdout.splitlines()
-    assert counts.split() == ["1", "1", "1"]
+    assert counts.split() == ["1" if pin else str(threads.available_cpus()), "1", "1"]
     assert "--xla_cpu_multi_thread_eigen=false" in flags
     assert product == "64.0"  # XLA still computes, on the one CPU
 
